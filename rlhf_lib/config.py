@@ -50,12 +50,12 @@ class CommonConfig:
     """Settings shared by every stage of a run."""
 
     run: str = "smoke"  # run name: everything the run writes goes to <outputs_dir>/<run>/
-    outputs_dir: str = ""  # "" = the repo's outputs/ folder; set an absolute path (e.g. a Google Drive folder on Colab)
+    outputs_dir: str = ""  # "": the repo's outputs/ folder; set an absolute path (e.g. a Google Drive folder on Colab)
     model: str = "tiny:llama"  # policy + tokenizer: bundled:smollm2-135m-instruct, tiny:llama, tiny:gpt2, a hub id or a folder
     seed: int = 0  # one seed for the whole stage (python, numpy, torch)
-    device: str = "auto"  # auto = CUDA when present, else CPU
-    dtype: str = "auto"  # auto = bf16 autocast on CUDA with bf16 or on an AMX CPU, else float32
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16 or on an AMX CPU, else float32
+    threads: int = 0  # torch intra-op threads; 0: torch's default
     overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
 
 

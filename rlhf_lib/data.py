@@ -56,15 +56,15 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 class DataConfig(CommonConfig):
     """Settings of the data stage (notebooks/01_data_prep.ipynb)."""
 
-    dataset: str = "simulated"  # "simulated" = offline annotator on the shipped prompt set; else a hub id (trl-lib/ultrafeedback_binarized, Anthropic/hh-rlhf) or a local .jsonl/.json/.csv/.parquet file or dataset folder
+    dataset: str = "simulated"  # "simulated": offline annotator on the shipped prompt set; else a hub id (trl-lib/ultrafeedback_binarized, Anthropic/hh-rlhf) or a local .jsonl/.json/.csv/.parquet file or dataset folder
     dataset_format: str = "auto"  # auto | ultrafeedback | hh | plain (see rlhf_lib/data.py); auto detects it from the columns
     dataset_split: str = "train"  # split of a hub dataset or dataset folder to read (a single local file is split "train")
-    max_pairs: int = 0  # cap on preference pairs kept (train + eval), taken prompt by prompt in seeded order; 0 = no cap
+    max_pairs: int = 0  # cap on preference pairs kept (train + eval), taken prompt by prompt in seeded order; 0: no cap
     eval_fraction: float = 0.15  # share of the RM prompts whose pairs are held out to evaluate the reward model
     max_prompt_length: int = 256  # tokens of the chat-templated prompt; pairs and prompts with longer prompts are dropped (counted)
     max_response_length: int = 128  # tokens of a response including its EOS; longer ones are handled by truncate_responses
     truncate_responses: bool = True  # true: cut responses over max_response_length (no EOS; counted); false: drop the pair (counted)
-    on_bad_row: str = "error"  # error = stop at the first malformed row, naming file, row and field; drop = skip it and count it
+    on_bad_row: str = "error"  # error: stop at the first malformed row, naming file, row and field; drop: skip it and count it
     n_ppo_prompts: int = 256  # prompts for PPO training (prompt only, no response)
     n_eval_prompts: int = 128  # held-out prompts for the evaluation stage, disjoint from the RM and PPO prompts
     n_rm_prompts: int = 1400  # simulated: prompts answered to build RM pairs (the prompt set has 1,400)
@@ -72,7 +72,7 @@ class DataConfig(CommonConfig):
     generation_max_new_tokens: int = 128  # simulated: response token limit when sampling (a response cut here has no EOS)
     generation_temperature: float = 0.8  # simulated: sampling temperature (pure sampling, no top-k / top-p)
     generation_batch_size: int = 32  # simulated: prompts per generate() call (each yields samples_per_prompt sequences)
-    annotator_beta: float = 4.0  # simulated: Bradley–Terry inverse temperature, P(a chosen) = sigmoid(beta * (gold_a - gold_b))
+    annotator_beta: float = 4.0  # simulated: Bradley–Terry inverse temperature, P(a chosen) is sigmoid(beta * (gold_a - gold_b))
     use_shipped_responses: bool = True  # simulated: read the responses shipped for bundled:smollm2-135m-instruct instead of sampling (~40 min on 2 CPU cores)
 
     def check(self) -> None:

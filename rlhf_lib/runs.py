@@ -188,8 +188,9 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
                 f"{run.name!r} ({run.root}); run its notebook first (make pipeline runs all stages in order)"
             )
     run.root.mkdir(parents=True, exist_ok=True)
-    for sub in STAGE_DIRS[stage]:
-        shutil.rmtree(run.path(sub), ignore_errors=True)  # a stage's outputs are all-or-nothing
+    if not getattr(cfg, "resume", False):  # a resumed stage (PPO) continues from the checkpoints it left
+        for sub in STAGE_DIRS[stage]:
+            shutil.rmtree(run.path(sub), ignore_errors=True)  # a stage's outputs are all-or-nothing
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
 
@@ -227,3 +228,14 @@ def finish_stage(run: Run, stage: str, summary: dict[str, Any]) -> dict[str, Any
 
     _update_manifest(run, update)
     return summary
+
+
+def rounded(obj: Any, digits: int = 3) -> Any:
+    """A copy with floats rounded (summary cells print this so nbval compares stable numbers)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj

@@ -1,0 +1,707 @@
+"""Stage 2: train a Bradley–Terry reward model with TRL's RewardTrainer, evaluate it honestly, hand it on to PPO.
+
+Notebook flow (02_reward_model)::
+
+    cfg = config.from_namespace("reward_model", globals())
+    run = runs.start_stage(cfg, "reward_model")
+    trained = reward.train_reward_model(cfg, run)          # RewardTrainer; saves the trained model (merged LoRA)
+    reward.plot_training_curve(trained.log_history, run)
+    result = reward.evaluate_reward_model(cfg, run)        # reloads the SAVED model, scores held-out pairs
+    reward.plot_calibration(result, run); reward.plot_margins(result, run); reward.plot_accuracy_by_strength(result, run)
+    runs.finish_stage(run, "reward_model", result.summary)
+
+Design notes (measured in MEASUREMENTS.md, "Reward model with TRL 1.16 RewardTrainer"):
+- Pairs go to RewardTrainer pre-tokenized (``chosen_ids``/``rejected_ids`` = prompt_ids + response ids) so the RM
+  scores exactly the token sequences PPO will score: EOS only where the response finished. TRL's text formats
+  append EOS to every response, which would make a truncated response look finished.
+- The score head starts at zero and has its own, larger learning rate: TRL's fresh N(0, 0.02²) head on hidden states
+  of norm ~45 gives noisy initial rewards, and at lr 1e-5 the RM stayed at chance.
+- Evaluation reloads the saved folder, so what is evaluated is what PPO gets (the original notebook saved an
+  untrained copy). Accuracy counts ties as wrong; degenerate rewards (NaN, near-constant) stop the stage.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import models, runtime
+from .config import CommonConfig
+from .ppo_core import last_valid_index
+from .reward_plots import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
+from .runs import Run, read_json, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RewardModelConfig", "TrainResult", "EvalResult", "DegenerateRewardsError", "TokenizerMismatchError",
+    "read_pairs", "train_reward_model", "evaluate_reward_model", "load_reward_model", "score_sequences",
+    "score_pairs", "check_same_tokenizer", "pairwise_accuracy", "check_rewards", "calibration_table",
+    "strength_table", "length_predictions", "baseline_accuracy", "plot_training_curve", "plot_calibration", "plot_margins", "plot_accuracy_by_strength",
+]
+
+STATS_FILE = "reward_stats.json"
+TRAINING_FILE = "training.json"
+EVAL_SCORES_FILE = "eval_scores.csv"
+PAIR_FIELDS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@dataclass
+class RewardModelConfig(CommonConfig):
+    """Reward-model stage: Bradley–Terry training with TRL's RewardTrainer, then held-out evaluation."""
+
+    base_model: str = ""  # model the RM starts from; empty: common.model. Another reference must share its tokenizer
+    use_lora: bool = True  # train LoRA adapters (+ the full score head) instead of every weight; merged before saving
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (the scale is lora_alpha / lora_r)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # modules given adapters; ["all-linear"]: every linear layer but the head
+    trainable_top_layers: int = 0  # train only the top N transformer blocks (LoRA or full), freeze the rest; 0: all. Fewer: faster backward
+    learning_rate: float = 5e-4  # AdamW lr of the body (LoRA adapters, or all weights when use_lora is false: use ~2e-5 there)
+    head_learning_rate: float = 1e-3  # AdamW lr of the score head (its own group: a small lr leaves a fresh head at chance)
+    zero_init_head: bool = True  # start the score head at 0 so initial rewards are 0, not noise from a random head
+    weight_decay: float = 0.0  # AdamW weight decay (all trainable weights)
+    warmup_steps: float = 0.05  # lr warmup: below 1 a fraction of the total steps, from 1 up a number of steps
+    lr_scheduler_type: str = "linear"  # transformers scheduler name (linear, cosine, constant_with_warmup, ...)
+    per_device_train_batch_size: int = 8  # preference pairs per optimisation step (each pair is 2 sequences)
+    gradient_accumulation_steps: int = 1  # steps whose gradients are summed before one optimiser update
+    per_device_eval_batch_size: int = 16  # pairs per scoring batch in evaluation
+    num_train_epochs: float = 1.0  # passes over the training pairs
+    max_grad_norm: float = 1.0  # gradient clipping
+    max_length: int = 1024  # pairs whose prompt+response is longer than this many tokens are dropped (counted in the summary)
+    center_rewards_coefficient: float | None = None  # TRL's mean-zero reward penalty (Eisenstein et al. 2023, Eq. 2), e.g. 0.01; None: off
+    use_margin: bool = False  # subtract each pair's `margin` field inside the loss (Llama 2 margin loss); every pair needs a margin
+    logging_steps: int = 10  # log training loss/accuracy every N optimiser steps
+    eval_steps: int = 0  # also evaluate on the held-out pairs every N steps during training (for the curve); 0: never
+    calibration_bins: int = 10  # bins of predicted P(chosen) in the calibration plot
+    strength_bins: int = 4  # quantile bins of preference strength (gold gap, else score gap) for accuracy-by-strength
+    min_reward_std: float = 1e-4  # evaluation fails when the std of rewards is below this (degenerate reward model)
+
+    def check(self) -> None:
+        """Cross-field checks."""
+        for name in ("learning_rate", "head_learning_rate", "num_train_epochs", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "max_length", "calibration_bins", "strength_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.use_lora and (self.lora_r < 1 or not self.lora_target_modules):
+            raise ValueError("use_lora needs lora_r >= 1 and at least one entry in lora_target_modules")
+        if self.warmup_steps < 0 or self.eval_steps < 0 or self.trainable_top_layers < 0:
+            raise ValueError("warmup_steps, eval_steps and trainable_top_layers must be >= 0")
+
+    @property
+    def rm_base(self) -> str:
+        """The reference the reward model starts from."""
+        return self.base_model or self.model
+
+
+class DegenerateRewardsError(RuntimeError):
+    """The reward model's outputs are NaN/inf or (nearly) constant: it cannot rank anything."""
+
+
+class TokenizerMismatchError(ValueError):
+    """The reward model's tokenizer differs from the policy's, so it would misread the policy's token ids."""
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the trained (merged) model, its log and throughput."""
+
+    model: PreTrainedModel  # the trained model, exactly what was saved
+    tokenizer: PreTrainedTokenizerBase
+    path: Path
+    log_history: list[dict[str, Any]]
+    seconds: float
+    pairs_per_s: float
+    n_train_pairs: int
+    n_dropped_too_long: int
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return {"train_seconds": round(self.seconds, 2), "train_pairs_per_s": round(self.pairs_per_s, 3),
+                "n_train_pairs": self.n_train_pairs, "n_train_dropped_too_long": self.n_dropped_too_long}
+
+
+@dataclass
+class EvalResult:
+    """Held-out evaluation: headline numbers, one row per pair, calibration and strength tables."""
+
+    summary: dict[str, Any]
+    pairs: pd.DataFrame
+    calibration: pd.DataFrame
+    strength: pd.DataFrame
+    stats: dict[str, Any]
+
+    def _repr_html_(self) -> str:  # shows nicely as a notebook cell's result
+        return pd.Series(self.summary, name="reward_model").to_frame()._repr_html_()
+
+
+# ----------------------------------------------------------------------------
+# data
+
+
+def read_pairs(path: Path) -> list[dict[str, Any]]:
+    """Read a pairs JSONL file of the data contract, checking the token-id fields of every row."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the data stage (notebooks/01_data_prep) for this run first")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err}); re-run the data stage") from None
+            for key in PAIR_FIELDS:
+                if key not in row:
+                    raise ValueError(f"{path}, line {lineno}: missing field {key!r}; re-run the data stage")
+            for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                ids = row[key]
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError(f"{path}, line {lineno}: field {key!r} must be a list of token ids")
+            if not row["chosen_ids"] or not row["rejected_ids"]:
+                raise ValueError(f"{path}, line {lineno} (id {row['id']}): empty chosen_ids/rejected_ids; "
+                                 "the data stage must drop empty responses")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no pairs; re-run the data stage")
+    return rows
+
+
+def _check_pad_free(rows: Sequence[dict[str, Any]], pad_id: int, path: Path) -> None:
+    """The classifier locates the last real token as the last non-pad id, so no real token may be the pad id."""
+    for i, row in enumerate(rows, 1):
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            if pad_id in row[key]:
+                raise ValueError(
+                    f"{path}, line {i} (id {row['id']}): {key} contains the pad token id {pad_id}; the reward model "
+                    "would read its score at the wrong token. Drop such pairs in the data stage."
+                )
+
+
+def _margins(rows: Sequence[dict[str, Any]], path: Path) -> list[float]:
+    out = []
+    for i, row in enumerate(rows, 1):
+        margin = row.get("margin")
+        if margin is None or not math.isfinite(float(margin)):
+            raise ValueError(f"{path}, line {i} (id {row['id']}): use_margin is set but `margin` is {margin!r}; "
+                             "set use_margin: false or give every pair a finite margin")
+        out.append(float(margin))
+    return out
+
+
+def _pairs_dataset(rows: Sequence[dict[str, Any]], margins: list[float] | None = None):
+    """Pre-tokenized preference dataset in TRL's processed format: prompt + response ids, scored exactly as given."""
+    from datasets import Dataset
+
+    columns: dict[str, list] = {
+        "chosen_ids": [r["prompt_ids"] + r["chosen_ids"] for r in rows],
+        "rejected_ids": [r["prompt_ids"] + r["rejected_ids"] for r in rows],
+    }
+    if margins is not None:
+        columns["margin"] = margins
+    return Dataset.from_dict(columns)
+
+
+# ----------------------------------------------------------------------------
+# tokenizer and model
+
+
+def check_same_tokenizer(rm_tokenizer: PreTrainedTokenizerBase, policy_tokenizer: PreTrainedTokenizerBase,
+                         what: str = "reward model") -> None:
+    """Raise TokenizerMismatchError unless both tokenizers map the same strings to the same ids (and pad/eos agree)."""
+    problems = []
+    if len(rm_tokenizer) != len(policy_tokenizer):
+        problems.append(f"vocabulary size {len(rm_tokenizer)} vs {len(policy_tokenizer)}")
+    elif rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
+        problems.append("the vocabularies map tokens to different ids")
+    for name in ("eos_token_id", "pad_token_id"):
+        a, b = getattr(rm_tokenizer, name), getattr(policy_tokenizer, name)
+        if a != b:
+            problems.append(f"{name} {a} vs {b}")
+    if problems:
+        raise TokenizerMismatchError(
+            f"the {what}'s tokenizer differs from the policy's ({'; '.join(problems)}). PPO scores the policy's token "
+            "ids directly, so the reward model must use the policy's tokenizer: set reward_model.base_model to a model "
+            "with the same tokenizer as common.model (or leave it empty to use common.model)."
+        )
+
+
+def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
+    """Sequence classifier (num_labels=1) from cfg.rm_base, dropout off, optional zero head, optional LoRA."""
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    with suppress_seqcls_warning():  # TRL's filter for the expected "score.weight missing / lm_head unexpected" report
+        model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device)
+    head = _score_head(model)
+    if cfg.zero_init_head:
+        torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (MEASUREMENTS.md: a random head stays at chance)
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if cfg.trainable_top_layers > n_layers:
+        raise ValueError(f"trainable_top_layers={cfg.trainable_top_layers} but {cfg.rm_base} has {n_layers} layers")
+    top = list(range(n_layers - cfg.trainable_top_layers, n_layers)) if cfg.trainable_top_layers else None
+    if cfg.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = _linear_names(model) if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
+        peft_config = LoraConfig(
+            task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+            modules_to_save=["score"],  # TRL RewardTrainer docs: the head must be trained in full
+            layers_to_transform=top,
+        )
+        model = get_peft_model(model, peft_config)
+    elif top is not None:
+        # freeze the embeddings and the lower blocks; the top blocks, final norm and head train
+        block = ".layers.{}." if hasattr(_backbone(model), "layers") else ".h.{}."
+        frozen = tuple(block.format(i) for i in range(n_layers - cfg.trainable_top_layers))
+        frozen_embeddings = {id(p) for m in _backbone(model).modules() if isinstance(m, torch.nn.Embedding)
+                             for p in m.parameters()}
+        for name, param in model.named_parameters():
+            param.requires_grad = not (id(param) in frozen_embeddings or any(k in name for k in frozen))
+    return model
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of every linear layer in the body: peft's "all-linear", spelled out so that
+    layers_to_transform can be combined with it."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    names = {name.rsplit(".", 1)[-1] for name, module in _backbone(model).named_modules()
+             if isinstance(module, (torch.nn.Linear, Conv1D))}
+    return sorted(names)
+
+
+def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PEFT wrapper (LoRA layers stay active)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _score_head(model: torch.nn.Module) -> torch.nn.Module:
+    inner = _unwrap(model)
+    if not hasattr(inner, "score"):
+        raise TypeError(f"{type(inner).__name__} has no `score` head; reward models must be *ForSequenceClassification")
+    return inner.score
+
+
+def _backbone(model: torch.nn.Module) -> torch.nn.Module:
+    inner = _unwrap(model)
+    return getattr(inner, inner.base_model_prefix)
+
+
+def _optimizer(cfg: RewardModelConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW with the score head in its own parameter group (own lr), everything else trainable at learning_rate."""
+    head_params = {id(p) for p in _score_head(model).parameters()}
+    head = [p for p in model.parameters() if p.requires_grad and id(p) in head_params]
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
+    if not head:
+        raise RuntimeError("the score head is not trainable; with LoRA it must be in modules_to_save")
+    groups = [{"params": body, "lr": cfg.learning_rate}, {"params": head, "lr": cfg.head_learning_rate}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _reward_config(cfg: RewardModelConfig, device: torch.device, dtype: torch.dtype, output_dir: str, has_eval: bool):
+    from trl import RewardConfig
+
+    return RewardConfig(
+        output_dir=output_dir,
+        use_cpu=device.type == "cpu",
+        bf16=dtype == torch.bfloat16,  # fp32 master weights, bf16 autocast (runtime.pick_dtype decides)
+        fp16=False,
+        activation_checkpointing=False,  # TRL's gradient_checkpointing=True default only costs compute at these sizes
+        disable_dropout=True,
+        learning_rate=cfg.learning_rate,  # used by the scheduler only: the optimizer is ours (two groups)
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_grad_norm=cfg.max_grad_norm,
+        max_length=cfg.max_length,
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and cfg.eval_steps) else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_strategy="no",  # one save, of the final model, by us
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+    )
+
+
+# ----------------------------------------------------------------------------
+# training
+
+
+def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
+    """Train the RM on run.data_dir/train_pairs.jsonl with TRL's RewardTrainer and save it to run.reward_model_dir."""
+    from trl import RewardTrainer
+
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    tokenizer = models.load_tokenizer(cfg.model)
+    if cfg.rm_base != cfg.model:
+        check_same_tokenizer(models.load_tokenizer(cfg.rm_base), tokenizer, f"reward model base {cfg.rm_base!r}")
+
+    train_path, eval_path = run.data_dir / "train_pairs.jsonl", run.data_dir / "eval_pairs.jsonl"
+    train_rows = read_pairs(train_path)
+    _check_pad_free(train_rows, tokenizer.pad_token_id, train_path)
+    train_ds = _pairs_dataset(train_rows, _margins(train_rows, train_path) if cfg.use_margin else None)
+    eval_ds = None
+    if cfg.eval_steps:
+        eval_rows = read_pairs(eval_path)
+        eval_ds = _pairs_dataset(eval_rows, _margins(eval_rows, eval_path) if cfg.use_margin else None)
+
+    model = _build_model(cfg, tokenizer, device)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("reward model %s: %s trainable parameters (%s), %s, %s", cfg.rm_base, f"{n_trainable:,}",
+                "LoRA" if cfg.use_lora else "full", device, dtype)
+    print(f"training reward model from {cfg.rm_base}: {len(train_rows)} pairs, {n_trainable:,} trainable parameters "
+          f"({'LoRA r=%d' % cfg.lora_r if cfg.use_lora else 'full fine-tuning'}), {device}, {str(dtype).split('.')[-1]}")
+
+    with tempfile.TemporaryDirectory(prefix="rm-trainer-") as scratch:
+        args = _reward_config(cfg, device, dtype, scratch, eval_ds is not None)
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+            optimizers=(_optimizer(cfg, model), None),  # the scheduler is built by Trainer over both groups
+        )
+        n_used = len(trainer.train_dataset)
+        if n_used == 0:
+            raise ValueError(f"every training pair is longer than max_length={cfg.max_length}; raise max_length")
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        log_history = list(trainer.state.log_history)
+    _check_training_log(log_history)
+
+    trained = trainer.model
+    if cfg.use_lora:
+        trained = trained.merge_and_unload()  # a plain HF classifier: PPO and evaluation need no peft
+    trained.eval()
+    path = _save_model(trained, tokenizer, run.reward_model_dir)
+    pairs_per_s = n_used * cfg.num_train_epochs / max(seconds, 1e-9)
+    result = TrainResult(model=trained, tokenizer=tokenizer, path=path, log_history=log_history, seconds=seconds,
+                         pairs_per_s=pairs_per_s, n_train_pairs=n_used, n_dropped_too_long=len(train_rows) - n_used)
+    write_json_atomic(path / TRAINING_FILE, {**result.summary, "rm_base": cfg.rm_base, "device": str(device),
+                                             "dtype": str(dtype), "log_history": log_history})
+    print(f"trained in {seconds:.0f} s ({pairs_per_s:.2f} pairs/s); saved to {path}")
+    return result
+
+
+def _check_training_log(log_history: list[dict[str, Any]]) -> None:
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    if any(not math.isfinite(x) for x in losses):
+        raise DegenerateRewardsError(f"training loss became NaN/inf ({losses}); lower learning_rate/head_learning_rate")
+
+
+def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
+    """save_pretrained into a temporary sibling, then rename, so a crash never leaves a half-saved model."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------
+# scoring
+
+
+@torch.no_grad()
+def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward of each (B, T) sequence, read at its last real (attention_mask == 1) token, whatever the padding side.
+
+    Position ids come from the mask, so a left-padded sequence gets the same positions as unpadded (HF's default
+    positions would shift it). Returns (B,) float32.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be (B, T)")
+    last = last_valid_index(attention_mask)  # (B,)
+    if (last < 0).any():
+        raise ValueError("score_sequences got a row with no real token (attention_mask all 0)")
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, T, H)
+    pooled = hidden[torch.arange(hidden.size(0), device=device), last]  # (B, H)
+    with torch.autocast(device_type=device.type, enabled=False):  # head in fp32: bf16 rewards tie spuriously
+        return _score_head(model)(pooled.float()).squeeze(-1).float()  # (B,)
+
+
+def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def score_pairs(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int = 16,
+                dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards of prompt+chosen and prompt+rejected for each row, batched by length; returns two (N,) arrays."""
+    from tqdm.auto import tqdm
+
+    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+    out = np.empty(len(seqs), dtype=np.float64)
+    device = next(model.parameters()).device
+    model.eval()
+    step = 2 * batch_size
+    for start in tqdm(range(0, len(order), step), desc="scoring pairs", leave=False):
+        idx = order[start : start + step]
+        ids, mask = _pad_right([seqs[i] for i in idx], pad_id)
+        with runtime.autocast(device, dtype):
+            out[idx] = score_sequences(model, ids, mask).cpu().numpy()
+    return out[: len(rows)], out[len(rows) :]
+
+
+# ----------------------------------------------------------------------------
+# evaluation maths (pure, tested on hand-made numbers)
+
+
+def pairwise_accuracy(reward_chosen: np.ndarray, reward_rejected: np.ndarray) -> float:
+    """Fraction of pairs with reward_chosen > reward_rejected; a tie counts as wrong."""
+    reward_chosen, reward_rejected = np.asarray(reward_chosen, float), np.asarray(reward_rejected, float)
+    return float(np.mean(reward_chosen > reward_rejected)) if len(reward_chosen) else float("nan")
+
+
+def check_rewards(rewards: np.ndarray, min_std: float, where: str) -> None:
+    """Raise DegenerateRewardsError on NaN/inf rewards or a (nearly) constant reward model."""
+    rewards = np.asarray(rewards, float)
+    bad = int(np.sum(~np.isfinite(rewards)))
+    if bad:
+        raise DegenerateRewardsError(f"{where}: {bad} of {rewards.size} rewards are NaN/inf; the reward model is "
+                                     "broken (diverged training?). Lower learning_rate/head_learning_rate and retrain.")
+    std = float(np.std(rewards))
+    if std < min_std:
+        raise DegenerateRewardsError(
+            f"{where}: rewards are (nearly) constant (std {std:.3g} < min_reward_std {min_std:g}, mean "
+            f"{float(np.mean(rewards)):.4g}); the reward model did not learn and would give PPO no signal. "
+            "Check that training ran (loss below ln 2 = 0.693), raise head_learning_rate or num_train_epochs."
+        )
+
+
+def bt_loss(gap: np.ndarray) -> float:
+    """Mean Bradley–Terry loss -log sigmoid(r_chosen - r_rejected) (numerically stable)."""
+    return float(np.mean(np.logaddexp(0.0, -np.asarray(gap, float))))
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, float)))
+
+
+def calibration_table(gap: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Predicted P(first preferred) = sigmoid(gap) vs observed frequency, binned.
+
+    Every pair is counted in both orders ((chosen, rejected) with outcome 1, (rejected, chosen) with outcome 0);
+    otherwise the observed frequency would be 1 in every bin. A calibrated RM lies on the diagonal.
+    """
+    gap = np.asarray(gap, float)
+    p = np.concatenate([_sigmoid(gap), _sigmoid(-gap)])
+    outcome = np.concatenate([np.ones_like(gap), np.zeros_like(gap)])
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        sel = which == b
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "n": int(sel.sum()),
+                     "mean_predicted": float(p[sel].mean()) if sel.any() else float("nan"),
+                     "observed": float(outcome[sel].mean()) if sel.any() else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(table: pd.DataFrame) -> float:
+    """Count-weighted mean |predicted - observed| over non-empty calibration bins."""
+    t = table[table["n"] > 0]
+    return float(np.sum(t["n"] * (t["mean_predicted"] - t["observed"]).abs()) / max(int(t["n"].sum()), 1))
+
+
+def strength_table(pairs: pd.DataFrame, bins: int = 4) -> pd.DataFrame:
+    """Accuracy by preference strength (quantile bins of pairs['strength']); empty when no strength is known."""
+    if "strength" not in pairs or pairs["strength"].isna().all():
+        return pd.DataFrame(columns=["bin", "low", "high", "n", "accuracy", "accuracy_vs_gold"])
+    data = pairs.dropna(subset=["strength"])
+    codes = pd.qcut(data["strength"].rank(method="first"), q=min(bins, len(data)), labels=False)
+    rows = []
+    for b, group in data.groupby(codes):
+        vs_gold = group["correct_vs_gold"].dropna() if "correct_vs_gold" in group else pd.Series(dtype=float)
+        rows.append({"bin": int(b), "low": float(group["strength"].min()), "high": float(group["strength"].max()),
+                     "n": len(group), "accuracy": float(group["correct"].mean()),
+                     "accuracy_vs_gold": float(vs_gold.mean()) if len(vs_gold) else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def length_predictions(train_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, str]:
+    """The length-only predictor: +1 = predicts chosen, -1 = predicts rejected, 0 = equal lengths (no prediction).
+
+    Its direction (longer or shorter wins) is fitted on the training labels, so it sees no held-out label.
+    """
+    def sign(rs):
+        return np.array([np.sign(len(r["chosen_ids"]) - len(r["rejected_ids"])) for r in rs], dtype=float)
+
+    train = sign(train_rows)
+    direction = 1.0 if np.sum(train > 0) >= np.sum(train < 0) else -1.0
+    return sign(rows) * direction, "longer" if direction > 0 else "shorter"
+
+
+def baseline_accuracy(pred: np.ndarray, truth: np.ndarray) -> float | None:
+    """Accuracy of +1/-1/0 predictions against +1/-1 truths (truth 0 or NaN = skipped); a 0 prediction counts 1/2."""
+    pred, truth = np.asarray(pred, float), np.asarray(truth, float)
+    keep = np.isfinite(truth) & (truth != 0)
+    if not keep.any():
+        return None
+    pred, truth = pred[keep], truth[keep]
+    return float(np.mean(np.where(pred == 0, 0.5, (pred == truth).astype(float))))
+
+
+def _num(row: dict[str, Any], key: str) -> float:
+    value = row.get(key)
+    return float(value) if value is not None else float("nan")
+
+
+def pairs_frame(rows: Sequence[dict[str, Any]], reward_chosen: np.ndarray, reward_rejected: np.ndarray,
+                eos_id: int | None) -> pd.DataFrame:
+    """One row per held-out pair: rewards, gap, correctness (ties wrong), lengths, finish flags, gold/score gaps."""
+    df = pd.DataFrame({
+        "id": [r["id"] for r in rows],
+        "reward_chosen": reward_chosen, "reward_rejected": reward_rejected,
+        "len_chosen": [len(r["chosen_ids"]) for r in rows], "len_rejected": [len(r["rejected_ids"]) for r in rows],
+        "finished_chosen": [r["chosen_ids"][-1] == eos_id for r in rows],
+        "finished_rejected": [r["rejected_ids"][-1] == eos_id for r in rows],
+        "gold_chosen": [_num(r, "gold_chosen") for r in rows], "gold_rejected": [_num(r, "gold_rejected") for r in rows],
+        "score_chosen": [_num(r, "score_chosen") for r in rows],
+        "score_rejected": [_num(r, "score_rejected") for r in rows],
+    })
+    df["gap"] = df["reward_chosen"] - df["reward_rejected"]
+    df["p_chosen"] = _sigmoid(df["gap"].to_numpy())
+    df["tie"] = df["gap"] == 0
+    df["correct"] = df["gap"] > 0  # ties count as wrong
+    df["gold_gap"] = df["gold_chosen"] - df["gold_rejected"]
+    df["score_gap"] = df["score_chosen"] - df["score_rejected"]
+    gold_known = df["gold_gap"].notna() & (df["gold_gap"] != 0)  # gold ties have no right answer: left out
+    df["correct_vs_gold"] = np.where(gold_known, np.sign(df["gap"]) == np.sign(df["gold_gap"]), np.nan)
+    if df["gold_gap"].notna().any():
+        df["strength"], df.attrs["strength_by"] = df["gold_gap"].abs(), "|gold_chosen - gold_rejected|"
+    elif df["score_gap"].notna().any():
+        df["strength"], df.attrs["strength_by"] = df["score_gap"], "score_chosen - score_rejected"
+    else:
+        df["strength"], df.attrs["strength_by"] = np.nan, None
+    return df
+
+
+def _mean_or_none(x: pd.Series) -> float | None:
+    x = x.dropna()
+    return round(float(x.mean()), 4) if len(x) else None
+
+
+def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
+    """Reload the saved RM, score the held-out pairs, compute every metric, save reward_stats.json beside the model."""
+    start = time.perf_counter()
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    model, tokenizer, _ = load_reward_model(run.reward_model_dir, device, require_stats=False)
+    check_same_tokenizer(tokenizer, models.load_tokenizer(cfg.model))
+    eval_path = run.data_dir / "eval_pairs.jsonl"
+    rows = read_pairs(eval_path)
+    train_rows = read_pairs(run.data_dir / "train_pairs.jsonl")
+    _check_pad_free(rows, tokenizer.pad_token_id, eval_path)
+
+    reward_chosen, reward_rejected = score_pairs(model, rows, tokenizer.pad_token_id, cfg.per_device_eval_batch_size,
+                                                 dtype)
+    all_rewards = np.concatenate([reward_chosen, reward_rejected])
+    check_rewards(all_rewards, cfg.min_reward_std, f"rewards on {eval_path}")
+    pairs = pairs_frame(rows, reward_chosen, reward_rejected, tokenizer.eos_token_id)
+    if pairs["tie"].mean() > 0.5:
+        raise DegenerateRewardsError(f"{int(pairs['tie'].sum())} of {len(pairs)} held-out pairs have tied rewards; "
+                                     "the reward model does not separate responses")
+    pairs["length_prediction"], direction = length_predictions(train_rows, rows)
+    length_vs_gold = baseline_accuracy(pairs["length_prediction"], np.sign(pairs["gold_gap"]))
+    calibration = calibration_table(pairs["gap"].to_numpy(), cfg.calibration_bins)
+    strength = strength_table(pairs, cfg.strength_bins)
+    strength.attrs["strength_by"] = pairs.attrs.get("strength_by")
+
+    stats = {"mean": float(np.mean(all_rewards)), "std": float(np.std(all_rewards)), "n": int(all_rewards.size),
+             "source": f"held-out pairs {eval_path.name}: prompt + chosen and prompt + rejected"}
+    write_json_atomic(run.reward_model_dir / STATS_FILE, stats)
+    pairs.to_csv(run.reward_model_dir / EVAL_SCORES_FILE, index=False)
+
+    training = read_json(run.reward_model_dir / TRAINING_FILE, {})
+    summary = {
+        "eval_accuracy": round(pairwise_accuracy(reward_chosen, reward_rejected), 4),
+        "eval_accuracy_vs_gold": _mean_or_none(pairs["correct_vs_gold"].astype(float)),
+        "length_baseline_accuracy": round(baseline_accuracy(pairs["length_prediction"], np.ones(len(pairs))), 4),
+        "length_baseline_accuracy_vs_gold": None if length_vs_gold is None else round(length_vs_gold, 4),
+        "length_baseline_direction": direction,
+        "eval_loss": round(bt_loss(pairs["gap"].to_numpy()), 4),
+        "eval_ties": int(pairs["tie"].sum()),
+        "eval_ece": round(expected_calibration_error(calibration), 4),
+        "eval_margin_mean": round(float(pairs["gap"].mean()), 4),
+        "reward_mean": round(stats["mean"], 4), "reward_std": round(stats["std"], 4),
+        "n_eval_pairs": len(pairs), "n_eval_pairs_gold_tied": int((pairs["gold_gap"] == 0).sum()),
+        "train_seconds": training.get("train_seconds"), "train_pairs_per_s": training.get("train_pairs_per_s"),
+        "n_train_pairs": training.get("n_train_pairs"),
+        "eval_seconds": round(time.perf_counter() - start, 2),
+    }
+    print(json.dumps(summary, indent=1))
+    return EvalResult(summary=summary, pairs=pairs, calibration=calibration, strength=strength, stats=stats)
+
+
+# ----------------------------------------------------------------------------
+# loading (used by PPO and evaluation)
+
+
+def load_reward_model(path: str | Path, device: torch.device | str = "cpu", require_stats: bool = True,
+                      policy_tokenizer: PreTrainedTokenizerBase | None = None):
+    """Load a saved RM folder: (model in eval mode, its tokenizer, reward_stats dict or None).
+
+    With ``policy_tokenizer`` the RM's tokenizer is checked against it (TokenizerMismatchError when they differ).
+    """
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} holds no saved reward model (config.json missing); run the reward_model stage")
+    stats = read_json(path / STATS_FILE)
+    if stats is None and require_stats:
+        raise FileNotFoundError(f"{path / STATS_FILE} missing: the reward_model stage did not finish its evaluation "
+                                "(evaluate_reward_model writes it); re-run notebooks/02_reward_model")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{path}: a reward model has num_labels=1, this one has {model.config.num_labels}")
+    if model.config.pad_token_id != tokenizer.pad_token_id:
+        raise ValueError(f"{path}: model pad_token_id {model.config.pad_token_id} != tokenizer's {tokenizer.pad_token_id}")
+    if policy_tokenizer is not None:
+        check_same_tokenizer(tokenizer, policy_tokenizer)
+    model = models.disable_dropout(model).to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer, stats

@@ -1,0 +1,69 @@
+"""The pipeline runner: validation before anything runs, then the smoke profile end to end through papermill."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_lib import pipeline, runs
+from rlhf_lib.config import CommonConfig, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "params" / "smoke.yaml"
+
+
+def _profile(tmp_path: Path, outputs: str, **sections) -> Path:
+    params = yaml.safe_load(SMOKE.read_text())
+    params["common"]["outputs_dir"] = outputs
+    for section, values in sections.items():
+        params.setdefault(section, {}).update(values)
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_plan_rejects_unknown_keys_and_bad_overrides(tmp_path, outputs):
+    bad = _profile(tmp_path, outputs, ppo={"kl_coeff": 0.1})
+    with pytest.raises(ConfigError, match=r"\[ppo\]: unknown key 'kl_coeff'"):
+        pipeline.plan(str(bad), None, ["data"], [], False, False)
+    good = _profile(tmp_path, outputs)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        pipeline.plan(str(good), None, ["data"], ["seed=3"], False, False)
+    with pytest.raises(ConfigError, match="key 'seed' must be int"):
+        pipeline.plan(str(good), None, ["data"], ["common.seed=abc"], False, False)
+    todo = pipeline.plan(str(good), "other", ["data", "ppo"], ["common.seed=3"], False, False)
+    assert [stage for stage, _ in todo] == ["data", "ppo"]
+    assert todo[0][1]["seed"] == 3 and todo[0][1]["run"] == "other"
+
+
+def test_plan_refuses_to_redo_a_finished_run(tmp_path, outputs):
+    profile = _profile(tmp_path, outputs)
+    todo = pipeline.plan(str(profile), "r", ["data"], [], False, False)
+    run = runs.start_stage(CommonConfig(run="r", outputs_dir=outputs), "data")
+    runs.finish_stage(run, "data", {})
+    with pytest.raises(ConfigError, match="already finished stage 'data'"):
+        pipeline.plan(str(profile), "r", ["data", "reward_model"], [], False, False)
+    assert [s for s, _ in pipeline.plan(str(profile), "r", ["data", "reward_model"], [], False, True)] == ["reward_model"]
+    assert todo and pipeline.plan(str(profile), "r", ["data"], [], True, False)[0][1]["overwrite"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny:llama", "tiny:gpt2"])
+def test_smoke_pipeline_end_to_end(tmp_path, outputs, model):
+    """Every stage notebook under papermill on the smoke profile (tiny:gpt2 = the seed profile's model family)."""
+    profile = _profile(tmp_path, outputs)
+    root = pipeline.execute(str(profile), run=f"smoke-{model.split(':')[1]}", overrides=[f"common.model={model}"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    summary = json.loads((root / "summary.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("data", "reward_model", "ppo", "eval"))
+    assert manifest["stages"]["data"]["params"]["model"] == model
+    for stage in ("data", "reward_model", "ppo", "eval"):
+        assert (root / "notebooks" / pipeline.NOTEBOOKS[stage]).exists()
+    assert summary["data"]["n_train_pairs"] > 0 and summary["data"]["n_eval_prompts"] > 0
+    assert 0.0 <= summary["reward_model"]["eval_accuracy"] <= 1.0
+    assert summary["ppo"]["updates"] >= 1 and summary["ppo"]["episodes"] >= 1
+    assert summary["eval"]["n_eval_prompts"] > 0
+    assert summary["eval"]["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
+    assert list((root / "plots").glob("*.png"))
