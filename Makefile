@@ -21,7 +21,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv pipeline test test-fast nbval bench clean-notebooks help
+.PHONY: venv pipeline test test-fast nbval-record bench help
 
 help:
 	@echo "make pipeline [PARAMS=params/default.yaml] [RUN=name]   run all stages with papermill"
@@ -44,10 +44,13 @@ pipeline: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PYTHON) -m rlhf_lib.bench $(ARGS)
+
+nbval-record: $(STAMP)   # re-record the summary outputs nbval compares (after an intended change)
+	HF_HUB_OFFLINE=1 $(PYTHON) scripts/record_nbval.py

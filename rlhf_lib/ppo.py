@@ -77,7 +77,7 @@ class PPOConfig(CommonConfig):
     lora_alpha: int = 32  # LoRA scale numerator (scale: lora_alpha / lora_r)
     lora_target_modules: list[str] = field(default_factory=list)  # modules that get adapters; []: peft's default for the architecture (q_proj, v_proj for Llama; c_attn for GPT-2); ["all-linear"]: every linear layer but the head
     # rollout
-    total_episodes: int = 768  # prompts answered over the whole run (TRL name); updates: total_episodes / batch_size
+    total_episodes: int = 320  # prompts answered over the whole run (TRL name); updates: total_episodes / batch_size
     batch_size: int = 16  # prompts per update, all processes together (the rollout batch)
     response_length: int = 48  # maximum new tokens per response (TRL name)
     temperature: float = 0.7  # sampling temperature; log-probs use logits / temperature too (N+ details)
@@ -97,7 +97,7 @@ class PPOConfig(CommonConfig):
     num_ppo_epochs: int = 4  # passes over each rollout batch (TRL name)
     num_mini_batches: int = 1  # minibatches per PPO epoch, one optimiser step each (TRL name)
     gradient_accumulation_steps: int = 1  # micro-batches per minibatch: a memory knob, same maths (TRL name)
-    learning_rate: float = 3.0e-4  # AdamW learning rate (LoRA scale; full fine-tuning wants ~1e-6 to 1e-5)
+    learning_rate: float = 5.0e-4  # AdamW learning rate (LoRA scale; full fine-tuning wants ~1e-6 to 1e-5)
     lr_scheduler_type: str = "linear"  # linear, cosine or constant; linear / cosine decay to 0 over the run
     adam_epsilon: float = 1.0e-5  # AdamW epsilon (1e-5 as in the PPO implementation details)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -107,9 +107,9 @@ class PPOConfig(CommonConfig):
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     reuse_rollout_forward: bool = True  # with 1 minibatch and 1 micro-batch, the rollout forward doubles as the first PPO step's (exact speed-up)
     # logging and checkpoints
-    sample_every: int = 5  # write a table of sample completions every N updates (0: never)
+    sample_every: int = 4  # write a table of sample completions every N updates (0: never)
     num_sample_rows: int = 4  # completions per sample table
-    save_every: int = 10  # checkpoint every N updates (and at the end); older checkpoints keep only policy weights
+    save_every: int = 4  # checkpoint every N updates (and at the end); older checkpoints keep only policy weights
     resume: bool = False  # continue from the latest checkpoint of this run instead of starting over
     report_to: list[str] = field(default_factory=list)  # extra loggers: "tensorboard" and/or "wandb"
 

@@ -106,6 +106,7 @@ def carry_outputs(new: nbformat.NotebookNode, path: Path) -> None:
     for cell in new.cells:
         if cell.cell_type == "code" and cell.source in recorded:
             cell.outputs = recorded[cell.source]
+            cell.execution_count = 1 if cell.outputs else None
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ run = runs.start_stage(cfg, "{stage}")               # seeds, threads, manifest.
 print(f"run folder: {{run.root}}")"""
 
 SUMMARY = """\
-# NBVAL_CHECK_OUTPUT  (nbval compares this cell's output with the stored one: a regression in a number fails CI)
+# NBVAL_CHECK_OUTPUT
+# (nbval compares this cell's output with the stored one, so a regression in a number fails CI)
 summary = runs.finish_stage(run, "{stage}", {expr})
 runs.rounded(summary, {digits})"""
 
