@@ -247,7 +247,9 @@ def value_loss(
     new_values = _zero_invalid(new_values, mask)  # (B, T)
     old_values, returns = _zero_invalid(old_values, mask), _zero_invalid(returns, mask)  # (B, T)
     # TRL PPOTrainer / OpenAI lm-human-preferences: value clipping around the rollout values
-    v_clipped = old_values + torch.clamp(new_values - old_values, -cliprange_value, cliprange_value)
+    # clamp(v, old - c, old + c) rather than old + clamp(v - old): equal maths, but no rounding ties that would be
+    # counted as clipped when v == old (e.g. the first PPO step)
+    v_clipped = torch.clamp(new_values, old_values - cliprange_value, old_values + cliprange_value)
     vf_losses1 = (new_values - returns) ** 2  # (B, T)
     vf_losses2 = (v_clipped - returns) ** 2  # (B, T)
     loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)  # ()

@@ -66,6 +66,7 @@ class RewardModelConfig(CommonConfig):
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator (the scale is lora_alpha / lora_r)
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # modules given adapters; ["all-linear"]: every linear layer but the head
+    num_hidden_layers: int = 0  # keep only the bottom N transformer blocks of base_model (0: all); a shallower RM trains and scores faster
     trainable_top_layers: int = 0  # train only the top N transformer blocks (LoRA or full), freeze the rest; 0: all. Fewer: faster backward
     learning_rate: float = 5e-4  # AdamW lr of the body (LoRA adapters, or all weights when use_lora is false: use ~2e-5 there)
     head_learning_rate: float = 1e-3  # AdamW lr of the score head (its own group: a small lr leaves a fresh head at chance)
@@ -246,7 +247,10 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     with suppress_seqcls_warning():  # TRL's filter for the expected "score.weight missing / lm_head unexpected" report
-        model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device)
+        if cfg.num_hidden_layers:
+            model = _load_truncated(cfg.rm_base, cfg.num_hidden_layers, tokenizer, device)
+        else:
+            model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device)
     head = _score_head(model)
     if cfg.zero_init_head:
         torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (MEASUREMENTS.md: a random head stays at chance)
@@ -275,6 +279,23 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         for name, param in model.named_parameters():
             param.requires_grad = not (id(param) in frozen_embeddings or any(k in name for k in frozen))
     return model
+
+
+def _load_truncated(ref: str, n_layers: int, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
+    """Sequence classifier made of the bottom ``n_layers`` blocks of ``ref`` (the upper blocks are not loaded)."""
+    import transformers
+
+    total = models.model_config(ref).get_text_config().num_hidden_layers
+    if n_layers > total:
+        raise ValueError(f"num_hidden_layers={n_layers} but {ref} has {total} layers")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the dropped upper blocks are reported as unexpected keys: intended
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            models.resolve_model_ref(ref), num_labels=1, num_hidden_layers=n_layers, dtype=torch.float32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return models.disable_dropout(models.match_tokenizer(model, tokenizer)).to(device)
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

@@ -1,0 +1,543 @@
+"""`make bench`: PPO and reward-model throughput, ours against TRL 1.12's PPOTrainer, measured side by side.
+
+Workload (issue 6; shared MEASUREMENTS.md, "TRL 1.12 PPOTrainer"): SmolLM2-135M-Instruct as policy, reference,
+reward and value model (the reward/value score head is a random initialisation: no trained RM is needed for
+timing), batch 8, 48-token responses at T = 0.7, 4 PPO epochs, 1 minibatch, the same 12 review prompts on both
+sides. Every configuration runs in its own subprocess, so its peak RSS is its own (read with ``os.wait4``);
+warm-up updates are excluded from the figures.
+
+    python -m rlhf_lib.bench                         # our configurations, ratios vs TRL's published figures
+    python -m rlhf_lib.bench --trl                   # also TRL 1.12 in .venv-trl112 (created on first use)
+    python -m rlhf_lib.bench --configs ours-lora-bf16 --updates 5 --warmup 2 --threads 1
+
+Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
+reward = the adapter-off bases, bf16 autocast; the ratios use it), ``ours-full-fp32`` (TRL's algorithmic content:
+four full models, full fine-tuning, fp32), ``ours-full-bf16``, ``ours-lora-fp32``, and ``rm`` (the reward-model
+stage: RewardTrainer steps per second with the default RewardModelConfig on synthetic ~150-token pairs).
+Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout and ``<out>/bench.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+RESULT_MARKER = "BENCH_RESULT "
+DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-full-fp32", "rm")
+REFERENCE_CONFIG = "ours-lora-bf16"  # the configuration the *_ratio_vs_trl keys compare
+# name -> (use_lora, dtype); dtype is passed to runtime.pick_dtype (bf16 autocast works on CPU and CUDA)
+PPO_CONFIGS = {
+    "ours-lora-bf16": (True, "bfloat16"),
+    "ours-full-fp32": (False, "float32"),
+    "ours-full-bf16": (False, "bfloat16"),
+    "ours-lora-fp32": (True, "float32"),
+}
+RM_CONFIG = "rm"
+KNOWN_CONFIGS = (*PPO_CONFIGS, RM_CONFIG)
+TRL_CONFIG_NAME = "trl-1.12-full-fp32"
+TRL_ENV = ".venv-trl112"
+TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "peft==0.21.2",
+                    "datasets==5.2.0")
+# TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job (shared MEASUREMENTS.md; issue 6): +-30 %
+PUBLISHED_TRL = {"source": "published: shared MEASUREMENTS.md / issue 6 (TRL 1.12, CPU, 2 threads, fp32, "
+                           "contended machine, +-30 %), not measured in this run",
+                 "episodes_per_s": 0.30, "s_per_update": 27.0, "generation_s": 3.5, "rollout_s": 6.5,
+                 "optimization_s": 20.0, "peak_rss_gib": 7.8}
+# the workload the published figures describe: the published ratios are given only for it
+PUBLISHED_WORKLOAD = {"model": "bundled:smollm2-135m-instruct", "batch_size": 8, "response_length": 48,
+                      "num_ppo_epochs": 4, "num_mini_batches": 1}
+FULL_FT_LR = 1e-5  # full fine-tuning learning rate on both sides (LoRA configs keep PPOConfig's default)
+PROMPT_SUBJECTS = ("headphones", "coffee maker", "novel", "hiking boots", "laptop", "sci-fi film", "pizza place",
+                   "board game", "tent", "phone", "bicycle", "museum")
+DIFFERENCES = {
+    "ours-lora-bf16": "LoRA r16 on policy and value (q_proj, v_proj) instead of full fine-tuning; reference = policy "
+                      "with adapter off, reward = value model with adapter off (2 base copies instead of 4); bf16 "
+                      "autocast with fp32 master weights (TRL: fp32).",
+    "ours-full-fp32": "Same algorithmic content as TRL (4 full models, full fine-tuning, fp32).",
+    "ours-full-bf16": "Full fine-tuning as TRL, bf16 autocast with fp32 master weights (TRL: fp32).",
+    "ours-lora-fp32": "LoRA as ours-lora-bf16, fp32 as TRL.",
+    "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
+                "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
+                "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
+                "full-sequence forwards on CPU. Pad token <|endoftext|> (distinct from EOS) on both sides.",
+}
+
+
+@dataclass
+class BenchSpec:
+    """The workload, shared by every configuration and by the TRL driver."""
+
+    model: str = "bundled:smollm2-135m-instruct"
+    batch_size: int = 8
+    response_length: int = 48
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    temperature: float = 0.7
+    warmup: int = 2
+    updates: int = 3
+    threads: int = 2
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    rm_pairs_per_step: int = 8
+    rm_sequence_length: int = 150
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure helpers (tested)
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """ours / theirs, or None when either is missing or theirs is not positive."""
+    if ours is None or theirs is None or not theirs > 0:
+        return None
+    return ours / theirs
+
+
+def summarize_updates(rows: Sequence[dict[str, Any]], warmup: int, batch_size: int) -> dict[str, Any]:
+    """Steady-state figures from per-update metric rows (time/* keys): warm-up rows dropped, means of the rest."""
+    timed = list(rows[warmup:])
+    if not timed:
+        raise ValueError(f"no timed updates: {len(rows)} rows with warmup={warmup}")
+    n = len(timed)
+    seconds = sum(r["time/update"] for r in timed)
+    gen = sum(r["time/generation"] for r in timed)
+    tokens = sum(r["tokens_per_s"] * r["time/generation"] for r in timed)  # tokens = rate x generation time
+    return {
+        "timed_updates": n,
+        "episodes_per_s": batch_size * n / seconds,
+        "s_per_update": seconds / n,
+        "generation_s": gen / n,
+        "forward_s": sum(r["time/forward"] for r in timed) / n,
+        "optimization_s": sum(r["time/optimization"] for r in timed) / n,
+        "tokens_per_s": tokens / gen if gen > 0 else None,
+        "response_length": sum(r.get("objective/response_length", 0.0) for r in timed) / n,
+    }
+
+
+def parse_result(stdout: str) -> dict[str, Any]:
+    """The JSON payload of the last result line in a worker's stdout (marker line, else the last JSON line)."""
+    lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER):])
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError("no result line in the worker's output")
+
+
+def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """Fill the ratio keys: vs TRL measured in this run (None when not run) and vs TRL's published figures."""
+    ref = report["configs"].get(report["reference_config"]) or {}
+    trl = report.get("trl") or {}
+    trl_ok = bool(trl) and "error" not in trl
+    report["episodes_per_s_ratio_vs_trl"] = ratio(ref.get("episodes_per_s"), trl.get("episodes_per_s")) if trl_ok else None
+    report["peak_rss_ratio_vs_trl"] = ratio(ref.get("peak_rss_gib"), trl.get("peak_rss_gib")) if trl_ok else None
+    pub = report["published_trl"]
+    comparable = all(report["workload"].get(k) == v for k, v in PUBLISHED_WORKLOAD.items())
+    report["episodes_per_s_ratio_vs_published_trl"] = (ratio(ref.get("episodes_per_s"), pub["episodes_per_s"])
+                                                       if comparable else None)
+    report["peak_rss_ratio_vs_published_trl"] = ratio(ref.get("peak_rss_gib"), pub["peak_rss_gib"]) if comparable else None
+    for res in report["configs"].values():
+        if "episodes_per_s" in res:
+            res["episodes_per_s_vs_trl"] = ratio(res.get("episodes_per_s"), trl.get("episodes_per_s")) if trl_ok else None
+            res["peak_rss_vs_trl"] = ratio(res.get("peak_rss_gib"), trl.get("peak_rss_gib")) if trl_ok else None
+    return report
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+TABLE_COLUMNS = (  # (header, key, digits)
+    ("config", "name", 0), ("ep/s", "episodes_per_s", 3), ("s/update", "s_per_update", 1),
+    ("gen s", "generation_s", 1), ("fwd s", "forward_s", 1), ("opt s", "optimization_s", 1),
+    ("gen tok/s", "tokens_per_s", 0), ("peak RSS GiB", "peak_rss_gib", 2), ("ep/s x TRL", "episodes_per_s_vs_trl", 2),
+    ("RSS x TRL", "peak_rss_vs_trl", 2),
+)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A Markdown table of the PPO configurations (+ TRL), the RM stage line and the headline ratios."""
+    rows = [r for r in report["configs"].values() if "episodes_per_s" in r or "error" in r and r.get("kind") == "ppo"]
+    trl = report.get("trl")
+    if trl:
+        rows = [*rows, {**trl, "name": trl.get("name", TRL_CONFIG_NAME)}]
+    lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('name')} | failed: {r['error'][:80]} |")
+            continue
+        lines.append("| " + " | ".join(_fmt(r.get(k), d) if k != "name" else str(r.get(k)) for _, k, d in TABLE_COLUMNS) + " |")
+    rm = report["configs"].get(RM_CONFIG)
+    if rm:
+        if "error" in rm:
+            lines.append(f"\nreward model (RewardTrainer): failed: {rm['error'][:200]}")
+        else:
+            lines.append(f"\nreward model (RewardTrainer, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
+                         f"{_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs "
+                         f"(~{rm.get('mean_sequence_tokens')} tokens/sequence), peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB")
+    ref = report["reference_config"]
+    if report.get("episodes_per_s_ratio_vs_trl") is not None:
+        lines.append(f"\n{ref} vs TRL 1.12 measured in this run: episodes/s x{_fmt(report['episodes_per_s_ratio_vs_trl'])}, "
+                     f"peak RSS x{_fmt(report['peak_rss_ratio_vs_trl'])}")
+    else:
+        lines.append(f"\nTRL 1.12 not measured in this run (--trl runs it); ratios in JSON: null")
+    if report.get("episodes_per_s_ratio_vs_published_trl") is None:
+        lines.append("(no ratio vs TRL's published figures: this workload differs from the published one)")
+        return "\n".join(lines)
+    lines.append(f"{ref} vs TRL 1.12's PUBLISHED figures ({report['published_trl']['episodes_per_s']} ep/s, "
+                 f"{report['published_trl']['peak_rss_gib']} GiB; shared MEASUREMENTS.md, not this run): episodes/s "
+                 f"x{_fmt(report.get('episodes_per_s_ratio_vs_published_trl'))}, peak RSS "
+                 f"x{_fmt(report.get('peak_rss_ratio_vs_published_trl'))}")
+    return "\n".join(lines)
+
+
+def bench_messages() -> list[list[dict[str, str]]]:
+    """The benchmark's prompts (chat messages), the same on both sides."""
+    return [[{"role": "user", "content": f"Write a short review of a {s}."}] for s in PROMPT_SUBJECTS]
+
+
+def bench_prompts(tokenizer) -> list[list[int]]:
+    """Prompt token ids with the chat template's generation prompt, exactly what both trainers condition on."""
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False)
+            for m in bench_messages()]
+
+
+def parse_configs(text: str) -> list[str]:
+    """Comma-separated configuration names, checked against the known ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in KNOWN_CONFIGS]
+    if bad or not names:
+        raise ValueError(f"--configs: unknown {bad or names}; choose from {', '.join(KNOWN_CONFIGS)}")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers (each runs in its own subprocess)
+
+
+def _peak_gpu_gib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def _compile_bodies(modules: Sequence[Any]) -> None:
+    """torch.compile the transformer body of each model (lever check; LoRA layers live inside the body)."""
+    import torch
+
+    for module in modules:
+        if module is None:
+            continue
+        inner = module.model if hasattr(module, "model") and not hasattr(module, "get_base_model") else module
+        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+        body = getattr(base, base.base_model_prefix)
+        body.forward = torch.compile(body.forward, dynamic=True)
+
+
+def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
+    """Our PPOTrainer on the workload; figures from its per-update metrics."""
+    import torch
+
+    from . import models, ppo, runtime
+    from .metrics import read_jsonl
+
+    use_lora, dtype = PPO_CONFIGS[name]
+    runtime.set_threads(spec.threads)
+    runtime.seed_everything(spec.seed)
+    tokenizer = models.load_tokenizer(spec.model)
+    prompts = bench_prompts(tokenizer)
+    overrides = {} if use_lora else {"learning_rate": FULL_FT_LR}
+    cfg = ppo.PPOConfig(model=spec.model, device=spec.device, dtype=dtype, threads=spec.threads, seed=spec.seed,
+                        use_lora=use_lora, total_episodes=spec.batch_size * (spec.warmup + spec.updates),
+                        batch_size=spec.batch_size, response_length=spec.response_length,
+                        num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
+                        temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
+                        **overrides)
+    built = ppo.build_models(cfg, tokenizer, spec.model, None)
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
+        trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
+                                 prompts, Path(scratch) / "ppo", Path(scratch) / "checkpoints")
+        if spec.compile:
+            _compile_bodies([trainer._unwrapped_policy(), trainer.ref_policy, trainer.accelerator.unwrap_model(trainer.value)])
+        trainer.train()
+        rows = read_jsonl(Path(scratch) / "ppo" / "metrics.jsonl")
+    out = summarize_updates(rows, spec.warmup, spec.batch_size)
+    out.update({
+        "name": name + ("+compile" if spec.compile else ""), "kind": "ppo", "use_lora": use_lora,
+        "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
+        "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": spec.compile,
+        "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
+        "trainable_parameters": sum(p.numel() for p in trainer.trainable),
+        "updates": [{k: r[k] for k in ("update", "time/update", "time/generation", "time/forward",
+                                        "time/optimization", "tokens_per_s", "objective/response_length")}
+                    for r in rows],
+    })
+    return out
+
+
+def synthetic_pairs(tokenizer, n: int, length: int, seed: int) -> list[dict[str, Any]]:
+    """Preference pairs of ~`length` tokens per sequence: a real chat prompt + random response tokens (+ EOS)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompts = bench_prompts(tokenizer)
+    low = max(tokenizer.all_special_ids) + 1  # ordinary tokens only: never the pad id
+    rows = []
+    for i in range(n):
+        prompt = prompts[i % len(prompts)]
+        budget = max(length - len(prompt), 2)  # response tokens, spread +-20 % around the budget
+        sizes = rng.integers(int(0.8 * budget), int(1.2 * budget) + 1, size=2)
+        chosen, rejected = (rng.integers(low, len(tokenizer), size=int(s) - 1).tolist() + [tokenizer.eos_token_id]
+                            for s in sizes)
+        rows.append({"id": str(i), "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
+    return rows
+
+
+def run_reward_config(spec: BenchSpec) -> dict[str, Any]:
+    """RewardTrainer steps with the default RewardModelConfig (as the reward_model stage builds it) on synthetic pairs."""
+    from transformers import TrainerCallback
+    from trl import RewardTrainer
+
+    from . import models, reward, runtime
+
+    runtime.set_threads(spec.threads)
+    runtime.seed_everything(spec.seed)
+    cfg = reward.RewardModelConfig(model=spec.model, device=spec.device, seed=spec.seed, threads=spec.threads,
+                                   per_device_train_batch_size=spec.rm_pairs_per_step, logging_steps=1000)
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    tokenizer = models.load_tokenizer(cfg.model)
+    warmup = max(spec.warmup, 1)  # the first step's end is the timing origin
+    steps = warmup + spec.updates
+    rows = synthetic_pairs(tokenizer, steps * cfg.per_device_train_batch_size, spec.rm_sequence_length, spec.seed)
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            ends.append(time.perf_counter())
+
+    model = reward._build_model(cfg, tokenizer, device)
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-rm-") as scratch:
+        args = reward._reward_config(cfg, device, dtype, scratch, has_eval=False)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=reward._pairs_dataset(rows),
+                                processing_class=tokenizer, optimizers=(reward._optimizer(cfg, model), None),
+                                callbacks=[Clock()])
+        trainer.train()
+    timed = len(ends) - warmup
+    seconds = ends[-1] - ends[warmup - 1]
+    lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
+    return {
+        "name": RM_CONFIG, "kind": "reward_model",
+        "setup": f"default RewardModelConfig: {'LoRA r%d %s' % (cfg.lora_r, ','.join(cfg.lora_target_modules)) if cfg.use_lora else 'full'}, "
+                 f"{str(dtype).replace('torch.', '')}, batch {cfg.per_device_train_batch_size}",
+        "dtype": str(dtype).replace("torch.", ""), "device": runtime.describe_device(device),
+        "pairs_per_step": cfg.per_device_train_batch_size, "warmup_steps": warmup, "timed_steps": timed,
+        "mean_sequence_tokens": round(sum(lengths) / len(lengths)),
+        "pairs_per_s": cfg.per_device_train_batch_size * timed / seconds, "s_per_step": seconds / timed,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak_gpu_gib": _peak_gpu_gib(),
+    }
+
+
+def worker_main(name: str, spec: BenchSpec) -> None:
+    """Entry point of a worker subprocess: run one configuration, print its result line."""
+    result = run_reward_config(spec) if name == RM_CONFIG else run_ppo_config(name, spec)
+    print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """Environment of a measured subprocess: thread count and passive OpenMP waits (shared MEASUREMENTS: threads)."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def run_subprocess(cmd: list[str], threads: int, log_path: Path, timeout: float) -> dict[str, Any]:
+    """Run `cmd`, stdout to `log_path`, stderr through; returns the result plus the child's own peak RSS."""
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=sys.stderr, env=child_env(threads), cwd=_repo_root())
+        while True:  # os.wait4: this child's rusage (peak RSS of this configuration alone)
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - start > timeout:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.5)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    stdout = log_path.read_text(encoding="utf-8")
+    meta = {"wall_s": time.perf_counter() - start, "child_peak_rss_gib": usage.ru_maxrss / 2**20,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "command": shlex.join(cmd),
+            "log": str(log_path)}
+    if proc.returncode != 0:
+        tail = "\n".join(stdout.splitlines()[-5:])
+        return {"error": f"exit status {proc.returncode} (see {log_path} and stderr above): {tail}", **meta}
+    try:
+        return {**parse_result(stdout), **meta}
+    except ValueError as exc:
+        return {"error": str(exc), **meta}
+
+
+def _repo_root() -> Path:
+    from .runs import repo_root
+
+    return repo_root()
+
+
+def trl_python(env_dir: Path) -> Path:
+    return env_dir / "bin" / "python"
+
+
+def ensure_trl_env(env_dir: Path) -> Path:
+    """Create the separate TRL 1.12 virtualenv once (pip from the registry); returns its python."""
+    python = trl_python(env_dir)
+    stamp = env_dir / ".rlhf-bench-installed"
+    if stamp.exists() and python.exists():
+        return python
+    print(f"creating {env_dir} with {' '.join(TRL_REQUIREMENTS)} (once; a few minutes)", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_REQUIREMENTS], check=True)
+    stamp.write_text(" ".join(TRL_REQUIREMENTS) + "\n")
+    return python
+
+
+def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float) -> dict[str, Any]:
+    """TRL 1.12's PPOTrainer on the same workload in its own environment and subprocess."""
+    from . import models
+
+    try:
+        python = ensure_trl_env(env_dir)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return {"name": TRL_CONFIG_NAME, "error": f"could not create {env_dir}: {exc}"}
+    tokenizer = models.load_tokenizer(spec.model)
+    prompts_file = out_dir / "trl_prompts.json"
+    prompts_file.write_text(json.dumps(bench_prompts(tokenizer)))
+    cmd = [str(python), str(_repo_root() / "scripts" / "bench_trl112.py"),
+           "--model-dir", models.resolve_model_ref(spec.model), "--prompts", str(prompts_file),
+           "--pad-token", tokenizer.pad_token, "--batch-size", str(spec.batch_size),
+           "--response-length", str(spec.response_length), "--num-ppo-epochs", str(spec.num_ppo_epochs),
+           "--num-mini-batches", str(spec.num_mini_batches), "--temperature", str(spec.temperature),
+           "--learning-rate", str(FULL_FT_LR), "--warmup", str(spec.warmup), "--updates", str(spec.updates),
+           "--threads", str(spec.threads), "--seed", str(spec.seed), "--device", spec.device]
+    print(f"\n== {TRL_CONFIG_NAME} ({python})", flush=True)
+    result = run_subprocess(cmd, spec.threads, out_dir / "logs" / f"{TRL_CONFIG_NAME}.log", timeout)
+    result.setdefault("name", TRL_CONFIG_NAME)
+    return result
+
+
+def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_trl: bool, trl_env: Path,
+                  timeout: float) -> dict[str, Any]:
+    """Every configuration in its own subprocess, then TRL (optional); returns the report (also written to JSON)."""
+    from . import runtime
+    from .runs import package_versions, write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = runtime.pick_device(spec.device)
+    report: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, "-m", "rlhf_lib.bench", *sys.argv[1:]]),
+        "device": runtime.describe_device(device) | {"torch_threads": spec.threads},
+        "threads": spec.threads, "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "workload": {k: v for k, v in asdict(spec).items() if k != "extra"} | {
+            "models": "policy + reference + reward + value from the same checkpoint; reward/value score head is a "
+                      "random initialisation (from_pretrained num_labels=1)",
+            "prompts": len(PROMPT_SUBJECTS), "full_fine_tuning_learning_rate": FULL_FT_LR},
+        "reference_config": REFERENCE_CONFIG, "differences": DIFFERENCES, "versions": package_versions(),
+        "configs": {}, "trl": None, "published_trl": PUBLISHED_TRL,
+    }
+    spec_json = json.dumps(asdict(spec))
+    for name in configs:
+        print(f"\n== {name}", flush=True)
+        cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", name, "--spec", spec_json]
+        result = run_subprocess(cmd, spec.threads, out_dir / "logs" / f"{name}.log", timeout)
+        result.setdefault("name", name)
+        result.setdefault("kind", "reward_model" if name == RM_CONFIG else "ppo")
+        report["configs"][name] = result
+    if with_trl:
+        report["trl"] = run_trl(spec, out_dir, trl_env, timeout)
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    add_ratios(report)
+    write_json_atomic(out_dir / "bench.json", report)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rlhf_lib.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--updates", type=int, default=3, help="timed PPO updates (and timed RM steps) per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up updates run first and excluded from the figures")
+    p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every measured process")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {', '.join(KNOWN_CONFIGS)}")
+    p.add_argument("--trl", action="store_true", help=f"also run TRL 1.12's PPOTrainer in {TRL_ENV} (created once)")
+    p.add_argument("--trl-env", default=TRL_ENV, help="folder of the TRL 1.12 virtualenv")
+    p.add_argument("--out", default="outputs/bench", help="folder for bench.json and the worker logs")
+    p.add_argument("--model", default=BenchSpec.model, help="model reference (all four roles)")
+    p.add_argument("--device", default="auto", help="auto (CUDA + bf16 when present), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=BenchSpec.batch_size)
+    p.add_argument("--response-length", type=int, default=BenchSpec.response_length)
+    p.add_argument("--num-ppo-epochs", type=int, default=BenchSpec.num_ppo_epochs)
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies (lever check)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds before a configuration's process is killed")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, BenchSpec(**json.loads(args.spec)))
+        return None
+    try:
+        configs = parse_configs(args.configs)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
+    if args.updates < 1 or args.warmup < 0 or args.threads < 1:
+        raise SystemExit("--updates must be >= 1, --warmup >= 0, --threads >= 1")
+    spec = BenchSpec(model=args.model, batch_size=args.batch_size, response_length=args.response_length,
+                     num_ppo_epochs=args.num_ppo_epochs, warmup=args.warmup, updates=args.updates,
+                     threads=args.threads, device=args.device, compile=args.compile)
+    root = _repo_root()
+    out_dir = Path(args.out) if Path(args.out).is_absolute() else root / args.out
+    trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env
+    report = run_benchmark(configs, spec, out_dir, args.trl, trl_env, args.timeout)
+    print("\n" + format_table(report))
+    print(f"\nwrote {out_dir / 'bench.json'} (device {report['device']}, threads {spec.threads}, load average "
+          f"{report['load_average_start']} -> {report['load_average_end']})")
+    return report
+
+
+if __name__ == "__main__":
+    main()

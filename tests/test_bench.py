@@ -1,0 +1,121 @@
+"""`make bench` (rlhf_lib.bench): pure helpers (ratios, steady-state summary, result parsing, table, JSON keys) and a
+tiny end-to-end run of our side on tiny:llama, each configuration in its own subprocess."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_lib import bench, models
+
+
+def _row(update, t_update, t_gen=1.0, t_fwd=0.5, t_opt=2.0, tok_s=100.0):
+    return {"update": update, "time/update": t_update, "time/generation": t_gen, "time/forward": t_fwd,
+            "time/optimization": t_opt, "tokens_per_s": tok_s, "objective/response_length": 10.0}
+
+
+def _report(configs, trl=None, **workload):
+    base = {"model": "bundled:smollm2-135m-instruct", "batch_size": 8, "response_length": 48, "num_ppo_epochs": 4,
+            "num_mini_batches": 1}
+    return {"configs": configs, "trl": trl, "reference_config": bench.REFERENCE_CONFIG,
+            "published_trl": bench.PUBLISHED_TRL, "workload": {**base, **workload}}
+
+
+def test_ratio_is_ours_over_theirs_and_none_when_missing():
+    assert bench.ratio(1.2, 0.3) == pytest.approx(4.0)
+    assert bench.ratio(None, 0.3) is None
+    assert bench.ratio(1.0, None) is None
+    assert bench.ratio(1.0, 0.0) is None
+
+
+def test_summarize_updates_drops_warmup_and_weights_by_time():
+    rows = [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0), _row(3, 12.0, t_gen=3.0, tok_s=100.0)]
+    s = bench.summarize_updates(rows, warmup=1, batch_size=8)
+    assert s["timed_updates"] == 2
+    assert s["episodes_per_s"] == pytest.approx(16 / 16.0)  # total episodes / total seconds, not a mean of rates
+    assert s["s_per_update"] == pytest.approx(8.0)
+    assert s["generation_s"] == pytest.approx(2.0)
+    assert s["tokens_per_s"] == pytest.approx((200 * 1 + 100 * 3) / 4)  # total tokens / total generation time
+    with pytest.raises(ValueError, match="no timed updates"):
+        bench.summarize_updates(rows, warmup=3, batch_size=8)
+
+
+def test_parse_result_prefers_the_marker_line_over_other_json():
+    out = "{'eps': 4}\n" + bench.RESULT_MARKER + json.dumps({"a": 1}) + "\nprogress...\n"
+    assert bench.parse_result(out) == {"a": 1}
+    assert bench.parse_result('log\n{"b": 2}\n') == {"b": 2}  # the TRL driver prints a bare JSON line
+    with pytest.raises(ValueError):
+        bench.parse_result("no result here\n")
+
+
+def test_ratios_vs_measured_trl_and_published_figures():
+    ours = {"name": "ours-lora-bf16", "kind": "ppo", "episodes_per_s": 1.2, "peak_rss_gib": 3.0}
+    rep = bench.add_ratios(_report({"ours-lora-bf16": ours}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5}))
+    assert rep["episodes_per_s_ratio_vs_trl"] == pytest.approx(4.0)
+    assert rep["peak_rss_ratio_vs_trl"] == pytest.approx(0.4)
+    assert rep["episodes_per_s_ratio_vs_published_trl"] == pytest.approx(1.2 / bench.PUBLISHED_TRL["episodes_per_s"])
+    assert rep["configs"]["ours-lora-bf16"]["episodes_per_s_vs_trl"] == pytest.approx(4.0)
+
+    no_trl = bench.add_ratios(_report({"ours-lora-bf16": dict(ours)}))
+    assert no_trl["episodes_per_s_ratio_vs_trl"] is None and no_trl["peak_rss_ratio_vs_trl"] is None
+    assert no_trl["peak_rss_ratio_vs_published_trl"] == pytest.approx(3.0 / bench.PUBLISHED_TRL["peak_rss_gib"])
+    failed = bench.add_ratios(_report({"ours-lora-bf16": dict(ours)}, trl={"error": "exit status 1"}))
+    assert failed["episodes_per_s_ratio_vs_trl"] is None
+    other = bench.add_ratios(_report({"ours-lora-bf16": dict(ours)}, model="tiny:llama"))
+    assert other["episodes_per_s_ratio_vs_published_trl"] is None  # published figures describe another workload
+
+
+def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
+    configs = {
+        "ours-lora-bf16": {"name": "ours-lora-bf16", "kind": "ppo", "episodes_per_s": 1.234, "s_per_update": 6.5,
+                           "generation_s": 2.0, "forward_s": 1.0, "optimization_s": 3.5, "tokens_per_s": 150.0,
+                           "peak_rss_gib": 2.5},
+        "ours-full-fp32": {"name": "ours-full-fp32", "kind": "ppo", "error": "exit status 1"},
+        "rm": {"name": "rm", "kind": "reward_model", "pairs_per_s": 3.21, "s_per_step": 2.5, "pairs_per_step": 8,
+               "mean_sequence_tokens": 150, "peak_rss_gib": 1.5, "setup": "default"},
+    }
+    table = bench.format_table(bench.add_ratios(_report(configs)))
+    lines = table.splitlines()
+    assert lines[0].startswith("| config | ep/s |")
+    assert any(ln.startswith("| ours-lora-bf16 | 1.234 | 6.5 |") for ln in lines)
+    assert any("ours-full-fp32" in ln and "failed" in ln for ln in lines)
+    assert "3.21 pairs/s" in table
+    assert "not measured in this run" in table and "PUBLISHED" in table
+
+
+def test_parse_configs_rejects_unknown_names():
+    assert bench.parse_configs("ours-lora-bf16, rm") == ["ours-lora-bf16", "rm"]
+    with pytest.raises(ValueError, match="choose from"):
+        bench.parse_configs("ours-lora-bf16,trl")
+
+
+def test_synthetic_pairs_have_realistic_length_and_no_pad():
+    tok = models.load_tokenizer("tiny:llama")
+    rows = bench.synthetic_pairs(tok, n=6, length=150, seed=0)
+    lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
+    assert 130 <= sum(lengths) / len(lengths) <= 170
+    for r in rows:
+        assert r["chosen_ids"][-1] == tok.eos_token_id
+        assert tok.pad_token_id not in r["chosen_ids"] + r["rejected_ids"]
+
+
+@pytest.mark.slow
+def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
+    report = bench.main(["--model", "tiny:llama", "--configs", "ours-lora-bf16,rm", "--updates", "1", "--warmup", "1",
+                         "--threads", "1", "--response-length", "6", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["configs"].keys() == report["configs"].keys() == {"ours-lora-bf16", "rm"}
+    ours = saved["configs"]["ours-lora-bf16"]
+    assert "error" not in ours, ours.get("error")
+    for key in ("episodes_per_s", "s_per_update", "generation_s", "forward_s", "optimization_s", "tokens_per_s",
+                "peak_rss_gib", "child_peak_rss_gib", "load_average_before"):
+        assert ours[key] is not None and ours[key] == ours[key], key
+    assert ours["timed_updates"] == 1 and len(ours["updates"]) == 2
+    assert ours["peak_rss_gib"] == pytest.approx(ours["child_peak_rss_gib"], rel=0.05)  # per-process peak
+    assert ours["dtype"] == "bfloat16" and ours["use_lora"] is True
+    assert saved["configs"]["rm"]["pairs_per_s"] > 0
+    for key in ("episodes_per_s_ratio_vs_trl", "peak_rss_ratio_vs_trl"):
+        assert key in saved and saved[key] is None  # TRL not run
+    assert saved["device"]["type"] in ("cpu", "cuda") and saved["threads"] == 1
+    assert "differences" in saved and "load_average_start" in saved
+    assert "| ours-lora-bf16 |" in capsys.readouterr().out
