@@ -170,10 +170,13 @@ def load_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def stage_parameters(params: Mapping[str, Mapping[str, Any]], stage: str, **overrides: Any) -> dict[str, Any]:
-    """The flat parameter dict papermill injects into one stage notebook (common + stage + overrides)."""
+    """Every field of the stage's config, resolved (dataclass defaults < common < stage section < overrides).
+
+    All fields are injected, not only the keys the file sets: the notebooks' own parameter defaults are the tiny
+    smoke profile, so a field left out of a profile must take the library default, not the notebook's.
+    """
     merged = {**params.get("common", {}), **params.get(stage, {}), **overrides}
-    validate(stage_config_class(stage), merged, f"parameters of stage {stage!r}")
-    return merged
+    return to_dict(validate(stage_config_class(stage), merged, f"parameters of stage {stage!r}"))
 
 
 def from_namespace(stage: str, namespace: Mapping[str, Any]) -> Any:

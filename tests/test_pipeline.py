@@ -67,3 +67,16 @@ def test_smoke_pipeline_end_to_end(tmp_path, outputs, model):
     assert summary["eval"]["n_eval_prompts"] > 0
     assert summary["eval"]["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
     assert list((root / "plots").glob("*.png"))
+
+
+def test_injected_parameters_are_complete_so_notebook_smoke_defaults_never_leak(tmp_path, outputs):
+    """A field a profile leaves out must get the library default, not the notebook's smoke default."""
+    from rlhf_lib.data import DataConfig
+
+    profile = _profile(tmp_path, outputs)
+    params = yaml.safe_load(profile.read_text())
+    params["data"] = {"dataset": "simulated"}
+    profile.write_text(yaml.safe_dump(params))
+    (_, injected), = pipeline.plan(str(profile), None, ["data"], [], False, False)
+    assert injected["generation_max_new_tokens"] == DataConfig().generation_max_new_tokens
+    assert set(injected) == set(DataConfig.__dataclass_fields__)
