@@ -385,7 +385,7 @@ def run_subprocess(cmd: list[str], threads: int, log_path: Path, timeout: float)
     start = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=sys.stderr, env=child_env(threads), cwd=_repo_root())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=child_env(threads), cwd=_repo_root())
         while True:  # os.wait4: this child's rusage (peak RSS of this configuration alone)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
