@@ -280,6 +280,16 @@ def test_trainable_top_layers_freezes_the_rest(tok, use_lora):
     assert all(torch.count_nonzero(p) == 0 for p in head)  # zero-initialised head
 
 
+def test_num_hidden_layers_keeps_the_bottom_blocks(tok):
+    cfg = RewardModelConfig(model="tiny:llama", use_lora=False, num_hidden_layers=1)
+    model = _build_model(cfg, tok, torch.device("cpu"))
+    full = models.load_sequence_classifier("tiny:llama", tok)
+    assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, full.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        _build_model(RewardModelConfig(model="tiny:llama", num_hidden_layers=5), tok, torch.device("cpu"))
+
+
 # ----------------------------------------------------------------------------
 # defect 1: the trained model is the one saved and handed on
 
