@@ -28,7 +28,7 @@ Speed levers (issue 6), all exact (same maths, fewer or cheaper operations):
 - Frozen weights get their own memory instead of viewing the memory-mapped safetensors file, so the file pages
   read while casting do not stay resident.
 
-Public API for notebooks/03_ppo: :func:`train_ppo`, :func:`plot_ppo_curves`, :func:`sample_table`,
+Public API for notebooks/03_ppo: :func:`train_ppo`, :func:`sample_table` (curves: :func:`rlhf_lib.plots.plot_ppo_curves`),
 :func:`load_policy_checkpoint`; tests and custom rewards use :class:`PPOTrainer` directly.
 """
 from __future__ import annotations
@@ -1135,33 +1135,6 @@ def train_ppo(cfg: PPOConfig, run) -> PPOResult:
     summary = trainer.train()
     trainer.save_policy(run.policy_dir)
     return PPOResult(summary, metrics_frame(run), run.policy_dir)
-
-
-CURVES = (("objective/scores", "RM score"), ("objective/kl", "KL to reference (nats/seq)"),
-          ("objective/entropy", "entropy (nats/seq)"), ("loss/value_avg", "value loss"),
-          ("policy/clipfrac_avg", "policy clip fraction"), ("objective/rlhf_reward", "score - beta KL"))
-
-
-def plot_ppo_curves(run) -> Any:
-    """Scores, KL, entropy, value loss, clip fraction and RLHF reward per episode; saved as plots/ppo_curves.png."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    df = metrics_frame(run)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (name, title) in zip(axes.flat, CURVES):
-        if name in df:
-            ax.plot(df["episode"], df[name], marker=".", lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("episode")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"PPO training curves ({run.name})")
-    fig.tight_layout()
-    Path(run.plots_dir).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(run.plots_dir) / "ppo_curves.png", dpi=110)
-    return fig
 
 
 def sample_table(run) -> Any:

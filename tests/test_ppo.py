@@ -399,7 +399,9 @@ def test_train_ppo_on_a_run_folder(tokenizer, prompts, tmp_path):
     # normalised RM scores minus the missing-EOS penalty (the random tiny model never emits EOS here)
     assert result.metrics["objective/scores"].iloc[0] < -0.5
     assert (run.policy_dir / "config.json").exists() and (run.policy_dir / "tokenizer_config.json").exists()
-    fig = ppo.plot_ppo_curves(run)
+    from rlhf_lib import plots
+
+    fig = plots.plot_ppo_curves(run)
     assert isinstance(fig, matplotlib.figure.Figure) and (run.plots_dir / "ppo_curves.png").exists()
     table = ppo.sample_table(run)
     assert len(table) == 2 * cfg.num_sample_rows and "response" in table
