@@ -36,6 +36,11 @@ def plot_training_curve(log_history: Sequence[dict[str, Any]], run: "Run | None"
         ax_loss.plot(held["step"], held["eval_loss"], marker="o", label="held-out")
         if "eval_accuracy" in held:
             ax_acc.plot(held["step"], held["eval_accuracy"], marker="o", label="held-out")
+    if len(train) and "epoch" in train and train["epoch"].iloc[-1] > 0:
+        steps_per_epoch = train["step"].iloc[-1] / train["epoch"].iloc[-1]
+        for epoch in range(1, int(np.ceil(train["epoch"].iloc[-1]))):
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(epoch * steps_per_epoch, color="grey", lw=0.6, alpha=0.5)  # epoch boundaries
     ax_loss.axhline(np.log(2), color="grey", ls="--", lw=1, label="ln 2 (chance)")
     ax_acc.axhline(0.5, color="grey", ls="--", lw=1, label="chance")
     ax_loss.set(xlabel="optimiser step", ylabel="Bradley–Terry loss", title="Reward model loss")
