@@ -178,12 +178,12 @@ def test_score_sequences_padding_invariant(ref):
     single = torch.cat([score_sequences(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
                         for s in seqs])
     width = max(map(len, seqs)) + 2  # extra padding on every row
-    for side in ("left", "right"):
+    for side in ("left", "right", "both"):  # "both": PPO's left-padded query + right-padded response
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
-            where = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-            ids[i, where], mask[i, where] = torch.tensor(s), 1
+            start = {"left": width - len(s), "right": 0, "both": (width - len(s)) // 2 + 1}[side]
+            ids[i, start : start + len(s)], mask[i, start : start + len(s)] = torch.tensor(s), 1
         batched = score_sequences(model, ids, mask)
         assert batched.dtype == torch.float32 and batched.shape == (3,)
         torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5, msg=f"{side} padding changed the scores")
