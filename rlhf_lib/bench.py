@@ -33,17 +33,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 RESULT_MARKER = "BENCH_RESULT "
-DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-full-fp32", "rm")
-REFERENCE_CONFIG = "ours-lora-bf16"  # the configuration the *_ratio_vs_trl keys compare
-# name -> (use_lora, dtype); dtype is passed to runtime.pick_dtype (bf16 autocast works on CPU and CUDA)
+DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-full-fp32", "rm", "rm-compile")
+REFERENCE_CONFIG = "ours-lora-bf16-compile"  # the configuration the *_ratio_vs_trl keys compare (= params/default.yaml's PPO)
+# name -> (use_lora, dtype, torch_compile); dtype is passed to runtime.pick_dtype (bf16 autocast: CPU and CUDA)
 PPO_CONFIGS = {
-    "ours-lora-bf16": (True, "bfloat16"),
-    "ours-full-fp32": (False, "float32"),
-    "ours-full-bf16": (False, "bfloat16"),
-    "ours-lora-fp32": (True, "float32"),
+    "ours-lora-bf16": (True, "bfloat16", False),
+    "ours-lora-bf16-compile": (True, "bfloat16", True),
+    "ours-full-fp32": (False, "float32", False),
+    "ours-full-bf16": (False, "bfloat16", False),
+    "ours-lora-fp32": (True, "float32", False),
 }
-RM_CONFIG = "rm"
-KNOWN_CONFIGS = (*PPO_CONFIGS, RM_CONFIG)
+RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
+KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
 TRL_CONFIG_NAME = "trl-1.12-full-fp32"
 TRL_ENV = ".venv-trl112"
 TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "peft==0.21.2",
@@ -66,6 +67,8 @@ DIFFERENCES = {
     "ours-full-fp32": "Same algorithmic content as TRL (4 full models, full fine-tuning, fp32).",
     "ours-full-bf16": "Full fine-tuning as TRL, bf16 autocast with fp32 master weights (TRL: fp32).",
     "ours-lora-fp32": "LoRA as ours-lora-bf16, fp32 as TRL.",
+    "ours-lora-bf16-compile": "ours-lora-bf16 with each transformer block torch.compile'd (ppo.torch_compile; one "
+                              "graph per mode shared by all blocks; compiling happens in the warm-up updates).",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
                 "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
@@ -189,12 +192,14 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"| {r.get('name')} | failed: {r['error'][:80]} |")
             continue
         lines.append("| " + " | ".join(_fmt(r.get(k), d) if k != "name" else str(r.get(k)) for _, k, d in TABLE_COLUMNS) + " |")
-    rm = report["configs"].get(RM_CONFIG)
-    if rm:
+    for rm_name in RM_CONFIGS:
+        rm = report["configs"].get(rm_name)
+        if not rm:
+            continue
         if "error" in rm:
-            lines.append(f"\nreward model (RewardTrainer): failed: {rm['error'][:200]}")
+            lines.append(f"\n{rm_name} (RewardTrainer): failed: {rm['error'][:200]}")
         else:
-            lines.append(f"\nreward model (RewardTrainer, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
+            lines.append(f"\n{rm_name} (RewardTrainer, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
                          f"{_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs "
                          f"(~{rm.get('mean_sequence_tokens')} tokens/sequence), peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB")
     ref = report["reference_config"]
@@ -243,19 +248,6 @@ def _peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def _compile_bodies(modules: Sequence[Any]) -> None:
-    """torch.compile the transformer body of each model (lever check; LoRA layers live inside the body)."""
-    import torch
-
-    for module in modules:
-        if module is None:
-            continue
-        inner = module.model if hasattr(module, "model") and not hasattr(module, "get_base_model") else module
-        base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-        body = getattr(base, base.base_model_prefix)
-        body.forward = torch.compile(body.forward, dynamic=True)
-
-
 def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     """Our PPOTrainer on the workload; figures from its per-update metrics."""
     import torch
@@ -263,7 +255,8 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     from . import models, ppo, runtime
     from .metrics import read_jsonl
 
-    use_lora, dtype = PPO_CONFIGS[name]
+    use_lora, dtype, compile_blocks = PPO_CONFIGS[name]
+    compile_blocks = compile_blocks or spec.compile
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
     tokenizer = models.load_tokenizer(spec.model)
@@ -274,20 +267,19 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
                         batch_size=spec.batch_size, response_length=spec.response_length,
                         num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
                         temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
-                        **overrides)
+                        torch_compile=compile_blocks, **overrides)
     built = ppo.build_models(cfg, tokenizer, spec.model, None)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
         trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
                                  prompts, Path(scratch) / "ppo", Path(scratch) / "checkpoints")
-        if spec.compile:
-            _compile_bodies([trainer._unwrapped_policy(), trainer.ref_policy, trainer.accelerator.unwrap_model(trainer.value)])
         trainer.train()
         rows = read_jsonl(Path(scratch) / "ppo" / "metrics.jsonl")
     out = summarize_updates(rows, spec.warmup, spec.batch_size)
     out.update({
-        "name": name + ("+compile" if spec.compile else ""), "kind": "ppo", "use_lora": use_lora,
+        "name": name + ("+compile" if spec.compile and not PPO_CONFIGS[name][2] else ""), "kind": "ppo",
+        "use_lora": use_lora,
         "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
-        "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": spec.compile,
+        "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": compile_blocks,
         "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
         "trainable_parameters": sum(p.numel() for p in trainer.trainable),
         "updates": [{k: r[k] for k in ("update", "time/update", "time/generation", "time/forward",
@@ -315,7 +307,7 @@ def synthetic_pairs(tokenizer, n: int, length: int, seed: int) -> list[dict[str,
     return rows
 
 
-def run_reward_config(spec: BenchSpec) -> dict[str, Any]:
+def run_reward_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     """RewardTrainer steps with the default RewardModelConfig (as the reward_model stage builds it) on synthetic pairs."""
     from transformers import TrainerCallback
     from trl import RewardTrainer
@@ -325,7 +317,8 @@ def run_reward_config(spec: BenchSpec) -> dict[str, Any]:
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
     cfg = reward.RewardModelConfig(model=spec.model, device=spec.device, seed=spec.seed, threads=spec.threads,
-                                   per_device_train_batch_size=spec.rm_pairs_per_step, logging_steps=1000)
+                                   per_device_train_batch_size=spec.rm_pairs_per_step, logging_steps=1000,
+                                   torch_compile=RM_CONFIGS[name] or spec.compile)
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.model)
@@ -339,6 +332,8 @@ def run_reward_config(spec: BenchSpec) -> dict[str, Any]:
             ends.append(time.perf_counter())
 
     model = reward._build_model(cfg, tokenizer, device)
+    if cfg.torch_compile:
+        models.compile_blocks(model)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-rm-") as scratch:
         args = reward._reward_config(cfg, device, dtype, scratch, has_eval=False)
         trainer = RewardTrainer(model=model, args=args, train_dataset=reward._pairs_dataset(rows),
@@ -349,7 +344,7 @@ def run_reward_config(spec: BenchSpec) -> dict[str, Any]:
     seconds = ends[-1] - ends[warmup - 1]
     lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
     return {
-        "name": RM_CONFIG, "kind": "reward_model",
+        "name": name, "kind": "reward_model", "compile": cfg.torch_compile,
         "setup": f"default RewardModelConfig: {'LoRA r%d %s' % (cfg.lora_r, ','.join(cfg.lora_target_modules)) if cfg.use_lora else 'full'}, "
                  f"{str(dtype).replace('torch.', '')}, batch {cfg.per_device_train_batch_size}",
         "dtype": str(dtype).replace("torch.", ""), "device": runtime.describe_device(device),
@@ -362,7 +357,7 @@ def run_reward_config(spec: BenchSpec) -> dict[str, Any]:
 
 def worker_main(name: str, spec: BenchSpec) -> None:
     """Entry point of a worker subprocess: run one configuration, print its result line."""
-    result = run_reward_config(spec) if name == RM_CONFIG else run_ppo_config(name, spec)
+    result = run_reward_config(name, spec) if name in RM_CONFIGS else run_ppo_config(name, spec)
     print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
 
 
@@ -484,7 +479,7 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
         cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", name, "--spec", spec_json]
         result = run_subprocess(cmd, spec.threads, out_dir / "logs" / f"{name}.log", timeout)
         result.setdefault("name", name)
-        result.setdefault("kind", "reward_model" if name == RM_CONFIG else "ppo")
+        result.setdefault("kind", "reward_model" if name in RM_CONFIGS else "ppo")
         report["configs"][name] = result
     if with_trl:
         report["trl"] = run_trl(spec, out_dir, trl_env, timeout)
@@ -508,7 +503,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=BenchSpec.batch_size)
     p.add_argument("--response-length", type=int, default=BenchSpec.response_length)
     p.add_argument("--num-ppo-epochs", type=int, default=BenchSpec.num_ppo_epochs)
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer bodies (lever check)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (ppo.torch_compile / reward_model.torch_compile)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a configuration's process is killed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)

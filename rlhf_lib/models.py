@@ -219,3 +219,54 @@ def load_sequence_classifier(
 def model_config(ref: str):
     """The transformers config of a reference, without loading weights."""
     return AutoConfig.from_pretrained(resolve_model_ref(ref))
+
+
+# ----------------------------------------------------------------------------
+# torch.compile, one transformer block at a time
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a (possibly peft-wrapped) model: Llama's ``layers``, GPT-2's ``h``."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            name = type(module[0]).__name__
+            if name.endswith(("DecoderLayer", "Block")):
+                return list(module)
+    raise ValueError(f"found no transformer blocks (a ModuleList of *DecoderLayer / *Block) in {type(model).__name__}")
+
+
+def _holds_kv_cache(args: tuple, kwargs: dict) -> bool:
+    from transformers.cache_utils import Cache
+
+    return any(isinstance(a, Cache) for a in (*args, *kwargs.values()))
+
+
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` each transformer block for full-sequence forwards (training, scoring); returns how many.
+
+    Why per block: every block runs the same code, and with parameters as graph inputs one compiled graph serves
+    them all, so compiling costs one block (~30 s for forward + backward on 2 CPU cores) instead of the whole
+    unrolled model (which did not finish in 7 min). What it buys: on CPU a bf16 block spends more time in small
+    elementwise ops (norms, rotary, SiLU, casts) than in matmuls, and inductor fuses them -- forward + backward of
+    SmolLM2-135M went from 1.42 s to 0.96 s (batch 8 x 89 tokens). ``dynamic=True``: new sequence lengths reuse the
+    graph. Calls that carry a KV cache (generation) stay eager -- decoding is bound by reading the weights, and
+    a cache object would break the graph anyway. :func:`uncompile_blocks` undoes it.
+    """
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        if "forward" in vars(block):  # already compiled
+            continue
+        eager = block.forward
+        compiled = torch.compile(eager, dynamic=True)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
+            return _eager(*args, **kwargs) if _holds_kv_cache(args, kwargs) else _compiled(*args, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def uncompile_blocks(model: torch.nn.Module) -> None:
+    """Back to eager blocks (e.g. before a short no-grad evaluation that would only pay another compile)."""
+    for block in transformer_blocks(model):
+        vars(block).pop("forward", None)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import TEXT_PROGRESS_ENV
 from .config import NOTEBOOKS, STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
 from .runs import repo_root, run_for
 
@@ -60,10 +61,28 @@ def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Se
 def execute(params_path: str, run: str | None = None, stages: Sequence[str] = STAGES, overrides: Sequence[str] = (),
             overwrite: bool = False, skip_done: bool = False, kernel_name: str = "python3") -> Path:
     """Execute the planned notebooks; returns the run folder. Stops at the first failing stage."""
-    import papermill
-
     todo = plan(params_path, run, stages, overrides, overwrite, skip_done)
     root = repo_root()
+    out_root = None
+    previous = os.environ.get(TEXT_PROGRESS_ENV)
+    os.environ[TEXT_PROGRESS_ENV] = "1"  # kernels inherit it: text progress bars (rlhf_lib/__init__.py)
+    try:
+        out_root = _run_notebooks(todo, root, kernel_name)
+    finally:
+        if previous is None:
+            os.environ.pop(TEXT_PROGRESS_ENV, None)
+        else:
+            os.environ[TEXT_PROGRESS_ENV] = previous
+    if out_root is None:
+        print("[pipeline] nothing to run")
+    else:
+        print(f"[pipeline] outputs in {out_root} (summary.json, manifest.json, plots/, notebooks/)")
+    return out_root
+
+
+def _run_notebooks(todo: Sequence[tuple[str, dict[str, Any]]], root: Path, kernel_name: str) -> Path | None:
+    import papermill
+
     out_root = None
     for stage, parameters in todo:
         target = run_for(validate(CommonConfig, {k: v for k, v in parameters.items() if k in CommonConfig.__dataclass_fields__}, "run"))
@@ -78,14 +97,13 @@ def execute(params_path: str, run: str | None = None, stages: Sequence[str] = ST
             parameters=parameters,
             kernel_name=kernel_name,
             cwd=str(root / "notebooks"),
-            log_output=True,
+            # the kernel's stdout/stderr go straight to this console, so the stages' progress bars and prints show
+            # live (the executed notebook keeps its own copy of every output)
+            stdout_file=sys.stdout,
+            stderr_file=sys.stderr,
             progress_bar=False,
         )
         print(f"[pipeline] {stage}: done in {time.time() - start:.0f} s", flush=True)
-    if out_root is None:
-        print("[pipeline] nothing to run")
-    else:
-        print(f"[pipeline] outputs in {out_root} (summary.json, manifest.json, plots/, notebooks/)")
     return out_root
 
 

@@ -106,6 +106,7 @@ class PPOConfig(CommonConfig):
     cliprange_value: float = 0.2  # value prediction clip around the rollout values
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     reuse_rollout_forward: bool = True  # with 1 minibatch and 1 micro-batch, the rollout forward doubles as the first PPO step's (exact speed-up)
+    torch_compile: bool = False  # torch.compile each transformer block for full-sequence forwards (~1.5x faster on CPU after ~1 min of compiling; generation stays eager)
     # logging and checkpoints
     sample_every: int = 4  # write a table of sample completions every N updates (0: never)
     num_sample_rows: int = 4  # completions per sample table
@@ -585,6 +586,8 @@ class PPOTrainer:
                 store_frozen_weights_in(module, self.dtype)
                 if self.device.type == "cpu":
                     use_eager_attention(module)
+                if cfg.torch_compile:
+                    models.compile_blocks(module)  # one compiled graph per mode, shared by every block
         reward_head = getattr(reward_fn, "head", None)
         if reward_head is not None:
             reward_head.to(self.device)

@@ -78,6 +78,8 @@ class RewardModelConfig(CommonConfig):
     gradient_accumulation_steps: int = 1  # steps whose gradients are summed before one optimiser update
     per_device_eval_batch_size: int = 16  # pairs per scoring batch in evaluation
     num_train_epochs: float = 1.0  # passes over the training pairs
+    torch_compile: bool = False  # torch.compile each transformer block (one graph for all): ~1.4x faster training on CPU after ~30 s of compiling
+    group_by_length: bool = True  # batch pairs of similar length (transformers' LengthGroupedSampler): less padding, ~10 % faster on the default pairs
     max_grad_norm: float = 1.0  # gradient clipping
     max_length: int = 1024  # pairs whose prompt+response is longer than this many tokens are dropped (counted in the summary)
     center_rewards_coefficient: float | None = None  # TRL's mean-zero reward penalty (Eisenstein et al. 2023, Eq. 2), e.g. 0.01; None: off
@@ -215,6 +217,8 @@ def _pairs_dataset(rows: Sequence[dict[str, Any]], margins: list[float] | None =
     }
     if margins is not None:
         columns["margin"] = margins
+    # the padded width of a pair's two sequences, for length-grouped batches (group_by_length)
+    columns["length"] = [max(len(c), len(r)) for c, r in zip(columns["chosen_ids"], columns["rejected_ids"])]
     return Dataset.from_dict(columns)
 
 
@@ -366,11 +370,27 @@ def _reward_config(cfg: RewardModelConfig, device: torch.device, dtype: torch.dt
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=0,
+        # random megabatches of 50 steps, sorted by length inside: the collator pads to the longest of a batch
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        length_column_name="length",
+        remove_unused_columns=False,  # keep "length" for the sampler; TRL's collator reads only its own columns
     )
 
 
 # ----------------------------------------------------------------------------
 # training
+
+
+def _text_progress_in_headless_runs(trainer) -> None:
+    """In a `make pipeline` kernel, swap Trainer's HTML notebook progress table for a text bar the console shows."""
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    from . import text_progress
+
+    if text_progress() and any(isinstance(cb, NotebookProgressCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(NotebookProgressCallback)
+        trainer.add_callback(ProgressCallback)
 
 
 def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
@@ -393,6 +413,8 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
         eval_ds = _pairs_dataset(eval_rows, _margins(eval_rows, eval_path) if cfg.use_margin else None)
 
     model = _build_model(cfg, tokenizer, device)
+    if cfg.torch_compile:
+        models.compile_blocks(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("reward model %s: %s trainable parameters (%s), %s, %s", cfg.rm_base, f"{n_trainable:,}",
                 "LoRA" if cfg.use_lora else "full", device, dtype)
@@ -405,6 +427,7 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
             model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
             optimizers=(_optimizer(cfg, model), None),  # the scheduler is built by Trainer over both groups
         )
+        _text_progress_in_headless_runs(trainer)
         n_used = len(trainer.train_dataset)
         if n_used == 0:
             raise ValueError(f"every training pair is longer than max_length={cfg.max_length}; raise max_length")
@@ -415,6 +438,7 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     _check_training_log(log_history)
 
     trained = trainer.model
+    models.uncompile_blocks(trained)  # evaluation is a few no-grad batches: not worth another compile
     if cfg.use_lora:
         trained = trained.merge_and_unload()  # a plain HF classifier: PPO and evaluation need no peft
     trained.eval()

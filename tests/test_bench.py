@@ -49,25 +49,27 @@ def test_parse_result_prefers_the_marker_line_over_other_json():
 
 
 def test_ratios_vs_measured_trl_and_published_figures():
-    ours = {"name": "ours-lora-bf16", "kind": "ppo", "episodes_per_s": 1.2, "peak_rss_gib": 3.0}
-    rep = bench.add_ratios(_report({"ours-lora-bf16": ours}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5}))
+    REF = bench.REFERENCE_CONFIG  # the default profile's PPO configuration
+    assert REF in bench.PPO_CONFIGS
+    ours = {"name": REF, "kind": "ppo", "episodes_per_s": 1.2, "peak_rss_gib": 3.0}
+    rep = bench.add_ratios(_report({REF: ours}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5}))
     assert rep["episodes_per_s_ratio_vs_trl"] == pytest.approx(4.0)
     assert rep["peak_rss_ratio_vs_trl"] == pytest.approx(0.4)
     assert rep["episodes_per_s_ratio_vs_published_trl"] == pytest.approx(1.2 / bench.PUBLISHED_TRL["episodes_per_s"])
-    assert rep["configs"]["ours-lora-bf16"]["episodes_per_s_vs_trl"] == pytest.approx(4.0)
+    assert rep["configs"][REF]["episodes_per_s_vs_trl"] == pytest.approx(4.0)
 
-    no_trl = bench.add_ratios(_report({"ours-lora-bf16": dict(ours)}))
+    no_trl = bench.add_ratios(_report({REF: dict(ours)}))
     assert no_trl["episodes_per_s_ratio_vs_trl"] is None and no_trl["peak_rss_ratio_vs_trl"] is None
     assert no_trl["peak_rss_ratio_vs_published_trl"] == pytest.approx(3.0 / bench.PUBLISHED_TRL["peak_rss_gib"])
-    failed = bench.add_ratios(_report({"ours-lora-bf16": dict(ours)}, trl={"error": "exit status 1"}))
+    failed = bench.add_ratios(_report({REF: dict(ours)}, trl={"error": "exit status 1"}))
     assert failed["episodes_per_s_ratio_vs_trl"] is None
-    other = bench.add_ratios(_report({"ours-lora-bf16": dict(ours)}, model="tiny:llama"))
+    other = bench.add_ratios(_report({REF: dict(ours)}, model="tiny:llama"))
     assert other["episodes_per_s_ratio_vs_published_trl"] is None  # published figures describe another workload
 
 
 def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
     configs = {
-        "ours-lora-bf16": {"name": "ours-lora-bf16", "kind": "ppo", "episodes_per_s": 1.234, "s_per_update": 6.5,
+        bench.REFERENCE_CONFIG: {"name": bench.REFERENCE_CONFIG, "kind": "ppo", "episodes_per_s": 1.234, "s_per_update": 6.5,
                            "generation_s": 2.0, "forward_s": 1.0, "optimization_s": 3.5, "tokens_per_s": 150.0,
                            "peak_rss_gib": 2.5},
         "ours-full-fp32": {"name": "ours-full-fp32", "kind": "ppo", "error": "exit status 1"},
@@ -77,7 +79,7 @@ def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
     table = bench.format_table(bench.add_ratios(_report(configs)))
     lines = table.splitlines()
     assert lines[0].startswith("| config | ep/s |")
-    assert any(ln.startswith("| ours-lora-bf16 | 1.234 | 6.5 |") for ln in lines)
+    assert any(ln.startswith(f"| {bench.REFERENCE_CONFIG} | 1.234 | 6.5 |") for ln in lines)
     assert any("ours-full-fp32" in ln and "failed" in ln for ln in lines)
     assert "3.21 pairs/s" in table
     assert "not measured in this run" in table and "PUBLISHED" in table

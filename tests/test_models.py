@@ -87,3 +87,41 @@ def test_interrupted_build_leaves_no_complete_looking_folder(tmp_path, monkeypat
         models._atomic_build(tmp_path / "m", boom)
     assert not (tmp_path / "m").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
+def test_compile_blocks_same_outputs_and_grads_generation_stays_eager(ref):
+    """torch.compile per block: same logits and gradients as eager, one graph for all blocks, decoding untouched."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    tokenizer = models.load_tokenizer(ref)
+    model = models.load_causal_lm(ref, tokenizer)
+    ids = torch.randint(5, 200, (2, 11))
+
+    def loss_and_grads(n_tokens: int):
+        model.zero_grad()
+        logits = model(input_ids=ids[:, :n_tokens], use_cache=False).logits
+        logits.float().logsumexp(-1).mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_logits, eager_grads = loss_and_grads(11)
+    assert models.compile_blocks(model) == len(models.transformer_blocks(model)) >= 2
+    for n_tokens in (11, 7):  # a new length must not need a new graph (dynamic shapes)
+        logits, grads = loss_and_grads(n_tokens)
+    torch.testing.assert_close(logits, eager_logits[:, :7], atol=1e-4, rtol=1e-4)  # causal: a prefix's logits
+    logits, grads = loss_and_grads(11)
+    torch.testing.assert_close(logits, eager_logits, atol=1e-4, rtol=1e-4)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # every block, both lengths: one graph
+    with torch.no_grad():  # generation passes a KV cache: eager path, same tokens as the eager model
+        out = model.generate(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    models.uncompile_blocks(model)
+    assert all("forward" not in vars(b) for b in models.transformer_blocks(model))
+    with torch.no_grad():
+        again = model.generate(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(out, again)
+    assert counters["stats"]["unique_graphs"] == 1, "generation must not have compiled anything"

@@ -67,6 +67,11 @@ def test_smoke_pipeline_end_to_end(tmp_path, outputs, model):
     assert summary["eval"]["n_eval_prompts"] > 0
     assert summary["eval"]["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself
     assert list((root / "plots").glob("*.png"))
+    # headless runs show text progress bars (console + executed notebook), not dead widgets
+    ppo_nb = json.loads((root / "notebooks" / pipeline.NOTEBOOKS["ppo"]).read_text())
+    outputs_ = [o for c in ppo_nb["cells"] for o in c.get("outputs", [])]
+    assert not [o for o in outputs_ if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert any("PPO: 100%" in "".join(o.get("text", "")) for o in outputs_)
 
 
 def test_injected_parameters_are_complete_so_notebook_smoke_defaults_never_leak(tmp_path, outputs):

@@ -18,6 +18,8 @@ from rlhf_lib.reward import (
     RewardModelConfig,
     TokenizerMismatchError,
     _build_model,
+    _pairs_dataset,
+    _reward_config,
     _save_model,
     baseline_accuracy,
     bt_loss,
@@ -288,6 +290,35 @@ def test_num_hidden_layers_keeps_the_bottom_blocks(tok):
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, full.model.layers[0].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="num_hidden_layers"):
         _build_model(RewardModelConfig(model="tiny:llama", num_hidden_layers=5), tok, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_group_by_length_pads_less_and_keeps_every_pair(tmp_path, tok, group_by_length):
+    """RewardTrainer's own dataloader: every pair once per epoch; length grouping cuts the padded tokens."""
+    from trl import RewardTrainer
+
+    rows = make_pairs(tok, 96, seed=3)
+    rng = random.Random(0)
+    for r in rows:  # widely varying lengths, as real responses (some cut at the limit, some short)
+        extra = rng.randint(0, 80)
+        r["chosen_ids"], r["rejected_ids"] = r["chosen_ids"] + [5] * extra, r["rejected_ids"] + [6] * (extra + rng.randint(0, 4))
+    cfg = RewardModelConfig(model="tiny:llama", use_lora=False, group_by_length=group_by_length)
+    args = _reward_config(cfg, torch.device("cpu"), torch.float32, str(tmp_path), has_eval=False)
+    model = models.load_sequence_classifier("tiny:llama", tok)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=_pairs_dataset(rows), processing_class=tok)
+    padded, real, seen = 0, 0, []
+    for batch in trainer.get_train_dataloader():
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (2b, L): chosen rows then rejected rows
+        padded, real = padded + ids.numel(), real + int(mask.sum())
+        half = ids.shape[0] // 2
+        seen += [tuple(ids[i][mask[i].bool()].tolist()) for i in range(half)]
+    expected = sorted(tuple(r["prompt_ids"] + r["chosen_ids"]) for r in rows)
+    assert sorted(seen) == expected  # each pair exactly once, chosen rows intact
+    efficiency = real / padded
+    if group_by_length:
+        assert efficiency > 0.8, efficiency
+    else:
+        assert efficiency < 0.75, efficiency  # the random order the grouping improves on
 
 
 # ----------------------------------------------------------------------------
