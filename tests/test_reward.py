@@ -321,6 +321,27 @@ def test_group_by_length_pads_less_and_keeps_every_pair(tmp_path, tok, group_by_
         assert efficiency < 0.75, efficiency  # the random order the grouping improves on
 
 
+@pytest.mark.parametrize("headless", [False, True])
+def test_headless_runs_swap_the_notebook_progress_table_for_a_text_bar(tmp_path, tok, monkeypatch, headless):
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.utils.notebook import NotebookProgressCallback
+    from trl import RewardTrainer
+
+    import rlhf_lib
+    from rlhf_lib.reward import _text_progress_in_headless_runs
+
+    monkeypatch.setenv(rlhf_lib.TEXT_PROGRESS_ENV, "1" if headless else "0")
+    args = _reward_config(RewardModelConfig(model="tiny:llama"), torch.device("cpu"), torch.float32, str(tmp_path),
+                          has_eval=False)
+    trainer = RewardTrainer(model=models.load_sequence_classifier("tiny:llama", tok), args=args,
+                            train_dataset=_pairs_dataset(make_pairs(tok, 4, seed=0)), processing_class=tok)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(NotebookProgressCallback)  # what Trainer picks inside a Jupyter kernel
+    _text_progress_in_headless_runs(trainer)
+    kinds = {type(cb) for cb in trainer.callback_handler.callbacks}
+    assert (ProgressCallback in kinds) == headless and (NotebookProgressCallback in kinds) != headless
+
+
 # ----------------------------------------------------------------------------
 # defect 1: the trained model is the one saved and handed on
 
