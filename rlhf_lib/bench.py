@@ -255,8 +255,8 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     from . import models, ppo, runtime
     from .metrics import read_jsonl
 
-    use_lora, dtype, compile_blocks = PPO_CONFIGS[name]
-    compile_blocks = compile_blocks or spec.compile
+    use_lora, dtype, config_compiles = PPO_CONFIGS[name]
+    use_compile = config_compiles or spec.compile
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
     tokenizer = models.load_tokenizer(spec.model)
@@ -267,7 +267,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
                         batch_size=spec.batch_size, response_length=spec.response_length,
                         num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
                         temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
-                        torch_compile=compile_blocks, **overrides)
+                        torch_compile=use_compile, **overrides)
     built = ppo.build_models(cfg, tokenizer, spec.model, None)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
         trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
@@ -276,10 +276,9 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
         rows = read_jsonl(Path(scratch) / "ppo" / "metrics.jsonl")
     out = summarize_updates(rows, spec.warmup, spec.batch_size)
     out.update({
-        "name": name + ("+compile" if spec.compile and not PPO_CONFIGS[name][2] else ""), "kind": "ppo",
-        "use_lora": use_lora,
+        "name": name + ("+compile" if use_compile and not config_compiles else ""), "kind": "ppo", "use_lora": use_lora,
         "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
-        "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": compile_blocks,
+        "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": use_compile,
         "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
         "trainable_parameters": sum(p.numel() for p in trainer.trainable),
         "updates": [{k: r[k] for k in ("update", "time/update", "time/generation", "time/forward",
@@ -332,8 +331,6 @@ def run_reward_config(name: str, spec: BenchSpec) -> dict[str, Any]:
             ends.append(time.perf_counter())
 
     model = reward._build_model(cfg, tokenizer, device)
-    if cfg.torch_compile:
-        models.compile_blocks(model)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-rm-") as scratch:
         args = reward._reward_config(cfg, device, dtype, scratch, has_eval=False)
         trainer = RewardTrainer(model=model, args=args, train_dataset=reward._pairs_dataset(rows),

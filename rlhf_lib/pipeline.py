@@ -63,7 +63,6 @@ def execute(params_path: str, run: str | None = None, stages: Sequence[str] = ST
     """Execute the planned notebooks; returns the run folder. Stops at the first failing stage."""
     todo = plan(params_path, run, stages, overrides, overwrite, skip_done)
     root = repo_root()
-    out_root = None
     previous = os.environ.get(TEXT_PROGRESS_ENV)
     os.environ[TEXT_PROGRESS_ENV] = "1"  # kernels inherit it: text progress bars (rlhf_lib/__init__.py)
     try:

@@ -247,7 +247,7 @@ def check_same_tokenizer(rm_tokenizer: PreTrainedTokenizerBase, policy_tokenizer
 
 
 def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
-    """Sequence classifier (num_labels=1) from cfg.rm_base, dropout off, optional zero head, optional LoRA."""
+    """Sequence classifier (num_labels=1) from cfg.rm_base, dropout off, optional zero head, LoRA, torch.compile."""
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     with suppress_seqcls_warning():  # TRL's filter for the expected "score.weight missing / lm_head unexpected" report
@@ -282,6 +282,8 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
                              for p in m.parameters()}
         for name, param in model.named_parameters():
             param.requires_grad = not (id(param) in frozen_embeddings or any(k in name for k in frozen))
+    if cfg.torch_compile:
+        models.compile_blocks(model)  # train_reward_model undoes it before the short evaluation
     return model
 
 
@@ -413,8 +415,6 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
         eval_ds = _pairs_dataset(eval_rows, _margins(eval_rows, eval_path) if cfg.use_margin else None)
 
     model = _build_model(cfg, tokenizer, device)
-    if cfg.torch_compile:
-        models.compile_blocks(model)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("reward model %s: %s trainable parameters (%s), %s, %s", cfg.rm_base, f"{n_trainable:,}",
                 "LoRA" if cfg.use_lora else "full", device, dtype)

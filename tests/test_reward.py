@@ -346,10 +346,11 @@ def test_headless_runs_swap_the_notebook_progress_table_for_a_text_bar(tmp_path,
 # defect 1: the trained model is the one saved and handed on
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-def test_saved_model_is_the_trained_one(tmp_path, tok, use_lora):
+@pytest.mark.parametrize("use_lora,torch_compile", [(False, False), (True, False), (True, True)])
+def test_saved_model_is_the_trained_one(tmp_path, tok, use_lora, torch_compile):
     lr = dict(learning_rate=5e-3) if use_lora else {}
-    cfg, run = make_run(tmp_path, tok, n_train=32, n_eval=8, num_train_epochs=1.0, use_lora=use_lora, **lr)
+    cfg, run = make_run(tmp_path, tok, n_train=32, n_eval=8, num_train_epochs=1.0, use_lora=use_lora,
+                        torch_compile=torch_compile, **lr)
     initial = models.load_sequence_classifier(cfg.model, tok).state_dict()
     trained = train_reward_model(cfg, run)
     assert trained.n_train_pairs == 32 and trained.seconds > 0 and trained.pairs_per_s > 0
@@ -370,6 +371,7 @@ def test_saved_model_is_the_trained_one(tmp_path, tok, use_lora):
     np.testing.assert_allclose(reloaded[1], in_memory[1], atol=1e-5)
     assert np.std(np.concatenate(reloaded)) > 1e-3
     assert not list(run.reward_model_dir.glob("checkpoint-*"))  # no checkpoint clutter
+    assert all("forward" not in vars(b) for b in models.transformer_blocks(trained.model))  # eager again
 
 
 def test_untrained_model_fails_evaluation(tmp_path, tok):
