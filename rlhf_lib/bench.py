@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .runs import repo_root
+
 RESULT_MARKER = "BENCH_RESULT "
 DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-full-fp32", "rm", "rm-compile")
 REFERENCE_CONFIG = "ours-lora-bf16-compile"  # the configuration the *_ratio_vs_trl keys compare (= params/default.yaml's PPO)
@@ -377,7 +379,7 @@ def run_subprocess(cmd: list[str], threads: int, log_path: Path, timeout: float)
     start = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=child_env(threads), cwd=_repo_root())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=child_env(threads), cwd=repo_root())
         while True:  # os.wait4: this child's rusage (peak RSS of this configuration alone)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -400,12 +402,6 @@ def run_subprocess(cmd: list[str], threads: int, log_path: Path, timeout: float)
         return {**parse_result(stdout), **meta}
     except ValueError as exc:
         return {"error": str(exc), **meta}
-
-
-def _repo_root() -> Path:
-    from .runs import repo_root
-
-    return repo_root()
 
 
 def trl_python(env_dir: Path) -> Path:
@@ -437,7 +433,7 @@ def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float) -> di
     tokenizer = models.load_tokenizer(spec.model)
     prompts_file = out_dir / "trl_prompts.json"
     prompts_file.write_text(json.dumps(bench_prompts(tokenizer)))
-    cmd = [str(python), str(_repo_root() / "scripts" / "bench_trl112.py"),
+    cmd = [str(python), str(repo_root() / "scripts" / "bench_trl112.py"),
            "--model-dir", models.resolve_model_ref(spec.model), "--prompts", str(prompts_file),
            "--pad-token", tokenizer.pad_token, "--batch-size", str(spec.batch_size),
            "--response-length", str(spec.response_length), "--num-ppo-epochs", str(spec.num_ppo_epochs),
@@ -521,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     spec = BenchSpec(model=args.model, batch_size=args.batch_size, response_length=args.response_length,
                      num_ppo_epochs=args.num_ppo_epochs, warmup=args.warmup, updates=args.updates,
                      threads=args.threads, device=args.device, compile=args.compile)
-    root = _repo_root()
+    root = repo_root()
     out_dir = Path(args.out) if Path(args.out).is_absolute() else root / args.out
     trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env
     report = run_benchmark(configs, spec, out_dir, args.trl, trl_env, args.timeout)

@@ -207,12 +207,27 @@ def load_causal_lm(ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.d
 
 
 def load_sequence_classifier(
-    ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu"
+    ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu", num_hidden_layers: int = 0
 ) -> PreTrainedModel:
-    """A scalar-output model (num_labels=1) for reward or value modelling, dropout off, matched to ``tokenizer``."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_ref(ref), num_labels=1, dtype=torch.float32
-    )
+    """A scalar-output model (num_labels=1) for reward or value modelling, dropout off, matched to ``tokenizer``.
+
+    ``num_hidden_layers`` > 0 keeps only the bottom N transformer blocks (the upper ones are not loaded).
+    """
+    import transformers
+
+    path, extra = resolve_model_ref(ref), {}
+    if num_hidden_layers:
+        total = AutoConfig.from_pretrained(path).get_text_config().num_hidden_layers
+        if num_hidden_layers > total:
+            raise ValueError(f"num_hidden_layers={num_hidden_layers} but {ref} has {total} layers")
+        extra["num_hidden_layers"] = num_hidden_layers
+    verbosity = transformers.logging.get_verbosity()
+    if num_hidden_layers:
+        transformers.logging.set_verbosity_error()  # the dropped upper blocks are reported as unexpected keys: intended
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32, **extra)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
     return disable_dropout(match_tokenizer(model, tokenizer)).to(device)
 
 

@@ -251,10 +251,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     with suppress_seqcls_warning():  # TRL's filter for the expected "score.weight missing / lm_head unexpected" report
-        if cfg.num_hidden_layers:
-            model = _load_truncated(cfg.rm_base, cfg.num_hidden_layers, tokenizer, device)
-        else:
-            model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device)
+        model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device, cfg.num_hidden_layers)
     head = _score_head(model)
     if cfg.zero_init_head:
         torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (MEASUREMENTS.md: a random head stays at chance)
@@ -276,32 +273,14 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         model = get_peft_model(model, peft_config)
     elif top is not None:
         # freeze the embeddings and the lower blocks; the top blocks, final norm and head train
-        block = ".layers.{}." if hasattr(_backbone(model), "layers") else ".h.{}."
-        frozen = tuple(block.format(i) for i in range(n_layers - cfg.trainable_top_layers))
-        frozen_embeddings = {id(p) for m in _backbone(model).modules() if isinstance(m, torch.nn.Embedding)
-                             for p in m.parameters()}
-        for name, param in model.named_parameters():
-            param.requires_grad = not (id(param) in frozen_embeddings or any(k in name for k in frozen))
+        lower = models.transformer_blocks(model)[: n_layers - cfg.trainable_top_layers]
+        embeddings = [m for m in _backbone(model).modules() if isinstance(m, torch.nn.Embedding)]
+        frozen = {id(p) for m in (*lower, *embeddings) for p in m.parameters()}
+        for param in model.parameters():
+            param.requires_grad = id(param) not in frozen
     if cfg.torch_compile:
         models.compile_blocks(model)  # train_reward_model undoes it before the short evaluation
     return model
-
-
-def _load_truncated(ref: str, n_layers: int, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
-    """Sequence classifier made of the bottom ``n_layers`` blocks of ``ref`` (the upper blocks are not loaded)."""
-    import transformers
-
-    total = models.model_config(ref).get_text_config().num_hidden_layers
-    if n_layers > total:
-        raise ValueError(f"num_hidden_layers={n_layers} but {ref} has {total} layers")
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the dropped upper blocks are reported as unexpected keys: intended
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            models.resolve_model_ref(ref), num_labels=1, num_hidden_layers=n_layers, dtype=torch.float32)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    return models.disable_dropout(models.match_tokenizer(model, tokenizer)).to(device)
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
