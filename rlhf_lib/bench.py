@@ -9,6 +9,7 @@ warm-up updates are excluded from the figures.
     python -m rlhf_lib.bench                         # our configurations, ratios vs TRL's published figures
     python -m rlhf_lib.bench --trl                   # also TRL 1.12 in .venv-trl112 (created on first use)
     python -m rlhf_lib.bench --configs ours-lora-bf16 --updates 5 --warmup 2 --threads 1
+    python -m rlhf_lib.bench --trl --omp-wait-policy PASSIVE   # threads sleep between ops (shared machines)
 
 Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
 reward = the adapter-off bases, bf16 autocast; the ratios use it), ``ours-full-fp32`` (TRL's algorithmic content:
@@ -35,15 +36,18 @@ from typing import Any, Sequence
 from .runs import repo_root
 
 RESULT_MARKER = "BENCH_RESULT "
-DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-full-fp32", "rm", "rm-compile")
-REFERENCE_CONFIG = "ours-lora-bf16-compile"  # the configuration the *_ratio_vs_trl keys compare (= params/default.yaml's PPO)
-# name -> (use_lora, dtype, torch_compile); dtype is passed to runtime.pick_dtype (bf16 autocast: CPU and CUDA)
+DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-lora-bf16-compile-all", "ours-full-fp32", "rm",
+                   "rm-compile")
+REFERENCE_CONFIG = "ours-lora-bf16-compile-all"  # the configuration the *_ratio_vs_trl keys compare (= params/default.yaml's PPO)
+# name -> (use_lora, dtype, torch_compile, compile_generation); dtype is passed to runtime.pick_dtype (bf16
+# autocast: CPU and CUDA)
 PPO_CONFIGS = {
-    "ours-lora-bf16": (True, "bfloat16", False),
-    "ours-lora-bf16-compile": (True, "bfloat16", True),
-    "ours-full-fp32": (False, "float32", False),
-    "ours-full-bf16": (False, "bfloat16", False),
-    "ours-lora-fp32": (True, "float32", False),
+    "ours-lora-bf16": (True, "bfloat16", False, False),
+    "ours-lora-bf16-compile": (True, "bfloat16", True, False),
+    "ours-lora-bf16-compile-all": (True, "bfloat16", True, True),
+    "ours-full-fp32": (False, "float32", False, False),
+    "ours-full-bf16": (False, "bfloat16", False, False),
+    "ours-lora-fp32": (True, "float32", False, False),
 }
 RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
 KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
@@ -71,10 +75,13 @@ DIFFERENCES = {
     "ours-lora-fp32": "LoRA as ours-lora-bf16, fp32 as TRL.",
     "ours-lora-bf16-compile": "ours-lora-bf16 with each transformer block torch.compile'd (ppo.torch_compile; one "
                               "graph per mode shared by all blocks; compiling happens in the warm-up updates).",
+    "ours-lora-bf16-compile-all": "ours-lora-bf16-compile, and the decode step torch.compile'd over a static KV "
+                                  "cache (ppo.compile_generation; compiled in the first warm-up update).",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
                 "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
-                "full-sequence forwards on CPU. Pad token <|endoftext|> (distinct from EOS) on both sides.",
+                "full-sequence forwards on CPU; our own decode loop (one uniform draw per row instead of torch.multinomial's one per "
+                "vocabulary entry, no generate() bookkeeping). Pad token <|endoftext|> (distinct from EOS) on both sides.",
 }
 
 
@@ -91,6 +98,7 @@ class BenchSpec:
     warmup: int = 2
     updates: int = 3
     threads: int = 2
+    omp_wait_policy: str = "ACTIVE"  # OpenMP threads between parallel regions: ACTIVE spin (idle machine), PASSIVE sleep
     seed: int = 0
     device: str = "auto"
     compile: bool = False
@@ -257,7 +265,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     from . import models, ppo, runtime
     from .metrics import read_jsonl
 
-    use_lora, dtype, config_compiles = PPO_CONFIGS[name]
+    use_lora, dtype, config_compiles, compile_generation = PPO_CONFIGS[name]
     use_compile = config_compiles or spec.compile
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
@@ -269,7 +277,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
                         batch_size=spec.batch_size, response_length=spec.response_length,
                         num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
                         temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
-                        torch_compile=use_compile, **overrides)
+                        torch_compile=use_compile, compile_generation=compile_generation, **overrides)
     built = ppo.build_models(cfg, tokenizer, spec.model, None)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
         trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
@@ -281,6 +289,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
         "name": name + ("+compile" if use_compile and not config_compiles else ""), "kind": "ppo", "use_lora": use_lora,
         "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
         "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": use_compile,
+        "compile_generation": compile_generation,
         "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
         "trainable_parameters": sum(p.numel() for p in trainer.trainable),
         "updates": [{k: r[k] for k in ("update", "time/update", "time/generation", "time/forward",
@@ -364,22 +373,29 @@ def worker_main(name: str, spec: BenchSpec) -> None:
 # the driver
 
 
-def child_env(threads: int) -> dict[str, str]:
-    """Environment of a measured subprocess: thread count and passive OpenMP waits (shared MEASUREMENTS: threads)."""
+def child_env(threads: int, omp_wait_policy: str) -> dict[str, str]:
+    """Environment of a measured subprocess (TRL's too): thread count and OpenMP wait policy.
+
+    Decoding a batch of 8 runs thousands of tiny parallel regions per step; with PASSIVE waits the second thread
+    sleeps between them and is woken by the kernel each time (decode step 116 ms vs 68 ms with ACTIVE on the idle
+    2-core CPU). ACTIVE busy-waits instead, which is right on an idle machine and costs ~2x when another process
+    wants the same cores -- hence PASSIVE for `make pipeline` / `make test` on shared machines.
+    """
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
+    env.pop("GOMP_SPINCOUNT", None)  # the policy alone decides how long idle threads spin
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": omp_wait_policy,
                 "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
                 "PYTHONUNBUFFERED": "1"})
     return env
 
 
-def run_subprocess(cmd: list[str], threads: int, log_path: Path, timeout: float) -> dict[str, Any]:
+def run_subprocess(cmd: list[str], spec: BenchSpec, log_path: Path, timeout: float) -> dict[str, Any]:
     """Run `cmd`, stdout to `log_path`, stderr through; returns the result plus the child's own peak RSS."""
     load_before = os.getloadavg()
     start = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=child_env(threads), cwd=repo_root())
+        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=child_env(spec.threads, spec.omp_wait_policy), cwd=repo_root())
         while True:  # os.wait4: this child's rusage (peak RSS of this configuration alone)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -441,7 +457,7 @@ def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float) -> di
            "--learning-rate", str(FULL_FT_LR), "--warmup", str(spec.warmup), "--updates", str(spec.updates),
            "--threads", str(spec.threads), "--seed", str(spec.seed), "--device", spec.device]
     print(f"\n== {TRL_CONFIG_NAME} ({python})", flush=True)
-    result = run_subprocess(cmd, spec.threads, out_dir / "logs" / f"{TRL_CONFIG_NAME}.log", timeout)
+    result = run_subprocess(cmd, spec, out_dir / "logs" / f"{TRL_CONFIG_NAME}.log", timeout)
     result.setdefault("name", TRL_CONFIG_NAME)
     return result
 
@@ -458,7 +474,7 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "rlhf_lib.bench", *sys.argv[1:]]),
         "device": runtime.describe_device(device) | {"torch_threads": spec.threads},
-        "threads": spec.threads, "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "threads": spec.threads, "omp_wait_policy": spec.omp_wait_policy, "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "workload": {k: v for k, v in asdict(spec).items() if k != "extra"} | {
             "models": "policy + reference + reward + value from the same checkpoint; reward/value score head is a "
                       "random initialisation (from_pretrained num_labels=1)",
@@ -470,7 +486,7 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
     for name in configs:
         print(f"\n== {name}", flush=True)
         cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", name, "--spec", spec_json]
-        result = run_subprocess(cmd, spec.threads, out_dir / "logs" / f"{name}.log", timeout)
+        result = run_subprocess(cmd, spec, out_dir / "logs" / f"{name}.log", timeout)
         result.setdefault("name", name)
         result.setdefault("kind", "reward_model" if name in RM_CONFIGS else "ppo")
         report["configs"][name] = result
@@ -487,6 +503,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--updates", type=int, default=3, help="timed PPO updates (and timed RM steps) per configuration")
     p.add_argument("--warmup", type=int, default=2, help="warm-up updates run first and excluded from the figures")
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every measured process")
+    p.add_argument("--omp-wait-policy", default=BenchSpec.omp_wait_policy, choices=("ACTIVE", "PASSIVE"),
+                   help="OMP_WAIT_POLICY of every measured process, TRL's too: ACTIVE (spinning threads, for an idle "
+                        "machine) or PASSIVE (sleeping threads, safe when other jobs share the cores)")
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {', '.join(KNOWN_CONFIGS)}")
     p.add_argument("--trl", action="store_true", help=f"also run TRL 1.12's PPOTrainer in {TRL_ENV} (created once)")
     p.add_argument("--trl-env", default=TRL_ENV, help="folder of the TRL 1.12 virtualenv")
@@ -516,7 +535,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit("--updates must be >= 1, --warmup >= 0, --threads >= 1")
     spec = BenchSpec(model=args.model, batch_size=args.batch_size, response_length=args.response_length,
                      num_ppo_epochs=args.num_ppo_epochs, warmup=args.warmup, updates=args.updates,
-                     threads=args.threads, device=args.device, compile=args.compile)
+                     threads=args.threads, omp_wait_policy=args.omp_wait_policy, device=args.device,
+                     compile=args.compile)
     root = repo_root()
     out_dir = Path(args.out) if Path(args.out).is_absolute() else root / args.out
     trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env

@@ -85,6 +85,15 @@ def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
     assert "not measured in this run" in table and "PUBLISHED" in table
 
 
+def test_child_env_sets_threads_and_wait_policy_and_drops_spin_count(monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    env = bench.child_env(3, "ACTIVE")
+    assert env["OMP_WAIT_POLICY"] == "ACTIVE" and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    assert "GOMP_SPINCOUNT" not in env  # the policy alone decides, the same for TRL and ours
+    assert bench.parse_args([]).omp_wait_policy == bench.BenchSpec.omp_wait_policy == "ACTIVE"
+
+
 def test_parse_configs_rejects_unknown_names():
     assert bench.parse_configs("ours-lora-bf16, rm") == ["ours-lora-bf16", "rm"]
     with pytest.raises(ValueError, match="choose from"):
@@ -104,7 +113,8 @@ def test_synthetic_pairs_have_realistic_length_and_no_pad():
 @pytest.mark.slow
 def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     report = bench.main(["--model", "tiny:llama", "--configs", "ours-lora-bf16,rm", "--updates", "1", "--warmup", "1",
-                         "--threads", "1", "--response-length", "6", "--out", str(tmp_path)])
+                         "--threads", "1", "--response-length", "6", "--out", str(tmp_path),
+                         "--omp-wait-policy", "PASSIVE"])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["configs"].keys() == report["configs"].keys() == {"ours-lora-bf16", "rm"}
     ours = saved["configs"]["ours-lora-bf16"]
@@ -119,5 +129,6 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     for key in ("episodes_per_s_ratio_vs_trl", "peak_rss_ratio_vs_trl"):
         assert key in saved and saved[key] is None  # TRL not run
     assert saved["device"]["type"] in ("cpu", "cuda") and saved["threads"] == 1
+    assert saved["omp_wait_policy"] == saved["workload"]["omp_wait_policy"] == "PASSIVE"
     assert "differences" in saved and "load_average_start" in saved
     assert "| ours-lora-bf16 |" in capsys.readouterr().out

@@ -178,15 +178,27 @@ def test_fused_logprobs_match_ppo_core_values_and_gradients(dtype):
     assert not ent.requires_grad
 
 
-def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path):
-    """Processed scores equal raw logits / T: no top-k / top-p / repetition processors touch the distribution."""
+def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path, monkeypatch):
+    """The rollout samples from raw logits / T: no top-k / top-p / repetition processing of the distribution."""
+    from rlhf_lib import generation
+
     trainer = make_trainer(tiny_cfg(temperature=0.7), tokenizer, prompts, tmp_path, token_count_reward(0))
+    draws: list[tuple[torch.Tensor, float]] = []
+    real = generation.sample_from_logits
+    monkeypatch.setattr(generation, "sample_from_logits",
+                        lambda logits, t, g=None: draws.append((logits.float().clone(), t)) or real(logits, t, g))
     ids, mask = ppo.left_pad(prompts[:4], tokenizer.pad_token_id, trainer.device)
-    out = trainer._unwrapped_policy().generate(input_ids=ids, attention_mask=mask,
-                                               generation_config=trainer.generation_config, output_scores=True,
-                                               output_logits=True, return_dict_in_generate=True)
-    for scores, logits in zip(out.scores, out.logits):
-        torch.testing.assert_close(scores, logits / 0.7)
+    responses, steps = trainer._generate(ids, mask)
+    assert responses.shape == (4, trainer.cfg.response_length) and len(draws) == steps
+    assert all(t == 0.7 for _, t in draws)
+    # the logits sampled from are the policy's own (teacher-forced forward over the same tokens)
+    full = torch.cat([ids, responses[:, :steps]], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(responses[:, :steps])], dim=1)
+    with torch.no_grad():
+        logits = trainer._unwrapped_policy()(input_ids=full, attention_mask=full_mask,
+                                             position_ids=ppo.position_ids_from_mask(full_mask)).logits
+    torch.testing.assert_close(torch.stack([d for d, _ in draws], 1), logits[:, ids.shape[1] - 1:-1].float(),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_stream_is_reproducible_and_covers_every_prompt():
