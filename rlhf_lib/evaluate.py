@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import models, runtime
+from . import generation, models, runtime
 from .config import CommonConfig, ConfigError, validate
 from .ppo_core import logprobs_from_logits, truncate_after_eos
 from .runs import Run, read_json, write_json_atomic
@@ -257,17 +257,6 @@ def generation_settings(cfg: EvalConfig, run: Run) -> GenerationSettings:
     )
 
 
-def _generation_config(tokenizer, settings: GenerationSettings):
-    """Pure sampling from softmax(logits / T): no top-k/top-p, so the KL estimate matches what was sampled."""
-    from transformers import GenerationConfig
-
-    # TRL PPOTrainer: top_k=0, top_p=1.0, do_sample=True; HF's default top_k=50 would truncate the distribution
-    return GenerationConfig(
-        max_new_tokens=settings.response_length, do_sample=True, temperature=settings.temperature, top_k=0,
-        top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-
-
 def _forward_kwargs(model: torch.nn.Module) -> set[str]:
     import inspect
 
@@ -336,8 +325,10 @@ def sample_policy(
     from tqdm.auto import tqdm
 
     runtime.seed_everything(settings.seed)  # same seed for every policy: same random stream, paired samples
-    gen_config = _generation_config(tokenizer, settings)
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    # pure sampling from softmax(logits / T), no top-k / top-p (TRL PPOTrainer; the KL estimate needs it), with the
+    # same decode loop PPO samples with
+    sampler = generation.ResponseSampler(policy, settings.response_length, settings.temperature, eos_id, pad_id)
     measure_kl = reference is not None and reference is not policy
     policy.eval()
     out_ids: list[list[int]] = []
@@ -349,8 +340,8 @@ def sample_policy(
         query, query_mask = pad_batch(chunk, pad_id, side="left")  # (B, P)
         query, query_mask = query.to(settings.device), query_mask.to(settings.device)
         with runtime.autocast(settings.device, settings.dtype):
-            generated = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=gen_config)
-        responses = generated[:, query.size(1):]  # (B, R') with R' <= response_length
+            responses, steps = sampler(query, query_mask)
+        responses = responses[:, :steps]  # (B, R') with R' <= response_length
         # N+ implementation details (Huang et al. 2024): truncate after the first EOS, keep the EOS
         responses, mask, contains_eos = truncate_after_eos(responses, eos_id, pad_id)  # (B, R'), (B, R'), (B,)
         if measure_kl:
