@@ -10,8 +10,9 @@ softmax(logits / T), a row that emitted EOS gets pad from then on, the loop stop
 - no logits processors, stopping criteria or per-step bookkeeping of ``generate``;
 - ``compile=True``: the one-token decode step runs as one ``torch.compile`` graph over a preallocated (static) KV
   cache, which fuses the many small elementwise ops of a batch-8 step (~47 ms instead of ~59 ms per step). The graph
-  is built on the first call (~80 s on 2 CPU cores; inductor's on-disk cache shortens later runs) and reused for
-  every later call with the same batch size and lengths.
+  has symbolic batch and cache sizes (``dynamic=True``), so one graph serves every prompt width and batch; it is
+  built on the first call (~2.5 min on 2 CPU cores; inductor's on-disk cache shortens later runs), which pays off
+  only over long runs.
 
 The reference for correctness is teacher forcing: the log-probabilities the loop sampled from equal the ones a
 full-sequence forward of the same tokens gives (tests/test_generation.py, left padding included).
@@ -104,7 +105,8 @@ class ResponseSampler:
         self.cache_dtype = cache_dtype
         self.compile = compile
         # the base model's forward: with peft the LoRA layers are inside it, and the wrapper adds only dispatch
-        self._step = torch.compile(_base_model(model).forward, dynamic=False) if compile else None
+        # dynamic: prompt widths differ between batches; static sizes recompiled (~80 s) for each new width
+        self._step = torch.compile(_base_model(model).forward, dynamic=True) if compile else None
 
     @torch.no_grad()
     def __call__(self, queries: Tensor, query_mask: Tensor) -> tuple[Tensor, int]:

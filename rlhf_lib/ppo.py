@@ -110,7 +110,7 @@ class PPOConfig(CommonConfig):
     vf_coef: float = 0.1  # weight of the value loss in the total loss
     reuse_rollout_forward: bool = True  # with 1 minibatch and 1 micro-batch, the rollout forward doubles as the first PPO step's (exact speed-up)
     torch_compile: bool = False  # torch.compile each transformer block for full-sequence forwards (~1.5x faster on CPU after ~1 min of compiling; generation stays eager)
-    compile_generation: bool = False  # sample with one torch.compile'd decode step over a static KV cache (~1.3x faster decoding on CPU after ~80 s of compiling)
+    compile_generation: bool = False  # sample with one torch.compile'd decode step over a static KV cache (~1.3x faster decoding on CPU after ~2.5 min of compiling: for long runs)
     # logging and checkpoints
     sample_every: int = 4  # write a table of sample completions every N updates (0: never)
     num_sample_rows: int = 4  # completions per sample table

@@ -117,8 +117,10 @@ def test_compiled_decode_over_static_cache_matches_teacher_forcing_under_bf16_au
     sampler = generation.ResponseSampler(model, 5, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
                                          compile=True, cache_dtype=torch.bfloat16)
     with torch.autocast("cpu", torch.bfloat16):
-        for _ in range(2):  # the second call reuses the graph
+        for width in (0, 3):  # a wider prompt batch reuses the graph (symbolic cache length)
             seen.clear()
+            queries, query_mask = (torch.nn.functional.pad(t, (width, 0), value=v)
+                                   for t, v in ((queries, tokenizer.pad_token_id), (query_mask, 0)))
             responses, steps = sampler(queries, query_mask)
         expected = _teacher_forced_logits(model, queries, query_mask, responses)
     assert steps == 5
