@@ -12,9 +12,12 @@ warm-up updates are excluded from the figures.
     python -m rlhf_lib.bench --trl --omp-wait-policy PASSIVE   # threads sleep between ops (shared machines)
 
 Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
-reward = the adapter-off bases, bf16 autocast; the ratios use it), ``ours-full-fp32`` (TRL's algorithmic content:
-four full models, full fine-tuning, fp32), ``ours-full-bf16``, ``ours-lora-fp32``, and ``rm`` (the reward-model
-stage: RewardTrainer steps per second with the default RewardModelConfig on synthetic ~150-token pairs).
+reward = the adapter-off bases, bf16 autocast), ``ours-lora-bf16-compile`` (+ ``torch_compile``: the default
+profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation``; the ``*_ratio_vs_trl`` keys use it),
+``ours-full-fp32`` (TRL's algorithmic content: four full models, full fine-tuning, fp32), ``ours-full-bf16``,
+``ours-lora-fp32``, and ``rm`` / ``rm-compile`` (the reward-model stage: RewardTrainer steps per second with the
+default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
+``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`).
 Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout and ``<out>/bench.json``.
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .runs import repo_root
 RESULT_MARKER = "BENCH_RESULT "
 DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-lora-bf16-compile-all", "ours-full-fp32", "rm",
                    "rm-compile")
-REFERENCE_CONFIG = "ours-lora-bf16-compile-all"  # the configuration the *_ratio_vs_trl keys compare (= params/default.yaml's PPO)
+REFERENCE_CONFIG = "ours-lora-bf16-compile-all"  # the configuration the *_ratio_vs_trl keys compare: our fastest exact one
 # name -> (use_lora, dtype, torch_compile, compile_generation); dtype is passed to runtime.pick_dtype (bf16
 # autocast: CPU and CUDA)
 PPO_CONFIGS = {
@@ -80,8 +83,9 @@ DIFFERENCES = {
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
                 "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
-                "full-sequence forwards on CPU; our own decode loop (one uniform draw per row instead of torch.multinomial's one per "
-                "vocabulary entry, no generate() bookkeeping). Pad token <|endoftext|> (distinct from EOS) on both sides.",
+                "full-sequence forwards on CPU; our own decode loop (one uniform draw per row instead of "
+                "torch.multinomial's one per vocabulary entry, no generate() bookkeeping). Pad token <|endoftext|> "
+                "(distinct from EOS) on both sides.",
 }
 
 
@@ -395,7 +399,8 @@ def run_subprocess(cmd: list[str], spec: BenchSpec, log_path: Path, timeout: flo
     start = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=child_env(spec.threads, spec.omp_wait_policy), cwd=repo_root())
+        env = child_env(spec.threads, spec.omp_wait_policy)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=None, env=env, cwd=repo_root())
         while True:  # os.wait4: this child's rusage (peak RSS of this configuration alone)
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -474,7 +479,8 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "rlhf_lib.bench", *sys.argv[1:]]),
         "device": runtime.describe_device(device) | {"torch_threads": spec.threads},
-        "threads": spec.threads, "omp_wait_policy": spec.omp_wait_policy, "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "threads": spec.threads, "omp_wait_policy": spec.omp_wait_policy,
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "workload": {k: v for k, v in asdict(spec).items() if k != "extra"} | {
             "models": "policy + reference + reward + value from the same checkpoint; reward/value score head is a "
                       "random initialisation (from_pretrained num_labels=1)",

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 
 def sample_from_logits(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
@@ -54,8 +56,6 @@ def static_cache(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None
     casting when storing changes no number. Returns None when the model has layer types other than plain full
     attention (sliding windows, linear attention): the caller then uses a dynamic cache.
     """
-    from transformers.cache_utils import StaticCache, StaticLayer
-
     cache = StaticCache(config=_base_model(model).config, max_cache_len=max_cache_len)
     if any(type(layer) is not StaticLayer for layer in cache.layers):
         return None
@@ -66,24 +66,16 @@ def static_cache(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None
     return cache
 
 
-def _make_casting_layer():
-    from transformers.cache_utils import StaticLayer
+class _CastingStaticLayer(StaticLayer):
+    """StaticLayer that casts incoming keys/values to ``store_dtype`` (set per instance by :func:`static_cache`)."""
 
-    class CastingStaticLayer(StaticLayer):
-        """StaticLayer that casts incoming keys/values to ``store_dtype`` (set per instance)."""
+    store_dtype: torch.dtype
 
-        store_dtype: torch.dtype
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states.to(self.store_dtype), value_states.to(self.store_dtype))
 
-        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-            super().lazy_initialization(key_states.to(self.store_dtype), value_states.to(self.store_dtype))
-
-        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
-            return super().update(key_states.to(self.store_dtype), value_states.to(self.store_dtype), *args, **kwargs)
-
-    return CastingStaticLayer
-
-
-_CastingStaticLayer = _make_casting_layer()
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):
+        return super().update(key_states.to(self.store_dtype), value_states.to(self.store_dtype), *args, **kwargs)
 
 
 class ResponseSampler:
@@ -111,8 +103,6 @@ class ResponseSampler:
     @torch.no_grad()
     def __call__(self, queries: Tensor, query_mask: Tensor) -> tuple[Tensor, int]:
         """(B, P) left-padded queries and mask -> responses (B, max_new_tokens) padded after EOS, decode steps run."""
-        from transformers import DynamicCache
-
         batch, prompt_len = queries.shape
         total = prompt_len + self.max_new_tokens
         cache = static_cache(self.model, total, self.cache_dtype) if self.compile else None
