@@ -278,7 +278,7 @@ def response_logprobs(
     input_ids = torch.cat([query, responses], dim=1)  # (B, P + R)
     attention = torch.cat([query_mask.long(), response_mask.long()], dim=1)  # (B, P + R)
     # TRL PPOTrainer forward(): positions count real tokens only, so left padding does not shift them
-    position_ids = attention.cumsum(1) - attention  # (B, P + R)
+    position_ids = models.position_ids_from_mask(attention)  # (B, P + R)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
     keep = "logits_to_keep" in _forward_kwargs(model)
     if keep:

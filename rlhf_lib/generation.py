@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import StaticLayer
 
+from . import models
+
 
 def sample_from_logits(logits: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
     """One token id per row drawn from softmax(logits / temperature): (B, V) -> (B,).
@@ -42,12 +44,6 @@ def sample_from_logits(logits: Tensor, temperature: float, generator: torch.Gene
     return tokens.clamp_(max=cdf.shape[1] - 1).squeeze(1)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers live inside it), else the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
-
-
 def static_cache(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None):
     """A transformers StaticCache whose full-attention layers store keys and values in `dtype` (None: as given).
 
@@ -56,7 +52,7 @@ def static_cache(model: nn.Module, max_cache_len: int, dtype: torch.dtype | None
     casting when storing changes no number. Returns None when the model has layer types other than plain full
     attention (sliding windows, linear attention): the caller then uses a dynamic cache.
     """
-    cache = StaticCache(config=_base_model(model).config, max_cache_len=max_cache_len)
+    cache = StaticCache(config=models.peft_base(model).config, max_cache_len=max_cache_len)
     if any(type(layer) is not StaticLayer for layer in cache.layers):
         return None
     if dtype is not None:
@@ -98,7 +94,7 @@ class ResponseSampler:
         self.compile = compile
         # the base model's forward: with peft the LoRA layers are inside it, and the wrapper adds only dispatch
         # dynamic: prompt widths differ between batches; static sizes recompiled (~80 s) for each new width
-        self._step = torch.compile(_base_model(model).forward, dynamic=True) if compile else None
+        self._step = torch.compile(models.peft_base(model).forward, dynamic=True) if compile else None
 
     @torch.no_grad()
     def __call__(self, queries: Tensor, query_mask: Tensor) -> tuple[Tensor, int]:
@@ -112,7 +108,7 @@ class ResponseSampler:
         # response positions are always attended (a stopped row's pad tokens are never read back): the mask of the
         # whole final length, sliced for the dynamic cache, whole (static shape) for the compiled step
         mask = torch.cat([query_mask, query_mask.new_ones(batch, self.max_new_tokens)], dim=1)  # (B, P + N)
-        positions = (query_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, P) counted over real tokens
+        positions = models.position_ids_from_mask(query_mask)  # (B, P)
         out = self.model(input_ids=queries, attention_mask=query_mask, position_ids=positions,
                          past_key_values=cache, use_cache=True, logits_to_keep=1)  # prefill, eager
         next_position = positions[:, -1:] + 1  # (B, 1)

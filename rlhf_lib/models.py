@@ -200,6 +200,25 @@ def match_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) 
     return model
 
 
+def is_peft(model: torch.nn.Module) -> bool:
+    """True for a peft wrapper (LoRA adapters); False without peft installed (full fine-tuning still works)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def peft_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (its LoRA layers stay active), else the model itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them (as generate() does): (B, L)."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def load_causal_lm(ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> PreTrainedModel:
     """A causal LM in fp32 (mixed precision comes from autocast), dropout off, matched to ``tokenizer``."""
     model = AutoModelForCausalLM.from_pretrained(resolve_model_ref(ref), dtype=torch.float32)

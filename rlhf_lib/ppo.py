@@ -240,19 +240,6 @@ class RewardFn(Protocol):
     def __call__(self, query_responses: Tensor, attention_mask: Tensor, context_length: int) -> Tensor: ...
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them (as generate() does)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L)
-
-
-def _is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep full fine-tuning usable without it
-        return False
-    return isinstance(model, PeftModel)
-
-
 class ScalarHead(nn.Module):
     """Per-position scalars of a sequence-classification model: its backbone + score head at every token.
 
@@ -264,11 +251,8 @@ class ScalarHead(nn.Module):
         super().__init__()
         self.model = model  # a transformers *ForSequenceClassification, possibly wrapped by peft
 
-    def _base(self) -> nn.Module:
-        return self.model.get_base_model() if _is_peft(self.model) else self.model
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
-        base = self._base()
+        base = models.peft_base(self.model)
         backbone = getattr(base, base.base_model_prefix)
         if not hasattr(base, "score"):
             raise TypeError(f"{type(base).__name__} has no `score` head; value/reward models must be "
@@ -280,7 +264,7 @@ class ScalarHead(nn.Module):
 
 def scores_at_last_token(head: ScalarHead, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Score of each sequence read at its last real token, whatever the padding side (B,)."""
-    values = head(input_ids, attention_mask, position_ids_from_mask(attention_mask))  # (B, L)
+    values = head(input_ids, attention_mask, models.position_ids_from_mask(attention_mask))  # (B, L)
     last = ppo_core.last_valid_index(attention_mask)  # (B,)
     return values.gather(1, last[:, None]).squeeze(1)  # (B,)
 
@@ -423,7 +407,7 @@ def store_frozen_weights_in(model: nn.Module | None, dtype: torch.dtype) -> None
 
 def set_attention(model: nn.Module, implementation: str) -> str | None:
     """Switch a transformers model's attention implementation; returns the previous one (None: not switchable)."""
-    base = model.get_base_model() if _is_peft(model) else model
+    base = models.peft_base(model)
     setter = getattr(base, "set_attn_implementation", None)
     previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if setter is None or previous is None:
@@ -571,7 +555,7 @@ class PPOTrainer:
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError("the tokenizer needs a pad token distinct from EOS (rlhf_lib.models.load_tokenizer "
                              "sets one); pad == eos hides the policy's own EOS from the masks")
-        if ref_policy is None and not _is_peft(policy):
+        if ref_policy is None and not models.is_peft(policy):
             raise ValueError("ref_policy=None needs a peft (LoRA) policy whose disabled adapter is the reference")
         device = runtime.pick_device(cfg.device)
         self.dtype = runtime.pick_dtype(cfg.dtype, device)
@@ -766,7 +750,7 @@ class PPOTrainer:
                 attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
                 roll = Rollout(queries, responses, response_mask, contains_eos,
                                torch.cat([queries, responses], dim=1), attention_mask,
-                               position_ids_from_mask(attention_mask), gen_steps)
+                               models.position_ids_from_mask(attention_mask), gen_steps)
 
                 t0 = time.perf_counter()
                 # 3. reference log-probs of the sampled tokens, logits / T (N+ details)
@@ -940,7 +924,7 @@ class PPOTrainer:
     def _checkpoint_meta(self) -> dict[str, Any]:
         cfg = self.cfg
         lora = ({"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_target_modules": cfg.lora_target_modules}
-                if _is_peft(self._unwrapped_policy()) else None)
+                if models.is_peft(self._unwrapped_policy()) else None)
         return {"update": self.update, "episode": self.episode, "model": cfg.model, "lora": lora,
                 "frozen_dtype": "bfloat16" if self.dtype == torch.bfloat16 else "float32",
                 "config": to_dict(cfg)}
@@ -1025,7 +1009,7 @@ class PPOTrainer:
             return out_dir
         model = self.accelerator.unwrap_model(self.policy, keep_fp32_wrapper=False)
         model = model.float()  # frozen weights were stored in bf16: merge LoRA in fp32
-        if _is_peft(model):
+        if models.is_peft(model):
             model = model.merge_and_unload()
         if getattr(model.config, "tie_word_embeddings", False):  # undo the bf16 copy of a frozen tied head
             model.get_output_embeddings().weight = model.get_input_embeddings().weight

@@ -293,20 +293,15 @@ def _linear_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def _unwrap(model: torch.nn.Module) -> PreTrainedModel:
-    """The transformers model inside a PEFT wrapper (LoRA layers stay active)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:
-    inner = _unwrap(model)
+    inner = models.peft_base(model)
     if not hasattr(inner, "score"):
         raise TypeError(f"{type(inner).__name__} has no `score` head; reward models must be *ForSequenceClassification")
     return inner.score
 
 
 def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    inner = _unwrap(model)
+    inner = models.peft_base(model)
     return getattr(inner, inner.base_model_prefix)
 
 
@@ -472,7 +467,7 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     last = last_valid_index(attention_mask)  # (B,)
     if (last < 0).any():
         raise ValueError("score_sequences got a row with no real token (attention_mask all 0)")
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    position_ids = models.position_ids_from_mask(attention_mask)  # (B, T)
     hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               use_cache=False).last_hidden_state  # (B, T, H)
     pooled = hidden[torch.arange(hidden.size(0), device=device), last]  # (B, H)

@@ -51,7 +51,7 @@ def _teacher_forced_logits(model, queries, query_mask, responses):
     ids = torch.cat([queries, responses], dim=1)
     mask = torch.cat([query_mask, torch.ones_like(responses)], dim=1)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=ppo.position_ids_from_mask(mask)).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask)).logits
     return logits[:, queries.shape[1] - 1:-1].float()
 
 

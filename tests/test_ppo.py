@@ -196,7 +196,7 @@ def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path
     full_mask = torch.cat([mask, torch.ones_like(responses[:, :steps])], dim=1)
     with torch.no_grad():
         logits = trainer._unwrapped_policy()(input_ids=full, attention_mask=full_mask,
-                                             position_ids=ppo.position_ids_from_mask(full_mask)).logits
+                                             position_ids=models.position_ids_from_mask(full_mask)).logits
     torch.testing.assert_close(torch.stack([d for d, _ in draws], 1), logits[:, ids.shape[1] - 1:-1].float(),
                                atol=1e-4, rtol=1e-4)
 
