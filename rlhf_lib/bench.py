@@ -130,7 +130,8 @@ def summarize_updates(rows: Sequence[dict[str, Any]], warmup: int, batch_size: i
     n = len(timed)
     seconds = sum(r["time/update"] for r in timed)
     gen = sum(r["time/generation"] for r in timed)
-    tokens = sum(r["tokens_per_s"] * r["time/generation"] for r in timed)  # tokens = rate x generation time
+    tokens = sum(r["tokens"] if "tokens" in r else r["tokens_per_s"] * r["time/generation"]  # rate x time
+                 for r in timed)
     return {
         "timed_updates": n,
         "episodes_per_s": batch_size * n / seconds,
@@ -141,6 +142,33 @@ def summarize_updates(rows: Sequence[dict[str, Any]], warmup: int, batch_size: i
         "tokens_per_s": tokens / gen if gen > 0 else None,
         "response_length": sum(r.get("objective/response_length", 0.0) for r in timed) / n,
     }
+
+
+def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int) -> dict[str, Any]:
+    """One configuration measured in several rounds -> one result over all their timed updates (RM: steps).
+
+    The figures are recomputed from every round's timed updates pooled (each round drops its own warm-up), the
+    peak RSS is the largest; ``rounds`` keeps each round's own episodes/s (RM: pairs/s), s/update and RSS. A failed
+    round makes the merged result that failure.
+    """
+    if len(results) == 1:
+        return dict(results[0])
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return {**failed[0], "rounds": [{"error": r["error"]} if "error" in r else {} for r in results]}
+    merged = dict(results[-1])
+    if "updates" in merged:  # PPO, ours or TRL
+        rows = [row for r in results for row in r["updates"][warmup:]]
+        merged.update(summarize_updates(rows, 0, batch_size))
+        merged["updates"] = [row for r in results for row in r["updates"]]
+        keys = ("episodes_per_s", "s_per_update", "peak_rss_gib")
+    else:  # reward-model stage: mean seconds per step over the rounds
+        s_per_step = sum(r["s_per_step"] for r in results) / len(results)
+        merged.update(s_per_step=s_per_step, pairs_per_s=merged["pairs_per_step"] / s_per_step)
+        keys = ("pairs_per_s", "s_per_step", "peak_rss_gib")
+    merged["peak_rss_gib"] = max(r["peak_rss_gib"] for r in results)
+    merged["rounds"] = [{k: r.get(k) for k in keys} for r in results]
+    return merged
 
 
 def parse_result(stdout: str) -> dict[str, Any]:
@@ -170,6 +198,10 @@ def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
     report["episodes_per_s_ratio_vs_published_trl"] = (ratio(ref.get("episodes_per_s"), pub["episodes_per_s"])
                                                        if comparable else None)
     report["peak_rss_ratio_vs_published_trl"] = ratio(ref.get("peak_rss_gib"), pub["peak_rss_gib"]) if comparable else None
+    ref_rounds, trl_rounds = ref.get("rounds") or [], trl.get("rounds") or []
+    report["episodes_per_s_ratio_vs_trl_by_round"] = (
+        [ratio(a.get("episodes_per_s"), b.get("episodes_per_s")) for a, b in zip(ref_rounds, trl_rounds)]
+        if trl_ok and len(ref_rounds) == len(trl_rounds) > 1 else None)
     for res in report["configs"].values():
         if "episodes_per_s" in res:
             res["episodes_per_s_vs_trl"] = ratio(res.get("episodes_per_s"), trl.get("episodes_per_s")) if trl_ok else None
@@ -220,6 +252,9 @@ def format_table(report: dict[str, Any]) -> str:
     if report.get("episodes_per_s_ratio_vs_trl") is not None:
         lines.append(f"\n{ref} vs TRL 1.12 measured in this run: episodes/s x{_fmt(report['episodes_per_s_ratio_vs_trl'])}, "
                      f"peak RSS x{_fmt(report['peak_rss_ratio_vs_trl'])}")
+        if report.get("episodes_per_s_ratio_vs_trl_by_round"):
+            lines.append("episodes/s ratio of each round (ours and TRL taking turns): "
+                         + ", ".join(f"x{_fmt(r)}" for r in report["episodes_per_s_ratio_vs_trl_by_round"]))
     else:
         lines.append(f"\nTRL 1.12 not measured in this run (--trl runs it); ratios in JSON: null")
     if report.get("episodes_per_s_ratio_vs_published_trl") is None:
@@ -443,7 +478,7 @@ def ensure_trl_env(env_dir: Path) -> Path:
     return python
 
 
-def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float) -> dict[str, Any]:
+def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float, logs: Path | None = None) -> dict[str, Any]:
     """TRL 1.12's PPOTrainer on the same workload in its own environment and subprocess."""
     from . import models
 
@@ -462,14 +497,15 @@ def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float) -> di
            "--learning-rate", str(FULL_FT_LR), "--warmup", str(spec.warmup), "--updates", str(spec.updates),
            "--threads", str(spec.threads), "--seed", str(spec.seed), "--device", spec.device]
     print(f"\n== {TRL_CONFIG_NAME} ({python})", flush=True)
-    result = run_subprocess(cmd, spec, out_dir / "logs" / f"{TRL_CONFIG_NAME}.log", timeout)
+    result = run_subprocess(cmd, spec, (logs or out_dir / "logs") / f"{TRL_CONFIG_NAME}.log", timeout)
     result.setdefault("name", TRL_CONFIG_NAME)
     return result
 
 
 def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_trl: bool, trl_env: Path,
-                  timeout: float) -> dict[str, Any]:
-    """Every configuration in its own subprocess, then TRL (optional); returns the report (also written to JSON)."""
+                  timeout: float, rounds: int = 1) -> dict[str, Any]:
+    """Every configuration in its own subprocess, then TRL (optional), `rounds` times over (ours and TRL take turns,
+    so a slow spell of a shared machine falls on both); returns the report (also written to JSON)."""
     from . import runtime
     from .runs import package_versions, write_json_atomic
 
@@ -479,7 +515,7 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "rlhf_lib.bench", *sys.argv[1:]]),
         "device": runtime.describe_device(device) | {"torch_threads": spec.threads},
-        "threads": spec.threads, "omp_wait_policy": spec.omp_wait_policy,
+        "threads": spec.threads, "omp_wait_policy": spec.omp_wait_policy, "rounds": rounds,
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "workload": {k: v for k, v in asdict(spec).items() if k != "extra"} | {
             "models": "policy + reference + reward + value from the same checkpoint; reward/value score head is a "
@@ -489,15 +525,24 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
         "configs": {}, "trl": None, "published_trl": PUBLISHED_TRL,
     }
     spec_json = json.dumps(asdict(spec))
-    for name in configs:
-        print(f"\n== {name}", flush=True)
-        cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", name, "--spec", spec_json]
-        result = run_subprocess(cmd, spec, out_dir / "logs" / f"{name}.log", timeout)
-        result.setdefault("name", name)
-        result.setdefault("kind", "reward_model" if name in RM_CONFIGS else "ppo")
-        report["configs"][name] = result
-    if with_trl:
-        report["trl"] = run_trl(spec, out_dir, trl_env, timeout)
+    per_round: dict[str, list[dict[str, Any]]] = {}
+    for round_index in range(rounds):
+        logs = out_dir / "logs" / (f"round{round_index + 1}" if rounds > 1 else "")
+        for name in configs:
+            print(f"\n== {name}" + (f" (round {round_index + 1}/{rounds})" if rounds > 1 else ""), flush=True)
+            cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", name, "--spec", spec_json]
+            result = run_subprocess(cmd, spec, logs / f"{name}.log", timeout)
+            result.setdefault("name", name)
+            result.setdefault("kind", "reward_model" if name in RM_CONFIGS else "ppo")
+            per_round.setdefault(name, []).append(result)
+        if with_trl:
+            per_round.setdefault(TRL_CONFIG_NAME, []).append(run_trl(spec, out_dir, trl_env, timeout, logs))
+    for name, results in per_round.items():
+        merged = merge_rounds(results, spec.warmup, spec.batch_size)
+        if name == TRL_CONFIG_NAME:
+            report["trl"] = merged
+        else:
+            report["configs"][name] = merged
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     add_ratios(report)
     write_json_atomic(out_dir / "bench.json", report)
@@ -522,6 +567,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--response-length", type=int, default=BenchSpec.response_length)
     p.add_argument("--num-ppo-epochs", type=int, default=BenchSpec.num_ppo_epochs)
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (ppo.torch_compile / reward_model.torch_compile)")
+    p.add_argument("--rounds", type=int, default=1, help="measure every configuration (and TRL) this many times, "
+                   "taking turns, and pool the timed updates (a shared machine's slow spells fall on both sides)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a configuration's process is killed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -537,8 +584,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         configs = parse_configs(args.configs)
     except ValueError as exc:
         raise SystemExit(str(exc))
-    if args.updates < 1 or args.warmup < 0 or args.threads < 1:
-        raise SystemExit("--updates must be >= 1, --warmup >= 0, --threads >= 1")
+    if args.updates < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
+        raise SystemExit("--updates and --rounds must be >= 1, --warmup >= 0, --threads >= 1")
     spec = BenchSpec(model=args.model, batch_size=args.batch_size, response_length=args.response_length,
                      num_ppo_epochs=args.num_ppo_epochs, warmup=args.warmup, updates=args.updates,
                      threads=args.threads, omp_wait_policy=args.omp_wait_policy, device=args.device,
@@ -546,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     root = repo_root()
     out_dir = Path(args.out) if Path(args.out).is_absolute() else root / args.out
     trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env
-    report = run_benchmark(configs, spec, out_dir, args.trl, trl_env, args.timeout)
+    report = run_benchmark(configs, spec, out_dir, args.trl, trl_env, args.timeout, args.rounds)
     print("\n" + format_table(report))
     print(f"\nwrote {out_dir / 'bench.json'} (device {report['device']}, threads {spec.threads}, load average "
           f"{report['load_average_start']} -> {report['load_average_end']})")

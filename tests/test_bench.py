@@ -40,6 +40,40 @@ def test_summarize_updates_drops_warmup_and_weights_by_time():
         bench.summarize_updates(rows, warmup=3, batch_size=8)
 
 
+def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
+    ours = [{"updates": [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0)], "peak_rss_gib": 2.0},
+            {"updates": [_row(1, 90.0), _row(2, 12.0, t_gen=3.0, tok_s=100.0)], "peak_rss_gib": 2.5}]
+    for r in ours:
+        r.update(bench.summarize_updates(r["updates"], 1, 8))
+    merged = bench.merge_rounds(ours, warmup=1, batch_size=8)
+    assert merged["timed_updates"] == 2 and len(merged["updates"]) == 4  # each round drops its own warm-up
+    assert merged["episodes_per_s"] == pytest.approx(16 / 16.0)
+    assert merged["tokens_per_s"] == pytest.approx((200 * 1 + 100 * 3) / 4)
+    assert merged["peak_rss_gib"] == 2.5
+    assert [r["episodes_per_s"] for r in merged["rounds"]] == pytest.approx([2.0, 8 / 12])
+    trl_rows = [{"update": 1, "time/update": 9.0, "time/generation": 1.0, "time/forward": 1.0,
+                 "time/optimization": 7.0, "tokens": 400}, {"update": 2, "time/update": 8.0, "time/generation": 2.0,
+                 "time/forward": 1.0, "time/optimization": 5.0, "tokens": 384}]
+    trl = bench.merge_rounds([{"updates": trl_rows, "peak_rss_gib": 7.0}] * 2, warmup=1, batch_size=8)
+    assert trl["s_per_update"] == pytest.approx(8.0) and trl["tokens_per_s"] == pytest.approx(192.0)
+    rm = bench.merge_rounds([{"pairs_per_step": 8, "s_per_step": 2.0, "pairs_per_s": 4.0, "peak_rss_gib": 1.0},
+                             {"pairs_per_step": 8, "s_per_step": 6.0, "pairs_per_s": 8 / 6, "peak_rss_gib": 1.5}], 1, 8)
+    assert rm["pairs_per_s"] == pytest.approx(2.0) and rm["peak_rss_gib"] == 1.5
+    failed = bench.merge_rounds([ours[0], {"error": "exit status 1"}], warmup=1, batch_size=8)
+    assert failed["error"] == "exit status 1"
+    assert bench.merge_rounds(ours[:1], warmup=1, batch_size=8)["episodes_per_s"] == ours[0]["episodes_per_s"]
+
+
+def test_ratios_by_round_pair_each_round_of_ours_with_trls():
+    report = _report({bench.REFERENCE_CONFIG: {"episodes_per_s": 1.0, "peak_rss_gib": 2.0,
+                                                "rounds": [{"episodes_per_s": 1.2}, {"episodes_per_s": 0.8}]}},
+                     trl={"episodes_per_s": 0.25, "peak_rss_gib": 8.0,
+                          "rounds": [{"episodes_per_s": 0.3}, {"episodes_per_s": 0.2}]})
+    bench.add_ratios(report)
+    assert report["episodes_per_s_ratio_vs_trl_by_round"] == pytest.approx([4.0, 4.0])
+    assert "x4.00, x4.00" in bench.format_table(report)
+
+
 def test_parse_result_prefers_the_marker_line_over_other_json():
     out = "{'eps': 4}\n" + bench.RESULT_MARKER + json.dumps({"a": 1}) + "\nprogress...\n"
     assert bench.parse_result(out) == {"a": 1}

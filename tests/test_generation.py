@@ -127,3 +127,27 @@ def test_compiled_decode_over_static_cache_matches_teacher_forcing_under_bf16_au
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     # bf16: the decode step and the full forward round differently; the logits agree to bf16 precision
     torch.testing.assert_close(torch.stack(seen, 1), expected, atol=0.05, rtol=0.02)
+
+
+def test_lora_factors_as_reductions_compute_the_same_and_restore_the_modules():
+    """The decode-time LoRA rewrite gives the adapter's output (fp32 and bf16 autocast) and undoes itself."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    tokenizer = models.load_tokenizer("tiny:llama")
+    model = get_peft_model(models.load_causal_lm("tiny:llama", tokenizer),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    queries, query_mask = _queries(tokenizer)
+    positions = models.position_ids_from_mask(query_mask)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            expected = model(input_ids=queries, attention_mask=query_mask, position_ids=positions).logits
+            with model.disable_adapter():
+                base = model(input_ids=queries, attention_mask=query_mask, position_ids=positions).logits
+            with generation.lora_factors_as_reductions(model) as patched:
+                got = model(input_ids=queries, attention_mask=query_mask, position_ids=positions).logits
+        assert patched == 2 * 2 * model.config.num_hidden_layers  # A and B of q_proj and v_proj in every layer
+        tol = dict(atol=0.05, rtol=0.02) if autocast else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, expected, **tol)
+        assert (expected - base).abs().max() > 10 * tol["atol"]  # the adapter matters, so the check has teeth
+    assert not any("forward" in vars(m) for m in model.modules())
