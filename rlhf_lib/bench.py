@@ -13,7 +13,7 @@ warm-up updates are excluded from the figures.
 
 Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
 reward = the adapter-off bases, bf16 autocast), ``ours-lora-bf16-compile`` (+ ``torch_compile``: the default
-profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation``; the ``*_ratio_vs_trl`` keys use it),
+profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation`` and ``fused_logprobs``; the ``*_ratio_vs_trl`` keys use it),
 ``ours-full-fp32`` (TRL's algorithmic content: four full models, full fine-tuning, fp32), ``ours-full-bf16``,
 ``ours-lora-fp32``, and ``rm`` / ``rm-compile`` (the reward-model stage: RewardTrainer steps per second with the
 default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
@@ -79,7 +79,9 @@ DIFFERENCES = {
     "ours-lora-bf16-compile": "ours-lora-bf16 with each transformer block torch.compile'd (ppo.torch_compile; one "
                               "graph per mode shared by all blocks; compiling happens in the warm-up updates).",
     "ours-lora-bf16-compile-all": "ours-lora-bf16-compile, and the decode step torch.compile'd over a static KV "
-                                  "cache (ppo.compile_generation; compiled in the first warm-up update).",
+                                  "cache with LoRA factors as fused reductions (ppo.compile_generation), and the "
+                                  "log-prob/entropy pass as compiled kernels (ppo.fused_logprobs); compiled in the "
+                                  "first warm-up update.",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
                 "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
@@ -312,6 +314,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     prompts = bench_prompts(tokenizer)
     overrides = {} if use_lora else {"learning_rate": FULL_FT_LR}
     cfg = ppo.PPOConfig(model=spec.model, device=spec.device, dtype=dtype, threads=spec.threads, seed=spec.seed,
+                        fused_logprobs=compile_generation,  # compile-all: every compiled lever
                         use_lora=use_lora, total_episodes=spec.batch_size * (spec.warmup + spec.updates),
                         batch_size=spec.batch_size, response_length=spec.response_length,
                         num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,

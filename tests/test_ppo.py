@@ -306,10 +306,11 @@ def test_saved_policy_loads_with_pipeline_and_matches_the_checkpoint(short_run, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_reward_rises_well_above_its_start(tokenizer, prompts, target_token, tmp_path, dtype):
-    """Full fine-tuning learns to emit the rewarded token; KL stays finite (bf16 autocast learns the same)."""
-    cfg = tiny_cfg(total_episodes=160, learning_rate=2e-4, dtype=dtype)
+@pytest.mark.parametrize("dtype,fused_logprobs", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_reward_rises_well_above_its_start(tokenizer, prompts, target_token, tmp_path, dtype, fused_logprobs):
+    """Full fine-tuning learns to emit the rewarded token; KL stays finite (bf16 autocast and the compiled
+    log-prob kernels learn the same)."""
+    cfg = tiny_cfg(total_episodes=160, learning_rate=2e-4, dtype=dtype, fused_logprobs=fused_logprobs)
     trainer = make_trainer(cfg, tokenizer, prompts, tmp_path, token_count_reward(target_token))
     trainer.train()
     rows = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
@@ -318,7 +319,9 @@ def test_reward_rises_well_above_its_start(tokenizer, prompts, target_token, tmp
     assert end > start + 2.0, f"scores did not rise: {scores}"
     assert all(math.isfinite(r["objective/kl"]) for r in rows)
     assert rows[-1]["objective/kl"] > 0  # it moved away from the reference, and paid for it
-    assert rows[0]["objective/kl"] == 0.0
+    # policy == reference at the start; the compiled kernels may sum a row in another order for another batch
+    # shape (reference: rollout-forward chunks, policy: the whole batch), so only fp32 rounding is allowed there
+    assert abs(rows[0]["objective/kl"]) <= (1e-5 if fused_logprobs else 0.0)
 
 
 def test_resume_reproduces_an_uninterrupted_run(tokenizer, prompts, target_token, tmp_path):
