@@ -88,7 +88,7 @@ def _linear_as_reduction(module: nn.Linear, x: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def lora_factors_as_reductions(model: nn.Module):
-    """Within the block, LoRA's A and B factors run as :func:`_linear_as_reduction` instead of matmul calls.
+    """Inside the ``with`` block, LoRA's A and B factors run as :func:`_linear_as_reduction` instead of matmul calls.
 
     In a batch-8 decode step the rank-16 factors are 4 tiny matmuls per layer (120 per step for SmolLM2 with q/v
     adapters), each costing a oneDNN dispatch (~30-50 us) for a few thousand multiply-adds; as reductions inductor

@@ -377,7 +377,8 @@ def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: floa
     """(log-probs (B, T) with grad, entropy (B, T) detached) of `tokens` under softmax(logits / temperature).
 
     ``fused=True`` runs the maths as two ``torch.compile``d kernels (forward, backward) instead of eager row chunks:
-    the same values to fp32 rounding, several times faster on CPU once compiled (a few seconds, once per process).
+    the same values to fp32 rounding, about twice as fast on CPU once compiled (~20 s, once per process; batch 8 x 48
+    tokens of SmolLM2: forward 43 -> 22 ms, backward 53 -> 30 ms).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -1,0 +1,63 @@
+"""A/B of the compiled decode step's options, interleaved in one process (a shared machine's slow spells fall on both).
+
+Builds PPO exactly as ``python -m rlhf_lib.bench`` does for ``ours-lora-bf16-compile-all`` (SmolLM2-135M + LoRA, bf16,
+batch 8, 48 tokens), compiles both variants, then alternates them and prints milliseconds per decoded token step::
+
+    OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_decode.py --option lora_reductions --calls 16
+    OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_decode.py --option skip_guards
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rlhf_lib import bench, models, ppo, runtime
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--option", choices=("lora_reductions", "skip_guards"), default="lora_reductions")
+    p.add_argument("--calls", type=int, default=16, help="timed sampler calls, alternating off / on")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    spec = bench.BenchSpec(threads=args.threads)
+    runtime.set_threads(spec.threads)
+    runtime.seed_everything(spec.seed)
+    tokenizer = models.load_tokenizer(spec.model)
+    prompts = bench.bench_prompts(tokenizer)
+    cfg = ppo.PPOConfig(model=spec.model, dtype="bfloat16", threads=spec.threads, seed=spec.seed, use_lora=True,
+                        total_episodes=spec.batch_size, batch_size=spec.batch_size,
+                        response_length=spec.response_length, temperature=spec.temperature,
+                        reward_model=spec.model, save_every=0, sample_every=0, torch_compile=True,
+                        compile_generation=True)
+    built = ppo.build_models(cfg, tokenizer, spec.model, None)
+    scratch = Path(tempfile.mkdtemp(prefix="rlhf-ab-"))
+    trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn, prompts,
+                             scratch / "ppo", scratch / "checkpoints")
+
+    def sample(i: int, on: bool) -> float:
+        setattr(trainer.sampler, args.option, on)
+        rows = prompts[i % 4: i % 4 + spec.batch_size]
+        ids, mask = ppo.left_pad(rows, tokenizer.pad_token_id, trainer.device)
+        start = time.perf_counter()
+        _, steps = trainer._generate(ids, mask)
+        return (time.perf_counter() - start) / steps * 1e3
+
+    t0 = time.perf_counter()
+    for i in range(4):  # compile both variants, warm both
+        sample(i, bool(i % 2))
+    print(f"compiling and warm-up: {time.perf_counter() - t0:.0f} s")
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.calls):
+        on = bool(i % 2)
+        times[on].append(sample(i, on))
+    for on, ms in times.items():
+        print(f"{args.option}={on}: median {statistics.median(ms):.1f} ms/step, min {min(ms):.1f} "
+              f"({', '.join(f'{m:.1f}' for m in ms)})")
+
+
+if __name__ == "__main__":
+    main()
