@@ -258,7 +258,7 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append("episodes/s ratio of each round (ours and TRL taking turns): "
                          + ", ".join(f"x{_fmt(r)}" for r in report["episodes_per_s_ratio_vs_trl_by_round"]))
     else:
-        lines.append(f"\nTRL 1.12 not measured in this run (--trl runs it); ratios in JSON: null")
+        lines.append("\nTRL 1.12 not measured in this run (--trl runs it); ratios in JSON: null")
     if report.get("episodes_per_s_ratio_vs_published_trl") is None:
         lines.append("(no ratio vs TRL's published figures: this workload differs from the published one)")
         return "\n".join(lines)
@@ -299,15 +299,14 @@ def _peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
-    """Our PPOTrainer on the workload; figures from its per-update metrics."""
-    import torch
+def make_ppo_trainer(name: str, spec: BenchSpec, scratch: Path):
+    """Our PPOTrainer for configuration `name` on the workload (threads and seed set), writing under `scratch`.
 
+    Shared by :func:`run_ppo_config` and the A/B scripts in ``scripts/``, so they measure the same setup.
+    """
     from . import models, ppo, runtime
-    from .metrics import read_jsonl
 
     use_lora, dtype, config_compiles, compile_generation = PPO_CONFIGS[name]
-    use_compile = config_compiles or spec.compile
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
     tokenizer = models.load_tokenizer(spec.model)
@@ -319,11 +318,23 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
                         batch_size=spec.batch_size, response_length=spec.response_length,
                         num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
                         temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
-                        torch_compile=use_compile, compile_generation=compile_generation, **overrides)
+                        torch_compile=config_compiles or spec.compile, compile_generation=compile_generation,
+                        **overrides)
     built = ppo.build_models(cfg, tokenizer, spec.model, None)
+    return ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn, prompts,
+                          scratch / "ppo", scratch / "checkpoints")
+
+
+def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
+    """Our PPOTrainer on the workload; figures from its per-update metrics."""
+    from . import ppo, runtime
+    from .metrics import read_jsonl
+
+    use_lora, _, config_compiles, compile_generation = PPO_CONFIGS[name]
+    use_compile = config_compiles or spec.compile
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
-        trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
-                                 prompts, Path(scratch) / "ppo", Path(scratch) / "checkpoints")
+        trainer = make_ppo_trainer(name, spec, Path(scratch))
+        cfg = trainer.cfg
         trainer.train()
         rows = read_jsonl(Path(scratch) / "ppo" / "metrics.jsonl")
     out = summarize_updates(rows, spec.warmup, spec.batch_size)

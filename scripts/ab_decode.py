@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlhf_lib import bench, models, ppo, runtime
+from rlhf_lib import bench, ppo
 
 
 def main() -> None:
@@ -24,19 +24,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     spec = bench.BenchSpec(threads=args.threads)
-    runtime.set_threads(spec.threads)
-    runtime.seed_everything(spec.seed)
-    tokenizer = models.load_tokenizer(spec.model)
+    trainer = bench.make_ppo_trainer("ours-lora-bf16-compile-all", spec, Path(tempfile.mkdtemp(prefix="rlhf-ab-")))
+    tokenizer = trainer.tokenizer
     prompts = bench.bench_prompts(tokenizer)
-    cfg = ppo.PPOConfig(model=spec.model, dtype="bfloat16", threads=spec.threads, seed=spec.seed, use_lora=True,
-                        total_episodes=spec.batch_size, batch_size=spec.batch_size,
-                        response_length=spec.response_length, temperature=spec.temperature,
-                        reward_model=spec.model, save_every=0, sample_every=0, torch_compile=True,
-                        compile_generation=True)
-    built = ppo.build_models(cfg, tokenizer, spec.model, None)
-    scratch = Path(tempfile.mkdtemp(prefix="rlhf-ab-"))
-    trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn, prompts,
-                             scratch / "ppo", scratch / "checkpoints")
 
     def sample(i: int, on: bool) -> float:
         setattr(trainer.sampler, args.option, on)
