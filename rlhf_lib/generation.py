@@ -154,9 +154,8 @@ class ResponseSampler:
         responses = torch.full((batch, self.max_new_tokens), self.pad_token_id, dtype=queries.dtype,
                                device=queries.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=queries.device)
-        with contextlib.ExitStack() as stack:
-            if step is self._step and self.lora_reductions:
-                stack.enter_context(lora_factors_as_reductions(self.model))
+        with (lora_factors_as_reductions(self.model) if step is self._step and self.lora_reductions
+              else contextlib.nullcontext()):
             steps = self._decode(out, step, cache, mask, responses, finished, next_position, prompt_len)
         return responses, steps
 

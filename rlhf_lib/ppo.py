@@ -288,56 +288,69 @@ class ModelReward:
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits / T) at `tokens` and the entropy, in row chunks that stay in cache.
+    """log softmax(logits / T) at `tokens` and the entropy; only the log-normaliser is saved for backward.
 
-    Same maths as ppo_core.logprobs_from_logits / entropy_from_logits (fp32, logits / T), but each chunk is read
-    once in fp32 and only the log-normaliser is saved for backward: no (B, T, V) fp32 temporaries. On CPU the
-    full-vocabulary passes were ~40 % of a policy forward/backward.
+    Same maths as ppo_core.logprobs_from_logits / entropy_from_logits (fp32, logits / T) without (B, T, V) fp32
+    temporaries: eager in row chunks that stay in cache (:func:`_chunked_logprobs`), or ``fused`` as two compiled
+    kernels (:func:`_logprobs_entropy_lse`, :func:`_logprobs_grad`). On CPU the full-vocabulary passes were ~40 % of
+    a policy forward/backward before either.
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk: int,  # type: ignore[override]
                 fused: bool):
-        ctx.temperature, ctx.chunk, ctx.fused = temperature, chunk, fused
         if fused:
             logprobs, entropy, lse = _compiled("logprobs")(logits, tokens, temperature)
-            ctx.save_for_backward(logits, tokens, lse)
-            ctx.mark_non_differentiable(entropy)
-            return logprobs, entropy
-        B, T, _ = logits.shape
-        logprobs = logits.new_empty((B, T), dtype=torch.float32)
-        entropy = torch.empty_like(logprobs)
-        lse = torch.empty_like(logprobs)
-        for b in range(B):
-            for t in range(0, T, chunk):
-                z = logits[b, t:t + chunk].float() / temperature  # (c, V)
-                norm = torch.logsumexp(z, dim=-1)  # (c,)
-                picked = z.gather(-1, tokens[b, t:t + chunk, None]).squeeze(-1)  # (c,)
-                logprobs[b, t:t + chunk] = picked - norm
-                # TRL entropy_from_logits: H = logsumexp(z) - sum(softmax(z) * z)
-                entropy[b, t:t + chunk] = norm - (torch.exp(z - norm[:, None]) * z).sum(-1)
-                lse[b, t:t + chunk] = norm
+        else:
+            logprobs, entropy, lse = _chunked_logprobs(logits, tokens, temperature, chunk)
         ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk, ctx.fused = temperature, chunk, fused
         ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs: Tensor, _grad_entropy: Tensor):  # type: ignore[override]
         logits, tokens, lse = ctx.saved_tensors
-        temperature, chunk = ctx.temperature, ctx.chunk
         if ctx.fused:
-            return _compiled("logprobs_grad")(logits, tokens, lse, grad_logprobs, temperature), None, None, None, None
-        grad = torch.empty_like(logits)
-        B, T, _ = logits.shape
-        for b in range(B):
-            for t in range(0, T, chunk):
-                z = logits[b, t:t + chunk].float() / temperature  # (c, V)
-                g = grad_logprobs[b, t:t + chunk, None].float()  # (c, 1)
-                # d logp_k / d z = onehot(k) - softmax(z)
-                grad_z = torch.exp(z - lse[b, t:t + chunk, None]).mul_(-g)
-                grad_z.scatter_add_(-1, tokens[b, t:t + chunk, None], g)
-                grad[b, t:t + chunk] = (grad_z / temperature).to(logits.dtype)
+            grad = _compiled("logprobs_grad")(logits, tokens, lse, grad_logprobs, ctx.temperature)
+        else:
+            grad = _chunked_grad(logits, tokens, lse, grad_logprobs, ctx.temperature, ctx.chunk)
         return grad, None, None, None, None
+
+
+def _chunked_logprobs(logits: Tensor, tokens: Tensor, temperature: float,
+                      chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Eager forward of :class:`_TokenLogprobs`: (log-probs, entropy, log-normaliser), each (B, T) fp32."""
+    B, T, _ = logits.shape
+    logprobs = logits.new_empty((B, T), dtype=torch.float32)
+    entropy = torch.empty_like(logprobs)
+    lse = torch.empty_like(logprobs)
+    for b in range(B):
+        for t in range(0, T, chunk):
+            z = logits[b, t:t + chunk].float() / temperature  # (c, V)
+            norm = torch.logsumexp(z, dim=-1)  # (c,)
+            picked = z.gather(-1, tokens[b, t:t + chunk, None]).squeeze(-1)  # (c,)
+            logprobs[b, t:t + chunk] = picked - norm
+            # TRL entropy_from_logits: H = logsumexp(z) - sum(softmax(z) * z)
+            entropy[b, t:t + chunk] = norm - (torch.exp(z - norm[:, None]) * z).sum(-1)
+            lse[b, t:t + chunk] = norm
+    return logprobs, entropy, lse
+
+
+def _chunked_grad(logits: Tensor, tokens: Tensor, lse: Tensor, grad_logprobs: Tensor, temperature: float,
+                  chunk: int) -> Tensor:
+    """Eager backward of :class:`_TokenLogprobs`: the gradient w.r.t. the logits, (B, T, V) in their dtype."""
+    grad = torch.empty_like(logits)
+    B, T, _ = logits.shape
+    for b in range(B):
+        for t in range(0, T, chunk):
+            z = logits[b, t:t + chunk].float() / temperature  # (c, V)
+            g = grad_logprobs[b, t:t + chunk, None].float()  # (c, 1)
+            # d logp_k / d z = onehot(k) - softmax(z)
+            grad_z = torch.exp(z - lse[b, t:t + chunk, None]).mul_(-g)
+            grad_z.scatter_add_(-1, tokens[b, t:t + chunk, None], g)
+            grad[b, t:t + chunk] = (grad_z / temperature).to(logits.dtype)
+    return grad
 
 
 def _logprobs_entropy_lse(logits: Tensor, tokens: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:

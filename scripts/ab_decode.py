@@ -24,7 +24,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     spec = bench.BenchSpec(threads=args.threads)
-    trainer = bench.make_ppo_trainer("ours-lora-bf16-compile-all", spec, Path(tempfile.mkdtemp(prefix="rlhf-ab-")))
+    with tempfile.TemporaryDirectory(prefix="rlhf-ab-") as scratch:
+        trainer = bench.make_ppo_trainer("ours-lora-bf16-compile-all", spec, Path(scratch))
+        measure(trainer, spec, args)
+
+
+def measure(trainer, spec: bench.BenchSpec, args: argparse.Namespace) -> None:
+    """Compile and warm both variants, then alternate them; prints ms per decode step for each."""
     tokenizer = trainer.tokenizer
     prompts = bench.bench_prompts(tokenizer)
 
