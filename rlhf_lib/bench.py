@@ -17,7 +17,9 @@ profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation`` and ``f
 ``ours-full-fp32`` (TRL's algorithmic content: four full models, full fine-tuning, fp32), ``ours-full-bf16``,
 ``ours-lora-fp32``, and ``rm`` / ``rm-compile`` (the reward-model stage: RewardTrainer steps per second with the
 default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
-``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`).
+``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured process a host probe
+times a fixed bf16 matmul (``--probe-repeats``; :func:`run_host_probe`): its median over its fastest time says how
+contended the host was for that run, which the load average does not show on a shared machine.
 Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout and ``<out>/bench.json``.
 """
 from __future__ import annotations
@@ -110,6 +112,7 @@ class BenchSpec:
     compile: bool = False
     rm_pairs_per_step: int = 8
     rm_sequence_length: int = 150
+    probe_repeats: int = 25  # timed matmuls of the host probe before each measured process (0: no probe)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +149,32 @@ def summarize_updates(rows: Sequence[dict[str, Any]], warmup: int, batch_size: i
     }
 
 
+# the host probe's matmuls: label -> (torch dtype, n of an (n x n) @ (n x n) product); ~10 ms each on an idle CPU here
+PROBE_MATMULS = {"bf16": ("bfloat16", 2048), "fp32": ("float32", 1024)}
+
+
+def summarize_probe(matmul_ms: dict[str, Sequence[float]], read_gib: float, read_s: Sequence[float]) -> dict[str, Any]:
+    """The host probe's figures from its raw timings: matmuls per dtype (sizes: PROBE_MATMULS), a read of `read_gib` GiB.
+
+    Each dtype's ``slowdown`` = median / fastest time: ~1.0 when nothing else competes for the cores, their caches
+    and the memory bus; other tenants of a shared host raise it (2-2.5 seen here on busy days) while the load
+    average, which counts only this machine's processes, stays at ~1. Both dtypes are timed because our runs are
+    bf16 (AMX) and TRL's are fp32: a slow spell need not slow them alike. ``slowdown`` at the top level is bf16's.
+    """
+    if not read_s or not matmul_ms or not all(matmul_ms.values()):
+        raise ValueError("the host probe needs at least one timing of each matmul and of the read")
+    out: dict[str, Any] = {}
+    for dtype, times in matmul_ms.items():
+        n, ordered = PROBE_MATMULS[dtype][1], sorted(times)
+        best, median = ordered[0], ordered[len(ordered) // 2]
+        out[f"{dtype}_matmul"] = {"n": n, "repeats": len(ordered), "ms_min": round(best, 3),
+                                  "ms_median": round(median, 3), "tflops_best": round(2 * n**3 / best / 1e9, 3),
+                                  "slowdown": round(median / best, 3)}
+    out["slowdown"] = out["bf16_matmul"]["slowdown"] if "bf16_matmul" in out else None
+    out["read_gb_s_best"] = round(read_gib * 2**30 / min(read_s) / 1e9, 2)
+    return out
+
+
 def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int) -> dict[str, Any]:
     """One configuration measured in several rounds -> one result over all their timed updates (RM: steps).
 
@@ -163,11 +192,11 @@ def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int
         rows = [row for r in results for row in r["updates"][warmup:]]
         merged.update(summarize_updates(rows, 0, batch_size))
         merged["updates"] = [row for r in results for row in r["updates"]]
-        keys = ("episodes_per_s", "s_per_update", "peak_rss_gib")
+        keys = ("episodes_per_s", "s_per_update", "peak_rss_gib", "host_probe_before")
     else:  # reward-model stage: mean seconds per step over the rounds
         s_per_step = sum(r["s_per_step"] for r in results) / len(results)
         merged.update(s_per_step=s_per_step, pairs_per_s=merged["pairs_per_step"] / s_per_step)
-        keys = ("pairs_per_s", "s_per_step", "peak_rss_gib")
+        keys = ("pairs_per_s", "s_per_step", "peak_rss_gib", "host_probe_before")
     merged["peak_rss_gib"] = max(r["peak_rss_gib"] for r in results)
     merged["rounds"] = [{k: r.get(k) for k in keys} for r in results]
     return merged
@@ -250,6 +279,9 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"\n{rm_name} (RewardTrainer, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
                          f"{_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs "
                          f"(~{rm.get('mean_sequence_tokens')} tokens/sequence), peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB")
+    probes = probe_line(report)
+    if probes:
+        lines.append("\n" + probes)
     ref = report["reference_config"]
     if report.get("episodes_per_s_ratio_vs_trl") is not None:
         lines.append(f"\n{ref} vs TRL 1.12 measured in this run: episodes/s x{_fmt(report['episodes_per_s_ratio_vs_trl'])}, "
@@ -267,6 +299,29 @@ def format_table(report: dict[str, Any]) -> str:
                  f"x{_fmt(report.get('episodes_per_s_ratio_vs_published_trl'))}, peak RSS "
                  f"x{_fmt(report.get('peak_rss_ratio_vs_published_trl'))}")
     return "\n".join(lines)
+
+
+def probe_line(report: dict[str, Any]) -> str:
+    """The host probe's matmul times before each measured process, in the order they ran ('' if none)."""
+    runs = [r for r in report["configs"].values() if r.get("kind") == "ppo"]
+    if report.get("trl"):
+        runs.append({**report["trl"], "name": report["trl"].get("name", TRL_CONFIG_NAME)})
+
+    def times(probe: dict[str, Any]) -> str:
+        return " / ".join(f"{_fmt(m.get('ms_median'), 1)} ({_fmt(m.get('ms_min'), 1)})"
+                          for m in (probe.get(f"{d}_matmul") or {} for d in PROBE_MATMULS))
+
+    parts = []
+    for r in runs:
+        rounds = r.get("rounds") or [r]
+        parts += [f"{r['name']}{f' r{i}' if len(rounds) > 1 else ''} {times(p)}"
+                  for i, p in ((i, x.get("host_probe_before")) for i, x in enumerate(rounds, 1))
+                  if p and "error" not in p]
+    if not parts:
+        return ""
+    sizes = " / ".join(f"{d} {n}^3" for d, (_, n) in PROBE_MATMULS.items())
+    return (f"host probe before each run, median (fastest) ms of a {sizes} matmul -- the same work, so higher means "
+            "a more contended host: " + "; ".join(parts))
 
 
 def bench_messages() -> list[list[dict[str, str]]]:
@@ -416,9 +471,62 @@ def run_reward_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     }
 
 
+PROBE_WORKER = "host-probe"
+
+
+def run_host_probe(spec: BenchSpec, read_gib: float = 0.25) -> dict[str, Any]:
+    """Time fixed bf16 and fp32 matmuls `spec.probe_repeats` times each (taking turns, 0.1 s apart) and a streaming
+    read, on the CPU.
+
+    The same work takes 2-2.5x longer at times on a shared host; recorded before every measured process so a
+    reader of bench.json can tell a quiet run from a contended one (see :func:`summarize_probe`).
+    """
+    import torch
+
+    torch.set_num_threads(spec.threads)
+    gen = torch.Generator().manual_seed(0)
+    operands = {name: torch.randn(n, n, generator=gen).to(getattr(torch, dtype))
+                for name, (dtype, n) in PROBE_MATMULS.items()}
+    for a in operands.values():
+        for _ in range(3):  # warm-up: oneDNN's kernel selection, page faults
+            a @ a
+    matmul_ms: dict[str, list[float]] = {name: [] for name in operands}
+    for _ in range(spec.probe_repeats):
+        for name, a in operands.items():
+            start = time.perf_counter()
+            a @ a
+            matmul_ms[name].append((time.perf_counter() - start) * 1e3)
+        time.sleep(0.1)  # spread over a few seconds: slow spells come and go
+    big = torch.ones(int(read_gib * 2**30) // 2, dtype=torch.bfloat16)
+    read_s = []
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        read_s.append(time.perf_counter() - start)
+    return summarize_probe(matmul_ms, read_gib, read_s)
+
+
+def probe_host(spec: BenchSpec, timeout: float = 120) -> dict[str, Any] | None:
+    """:func:`run_host_probe` in a subprocess with the measured processes' environment; None when disabled."""
+    if spec.probe_repeats < 1:
+        return None
+    cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", PROBE_WORKER, "--spec", json.dumps(asdict(spec))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(spec.threads, spec.omp_wait_policy),
+                              cwd=repo_root(), timeout=timeout)
+        if done.returncode != 0:
+            return {"error": f"exit status {done.returncode}: {done.stderr.strip()[-300:]}"}
+        return parse_result(done.stdout)
+    except (subprocess.TimeoutExpired, ValueError) as exc:
+        return {"error": str(exc)}
+
+
 def worker_main(name: str, spec: BenchSpec) -> None:
-    """Entry point of a worker subprocess: run one configuration, print its result line."""
-    result = run_reward_config(name, spec) if name in RM_CONFIGS else run_ppo_config(name, spec)
+    """Entry point of a worker subprocess: run one configuration (or the host probe), print its result line."""
+    if name == PROBE_WORKER:
+        result = run_host_probe(spec)
+    else:
+        result = run_reward_config(name, spec) if name in RM_CONFIGS else run_ppo_config(name, spec)
     print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
 
 
@@ -443,7 +551,9 @@ def child_env(threads: int, omp_wait_policy: str) -> dict[str, str]:
 
 
 def run_subprocess(cmd: list[str], spec: BenchSpec, log_path: Path, timeout: float) -> dict[str, Any]:
-    """Run `cmd`, stdout to `log_path`, stderr through; returns the result plus the child's own peak RSS."""
+    """Run `cmd`, stdout to `log_path`, stderr through; returns the result plus the child's own peak RSS and the
+    host probe taken just before it."""
+    probe = probe_host(spec)
     load_before = os.getloadavg()
     start = time.perf_counter()
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -464,7 +574,7 @@ def run_subprocess(cmd: list[str], spec: BenchSpec, log_path: Path, timeout: flo
     meta = {"wall_s": time.perf_counter() - start, "child_peak_rss_gib": usage.ru_maxrss / 2**20,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "command": shlex.join(cmd),
-            "log": str(log_path)}
+            "log": str(log_path), "host_probe_before": probe}
     if proc.returncode != 0:
         tail = "\n".join(stdout.splitlines()[-5:])
         return {"error": f"exit status {proc.returncode} (see {log_path} and stderr above): {tail}", **meta}
@@ -583,6 +693,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (ppo.torch_compile / reward_model.torch_compile)")
     p.add_argument("--rounds", type=int, default=1, help="measure every configuration (and TRL) this many times, "
                    "taking turns, and pool the timed updates (a shared machine's slow spells fall on both sides)")
+    p.add_argument("--probe-repeats", type=int, default=BenchSpec.probe_repeats,
+                   help="timed matmuls of the host probe run before each measured process (0: no probe)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds before a configuration's process is killed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -598,12 +710,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         configs = parse_configs(args.configs)
     except ValueError as exc:
         raise SystemExit(str(exc))
-    if args.updates < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1:
-        raise SystemExit("--updates and --rounds must be >= 1, --warmup >= 0, --threads >= 1")
+    if args.updates < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1 or args.probe_repeats < 0:
+        raise SystemExit("--updates and --rounds must be >= 1, --warmup and --probe-repeats >= 0, --threads >= 1")
     spec = BenchSpec(model=args.model, batch_size=args.batch_size, response_length=args.response_length,
                      num_ppo_epochs=args.num_ppo_epochs, warmup=args.warmup, updates=args.updates,
                      threads=args.threads, omp_wait_policy=args.omp_wait_policy, device=args.device,
-                     compile=args.compile)
+                     compile=args.compile, probe_repeats=args.probe_repeats)
     root = repo_root()
     out_dir = Path(args.out) if Path(args.out).is_absolute() else root / args.out
     trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env

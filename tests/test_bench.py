@@ -41,8 +41,10 @@ def test_summarize_updates_drops_warmup_and_weights_by_time():
 
 
 def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
-    ours = [{"updates": [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0)], "peak_rss_gib": 2.0},
-            {"updates": [_row(1, 90.0), _row(2, 12.0, t_gen=3.0, tok_s=100.0)], "peak_rss_gib": 2.5}]
+    ours = [{"updates": [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0)], "peak_rss_gib": 2.0,
+             "host_probe_before": {"slowdown": 1.0}},
+            {"updates": [_row(1, 90.0), _row(2, 12.0, t_gen=3.0, tok_s=100.0)], "peak_rss_gib": 2.5,
+             "host_probe_before": {"slowdown": 2.0}}]
     for r in ours:
         r.update(bench.summarize_updates(r["updates"], 1, 8))
     merged = bench.merge_rounds(ours, warmup=1, batch_size=8)
@@ -51,6 +53,7 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
     assert merged["tokens_per_s"] == pytest.approx((200 * 1 + 100 * 3) / 4)
     assert merged["peak_rss_gib"] == 2.5
     assert [r["episodes_per_s"] for r in merged["rounds"]] == pytest.approx([2.0, 8 / 12])
+    assert [r["host_probe_before"]["slowdown"] for r in merged["rounds"]] == [1.0, 2.0]  # each round's own probe
     trl_rows = [{"update": 1, "time/update": 9.0, "time/generation": 1.0, "time/forward": 1.0,
                  "time/optimization": 7.0, "tokens": 400}, {"update": 2, "time/update": 8.0, "time/generation": 2.0,
                  "time/forward": 1.0, "time/optimization": 5.0, "tokens": 384}]
@@ -62,6 +65,32 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
     failed = bench.merge_rounds([ours[0], {"error": "exit status 1"}], warmup=1, batch_size=8)
     assert failed["error"] == "exit status 1"
     assert bench.merge_rounds(ours[:1], warmup=1, batch_size=8)["episodes_per_s"] == ours[0]["episodes_per_s"]
+
+
+def test_summarize_probe_reports_fastest_median_and_their_ratio_per_dtype():
+    p = bench.summarize_probe({"bf16": [10.0, 30.0, 12.0, 25.0, 11.0], "fp32": [8.0, 8.0, 9.0]}, read_gib=0.25,
+                              read_s=[0.05, 0.02, 0.04])
+    bf16, fp32 = p["bf16_matmul"], p["fp32_matmul"]
+    assert bf16["ms_min"] == 10.0 and bf16["ms_median"] == 12.0 and bf16["repeats"] == 5
+    assert bf16["slowdown"] == p["slowdown"] == pytest.approx(1.2) and fp32["slowdown"] == pytest.approx(1.0)
+    n = bench.PROBE_MATMULS["bf16"][1]
+    assert bf16["tflops_best"] == pytest.approx(2 * n**3 / 10e-3 / 1e12, rel=1e-3)
+    assert p["read_gb_s_best"] == pytest.approx(0.25 * 2**30 / 0.02 / 1e9, rel=1e-3)
+    with pytest.raises(ValueError, match="at least one"):
+        bench.summarize_probe({"bf16": []}, read_gib=0.25, read_s=[0.1])
+
+
+def test_probe_line_lists_each_run_and_round_in_order():
+    def probe(bf16: float, fp32: float) -> dict:
+        return {"bf16_matmul": {"ms_median": bf16, "ms_min": 10.0}, "fp32_matmul": {"ms_median": fp32, "ms_min": 8.0}}
+
+    ours = {"kind": "ppo", "name": "ours", "rounds": [{"host_probe_before": probe(11.0, 8.0)},
+                                                      {"host_probe_before": probe(24.0, 9.5)}]}
+    trl = {"name": "trl", "host_probe_before": probe(15.0, 8.2)}
+    line = bench.probe_line({"configs": {"ours": ours, "rm": {"kind": "reward_model"}}, "trl": trl})
+    assert line.endswith("ours r1 11.0 (10.0) / 8.0 (8.0); ours r2 24.0 (10.0) / 9.5 (8.0); trl 15.0 (10.0) / 8.2 (8.0)")
+    failed = {"kind": "ppo", "name": "x", "host_probe_before": {"error": "exit status 1"}}
+    assert bench.probe_line({"configs": {"x": failed}, "trl": None}) == ""
 
 
 def test_ratios_by_round_pair_each_round_of_ours_with_trls():
@@ -148,7 +177,7 @@ def test_synthetic_pairs_have_realistic_length_and_no_pad():
 def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     report = bench.main(["--model", "tiny:llama", "--configs", "ours-lora-bf16,rm", "--updates", "1", "--warmup", "1",
                          "--threads", "1", "--response-length", "6", "--out", str(tmp_path),
-                         "--omp-wait-policy", "PASSIVE"])
+                         "--omp-wait-policy", "PASSIVE", "--probe-repeats", "3"])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["configs"].keys() == report["configs"].keys() == {"ours-lora-bf16", "rm"}
     ours = saved["configs"]["ours-lora-bf16"]
@@ -159,6 +188,12 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     assert ours["timed_updates"] == 1 and len(ours["updates"]) == 2
     assert ours["peak_rss_gib"] == pytest.approx(ours["child_peak_rss_gib"], rel=0.05)  # per-process peak
     assert ours["dtype"] == "bfloat16" and ours["use_lora"] is True
+    probe = ours["host_probe_before"]  # measured in its own subprocess just before this configuration ran
+    assert "error" not in probe, probe
+    for dtype in bench.PROBE_MATMULS:
+        assert 0 < probe[f"{dtype}_matmul"]["ms_min"] <= probe[f"{dtype}_matmul"]["ms_median"]
+        assert probe[f"{dtype}_matmul"]["repeats"] == 3
+    assert probe["read_gb_s_best"] > 0
     assert saved["configs"]["rm"]["pairs_per_s"] > 0
     for key in ("episodes_per_s_ratio_vs_trl", "peak_rss_ratio_vs_trl"):
         assert key in saved and saved[key] is None  # TRL not run
