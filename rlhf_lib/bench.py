@@ -18,7 +18,7 @@ profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation`` and ``f
 ``ours-lora-fp32``, and ``rm`` / ``rm-compile`` (the reward-model stage: RewardTrainer steps per second with the
 default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
 ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured process a host probe
-times a fixed bf16 matmul (``--probe-repeats``; :func:`run_host_probe`): its median over its fastest time says how
+times fixed bf16 and fp32 matmuls (``--probe-repeats``; :func:`run_host_probe`): their median times say how
 contended the host was for that run, which the load average does not show on a shared machine.
 Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout and ``<out>/bench.json``.
 """
@@ -156,10 +156,12 @@ PROBE_MATMULS = {"bf16": ("bfloat16", 2048), "fp32": ("float32", 1024)}
 def summarize_probe(matmul_ms: dict[str, Sequence[float]], read_gib: float, read_s: Sequence[float]) -> dict[str, Any]:
     """The host probe's figures from its raw timings: matmuls per dtype (sizes: PROBE_MATMULS), a read of `read_gib` GiB.
 
-    Each dtype's ``slowdown`` = median / fastest time: ~1.0 when nothing else competes for the cores, their caches
-    and the memory bus; other tenants of a shared host raise it (2-2.5 seen here on busy days) while the load
-    average, which counts only this machine's processes, stays at ~1. Both dtypes are timed because our runs are
-    bf16 (AMX) and TRL's are fp32: a slow spell need not slow them alike. ``slowdown`` at the top level is bf16's.
+    The medians are the figures to compare between runs: the same work, so a higher median means a host more
+    contended for its cores, caches, memory bus and matrix units (on this project's shared host the bf16 median went
+    from ~10.5 ms at a quiet moment to 24-30 ms on a busy morning, while the load average, which counts only this
+    machine's processes, stayed at ~1-2). ``slowdown`` = median / fastest within the probe: how much it varied over
+    its few seconds. Both dtypes are timed because our runs are bf16 (AMX) and TRL's fp32, and a busy spell need not
+    slow them alike (that morning: bf16 2.3-2.9x, fp32 1.2-1.7x).
     """
     if not read_s or not matmul_ms or not all(matmul_ms.values()):
         raise ValueError("the host probe needs at least one timing of each matmul and of the read")
@@ -170,7 +172,6 @@ def summarize_probe(matmul_ms: dict[str, Sequence[float]], read_gib: float, read
         out[f"{dtype}_matmul"] = {"n": n, "repeats": len(ordered), "ms_min": round(best, 3),
                                   "ms_median": round(median, 3), "tflops_best": round(2 * n**3 / best / 1e9, 3),
                                   "slowdown": round(median / best, 3)}
-    out["slowdown"] = out["bf16_matmul"]["slowdown"] if "bf16_matmul" in out else None
     out["read_gb_s_best"] = round(read_gib * 2**30 / min(read_s) / 1e9, 2)
     return out
 

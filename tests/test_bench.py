@@ -42,9 +42,9 @@ def test_summarize_updates_drops_warmup_and_weights_by_time():
 
 def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
     ours = [{"updates": [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0)], "peak_rss_gib": 2.0,
-             "host_probe_before": {"slowdown": 1.0}},
+             "host_probe_before": {"bf16_matmul": {"ms_median": 11.0}}},
             {"updates": [_row(1, 90.0), _row(2, 12.0, t_gen=3.0, tok_s=100.0)], "peak_rss_gib": 2.5,
-             "host_probe_before": {"slowdown": 2.0}}]
+             "host_probe_before": {"bf16_matmul": {"ms_median": 26.0}}}]
     for r in ours:
         r.update(bench.summarize_updates(r["updates"], 1, 8))
     merged = bench.merge_rounds(ours, warmup=1, batch_size=8)
@@ -53,7 +53,7 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
     assert merged["tokens_per_s"] == pytest.approx((200 * 1 + 100 * 3) / 4)
     assert merged["peak_rss_gib"] == 2.5
     assert [r["episodes_per_s"] for r in merged["rounds"]] == pytest.approx([2.0, 8 / 12])
-    assert [r["host_probe_before"]["slowdown"] for r in merged["rounds"]] == [1.0, 2.0]  # each round's own probe
+    assert [r["host_probe_before"]["bf16_matmul"]["ms_median"] for r in merged["rounds"]] == [11.0, 26.0]  # own probe
     trl_rows = [{"update": 1, "time/update": 9.0, "time/generation": 1.0, "time/forward": 1.0,
                  "time/optimization": 7.0, "tokens": 400}, {"update": 2, "time/update": 8.0, "time/generation": 2.0,
                  "time/forward": 1.0, "time/optimization": 5.0, "tokens": 384}]
@@ -72,7 +72,7 @@ def test_summarize_probe_reports_fastest_median_and_their_ratio_per_dtype():
                               read_s=[0.05, 0.02, 0.04])
     bf16, fp32 = p["bf16_matmul"], p["fp32_matmul"]
     assert bf16["ms_min"] == 10.0 and bf16["ms_median"] == 12.0 and bf16["repeats"] == 5
-    assert bf16["slowdown"] == p["slowdown"] == pytest.approx(1.2) and fp32["slowdown"] == pytest.approx(1.0)
+    assert bf16["slowdown"] == pytest.approx(1.2) and fp32["slowdown"] == pytest.approx(1.0)
     n = bench.PROBE_MATMULS["bf16"][1]
     assert bf16["tflops_best"] == pytest.approx(2 * n**3 / 10e-3 / 1e12, rel=1e-3)
     assert p["read_gb_s_best"] == pytest.approx(0.25 * 2**30 / 0.02 / 1e9, rel=1e-3)
