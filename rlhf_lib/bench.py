@@ -573,6 +573,9 @@ def run_subprocess(cmd: list[str], spec: BenchSpec, log_path: Path, timeout: flo
         proc.returncode = os.waitstatus_to_exitcode(status)
     stdout = log_path.read_text(encoding="utf-8")
     meta = {"wall_s": time.perf_counter() - start, "child_peak_rss_gib": usage.ru_maxrss / 2**20,
+            # kernel time and page faults of the whole process (warm-up and compiling included): allocator effects
+            "child_cpu_user_s": round(usage.ru_utime, 2), "child_cpu_sys_s": round(usage.ru_stime, 2),
+            "child_minor_page_faults": usage.ru_minflt,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()], "command": shlex.join(cmd),
             "log": str(log_path), "host_probe_before": probe}

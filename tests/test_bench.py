@@ -183,9 +183,11 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     ours = saved["configs"]["ours-lora-bf16"]
     assert "error" not in ours, ours.get("error")
     for key in ("episodes_per_s", "s_per_update", "generation_s", "forward_s", "optimization_s", "tokens_per_s",
-                "peak_rss_gib", "child_peak_rss_gib", "load_average_before"):
+                "peak_rss_gib", "child_peak_rss_gib", "load_average_before", "child_cpu_sys_s",
+                "child_minor_page_faults"):
         assert ours[key] is not None and ours[key] == ours[key], key
     assert ours["timed_updates"] == 1 and len(ours["updates"]) == 2
+    assert ours["child_cpu_user_s"] > 0 and ours["child_minor_page_faults"] > 0  # the worker's own rusage
     assert ours["peak_rss_gib"] == pytest.approx(ours["child_peak_rss_gib"], rel=0.05)  # per-process peak
     assert ours["dtype"] == "bfloat16" and ours["use_lora"] is True
     probe = ours["host_probe_before"]  # measured in its own subprocess just before this configuration ran
