@@ -94,6 +94,8 @@ def build(stage: str, title: str, purpose: str, cells: list[nbformat.NotebookNod
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     nb.cells = header(stage, title, purpose) + cells
+    for i, cell in enumerate(nb.cells):  # stable ids: a rebuild changes only what changed (nbformat draws random ones)
+        cell.id = f"{stage}-{i:02d}"
     return nb
 
 
