@@ -20,7 +20,8 @@ default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's t
 ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured process a host probe
 times fixed bf16 and fp32 matmuls (``--probe-repeats``; :func:`run_host_probe`): their median times say how
 contended the host was for that run, which the load average does not show on a shared machine.
-Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout and ``<out>/bench.json``.
+Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout, ``<out>/bench.json`` and
+``<out>/bench.png`` (the table as a figure: :func:`rlhf_lib.plots.plot_bench`).
 """
 from __future__ import annotations
 
@@ -725,7 +726,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env
     report = run_benchmark(configs, spec, out_dir, args.trl, trl_env, args.timeout, args.rounds)
     print("\n" + format_table(report))
-    print(f"\nwrote {out_dir / 'bench.json'} (device {report['device']}, threads {spec.threads}, load average "
+    from .plots import plot_bench, save_figure_in
+
+    png = save_figure_in(plot_bench(report), out_dir, "bench")
+    print(f"\nwrote {png} and {out_dir / 'bench.json'} (device {report['device']}, threads {spec.threads}, load average "
           f"{report['load_average_start']} -> {report['load_average_end']})")
     return report
 

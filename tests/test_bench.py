@@ -148,6 +148,44 @@ def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
     assert "not measured in this run" in table and "PUBLISHED" in table
 
 
+def _ppo(name, ep_s, s_update, gen, fwd, opt, rss, **extra):
+    return {"name": name, "kind": "ppo", "episodes_per_s": ep_s, "s_per_update": s_update, "generation_s": gen,
+            "forward_s": fwd, "optimization_s": opt, "peak_rss_gib": rss, **extra}
+
+
+def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
+    import matplotlib.pyplot as plt
+
+    from rlhf_lib import plots
+
+    REF = bench.REFERENCE_CONFIG
+    ours = _ppo(REF, 1.2, 6.0, 2.0, 1.0, 2.5, 3.0, rounds=[{"episodes_per_s": 1.0}, {"episodes_per_s": 1.4}])
+    trl = _ppo(bench.TRL_CONFIG_NAME, 0.3, 24.0, 4.0, 2.0, 18.0, 8.0,
+               rounds=[{"episodes_per_s": 0.3}, {"episodes_per_s": 0.3}])
+    fig = plots.plot_bench(bench.add_ratios(_report({REF: ours}, trl=trl)))
+    phases, memory, by_round = fig.axes[:3]
+    def segments(row):  # (start, width) of each bar segment of one row, left to right
+        return [v for p in phases.patches if round(p.get_y() + p.get_height() / 2) == row
+                for v in (p.get_x(), p.get_width())]
+
+    # row 0 = ours, row 1 = TRL; segments generation | forwards | optimisation | other, each starting where the last ended
+    assert segments(0) == pytest.approx([0, 2.0, 2.0, 1.0, 3.0, 2.5, 5.5, 0.5])
+    assert segments(1) == pytest.approx([0, 4.0, 4.0, 2.0, 6.0, 18.0, 24.0, 0.0])
+    labels = [t.get_text() for t in phases.texts]
+    assert any("1.200 ep/s (4.00x TRL)" in t for t in labels) and any(t.strip() == "0.300 ep/s" for t in labels)
+    assert [p.get_width() for p in memory.patches] == pytest.approx([3.0, 8.0])
+    assert memory.lines[0].get_xdata()[0] == pytest.approx(4.0)  # the <= 0.5x TRL target
+    rounds_line, pooled, target = by_round.lines
+    assert list(rounds_line.get_ydata()) == pytest.approx([1.0 / 0.3, 1.4 / 0.3])
+    assert pooled.get_ydata()[0] == pytest.approx(4.0) and target.get_ydata()[0] == pytest.approx(4.0)
+    plt.close(fig)
+
+    alone = plots.plot_bench(bench.add_ratios(_report({REF: dict(ours)})))  # no TRL: no ratios, no targets
+    assert len(alone.axes) == 2 and not alone.axes[1].lines
+    assert not any("TRL" in t.get_text() for t in alone.axes[0].texts)
+    plt.close(alone)
+
+
 def test_child_env_sets_threads_and_wait_policy_and_drops_spin_count(monkeypatch):
     monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
@@ -202,4 +240,7 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     assert saved["device"]["type"] in ("cpu", "cuda") and saved["threads"] == 1
     assert saved["omp_wait_policy"] == saved["workload"]["omp_wait_policy"] == "PASSIVE"
     assert "differences" in saved and "load_average_start" in saved
-    assert "| ours-lora-bf16 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| ours-lora-bf16 |" in out
+    png = tmp_path / "bench.png"  # the table as a figure, written beside bench.json
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in out
