@@ -657,6 +657,12 @@ class PPOTrainer:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=0,
                                        num_training_steps=self.plan.num_updates)
         self.policy, self.value, self.optimizer = self.accelerator.prepare(policy, value, optimizer)
+        # accelerate wraps a prepared model's forward in autocast plus a copy of every output to fp32. Every forward
+        # here already runs inside accelerator.autocast(), and the log-prob pass upcasts the bf16 logits itself, so
+        # the wrapper only copied the (B, T, V) logits to fp32 at each policy forward and back to bf16 in backward
+        # (~65 + ~31 ms for 8 x 48 tokens of SmolLM2, and twice the logits' memory): dropped, bit-identical results
+        for model in (self.policy, self.value):
+            self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         self.trainable = params
 
         self.kl_ctl = (ppo_core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)

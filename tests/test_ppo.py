@@ -402,6 +402,22 @@ def test_reusing_the_rollout_forward_is_exact(tokenizer, prompts, target_token, 
     assert_rows_close(runs_[True], runs_[False], loose={"val/clipfrac_avg": 0.05})
 
 
+def test_bf16_training_forward_keeps_logits_in_bf16(tokenizer, prompts, tmp_path):
+    """accelerate's fp32 output wrapper is dropped: no (B, T, V) fp32 copy of the logits, and it is still the
+    trainer's own autocast that makes the forward bf16 (outside it, the frozen bf16 weights would meet fp32 inputs)."""
+    trainer = make_trainer(tiny_cfg(dtype="bfloat16", use_lora=True), tokenizer, prompts, tmp_path,
+                           token_count_reward(0))
+    queries, mask = ppo.left_pad(prompts[:2], tokenizer.pad_token_id, trainer.device)
+    positions = models.position_ids_from_mask(mask)
+    with trainer.accelerator.autocast():
+        logits = trainer._policy_forward(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
+        values = trainer.value(queries, mask, positions)
+    assert logits.shape[:2] == (2, 3) and logits.dtype == torch.bfloat16
+    assert logits.requires_grad and values.requires_grad
+    with pytest.raises(RuntimeError):  # no hidden autocast left in the prepared model's forward
+        trainer._policy_forward(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
+
+
 def test_gradient_accumulation_and_minibatches_run(tokenizer, prompts, target_token, tmp_path):
     cfg = tiny_cfg(total_episodes=16, num_mini_batches=2, gradient_accumulation_steps=2, num_ppo_epochs=2)
     summary = make_trainer(cfg, tokenizer, prompts, tmp_path, token_count_reward(target_token)).train()
