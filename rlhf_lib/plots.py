@@ -1,4 +1,5 @@
-"""Figures of the evaluation notebook. Each function returns a matplotlib Figure and saves a PNG under run.plots_dir.
+"""Figures of the evaluation notebook (each returns a matplotlib Figure and saves a PNG under run.plots_dir) and of
+`make bench` (:func:`plot_bench`, saved beside bench.json).
 
 Figures are closed in pyplot after saving, so a notebook shows each one once (as the cell's value), and tests and
 papermill runs never accumulate open figures.

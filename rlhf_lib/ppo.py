@@ -660,7 +660,8 @@ class PPOTrainer:
         # accelerate wraps a prepared model's forward in autocast plus a copy of every output to fp32. Every forward
         # here already runs inside accelerator.autocast(), and the log-prob pass upcasts the bf16 logits itself, so
         # the wrapper only copied the (B, T, V) logits to fp32 at each policy forward and back to bf16 in backward
-        # (~65 + ~31 ms for 8 x 48 tokens of SmolLM2, and twice the logits' memory): dropped, bit-identical results
+        # (~65 + ~31 ms for 8 x 48 tokens of SmolLM2, and twice the logits' memory). Dropped: bit-identical results
+        # with the eager log-prob pass; fused_logprobs' compiled kernel now reads bf16 (fp32 rounding may differ)
         for model in (self.policy, self.value):
             self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         self.trainable = params
