@@ -258,12 +258,17 @@ TABLE_COLUMNS = (  # (header, key, digits)
 )
 
 
+def ppo_results(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The PPO results of a report in the order they are shown: our configurations, then TRL's (named) if run."""
+    rows = [r for r in report["configs"].values() if r.get("kind") == "ppo"]
+    if report.get("trl"):
+        rows.append({**report["trl"], "name": report["trl"].get("name", TRL_CONFIG_NAME)})
+    return rows
+
+
 def format_table(report: dict[str, Any]) -> str:
     """A Markdown table of the PPO configurations (+ TRL), the RM stage line and the headline ratios."""
-    rows = [r for r in report["configs"].values() if "episodes_per_s" in r or "error" in r and r.get("kind") == "ppo"]
-    trl = report.get("trl")
-    if trl:
-        rows = [*rows, {**trl, "name": trl.get("name", TRL_CONFIG_NAME)}]
+    rows = [r for r in ppo_results(report) if "episodes_per_s" in r or "error" in r]
     lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
              "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     for r in rows:
@@ -305,9 +310,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def probe_line(report: dict[str, Any]) -> str:
     """The host probe's matmul times before each measured process, in the order they ran ('' if none)."""
-    runs = [r for r in report["configs"].values() if r.get("kind") == "ppo"]
-    if report.get("trl"):
-        runs.append({**report["trl"], "name": report["trl"].get("name", TRL_CONFIG_NAME)})
+    runs = ppo_results(report)
 
     def times(probe: dict[str, Any]) -> str:
         return " / ".join(f"{_fmt(m.get('ms_median'), 1)} ({_fmt(m.get('ms_min'), 1)})"

@@ -283,12 +283,12 @@ def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target:
 
     `report` is bench.json's content. Targets are issue #6's: >= 4x TRL 1.12's episodes/s at <= 0.5x its peak RSS.
     """
+    from .bench import ppo_results
+
     trl = report.get("trl") or {}
-    rows = [r for r in report["configs"].values() if r.get("kind") == "ppo" and "episodes_per_s" in r]
-    colors = ["tab:purple"] * len(rows)  # ours; TRL in red
-    if "episodes_per_s" in trl:
-        rows.append({**trl, "name": trl.get("name", "TRL 1.12")})
-        colors.append("tab:red")
+    rows = [r for r in ppo_results(report) if "episodes_per_s" in r]  # finished runs: ours, then TRL's
+    trl_shown = int("episodes_per_s" in trl)  # TRL's row comes last when it finished
+    colors = ["tab:purple"] * (len(rows) - trl_shown) + ["tab:red"] * trl_shown
     by_round = report.get("episodes_per_s_ratio_vs_trl_by_round") or []
     fig, axes = plt.subplots(1, 3 if by_round else 2, figsize=(16 if by_round else 12, 2.4 + 0.45 * max(len(rows), 2)),
                              squeeze=False, gridspec_kw={"width_ratios": [3, 2, 2][:3 if by_round else 2]})
