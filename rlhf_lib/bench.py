@@ -13,7 +13,8 @@ warm-up updates are excluded from the figures.
 
 Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
 reward = the adapter-off bases, bf16 autocast), ``ours-lora-bf16-compile`` (+ ``torch_compile``: the default
-profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation`` and ``fused_logprobs``; the ``*_ratio_vs_trl`` keys use it),
+profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation`` and ``fused_logprobs``),
+``ours-lora-bf16-compile-all-prefix`` (+ ``share_prompt_prefix``; the ``*_ratio_vs_trl`` keys use it),
 ``ours-full-fp32`` (TRL's algorithmic content: four full models, full fine-tuning, fp32), ``ours-full-bf16``,
 ``ours-lora-fp32``, and ``rm`` / ``rm-compile`` (the reward-model stage: RewardTrainer steps per second with the
 default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
@@ -42,18 +43,19 @@ from typing import Any, Sequence
 from .runs import repo_root
 
 RESULT_MARKER = "BENCH_RESULT "
-DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-lora-bf16-compile-all", "ours-full-fp32", "rm",
-                   "rm-compile")
-REFERENCE_CONFIG = "ours-lora-bf16-compile-all"  # the configuration the *_ratio_vs_trl keys compare: our fastest exact one
-# name -> (use_lora, dtype, torch_compile, compile_generation); dtype is passed to runtime.pick_dtype (bf16
-# autocast: CPU and CUDA)
+DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-lora-bf16-compile-all",
+                   "ours-lora-bf16-compile-all-prefix", "ours-full-fp32", "rm", "rm-compile")
+REFERENCE_CONFIG = "ours-lora-bf16-compile-all-prefix"  # the configuration the *_ratio_vs_trl keys compare: our fastest one
+# name -> (use_lora, dtype, torch_compile, compile_generation + fused_logprobs, share_prompt_prefix); dtype is passed
+# to runtime.pick_dtype (bf16 autocast: CPU and CUDA)
 PPO_CONFIGS = {
-    "ours-lora-bf16": (True, "bfloat16", False, False),
-    "ours-lora-bf16-compile": (True, "bfloat16", True, False),
-    "ours-lora-bf16-compile-all": (True, "bfloat16", True, True),
-    "ours-full-fp32": (False, "float32", False, False),
-    "ours-full-bf16": (False, "bfloat16", False, False),
-    "ours-lora-fp32": (True, "float32", False, False),
+    "ours-lora-bf16": (True, "bfloat16", False, False, False),
+    "ours-lora-bf16-compile": (True, "bfloat16", True, False, False),
+    "ours-lora-bf16-compile-all": (True, "bfloat16", True, True, False),
+    "ours-lora-bf16-compile-all-prefix": (True, "bfloat16", True, True, True),
+    "ours-full-fp32": (False, "float32", False, False, False),
+    "ours-full-bf16": (False, "bfloat16", False, False, False),
+    "ours-lora-fp32": (True, "float32", False, False, False),
 }
 RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
 KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
@@ -85,6 +87,10 @@ DIFFERENCES = {
                                   "cache with LoRA factors as fused reductions (ppo.compile_generation), and the "
                                   "log-prob/entropy pass as compiled kernels (ppo.fused_logprobs); compiled in the "
                                   "first warm-up update.",
+    "ours-lora-bf16-compile-all-prefix": "ours-lora-bf16-compile-all, and the prompt tokens all 8 prompts begin "
+                                         "with (chat template + instruction, 30 of ~39) computed once per "
+                                         "full-sequence forward instead of once per row (ppo.share_prompt_prefix; "
+                                         "same maths up to bf16 rounding, rlhf_lib.prefix).",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
                 "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
@@ -366,7 +372,7 @@ def make_ppo_trainer(name: str, spec: BenchSpec, scratch: Path):
     """
     from . import models, ppo, runtime
 
-    use_lora, dtype, config_compiles, compile_generation = PPO_CONFIGS[name]
+    use_lora, dtype, config_compiles, compile_generation, share_prefix = PPO_CONFIGS[name]
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
     tokenizer = models.load_tokenizer(spec.model)
@@ -379,6 +385,7 @@ def make_ppo_trainer(name: str, spec: BenchSpec, scratch: Path):
                         num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
                         temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
                         torch_compile=config_compiles or spec.compile, compile_generation=compile_generation,
+                        share_prompt_prefix=share_prefix,
                         **overrides)
     built = ppo.build_models(cfg, tokenizer, spec.model, None)
     return ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn, prompts,
@@ -390,7 +397,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     from . import ppo, runtime
     from .metrics import read_jsonl
 
-    use_lora, _, config_compiles, compile_generation = PPO_CONFIGS[name]
+    use_lora, _, config_compiles, compile_generation, share_prefix = PPO_CONFIGS[name]
     use_compile = config_compiles or spec.compile
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
         trainer = make_ppo_trainer(name, spec, Path(scratch))
@@ -402,7 +409,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
         "name": name + ("+compile" if use_compile and not config_compiles else ""), "kind": "ppo", "use_lora": use_lora,
         "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
         "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": use_compile,
-        "compile_generation": compile_generation,
+        "compile_generation": compile_generation, "share_prompt_prefix": share_prefix,
         "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
         "trainable_parameters": sum(p.numel() for p in trainer.trainable),
         "updates": [{k: r[k] for k in ("update", "time/update", "time/generation", "time/forward",

@@ -287,6 +287,9 @@ def compile_blocks(model: torch.nn.Module) -> int:
     a cache object would break the graph anyway. :func:`uncompile_blocks` undoes it.
     """
     blocks = transformer_blocks(model)
+    # one graph per mode: grad / no-grad x adapter on / off x attention implementation (eager, or PPO's shared
+    # prompt prefix); past Dynamo's default limit of 8 a block would silently run eager from then on
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for block in blocks:
         if "forward" in vars(block):  # already compiled
             continue

@@ -27,6 +27,8 @@ Speed levers (issue 6), all exact (same maths, fewer or cheaper operations):
 - Responses come from our own decode loop (:mod:`rlhf_lib.generation`): one uniform draw per row instead of one
   per vocabulary entry, no ``generate`` bookkeeping, and optionally (``compile_generation``) one compiled decode
   step over a static KV cache.
+- With ``share_prompt_prefix``, full-sequence forwards compute the prompt tokens every row begins with (chat
+  template, shared instruction) once, as an extra row the others attend to (:mod:`rlhf_lib.prefix`).
 - On CPU, full-sequence forwards use eager (matmul) attention -- bf16 SDPA's backward is ~5x slower there -- while
   generation keeps SDPA, which decodes faster.
 - Frozen weights get their own memory instead of viewing the memory-mapped safetensors file, so the file pages
@@ -55,7 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import generation, models, ppo_core, runtime
+from . import generation, models, ppo_core, prefix, runtime
 from .config import CommonConfig, exact_div, to_dict
 from .metrics import METRIC_GLOSSARY, JSONLWriter, MetricAccumulator, Reporter, read_jsonl
 
@@ -113,6 +115,7 @@ class PPOConfig(CommonConfig):
     torch_compile: bool = False  # torch.compile each transformer block for full-sequence forwards (~1.5x faster on CPU after ~1 min of compiling; generation stays eager)
     fused_logprobs: bool = False  # log-probs/entropy over the vocabulary as two torch.compile'd kernels (~2x faster than the chunked eager pass after ~20 s of compiling; changes fp32 rounding)
     compile_generation: bool = False  # sample with one torch.compile'd decode step over a static KV cache (~1.3x faster decoding on CPU after ~2.5 min of compiling: for long runs)
+    share_prompt_prefix: bool = False  # full-sequence forwards compute the prompt tokens all rows begin with once, not per row (same maths up to rounding; pays when prompts share a system prompt / instruction: rlhf_lib.prefix)
     # logging and checkpoints
     sample_every: int = 4  # write a table of sample completions every N updates (0: never)
     num_sample_rows: int = 4  # completions per sample table
@@ -249,24 +252,35 @@ class ScalarHead(nn.Module):
     real token, as the reward model.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, share_prompt_prefix: bool = False) -> None:
         super().__init__()
         self.model = model  # a transformers *ForSequenceClassification, possibly wrapped by peft
+        self.share_prompt_prefix = share_prompt_prefix  # see PPOConfig.share_prompt_prefix
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                context_length: int | None = None) -> Tensor:
+        """(B, L) scalars; with `context_length` (the prompt width) and ``share_prompt_prefix``, a prefix all
+        prompts share is computed once (its columns then hold 0: only response-side values are read)."""
         base = models.peft_base(self.model)
         backbone = getattr(base, base.base_model_prefix)
         if not hasattr(base, "score"):
             raise TypeError(f"{type(base).__name__} has no `score` head; value/reward models must be "
                             "AutoModelForSequenceClassification models with num_labels=1")
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state  # (B, L, H)
-        return base.score(hidden).squeeze(-1).float()  # (B, L)
+        layout = (prefix.find_shared_prefix(input_ids, attention_mask, position_ids, context_length)
+                  if self.share_prompt_prefix and context_length is not None else None)
+        if layout is None:
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state  # (B, L, H)
+            return base.score(hidden).squeeze(-1).float()  # (B, L)
+        with attention(self.model, prefix.ATTENTION):
+            hidden = backbone(**layout.model_inputs(), use_cache=False).last_hidden_state  # (B + 1, W, H)
+        return layout.unpack(base.score(hidden).squeeze(-1).float(), input_ids.shape[1])  # (B, L)
 
 
-def scores_at_last_token(head: ScalarHead, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def scores_at_last_token(head: ScalarHead, input_ids: Tensor, attention_mask: Tensor,
+                         context_length: int | None = None) -> Tensor:
     """Score of each sequence read at its last real token, whatever the padding side (B,)."""
-    values = head(input_ids, attention_mask, models.position_ids_from_mask(attention_mask))  # (B, L)
+    values = head(input_ids, attention_mask, models.position_ids_from_mask(attention_mask), context_length)  # (B, L)
     last = ppo_core.last_valid_index(attention_mask)  # (B,)
     return values.gather(1, last[:, None]).squeeze(1)  # (B,)
 
@@ -283,7 +297,7 @@ class ModelReward:
         # with LoRA the reward model is the value model with its adapter (and trained value head) disabled
         adapter = self.head.model.disable_adapter() if self.adapter_off else contextlib.nullcontext()
         with torch.no_grad(), adapter:
-            scores = scores_at_last_token(self.head, query_responses, attention_mask)  # (B,)
+            scores = scores_at_last_token(self.head, query_responses, attention_mask, context_length)  # (B,)
         return (scores - self.mean) / self.std
 
 
@@ -429,11 +443,11 @@ def build_models(cfg: PPOConfig, tokenizer, reward_model: str, reward_stats: dic
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(cfg, "CAUSAL_LM"))
-        value = ScalarHead(get_peft_model(rm, lora_config(cfg, "SEQ_CLS")))
+        value = ScalarHead(get_peft_model(rm, lora_config(cfg, "SEQ_CLS")), cfg.share_prompt_prefix)
         return PPOModels(policy, None, value, ModelReward(value, mean, std, adapter_off=True))
     ref = copy.deepcopy(policy).requires_grad_(False).eval()
-    value = ScalarHead(copy.deepcopy(rm))
-    reward_head = ScalarHead(rm.requires_grad_(False).eval())
+    value = ScalarHead(copy.deepcopy(rm), cfg.share_prompt_prefix)
+    reward_head = ScalarHead(rm.requires_grad_(False).eval(), cfg.share_prompt_prefix)
     return PPOModels(policy, ref, value, ModelReward(reward_head, mean, std))
 
 
@@ -714,9 +728,15 @@ class PPOTrainer:
         (B, T + 1, V) gradient.
         """
         keep = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)  # (T,)
-        out = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
-                    logits_to_keep=keep, use_cache=False)
-        return out.logits
+        layout = (prefix.find_shared_prefix(query_responses, attention_mask, position_ids, context_length)
+                  if self.cfg.share_prompt_prefix else None)
+        if layout is None:
+            return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
+                         logits_to_keep=keep, use_cache=False).logits
+        with attention(model, prefix.ATTENTION):  # the shared prompt prefix once (rlhf_lib.prefix)
+            logits = model(**layout.model_inputs(), logits_to_keep=layout.suffix_columns(keep),
+                           use_cache=False).logits  # (B + 1, T, V), row 0 the prefix row's
+        return logits[1:]
 
     def _rows(self, roll: Rollout, rows: Tensor | slice) -> tuple[Tensor, Tensor, Tensor]:
         return roll.query_responses[rows], roll.attention_mask[rows], roll.position_ids[rows]
@@ -772,7 +792,7 @@ class PPOTrainer:
         ctx = roll.context_length
         with self.accelerator.autocast():
             logits = self._policy_forward(self.policy, *self._rows(roll, rows), ctx)  # (b, T, V)
-            values = self.value(*self._rows(roll, rows))[:, ctx - 1:-1]  # (b, T) value of the state before each token
+            values = self.value(*self._rows(roll, rows), ctx)[:, ctx - 1:-1]  # (b, T) value of the state before each token
         logprobs, entropy = token_logprobs_and_entropy(logits, roll.responses[rows], self.cfg.temperature,
                                                        fused=self.cfg.fused_logprobs)
         return logprobs, values.float(), ppo_core.masked_mean(entropy, roll.response_mask[rows])
