@@ -481,7 +481,7 @@ def store_frozen_weights_in(model: nn.Module | None, dtype: torch.dtype) -> None
 
 def set_attention(model: nn.Module, implementation: str) -> str | None:
     """Switch a transformers model's attention implementation; returns the previous one (None: not switchable)."""
-    base = models.peft_base(model)
+    base = models.peft_base(getattr(model, "module", model))  # DDP (accelerate, several processes) keeps it in .module
     setter = getattr(base, "set_attn_implementation", None)
     previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
     if setter is None or previous is None:

@@ -146,6 +146,29 @@ def test_same_logits_values_and_gradients_as_the_padded_batch(ref, compiled, use
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
 
 
+def test_shared_prefix_through_distributed_data_parallel(tmp_path, used_layouts):
+    """With several processes accelerate wraps the policy in DDP: the attention switch must reach the model inside."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    tokenizer = models.load_tokenizer(MODEL)
+    policy = models.load_causal_lm(MODEL, tokenizer)
+    ppo.use_eager_attention(policy)
+    batch = padded_batch([SHARED + [30, 31], SHARED + [40]], [[60] * 8, [70] * 5], width=8)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(policy)
+        fake = type("T", (), {"cfg": ppo.PPOConfig(model=MODEL, share_prompt_prefix=True)})()
+        shared = ppo.PPOTrainer._policy_forward(fake, wrapped, *batch)
+        fake.cfg = ppo.PPOConfig(model=MODEL)
+        padded = ppo.PPOTrainer._policy_forward(fake, wrapped, *batch)
+    finally:
+        dist.destroy_process_group()
+    assert len(used_layouts) == 1
+    real = batch[1][:, batch[3]:].bool()
+    torch.testing.assert_close(shared[real], padded[real], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_ppo_with_a_shared_prefix_trains_like_the_padded_batch(tmp_path, used_layouts):
     """Three LoRA updates with the reward model as the value model's adapter-off base: the same metrics (fp32)."""
