@@ -232,6 +232,8 @@ def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
     trl_ok = bool(trl) and "error" not in trl
     report["episodes_per_s_ratio_vs_trl"] = ratio(ref.get("episodes_per_s"), trl.get("episodes_per_s")) if trl_ok else None
     report["peak_rss_ratio_vs_trl"] = ratio(ref.get("peak_rss_gib"), trl.get("peak_rss_gib")) if trl_ok else None
+    # on a GPU the memory that binds is the device's: torch.cuda.max_memory_allocated on both sides (None on CPU)
+    report["peak_gpu_ratio_vs_trl"] = ratio(ref.get("peak_gpu_gib"), trl.get("peak_gpu_gib")) if trl_ok else None
     pub = report["published_trl"]
     comparable = all(report["workload"].get(k) == v for k, v in PUBLISHED_WORKLOAD.items())
     report["episodes_per_s_ratio_vs_published_trl"] = (ratio(ref.get("episodes_per_s"), pub["episodes_per_s"])
@@ -259,7 +261,8 @@ def _fmt(value: Any, digits: int = 2) -> str:
 TABLE_COLUMNS = (  # (header, key, digits)
     ("config", "name", 0), ("ep/s", "episodes_per_s", 3), ("s/update", "s_per_update", 1),
     ("gen s", "generation_s", 1), ("fwd s", "forward_s", 1), ("opt s", "optimization_s", 1),
-    ("gen tok/s", "tokens_per_s", 0), ("peak RSS GiB", "peak_rss_gib", 2), ("ep/s x TRL", "episodes_per_s_vs_trl", 2),
+    ("gen tok/s", "tokens_per_s", 0), ("peak RSS GiB", "peak_rss_gib", 2),
+    ("peak GPU GiB", "peak_gpu_gib", 2), ("ep/s x TRL", "episodes_per_s_vs_trl", 2),
     ("RSS x TRL", "peak_rss_vs_trl", 2),
 )
 
@@ -298,7 +301,9 @@ def format_table(report: dict[str, Any]) -> str:
     ref = report["reference_config"]
     if report.get("episodes_per_s_ratio_vs_trl") is not None:
         lines.append(f"\n{ref} vs TRL 1.12 measured in this run: episodes/s x{_fmt(report['episodes_per_s_ratio_vs_trl'])}, "
-                     f"peak RSS x{_fmt(report['peak_rss_ratio_vs_trl'])}")
+                     f"peak RSS x{_fmt(report['peak_rss_ratio_vs_trl'])}"
+                     + (f", peak GPU memory x{_fmt(report['peak_gpu_ratio_vs_trl'])}"
+                        if report.get("peak_gpu_ratio_vs_trl") is not None else ""))
         if report.get("episodes_per_s_ratio_vs_trl_by_round"):
             lines.append("episodes/s ratio of each round (ours and TRL taking turns): "
                          + ", ".join(f"x{_fmt(r)}" for r in report["episodes_per_s_ratio_vs_trl_by_round"]))

@@ -133,7 +133,7 @@ class ResponseSampler:
         self.lora_reductions = True  # compiled steps run LoRA factors as fused reductions
         # the base model's forward: with peft the LoRA layers are inside it, and the wrapper adds only dispatch
         # dynamic: prompt widths differ between batches; static sizes recompiled (~80 s) for each new width
-        self._step = torch.compile(models.peft_base(model).forward, dynamic=True) if compile else None
+        self._step = models.compile_dynamic(models.peft_base(model).forward) if compile else None
 
     @torch.no_grad()
     def __call__(self, queries: Tensor, query_mask: Tensor) -> tuple[Tensor, int]:

@@ -275,6 +275,24 @@ def _holds_kv_cache(args: tuple, kwargs: dict) -> bool:
     return any(isinstance(a, Cache) for a in (*args, *kwargs.values()))
 
 
+def compile_dynamic(fn):
+    """``torch.compile(fn, dynamic=True)`` -- symbolic sizes, one graph for every batch and sequence length -- with
+    the Inductor settings every such compile here needs.
+
+    - Dynamo's recompile limit raised to 16: one graph per mode (grad / no-grad x adapter on / off x attention
+      implementation, eager or PPO's shared prompt prefix); past the default 8 a function would silently run eager
+      from then on.
+    - Triton's coalesce tiling analysis off (GPU code generation only; CPU code is unaffected): with symbolic
+      sizes it fails an assertion in ``tiling_utils.get_pw_red_splits`` (torch 2.11 on an H200: our compiled
+      blocks' training graph with the shared prompt prefix died with InductorError after 3 min of compiling;
+      pytorch/pytorch#181563 and #197077). Inductor's own note says the analysis does not apply to dynamic
+      shapes yet, so nothing is lost by skipping it.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    torch._inductor.config.triton.coalesce_tiling_analysis = False
+    return torch.compile(fn, dynamic=True)
+
+
 def compile_blocks(model: torch.nn.Module) -> int:
     """``torch.compile`` each transformer block for full-sequence forwards (training, scoring); returns how many.
 
@@ -282,19 +300,16 @@ def compile_blocks(model: torch.nn.Module) -> int:
     them all, so compiling costs one block (~30 s for forward + backward on 2 CPU cores) instead of the whole
     unrolled model (which did not finish in 7 min). What it buys: on CPU a bf16 block spends more time in small
     elementwise ops (norms, rotary, SiLU, casts) than in matmuls, and inductor fuses them -- forward + backward of
-    SmolLM2-135M went from 1.42 s to 0.96 s (batch 8 x 89 tokens). ``dynamic=True``: new sequence lengths reuse the
-    graph. Calls that carry a KV cache (generation) stay eager -- decoding is bound by reading the weights, and
+    SmolLM2-135M went from 1.42 s to 0.96 s (batch 8 x 89 tokens). :func:`compile_dynamic`: new sequence lengths
+    reuse the graph. Calls that carry a KV cache (generation) stay eager -- decoding is bound by reading the weights, and
     a cache object would break the graph anyway. :func:`uncompile_blocks` undoes it.
     """
     blocks = transformer_blocks(model)
-    # one graph per mode: grad / no-grad x adapter on / off x attention implementation (eager, or PPO's shared
-    # prompt prefix); past Dynamo's default limit of 8 a block would silently run eager from then on
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for block in blocks:
         if "forward" in vars(block):  # already compiled
             continue
         eager = block.forward
-        compiled = torch.compile(eager, dynamic=True)
+        compiled = compile_dynamic(eager)
 
         def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
             return _eager(*args, **kwargs) if _holds_kv_cache(args, kwargs) else _compiled(*args, **kwargs)

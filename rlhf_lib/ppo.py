@@ -395,7 +395,7 @@ def _compiled(name: str):
     """torch.compile'd fused log-prob kernels, built on first use (symbolic sizes: one graph for every B and T)."""
     if name not in _COMPILED:
         fn = {"logprobs": _logprobs_entropy_lse, "logprobs_grad": _logprobs_grad}[name]
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
+        _COMPILED[name] = models.compile_dynamic(fn)
     return _COMPILED[name]
 
 

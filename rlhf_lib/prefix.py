@@ -97,16 +97,17 @@ def find_shared_prefix(input_ids: Tensor, attention_mask: Tensor, position_ids: 
     col = torch.arange(offset, L, device=device)  # (S,) padded-batch columns of the suffixes
     suffix_mask = mask[:, offset:] & (col[None, :] >= (starts + P)[:, None])  # (B, S) drops shifted prefix tokens
 
-    def rows(prefix: Tensor, suffixes: Tensor, fill: int | bool) -> Tensor:  # (P,), (B, S) -> (B + 1, W)
-        out = torch.full((B + 1, W), fill, dtype=suffixes.dtype, device=device)
+    def rows(prefix: Tensor, suffixes: Tensor) -> Tensor:  # (P,), (B, S) -> (B + 1, W), zero-filled
+        out = torch.zeros((B + 1, W), dtype=suffixes.dtype, device=device)
         out[0, :P] = prefix
         out[1:, :S] = suffixes
         return out
 
     start0 = int(starts[0])
-    ids = rows(input_ids[0, start0:start0 + P], input_ids[:, offset:], 0)
-    pos = rows(position_ids[0, start0:start0 + P], position_ids[:, offset:], 0)
-    real = rows(torch.ones(P, dtype=torch.bool, device=device), suffix_mask, False)[1:]  # (B, W)
+    ids = rows(input_ids[0, start0:start0 + P], input_ids[:, offset:])
+    pos = rows(position_ids[0, start0:start0 + P], position_ids[:, offset:])
+    real = torch.zeros(B, W, dtype=torch.bool, device=device)  # (B, W) real (unpadded) suffix tokens
+    real[:, :S] = suffix_mask
     causal = torch.ones(W, W, dtype=torch.bool, device=device).tril()  # (W, W)
     allowed = torch.cat([torch.ones(B, W, P, dtype=torch.bool, device=device),
                          causal[None] & real[:, None, :]], dim=2)  # (B, W, P + W)

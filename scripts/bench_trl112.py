@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         "optimization_s": sum(r["time/optimization"] for r in timed) / len(timed) if timed else None,
         "tokens_per_s": sum(r["tokens"] for r in timed) / gen_seconds if gen_seconds > 0 else None,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "updates": rows,
     }
     print(json.dumps(result), flush=True)

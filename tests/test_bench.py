@@ -120,6 +120,11 @@ def test_ratios_vs_measured_trl_and_published_figures():
     assert rep["peak_rss_ratio_vs_trl"] == pytest.approx(0.4)
     assert rep["episodes_per_s_ratio_vs_published_trl"] == pytest.approx(1.2 / bench.PUBLISHED_TRL["episodes_per_s"])
     assert rep["configs"][REF]["episodes_per_s_vs_trl"] == pytest.approx(4.0)
+    assert rep["peak_gpu_ratio_vs_trl"] is None  # CPU run: no device memory on either side
+    gpu = bench.add_ratios(_report({REF: dict(ours, peak_gpu_gib=1.5)},
+                                   trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5, "peak_gpu_gib": 6.0}))
+    assert gpu["peak_gpu_ratio_vs_trl"] == pytest.approx(0.25)
+    assert "peak GPU memory x0.25" in bench.format_table(gpu)
 
     no_trl = bench.add_ratios(_report({REF: dict(ours)}))
     assert no_trl["episodes_per_s_ratio_vs_trl"] is None and no_trl["peak_rss_ratio_vs_trl"] is None

@@ -89,6 +89,22 @@ def test_interrupted_build_leaves_no_complete_looking_folder(tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_compile_dynamic_sets_the_inductor_settings_our_compiles_need():
+    """Every dynamic-shape compile raises Dynamo's recompile limit to >= 16 (never lowers it) and turns off Triton's
+    coalesce tiling analysis (it asserts under symbolic sizes on CUDA, torch 2.11); the function still computes."""
+    import torch._inductor.config as inductor_config
+
+    # config.patch restores the settings afterwards (pytest's monkeypatch would delete them from the config module)
+    with torch._dynamo.config.patch(recompile_limit=8), inductor_config.patch({"triton.coalesce_tiling_analysis": True}):
+        doubled = models.compile_dynamic(lambda x: 2 * x + 1)
+        assert torch._dynamo.config.recompile_limit == 16
+        assert inductor_config.triton.coalesce_tiling_analysis is False
+        torch.testing.assert_close(doubled(torch.arange(4.0)), torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    with torch._dynamo.config.patch(recompile_limit=64):
+        models.compile_dynamic(lambda x: x)
+        assert torch._dynamo.config.recompile_limit == 64
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
 def test_compile_blocks_same_outputs_and_grads_generation_stays_eager(ref):
