@@ -56,6 +56,11 @@ PPO_CONFIGS = {
     "ours-full-fp32": (False, "float32", False, False, False),
     "ours-full-bf16": (False, "bfloat16", False, False, False),
     "ours-lora-fp32": (True, "float32", False, False, False),
+    "ours-lora-top15-bf16-compile-all-prefix": (True, "bfloat16", True, True, True),
+}
+# further PPOConfig fields of a configuration (beyond the tuple above)
+PPO_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
+    "ours-lora-top15-bf16-compile-all-prefix": {"trainable_top_layers": 15},
 }
 RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
 KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
@@ -91,6 +96,10 @@ DIFFERENCES = {
                                          "with (chat template + instruction, 30 of ~39) computed once per "
                                          "full-sequence forward instead of once per row (ppo.share_prompt_prefix; "
                                          "same maths up to bf16 rounding, rlhf_lib.prefix).",
+    "ours-lora-top15-bf16-compile-all-prefix": "ours-lora-bf16-compile-all-prefix with LoRA adapters in the top 15 of "
+                                               "30 blocks only (ppo.trainable_top_layers): every backward stops at "
+                                               "block 16 -- less capacity than adapters in every block, so not the "
+                                               "same algorithmic content; not the reference configuration.",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
                 "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
@@ -382,7 +391,7 @@ def make_ppo_trainer(name: str, spec: BenchSpec, scratch: Path):
     runtime.seed_everything(spec.seed)
     tokenizer = models.load_tokenizer(spec.model)
     prompts = bench_prompts(tokenizer)
-    overrides = {} if use_lora else {"learning_rate": FULL_FT_LR}
+    overrides = ({} if use_lora else {"learning_rate": FULL_FT_LR}) | PPO_CONFIG_OVERRIDES.get(name, {})
     cfg = ppo.PPOConfig(model=spec.model, device=spec.device, dtype=dtype, threads=spec.threads, seed=spec.seed,
                         fused_logprobs=compile_generation,  # compile-all: every compiled lever
                         use_lora=use_lora, total_episodes=spec.batch_size * (spec.warmup + spec.updates),
@@ -415,6 +424,7 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
         "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
         "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": use_compile,
         "compile_generation": compile_generation, "share_prompt_prefix": share_prefix,
+        "trainable_top_layers": cfg.trainable_top_layers,
         "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
         "trainable_parameters": sum(p.numel() for p in trainer.trainable),
         "updates": [{k: r[k] for k in ("update", "time/update", "time/generation", "time/forward",

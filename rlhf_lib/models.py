@@ -269,6 +269,17 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError(f"found no transformer blocks (a ModuleList of *DecoderLayer / *Block) in {type(model).__name__}")
 
 
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """Names (last component) of every linear layer in the body, heads excluded: peft's "all-linear" spelled out, so
+    that it can be combined with ``layers_to_transform`` (peft refuses the string form there)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    inner = peft_base(model)
+    body = getattr(inner, inner.base_model_prefix)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in body.named_modules()
+                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+
+
 def _holds_kv_cache(args: tuple, kwargs: dict) -> bool:
     from transformers.cache_utils import Cache
 

@@ -264,7 +264,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = _linear_names(model) if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
+        targets = models.linear_layer_names(model) if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
         peft_config = LoraConfig(
             task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
             modules_to_save=["score"],  # TRL RewardTrainer docs: the head must be trained in full
@@ -281,16 +281,6 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     if cfg.torch_compile:
         models.compile_blocks(model)  # train_reward_model undoes it before the short evaluation
     return model
-
-
-def _linear_names(model: torch.nn.Module) -> list[str]:
-    """Names (last component) of every linear layer in the body: peft's "all-linear", spelled out so that
-    layers_to_transform can be combined with it."""
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-
-    names = {name.rsplit(".", 1)[-1] for name, module in _backbone(model).named_modules()
-             if isinstance(module, (torch.nn.Linear, Conv1D))}
-    return sorted(names)
 
 
 def _score_head(model: torch.nn.Module) -> torch.nn.Module:

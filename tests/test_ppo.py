@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -70,8 +71,8 @@ def make_trainer(cfg, tokenizer, prompts, out: Path, reward_fn, use_lora: bool |
     if cfg.use_lora:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, ppo.lora_config(cfg, "CAUSAL_LM"))
-        value, ref = ppo.ScalarHead(get_peft_model(rm, ppo.lora_config(cfg, "SEQ_CLS"))), None
+        policy = get_peft_model(policy, ppo.lora_config(cfg, "CAUSAL_LM", policy))
+        value, ref = ppo.ScalarHead(get_peft_model(rm, ppo.lora_config(cfg, "SEQ_CLS", rm))), None
     else:
         value, ref = ppo.ScalarHead(rm), copy.deepcopy(policy)
     return ppo.PPOTrainer(cfg, tokenizer, policy, ref, value, reward_fn, prompts, out / "ppo", out / "checkpoints")
@@ -119,6 +120,37 @@ def short_run(tokenizer, prompts, target_token, tmp_path_factory):
     policy_dir = trainer.save_policy(out / "policy")
     return {"cfg": cfg, "out": out, "summary": summary, "rows": read_jsonl(out / "ppo" / "metrics.jsonl"),
             "policy_dir": policy_dir, "trainer": trainer}
+
+
+def test_trainable_top_layers_adapts_and_trains_only_the_top_blocks(tokenizer, prompts, target_token, tmp_path):
+    """trainable_top_layers=1 on the 2-block model: adapters (and so gradients) only in block 1 of policy and value, the
+    bottom block and embeddings untouched by training, and the checkpoint rebuilds the same adapters."""
+    cfg = tiny_cfg(use_lora=True, trainable_top_layers=1, total_episodes=16, learning_rate=3e-3, save_every=2,
+                   lora_target_modules=["all-linear"])
+    built = ppo.build_models(cfg, tokenizer, MODEL, None)
+    for model in (built.policy, built.value.model):
+        blocks = models.transformer_blocks(model)
+        adapted = [i for i, b in enumerate(blocks) if any("lora_A" in n for n, _ in b.named_modules())]
+        assert adapted == [len(blocks) - 1]
+    bottom_before = {n: p.detach().clone() for n, p in models.transformer_blocks(built.policy)[0].named_parameters()}
+    trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value,
+                             token_count_reward(target_token), prompts, tmp_path / "ppo", tmp_path / "checkpoints")
+    trainer.train()
+    trained = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert trained and all(".layers.1." in n for n in trained), trained
+    for n, p in models.transformer_blocks(trainer.policy)[0].named_parameters():
+        assert torch.equal(p.float(), bottom_before[n].float()), n
+    latest = ppo.latest_checkpoint(tmp_path / "checkpoints")
+    assert json.loads((latest / "meta.json").read_text())["lora"]["trainable_top_layers"] == 1
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        merged = copy.deepcopy(trainer.policy).merge_and_unload().eval()
+        torch.testing.assert_close(ppo.load_policy_checkpoint(latest, cfg, tokenizer)(ids).logits, merged(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="trainable_top_layers=3, but .* has 2 transformer blocks"):
+        ppo.build_models(dataclasses.replace(cfg, trainable_top_layers=3), tokenizer, MODEL, None)
+    with pytest.raises(ValueError, match="trainable_top_layers must be >= 0"):
+        dataclasses.replace(cfg, trainable_top_layers=-1).check()
 
 
 # ------------------------------------------------------------------------------------------------------------
