@@ -269,6 +269,15 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     raise ValueError(f"found no transformer blocks (a ModuleList of *DecoderLayer / *Block) in {type(model).__name__}")
 
 
+def top_block_indices(model: torch.nn.Module, n: int) -> list[int] | None:
+    """Indices of the top `n` transformer blocks (a ``trainable_top_layers`` setting; None for 0: every block)."""
+    n_blocks = len(transformer_blocks(model))
+    if n > n_blocks:
+        raise ValueError(f"trainable_top_layers={n}, but {type(peft_base(model)).__name__} has {n_blocks} transformer "
+                         f"blocks: set it to at most {n_blocks} (0: every block)")
+    return list(range(n_blocks - n, n_blocks)) if n else None
+
+
 def linear_layer_names(model: torch.nn.Module) -> list[str]:
     """Names (last component) of every linear layer in the body, heads excluded: peft's "all-linear" spelled out, so
     that it can be combined with ``layers_to_transform`` (peft refuses the string form there)."""

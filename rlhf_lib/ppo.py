@@ -427,23 +427,15 @@ class PPOModels:
     reward_fn: RewardFn
 
 
-def lora_config(cfg: PPOConfig, task_type: str, model: nn.Module | None = None):
-    """peft LoraConfig from the stage config (dropout 0: RLHF runs with dropout off, N+ details).
-
-    ``model`` (the model the adapters go on) is needed when ``cfg.trainable_top_layers`` > 0, to number its blocks.
-    """
+def lora_config(cfg: PPOConfig, task_type: str, model: nn.Module):
+    """peft LoraConfig from the stage config for `model` (dropout 0: RLHF runs with dropout off, N+ details)."""
     from peft import LoraConfig
 
     targets: Any = list(cfg.lora_target_modules) or None  # None: peft's per-architecture default
     extra: dict[str, Any] = {"modules_to_save": ["score"]} if task_type == "SEQ_CLS" else {}
-    if cfg.trainable_top_layers:
-        if model is None:
-            raise ValueError("trainable_top_layers > 0 needs the model, to number its transformer blocks")
-        n_blocks = len(models.transformer_blocks(model))
-        if cfg.trainable_top_layers > n_blocks:
-            raise ValueError(f"trainable_top_layers={cfg.trainable_top_layers}, but {type(model).__name__} has "
-                             f"{n_blocks} transformer blocks: set it to at most {n_blocks} (0: every block)")
-        extra["layers_to_transform"] = list(range(n_blocks - cfg.trainable_top_layers, n_blocks))
+    top = models.top_block_indices(model, cfg.trainable_top_layers)
+    if top is not None:
+        extra["layers_to_transform"] = top
         if targets == ["all-linear"]:  # peft takes the string form only without layers_to_transform
             targets = models.linear_layer_names(model)
     if targets == ["all-linear"]:

@@ -257,10 +257,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (MEASUREMENTS.md: a random head stays at chance)
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
-    n_layers = model.config.get_text_config().num_hidden_layers
-    if cfg.trainable_top_layers > n_layers:
-        raise ValueError(f"trainable_top_layers={cfg.trainable_top_layers} but {cfg.rm_base} has {n_layers} layers")
-    top = list(range(n_layers - cfg.trainable_top_layers, n_layers)) if cfg.trainable_top_layers else None
+    top = models.top_block_indices(model, cfg.trainable_top_layers)
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
@@ -273,7 +270,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         model = get_peft_model(model, peft_config)
     elif top is not None:
         # freeze the embeddings and the lower blocks; the top blocks, final norm and head train
-        lower = models.transformer_blocks(model)[: n_layers - cfg.trainable_top_layers]
+        lower = models.transformer_blocks(model)[: top[0]]
         embeddings = [m for m in _backbone(model).modules() if isinstance(m, torch.nn.Embedding)]
         frozen = {id(p) for m in (*lower, *embeddings) for p in m.parameters()}
         for param in model.parameters():
