@@ -111,6 +111,55 @@ def lora_factors_as_reductions(model: nn.Module):
             del linear.forward
 
 
+DECODE_ATTENTION = "rlhf_decode"  # the attention implementation name registered with transformers (compiled decode)
+
+
+def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                     scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+    """transformers attention function for a one-token decode step, as elementwise products and sums that inductor
+    fuses into a few loops of the compiled step, instead of an SDPA call per layer.
+
+    In a batch-8 decode step SDPA is ~6 ms of ~48 (30 calls of ~0.2 ms for a (8, 9, 1, 64) x (8, 9, 89, 64)
+    product plus the grouped-query key/value expansion it needs). Same maths: scores, softmax and the weighted sum
+    of values in float32 (SDPA's CPU kernel accumulates in float32 too), output in the query's dtype; grouped-query
+    heads read their shared key/value head without copying it. Anything else -- several query tokens (prefill),
+    dropout, sliding windows, soft-capping, attention sinks -- goes to transformers' SDPA function unchanged.
+    query (B, H, 1, D), key / value (B, Hkv, L, D), attention_mask: (B, 1, 1, L) boolean (True: attend), additive
+    float, or None. Returns (B, 1, H, D) like transformers' attention functions.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    special = any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux"))
+    if query.shape[2] != 1 or dropout or special:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, H, _, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    scale = D ** -0.5 if scaling is None else scaling
+    q = query.reshape(B, Hkv, H // Hkv, 1, D).float()  # (B, Hkv, G, 1, D): G query heads share a key/value head
+    scores = (q * key.float()[:, :, None]).sum(-1) * scale  # (B, Hkv, G, L)
+    if attention_mask is not None:
+        mask = attention_mask[:, :, -1:, -L:].reshape(B, 1, 1, L)  # (B, 1, 1, L), the last query row
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.float())
+    probs = torch.softmax(scores, dim=-1)  # (B, Hkv, G, L)
+    out = (probs[..., None] * value.float()[:, :, None]).sum(-2)  # (B, Hkv, G, D)
+    return out.to(query.dtype).reshape(B, H, 1, D).transpose(1, 2), None  # (B, 1, H, D)
+
+
+def register_decode_attention() -> None:
+    """Make :data:`DECODE_ATTENTION` a transformers attention implementation, with SDPA's boolean masks
+    (idempotent; done on import)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+
+
+register_decode_attention()
+
+
 class ResponseSampler:
     """Samples up to ``max_new_tokens`` response tokens for a batch of left-padded queries.
 
@@ -131,6 +180,7 @@ class ResponseSampler:
         self.compile = compile
         self.skip_guards = True  # compiled steps after a call's first one skip Dynamo's guard checks
         self.lora_reductions = True  # compiled steps run LoRA factors as fused reductions
+        self.fused_attention = True  # compiled steps run attention as fused reductions (decode_attention)
         # the base model's forward: with peft the LoRA layers are inside it, and the wrapper adds only dispatch
         # dynamic: prompt widths differ between batches; static sizes recompiled (~80 s) for each new width
         self._step = models.compile_dynamic(models.peft_base(model).forward) if compile else None
@@ -154,8 +204,11 @@ class ResponseSampler:
         responses = torch.full((batch, self.max_new_tokens), self.pad_token_id, dtype=queries.dtype,
                                device=queries.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=queries.device)
-        with (lora_factors_as_reductions(self.model) if step is self._step and self.lora_reductions
-              else contextlib.nullcontext()):
+        compiled = step is self._step
+        with (lora_factors_as_reductions(self.model) if compiled and self.lora_reductions
+              else contextlib.nullcontext()), \
+                (models.attention(self.model, DECODE_ATTENTION) if compiled and self.fused_attention
+                 else contextlib.nullcontext()):
             steps = self._decode(out, step, cache, mask, responses, finished, next_position, prompt_len)
         return responses, steps
 

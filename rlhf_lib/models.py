@@ -12,6 +12,7 @@ One function for every kind of reference, so notebooks and params never care whe
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -342,3 +343,26 @@ def uncompile_blocks(model: torch.nn.Module) -> None:
     """Back to eager blocks (e.g. before a short no-grad evaluation that would only pay another compile)."""
     for block in transformer_blocks(model):
         vars(block).pop("forward", None)
+
+
+def set_attention(model: torch.nn.Module, implementation: str) -> str | None:
+    """Switch a transformers model's attention implementation; returns the previous one (None: not switchable)."""
+    base = peft_base(getattr(model, "module", model))  # DDP (accelerate, several processes) keeps it in .module
+    setter = getattr(base, "set_attn_implementation", None)
+    previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    if setter is None or previous is None:
+        return None
+    if previous != implementation:
+        setter(implementation)
+    return previous
+
+
+@contextlib.contextmanager
+def attention(model: torch.nn.Module, implementation: str):
+    """Temporarily use another attention implementation (SDPA decodes faster on CPU than eager)."""
+    previous = set_attention(model, implementation)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            set_attention(model, previous)

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from . import generation, models, ppo_core, prefix, runtime
 from .config import CommonConfig, exact_div, to_dict
 from .metrics import METRIC_GLOSSARY, JSONLWriter, MetricAccumulator, Reporter, read_jsonl
+from .models import attention, set_attention
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class ScalarHead(nn.Module):
                               use_cache=False).last_hidden_state  # (B, L, H)
             return base.score(hidden).squeeze(-1).float()  # (B, L)
         with attention(self.model, prefix.ATTENTION):
-            hidden = backbone(**layout.model_inputs(), use_cache=False).last_hidden_state  # (B + 1, W, H)
+            hidden = backbone(**layout.model_inputs(), use_cache=False).last_hidden_state  # (1, P + B * S, H)
         return layout.unpack(base.score(hidden).squeeze(-1).float(), input_ids.shape[1])  # (B, L)
 
 
@@ -489,32 +490,9 @@ def store_frozen_weights_in(model: nn.Module | None, dtype: torch.dtype) -> None
             param.data = param.data.clone()
 
 
-def set_attention(model: nn.Module, implementation: str) -> str | None:
-    """Switch a transformers model's attention implementation; returns the previous one (None: not switchable)."""
-    base = models.peft_base(getattr(model, "module", model))  # DDP (accelerate, several processes) keeps it in .module
-    setter = getattr(base, "set_attn_implementation", None)
-    previous = getattr(getattr(base, "config", None), "_attn_implementation", None)
-    if setter is None or previous is None:
-        return None
-    if previous != implementation:
-        setter(implementation)
-    return previous
-
-
 def use_eager_attention(model: nn.Module) -> None:
     """Matmul attention for full-sequence forwards: on CPU, bf16 SDPA's backward is ~5x slower (torch 2.13)."""
     set_attention(model, "eager")
-
-
-@contextlib.contextmanager
-def attention(model: nn.Module, implementation: str):
-    """Temporarily use another attention implementation (SDPA decodes faster on CPU than eager)."""
-    previous = set_attention(model, implementation)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            set_attention(model, previous)
 
 
 def _round_frozen_linears(model: nn.Module, dtype: torch.dtype) -> None:
@@ -745,8 +723,8 @@ class PPOTrainer:
                          logits_to_keep=keep, use_cache=False).logits
         with attention(model, prefix.ATTENTION):  # the shared prompt prefix once (rlhf_lib.prefix)
             logits = model(**layout.model_inputs(), logits_to_keep=layout.suffix_columns(keep),
-                           use_cache=False).logits  # (B + 1, T, V), row 0 the prefix row's
-        return logits[1:]
+                           use_cache=False).logits  # (1, B * T, V): the LM head on the response positions only
+        return logits.view(layout.batch, keep.shape[0], -1)  # (B, T, V)
 
     def _rows(self, roll: Rollout, rows: Tensor | slice) -> tuple[Tensor, Tensor, Tensor]:
         return roll.query_responses[rows], roll.attention_mask[rows], roll.position_ids[rows]

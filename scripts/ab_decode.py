@@ -5,6 +5,7 @@ batch 8, 48 tokens), compiles both variants, then alternates them and prints mil
 
     OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_decode.py --option lora_reductions --calls 16
     OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_decode.py --option skip_guards
+    OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_decode.py --option fused_attention
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from rlhf_lib import bench, ppo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--option", choices=("lora_reductions", "skip_guards"), default="lora_reductions")
+    p.add_argument("--option", choices=("lora_reductions", "skip_guards", "fused_attention"), default="lora_reductions")
     p.add_argument("--calls", type=int, default=16, help="timed sampler calls, alternating off / on")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()

@@ -116,14 +116,29 @@ def test_compiled_decode_over_static_cache_matches_teacher_forcing_under_bf16_au
     seen = _recording(monkeypatch)
     sampler = generation.ResponseSampler(model, 5, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
                                          compile=True, cache_dtype=torch.bfloat16)
-    with torch.autocast("cpu", torch.bfloat16):
-        for width in (0, 3):  # a wider prompt batch reuses the graph (symbolic cache length)
-            seen.clear()
-            queries, query_mask = (torch.nn.functional.pad(t, (width, 0), value=v)
-                                   for t, v in ((queries, tokenizer.pad_token_id), (query_mask, 0)))
-            responses, steps = sampler(queries, query_mask)
-        expected = _teacher_forced_logits(model, queries, query_mask, responses)
+    from transformers import AttentionInterface
+
+    # the compiled step's attention is decode_attention: a tensor counter (a Python list would be guarded on and
+    # recompile) counts its one-query-token calls inside the graph, every step
+    calls = torch.zeros((), dtype=torch.int64)
+
+    def spy(module, query, *args, **kwargs):
+        calls.add_(1 if query.shape[2] == 1 else 1000)
+        return generation.decode_attention(module, query, *args, **kwargs)
+
+    AttentionInterface.register(generation.DECODE_ATTENTION, spy)
+    try:
+        with torch.autocast("cpu", torch.bfloat16):
+            for width in (0, 3):  # a wider prompt batch reuses the graph (symbolic cache length)
+                seen.clear()
+                queries, query_mask = (torch.nn.functional.pad(t, (width, 0), value=v)
+                                       for t, v in ((queries, tokenizer.pad_token_id), (query_mask, 0)))
+                responses, steps = sampler(queries, query_mask)
+            expected = _teacher_forced_logits(model, queries, query_mask, responses)
+    finally:
+        AttentionInterface.register(generation.DECODE_ATTENTION, generation.decode_attention)
     assert steps == 5
+    assert calls.item() == 2 * (steps - 1) * model.config.num_hidden_layers  # 2 calls x 4 compiled steps x layers
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     # bf16: the decode step and the full forward round differently; the logits agree to bf16 precision
     torch.testing.assert_close(torch.stack(seen, 1), expected, atol=0.05, rtol=0.02)
@@ -151,3 +166,35 @@ def test_lora_factors_as_reductions_compute_the_same_and_restore_the_modules():
         torch.testing.assert_close(got, expected, **tol)
         assert (expected - base).abs().max() > 10 * tol["atol"]  # the adapter matters, so the check has teeth
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa_with_grouped_heads_and_masks(dtype):
+    """The fused one-token attention gives SDPA's output: grouped-query heads, boolean and additive masks."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    B, H, Hkv, L, D = 3, 6, 2, 7, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = H // Hkv, True
+    query, key, value = (torch.randn(B, h, n, D).to(dtype) for h, n in ((H, 1), (Hkv, L), (Hkv, L)))
+    allowed = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    allowed[0, ..., :3] = False  # left padding of row 0
+    allowed[2, ..., -2:] = False  # static-cache slots not written yet
+    additive = torch.zeros(B, 1, 1, L, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for mask in (allowed, additive, None):
+        want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        got, _ = generation.decode_attention(module, query, key, value, mask, scaling=0.3)
+        assert got.shape == (B, 1, H, D) and got.dtype == dtype
+        torch.testing.assert_close(got, want, **tol)
+    # masked slots really are ignored: changing them changes nothing
+    noisy = value.clone()
+    noisy[0, :, :3] = 100.0
+    torch.testing.assert_close(generation.decode_attention(module, query, key, noisy, allowed, scaling=0.3)[0],
+                               generation.decode_attention(module, query, key, value, allowed, scaling=0.3)[0])
+    # several query tokens (prefill) go to SDPA itself
+    queries = torch.randn(B, H, 4, D).to(dtype)
+    causal = torch.ones(B, 1, 4, L, dtype=torch.bool).tril(L - 4)
+    torch.testing.assert_close(generation.decode_attention(module, queries, key, value, causal, scaling=0.3)[0],
+                               sdpa_attention_forward(module, queries, key, value, causal, scaling=0.3)[0])

@@ -49,38 +49,42 @@ def padded_batch(prompts: list[list[int]], responses: list[list[int]], width: in
 SHARED = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]  # 10 tokens every prompt starts with
 
 
-def test_layout_rows_positions_and_masks():
+def test_layout_packed_row_positions_and_masks():
     prompts = [SHARED + [30, 31], SHARED + [40], SHARED + [50, 51, 52]]
     ids, mask, pos, ctx = padded_batch(prompts, [[60, 61], [70], [80, 81]], width=2)  # ctx 13, L 15
     layout = prefix.find_shared_prefix(ids, mask, pos, ctx, min_length=4)
     assert layout is not None
     # the prefix stops where the prompts differ; suffixes start at the longest prompt's first suffix column
     assert layout.prefix_length == 10 and layout.offset == 10 and layout.suffix_length == 5
-    assert layout.input_ids.shape == (4, 10)  # B + 1 rows of max(P, S)
-    assert layout.input_ids[0].tolist() == SHARED
-    assert layout.position_ids[0].tolist() == list(range(10))
-    # row 1 (prompt of 12 tokens, one column of left padding): a shifted prefix token, then its suffix
-    assert layout.input_ids[1, :5].tolist() == [20, 30, 31, 60, 61]
-    assert layout.position_ids[1, 1:4].tolist() == [10, 11, 12]
-    # its shifted prefix tokens are masked as keys: they are the prefix row's, already
-    bias = layout.attention_bias[:, 0]  # (B, W, P + W)
+    assert layout.input_ids.shape == (1, 10 + 3 * 5)  # one packed row: P + B * S, no padding after the prefix
+    assert layout.input_ids[0, :10].tolist() == SHARED
+    assert layout.position_ids[0, :10].tolist() == list(range(10))
+    # suffix 0 (prompt of 12 tokens, one column of left padding): a shifted prefix token, then its suffix
+    assert layout.input_ids[0, 10:15].tolist() == [20, 30, 31, 60, 61]
+    assert layout.position_ids[0, 11:14].tolist() == [10, 11, 12]
+    assert layout.input_ids[0, 20:25].tolist() == [50, 51, 52, 80, 81]
+    # its shifted prefix tokens are masked as keys: they are the prefix's, already
+    bias = layout.attention_bias[:, 0]  # (B, S, P + S)
+    assert bias.shape == (3, 5, 15)
     visible = bias == 0
     assert visible[:, :, :10].all()  # every suffix token sees the whole prefix
-    assert visible[0, 4, 10:].tolist() == [False, True, True, True, True] + [False] * 5
+    assert visible[0, 4, 10:].tolist() == [False, True, True, True, True]
+    assert visible[0, 1, 10:].tolist() == [False, True, False, False, False]  # causal
     assert visible[1, 4, 10:15].tolist() == [False, False, True, True, False]  # response padded after 1 token
     assert visible[2, 4, 10:15].tolist() == [True] * 5
     assert (layout.prefix_bias == 0).tolist() == torch.ones(10, 10, dtype=torch.bool).tril().tolist()
+    # response columns 13, 14 of every sequence in the packed row, sequence-major
+    assert layout.suffix_columns(torch.tensor([13, 14])).tolist() == [13, 14, 18, 19, 23, 24]
     # outputs come back in padded-batch columns
-    rows = torch.arange(4 * 10, dtype=torch.float).view(4, 10)
-    back = layout.unpack(rows, ids.shape[1])
-    assert back.shape == (3, 15) and back[:, :10].eq(0).all() and back[2, 10:].tolist() == rows[3, :5].tolist()
+    packed = torch.arange(25, dtype=torch.float)[None]  # (1, P + B * S)
+    back = layout.unpack(packed, ids.shape[1])
+    assert back.shape == (3, 15) and back[:, :10].eq(0).all() and back[2, 10:].tolist() == list(range(20, 25))
 
 
 @pytest.mark.parametrize("prompts, why", [
     ([SHARED + [30]], "one row"),
     ([[1] + SHARED, [2] + SHARED], "first tokens differ"),
     ([SHARED[:5] + [30, 31, 32, 33, 34, 35], SHARED[:5] + [40, 41, 42, 43, 44, 45]], "prefix under min_length"),
-    ([SHARED * 3 + [30], SHARED * 3 + [40]], "prefix row wider than it saves"),
 ])
 def test_no_layout_when_it_would_not_pay(prompts, why):
     ids, mask, pos, ctx = padded_batch(prompts, [[60]] * len(prompts), width=1)
@@ -91,7 +95,7 @@ def test_the_prefix_leaves_every_prompt_a_token_to_predict_from():
     prompts = [SHARED, SHARED]  # identical prompts: the last prompt token must stay in the suffixes
     ids, mask, pos, ctx = padded_batch(prompts, [[60] * 6, [70] * 6], width=6)
     layout = prefix.find_shared_prefix(ids, mask, pos, ctx, min_length=4)
-    assert layout.prefix_length == 9 and layout.input_ids[1, 0].item() == SHARED[-1]
+    assert layout.prefix_length == 9 and layout.input_ids[0, 9].item() == layout.input_ids[0, 9 + 7].item() == SHARED[-1]
 
 
 def forwards_and_grads(policy, head, ids, mask, pos, ctx, share: bool):
@@ -144,6 +148,23 @@ def test_same_logits_values_and_gradients_as_the_padded_batch(ref, compiled, use
         head.share_prompt_prefix = True
         shared = ppo.scores_at_last_token(head, batch[0], batch[1], batch[3])
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_the_lm_head_runs_on_the_response_positions_only(used_layouts):
+    """Only the response positions' logits are read: the head computes those and nothing else (no prefix logits,
+    no slice whose backward would zero-fill a wider gradient)."""
+    torch.manual_seed(0)
+    tokenizer = models.load_tokenizer(MODEL)
+    policy = models.load_causal_lm(MODEL, tokenizer)
+    ppo.use_eager_attention(policy)
+    batch = padded_batch([SHARED + [30, 31], SHARED + [40], SHARED + [50]], [[60] * 4, [70] * 2, [80] * 3], width=4)
+    head_inputs = []
+    handle = policy.get_output_embeddings().register_forward_hook(
+        lambda _m, args, _out: head_inputs.append(tuple(args[0].shape[:-1])))
+    fake = type("T", (), {"cfg": ppo.PPOConfig(model=MODEL, share_prompt_prefix=True)})()
+    logits = ppo.PPOTrainer._policy_forward(fake, policy, *batch)
+    handle.remove()
+    assert len(used_layouts) == 1 and head_inputs == [(1, 3 * 4)] and logits.shape[:2] == (3, 4)
 
 
 def test_shared_prefix_through_distributed_data_parallel(tmp_path, used_layouts):
