@@ -26,11 +26,12 @@ Speed levers (issue 6), all exact (same maths, fewer or cheaper operations):
   runs on exactly the response positions, so its gradient is not a zero-filled slice of a wider one.
 - Responses come from our own decode loop (:mod:`rlhf_lib.generation`): one uniform draw per row instead of one
   per vocabulary entry, no ``generate`` bookkeeping, and optionally (``compile_generation``) one compiled decode
-  step over a static KV cache.
+  step over a static KV cache, whose attention runs as fused reductions (:func:`generation.decode_attention`).
 - With ``share_prompt_prefix``, full-sequence forwards compute the prompt tokens every row begins with (chat
-  template, shared instruction) once, as an extra row the others attend to (:mod:`rlhf_lib.prefix`).
+  template, shared instruction) once: one packed row, the prefix and then each sequence's suffix, whose attention
+  puts the prefix's keys in front of every suffix's (:mod:`rlhf_lib.prefix`).
 - On CPU, full-sequence forwards use eager (matmul) attention -- bf16 SDPA's backward is ~5x slower there -- while
-  generation keeps SDPA, which decodes faster.
+  generation keeps SDPA for the prompt prefill and eager decode steps.
 - Frozen weights get their own memory instead of viewing the memory-mapped safetensors file, so the file pages
   read while casting do not stay resident.
 

@@ -1,4 +1,4 @@
-"""A/B of ``ppo.share_prompt_prefix`` on the bench's batch: the padded batch vs the shared-prefix rows.
+"""A/B of ``ppo.share_prompt_prefix`` on the bench's batch: the padded batch vs the shared-prefix packed row.
 
 Builds the bench's fastest trainer (compiled blocks, bf16, LoRA), a batch of the bench's first 8 prompts with
 48 random response tokens, and alternates the two paths in one process (so a shared machine's slow spells fall on
