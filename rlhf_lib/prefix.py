@@ -93,9 +93,7 @@ def find_shared_prefix(input_ids: Tensor, attention_mask: Tensor, position_ids: 
     if P < min_length:
         return None
     offset = P + int(starts.min())
-    S = L - offset
-    if P + B * S >= B * L:
-        return None  # cannot happen (S <= L - P), kept as the rule the layout lives by
+    S = L - offset  # <= L - P, so the packed row (P + B * S tokens) is always shorter than the batch (B * L)
     col = torch.arange(offset, L, device=device)  # (S,) padded-batch columns of the suffixes
     suffix_mask = mask[:, offset:] & (col[None, :] >= (starts + P)[:, None])  # (B, S) drops shifted prefix tokens
     start0 = int(starts[0])
