@@ -54,7 +54,7 @@ class CommonConfig:
     model: str = "tiny:llama"  # policy + tokenizer: bundled:smollm2-135m-instruct, tiny:llama, tiny:gpt2, a hub id or a folder
     seed: int = 0  # one seed for the whole stage (python, numpy, torch)
     device: str = "auto"  # auto: CUDA when present, else CPU
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16 or on an AMX CPU, else float32
+    dtype: str = "auto"  # auto: bf16 autocast on GPUs with bf16 and on CPUs with AMX or AVX512-BF16 (else a bf16 probe decides), fp16 on older GPUs, else float32; or float32 / bfloat16 / float16
     threads: int = 0  # torch intra-op threads; 0: torch's default
     overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
 

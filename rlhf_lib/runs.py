@@ -199,7 +199,7 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
         manifest.setdefault("created", now())
         manifest["git"] = git_state()
         manifest["versions"] = package_versions()
-        manifest["device"] = describe_device(pick_device(cfg.device))
+        manifest["device"] = describe_device(pick_device(cfg.device), cfg.dtype)  # with the precision and why
         stages = manifest.setdefault("stages", {})
         stages[stage] = {"status": "running", "started": now(), "seed": cfg.seed, "params": to_dict(cfg)}
         # A redone stage makes the stages that read from it stale.
