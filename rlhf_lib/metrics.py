@@ -191,8 +191,9 @@ class Reporter:
 
 
 def glossary_markdown(names: Iterable[str] | None = None) -> str:
-    """The glossary as a Markdown table (README section)."""
+    """The glossary as a Markdown table (README and docs/metrics.md); a ``|`` in a meaning is escaped for the table."""
     names = list(names) if names is not None else list(METRIC_GLOSSARY)
     lines = ["| metric | meaning (healthy values) |", "|---|---|"]
-    lines += [f"| `{n}` | {METRIC_GLOSSARY[n]} |" for n in names]
+    cells = {n: METRIC_GLOSSARY[n].replace("|", "\\|") for n in names}  # an unescaped | would split the cell
+    lines += [f"| `{n}` | {cells[n]} |" for n in names]
     return "\n".join(lines)

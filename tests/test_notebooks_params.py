@@ -102,22 +102,3 @@ def test_nbval_fails_on_a_planted_regression(tmp_path):
     planted = subprocess.run(args + [str(tmp_path / "planted.ipynb")], cwd=tmp_path, capture_output=True, text=True)
     assert same.returncode == 0, same.stdout[-2000:]
     assert planted.returncode != 0 and "n_train_pairs" in planted.stdout, planted.stdout[-2000:]
-
-
-def test_readme_metric_glossary_matches_the_library():
-    from rlhf_lib import metrics
-
-    readme = (ROOT / "README.md").read_text()
-    assert metrics.glossary_markdown() in readme, "README glossary is stale: regenerate it from metrics.glossary_markdown()"
-
-
-def test_readme_paths_and_commands_exist():
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    for path in set(re.findall(r"`((?:params|notebooks|rlhf_lib|scripts|tests)/[\w./-]+(?<!\*))`", readme)):
-        path = path.split(":")[0]
-        assert (ROOT / path).exists(), f"README mentions {path}, which does not exist"
-    makefile = (ROOT / "Makefile").read_text()
-    for target in set(re.findall(r"make (\w[\w-]*)", readme)):
-        assert re.search(rf"^{target}:", makefile, re.M), f"README mentions `make {target}`, not in the Makefile"

@@ -1,0 +1,228 @@
+"""The README and docs/*.md stay true: repo paths, `make` targets, params profiles, `-p` overrides, generated tables.
+
+Checked in code (fenced blocks and `inline code`) and in link targets, where commands and paths live; prose is not
+parsed. After a change of ``rlhf_lib.metrics.METRIC_GLOSSARY`` regenerate the metric tables with
+``python tests/test_readme.py --write``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import importlib
+import re
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+MAX_README_LINES = 250
+# The README's short metric table (a subset, in this order); docs/metrics.md holds the whole glossary.
+KEY_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
+               "policy/approxkl_avg", "policy/clipfrac_avg", "val/ratio", "val/num_eos_tokens")
+GENERATED = {  # file -> (marker, metric names or None for all)
+    README: ("key-metrics", KEY_METRICS),
+    ROOT / "docs" / "metrics.md": ("metrics", None),
+}
+# Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
+# test_pending_items_have_not_landed fails and the entry must be removed here (empty this set once all are merged).
+PENDING = {
+    "make sweep", "make compare", "make lint",
+    "notebooks/05_sweep.ipynb", "notebooks/06_compare_methods.ipynb", "docs/gpu/bench-seed-shape.json",
+    "scripts/device_check.sh", "params/sweeps/", "params/compare/",
+}
+
+SECTIONS = ("common", "data", "reward_model", "ppo", "eval")
+PATH_RE = re.compile(r"(?<![\w./~-])((?:params|notebooks|rlhf_lib|scripts|tests|docs|\.ci)/[\w.*/-]*"
+                     r"|Makefile|pyproject\.toml|environment\.yml)")
+MODULE_RE = re.compile(r"(?<![\w./-])rlhf_lib\.([a-z_]+)((?:\.[A-Za-z_]\w*)*)")
+MAKE_RE = re.compile(r"\bmake ([a-z][\w-]*)")
+OVERRIDE_RE = re.compile(r"-p ([a-z_]+)\.([a-z_][\w.]*)=(\S*?)[\"']?(?=\s|$)")
+FIELD_SPAN_RE = re.compile(rf"^({'|'.join(SECTIONS)})\.([a-z_][\w.]*)(?:=(\S+)|: (.+))?$")
+
+
+def code_text(text: str) -> list[str]:
+    """Fenced code blocks and inline code spans of a Markdown text."""
+    fences = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+    rest = re.sub(r"^```[^\n]*\n.*?^```", "", text, flags=re.S | re.M)
+    return fences + re.findall(r"`([^`\n]+)`", rest)
+
+
+def link_targets(text: str) -> list[str]:
+    return [t for t in re.findall(r"\]\(([^)\s#]+)", text) if not re.match(r"[a-z]+:", t)]
+
+
+def mentioned_paths(text: str, folder: str = "") -> set[str]:
+    """Repo paths in code (relative to the root) and link targets (relative to the document's folder)."""
+    paths = {os.path.normpath(os.path.join(folder, t)) for t in link_targets(text)}
+    for chunk in code_text(text):  # a path running into a <placeholder> (params/<yours>.yaml) is a pattern, not a path
+        paths.update(m.group(1).rstrip(".,:;") for m in PATH_RE.finditer(chunk) if chunk[m.end():m.end() + 1] != "<")
+    return {p for p in paths if p and not p.endswith("/.")}
+
+
+def path_exists(path: str) -> bool:
+    if "*" in path:
+        return bool(glob.glob(str(ROOT / path)))
+    return (ROOT / path).exists()
+
+
+def is_pending(item: str) -> bool:
+    return item in PENDING or any(p.endswith("/") and item.startswith(p) for p in PENDING)
+
+
+def config_class(section: str) -> type:
+    from rlhf_lib import config
+
+    return config.CommonConfig if section == "common" else config.stage_config_class(section)
+
+
+def field_error(section: str, dotted: str, value: str | None) -> str | None:
+    """Why ``section.dotted(=value)`` is not a real params field (None when it is)."""
+    from rlhf_lib import config
+
+    if section not in SECTIONS:
+        return f"unknown section {section!r}"
+    cls, keys = config_class(section), dotted.split(".")
+    common = {f.name for f in dataclasses.fields(config.CommonConfig)}
+    if section != "common" and keys[0] in common:
+        return f"{keys[0]!r} belongs in the common section (common.{keys[0]})"
+    for i, key in enumerate(keys):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if key not in hints:
+            return f"{'.'.join(keys[:i + 1])!r} is not a field of {getattr(cls, '__name__', cls)}"
+        cls = hints[key]
+    if value is not None and len(keys) == 1 and "<" not in value:
+        try:
+            config.validate(config_class(section), {keys[0]: yaml.safe_load(value)}, f"{section}.{dotted}")
+        except config.ConfigError as err:
+            return str(err)
+    return None
+
+
+def generated_block(path: Path) -> str:
+    from rlhf_lib import metrics
+
+    marker, names = GENERATED[path]
+    return f"<!-- {marker}:start -->\n{metrics.glossary_markdown(names)}\n<!-- {marker}:end -->"
+
+
+@pytest.fixture(params=DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def doc(request) -> tuple[str, str]:
+    return str(request.param.relative_to(ROOT)), request.param.read_text(encoding="utf-8")
+
+
+def test_readme_fits_in_250_lines():
+    lines = len(README.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines (limit {MAX_README_LINES}): move detail to docs/"
+
+
+def test_mentioned_repo_paths_exist(doc):
+    name, text = doc
+    missing = sorted(p for p in mentioned_paths(text, os.path.dirname(name)) if not path_exists(p) and not is_pending(p))
+    assert not missing, f"{name} mentions {missing}, which do not exist: fix the path or add the file"
+
+
+def test_mentioned_modules_and_attributes_exist(doc):
+    name, text = doc
+    for chunk in code_text(text):
+        for module, attrs in MODULE_RE.findall(chunk):
+            assert (ROOT / "rlhf_lib" / f"{module}.py").exists(), f"{name} mentions rlhf_lib.{module}: no such module"
+            if attrs:
+                first = attrs.split(".")[1]
+                assert hasattr(importlib.import_module(f"rlhf_lib.{module}"), first), \
+                    f"{name} mentions rlhf_lib.{module}.{first}, which rlhf_lib/{module}.py does not define"
+
+
+def test_make_targets_exist(doc):
+    name, text = doc
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([\w-]+)\s*:(?!=)", makefile, re.M))
+    used = {t for chunk in code_text(text) for t in MAKE_RE.findall(chunk)}
+    missing = sorted(t for t in used if t not in targets and not is_pending(f"make {t}"))
+    assert not missing, f"{name} mentions `make {missing[0]}`, not a target in the Makefile" if missing else ""
+
+
+def test_overrides_and_field_names_are_real_config_fields(doc):
+    name, text = doc
+    found: list[tuple[str, str, str | None]] = []
+    for chunk in code_text(text):
+        found += [(s, k.rstrip("."), v or None) for s, k, v in OVERRIDE_RE.findall(chunk)]
+        span = FIELD_SPAN_RE.match(chunk.strip())
+        if span:
+            found.append((span.group(1), span.group(2).rstrip("."), span.group(3) or span.group(4)))
+    errors = [f"{s}.{k}: {err}" for s, k, v in found if (err := field_error(s, k, v))]
+    assert not errors, f"{name}: {errors[0]} (see the config dataclasses in rlhf_lib/)"
+
+
+def test_the_field_check_rejects_what_it_should():
+    assert field_error("ppo", "kl_coef", "0.05") is None and field_error("common", "seed", None) is None
+    assert "not a field" in field_error("ppo", "kl_coeff", None)
+    assert "belongs in the common section" in field_error("ppo", "seed", "1")
+    assert "must be" in field_error("ppo", "resume", "maybe")
+    assert "unknown section" in field_error("policy", "kl_coef", None)
+
+
+def test_markdown_tables_are_well_formed(doc):
+    name, text = doc
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    for block in re.findall(r"(?:^\|.*\n?)+", text, re.M):
+        rows = block.strip("\n").split("\n")
+        widths = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
+        assert len(rows) >= 2 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip()), \
+            f"{name}: table starting {rows[0][:60]!r} lacks a |---| delimiter row"
+        bad = [row[:60] for row, w in zip(rows, widths) if w != widths[0]]
+        assert not bad, f"{name}: table rows with a different number of cells than the header (escape | as \\|): {bad}"
+
+
+def test_repo_map_names_every_module_and_script():
+    readme = README.read_text(encoding="utf-8")
+    files = sorted(glob.glob(str(ROOT / "rlhf_lib" / "*.py")) + glob.glob(str(ROOT / "scripts" / "*.py")))
+    names = [str(Path(f).relative_to(ROOT)) for f in files if not f.endswith("__init__.py")]
+    missing = [n for n in names if f"`{n}`" not in readme]
+    assert not missing, f"README.md repo map lacks {missing}: add one line each"
+
+
+@pytest.mark.parametrize("path", list(GENERATED), ids=lambda p: str(p.relative_to(ROOT)))
+def test_metric_tables_match_the_glossary(path):
+    assert generated_block(path) in path.read_text(encoding="utf-8"), \
+        f"{path.relative_to(ROOT)}: metric table is stale; regenerate with `python tests/test_readme.py --write`"
+
+
+def test_pending_items_have_not_landed():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    landed = [p for p in PENDING if (re.search(rf"^{p[5:]}\s*:", makefile, re.M) if p.startswith("make ")
+                                     else path_exists(p))]
+    assert not landed, f"{sorted(landed)} now exist: remove them from PENDING in tests/test_readme.py"
+
+
+def test_the_scanners_find_what_the_docs_write():
+    text = ("run `make pipeline PARAMS=params/x.yaml` and see [perf](docs/p.md), `rlhf_lib/ppo.py:PPOConfig`,\n"
+            "[web](https://x.org/a), `params/<yours>.yaml`.\n"
+            "```bash\nmake bench ARGS=\"-p ppo.kl_coef=0.1\"\npython scripts/a.py\n```\n")
+    assert mentioned_paths(text) == {"params/x.yaml", "docs/p.md", "rlhf_lib/ppo.py", "scripts/a.py"}
+    assert "docs/p.md" in mentioned_paths("![fig](p.md)", "docs")
+    assert {t for c in code_text(text) for t in MAKE_RE.findall(c)} == {"pipeline", "bench"}
+    assert [m for c in code_text(text) for m in OVERRIDE_RE.findall(c)] == [("ppo", "kl_coef", "0.1")]
+
+
+def write_generated() -> None:
+    for path in GENERATED:
+        marker = GENERATED[path][0]
+        text = path.read_text(encoding="utf-8")
+        pattern = re.compile(rf"<!-- {marker}:start -->.*?<!-- {marker}:end -->", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{path}: no <!-- {marker}:start --> ... <!-- {marker}:end --> block to regenerate")
+        path.write_text(pattern.sub(lambda _: generated_block(path), text), encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        raise SystemExit("usage: python tests/test_readme.py --write   (regenerates the generated metric tables)")
+    sys.path.insert(0, str(ROOT))
+    write_generated()
