@@ -71,19 +71,32 @@ def stage_config_class(stage: str) -> type:
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The trailing ``# comment`` of each field in a config class's source (used by docs and tests)."""
+    """The help comment of each field in a config class's source (used by the notebooks, docs and tests).
+
+    A field's help is its trailing ``# comment``, continued on the comment-only lines right below it whose ``#``
+    stands in the same column (so long help stays within the line-length limit)::
+
+        kl_coef: float = 0.05  # KL penalty coefficient beta
+                               # (initial value when adap_kl_ctrl is on)
+    """
     import inspect
 
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        name, column = None, -1
         for line in inspect.getsource(klass).splitlines():
             stripped = line.strip()
+            if stripped.startswith("#") and name is not None and line.index("#") == column:
+                out[name] += " " + stripped[1:].strip()
+                continue
+            name, column = None, -1
             if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
-                name = stripped.split(":", 1)[0].strip()
-                if name.isidentifier():
-                    out[name] = stripped.split("#", 1)[1].strip()
+                field_name = stripped.split(":", 1)[0].strip()
+                if field_name.isidentifier():
+                    name, column = field_name, line.index("#")
+                    out[name] = line[column + 1:].strip()
     return out
 
 
