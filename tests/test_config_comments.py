@@ -1,0 +1,24 @@
+"""config.field_comments: the help text of a config field, including continuation lines aligned under its '#'."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_lib import config
+
+
+@dataclass
+class Example:
+    """A config with every comment layout the parser meets."""
+
+    # a section heading: belongs to no field
+    short: int = 1  # one-line help
+    long: float = 0.5  # help that goes on
+                       # over two lines
+    # another heading, not a continuation (its '#' is in the field column)
+    after: str = "x"  # help
+    bare: bool = True
+
+
+def test_help_joins_aligned_continuation_lines_and_ignores_headings():
+    assert config.field_comments(Example) == {"short": "one-line help", "long": "help that goes on over two lines",
+                                              "after": "help"}
