@@ -80,15 +80,12 @@ def best_of_n_distribution(probs: Sequence[float], rewards: Sequence[float], n: 
     """
     p = np.asarray(probs, dtype=np.float64)
     r = np.asarray(rewards, dtype=np.float64)
-    out = np.zeros_like(p)
-    for value in np.unique(r):
-        members = r == value
-        mass = p[members].sum()
-        if mass <= 0:
-            continue
-        upper, lower = p[r <= value].sum(), p[r < value].sum()
-        out[members] = p[members] / mass * (upper ** n - lower ** n)
-    return out
+    values, inverse = np.unique(r, return_inverse=True)  # tie classes, ascending reward
+    mass = np.bincount(inverse, weights=p, minlength=values.size)  # P(reward = value)
+    upper = np.cumsum(mass)  # F(value)
+    share = upper ** n - (upper - mass) ** n  # P(best of n has reward = value)
+    safe = np.where(mass > 0, mass, 1.0)
+    return np.where(mass[inverse] > 0, p / safe[inverse] * share[inverse], 0.0)
 
 
 def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
