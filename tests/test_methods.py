@@ -206,14 +206,14 @@ def test_dpo_learns_to_prefer_the_chosen_word(toy):
     root, model_ref, tokenizer = toy
     ctx, _ = toy_context(root, model_ref, tokenizer)
     inputs = MethodInputs(model_ref, root / "data", root / "no_rm")
-    cfg = DPOMethodConfig(betas=[0.1], learning_rate=3e-2, num_train_epochs=3.0, per_device_train_batch_size=8,
+    cfg = DPOMethodConfig(betas=[0.1], learning_rate=3e-2, num_train_epochs=4.0, per_device_train_batch_size=8,
                           lora_r=8, lora_alpha=16, lora_target_modules=["all-linear"])
     record = train_dpo(cfg, inputs, 0.1, root / "dpo")
     margins = [r["rewards/margins"] for r in record["log_history"] if "rewards/margins" in r]
     assert margins[-1] > margins[0]  # TRL's own metric: the implicit reward margin grew
     before = float(ctx.ref_rm.mean())
     after = trained_reward(ctx, root / "dpo")
-    assert after > before + 0.15, (before, after)
+    assert after > before + 0.3, (before, after)
 
 
 @pytest.mark.slow
@@ -229,4 +229,4 @@ def test_rloo_and_grpo_raise_the_reward(toy, kind):
     assert record["generated_responses"] == 12 * 32 and record["generated_tokens"] > 0
     before = float(ctx.ref_rm.mean())
     after = trained_reward(ctx, root / kind)
-    assert after > before + 0.15, (before, after)
+    assert after > before + 0.3, (before, after)

@@ -29,7 +29,7 @@ def build_model(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False, initializer_range=0.05, pad_token_id=0, eos_token_id=1,
+                         tie_word_embeddings=False, initializer_range=0.15, pad_token_id=0, eos_token_id=1,
                          bos_token_id=1)
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
