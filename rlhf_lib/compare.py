@@ -19,9 +19,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import yaml
@@ -411,10 +412,11 @@ def execute(params: str, base_run: str | None, run: str | None, outputs_dir: str
     if not notebook:
         run_comparison(profile)
         return out_root
+    import os
+
     import papermill
 
     from . import TEXT_PROGRESS_ENV
-    import os
 
     os.environ[TEXT_PROGRESS_ENV] = "1"
     (out_root / "notebooks").mkdir(parents=True, exist_ok=True)

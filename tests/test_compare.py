@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import toy_task
 import yaml
 
 from rlhf_lib import compare, models
 from rlhf_lib.config import ConfigError
 from rlhf_lib.methods import report
 from rlhf_lib.runs import Run, write_json_atomic
-
-import toy_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,8 +124,8 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
                          best_of_n={"ns": [1, 2, 4], "n_samples": 4},
                          dpo={"betas": [0.1], "max_steps": 2, "lora_r": 2, "lora_alpha": 4}, rloo=small, grpo=small)
     profile = compare.load_profile(path, base_run="base")
-    score = lambda seqs: toy_task.target_fraction(seqs, 4)  # noqa: E731
-    gold = lambda texts: [t.count("k") / 4 for t in texts]  # noqa: E731  the same quantity, read from the text
+    score = lambda seqs: toy_task.target_fraction(seqs, 4)
+    gold = lambda texts: [t.count("k") / 4 for t in texts]
     summary = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
     keys = {"method", "setting", "kl", "kl_analytic", "gold_score", "gold_score_se", "rm_score", "win_rate_vs_ref",
             "win_rate_ci", "length", "eos_fraction", "train_seconds", "generated_tokens"}

@@ -10,14 +10,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import toy_task
 
 from rlhf_lib import config, evaluate, models
 from rlhf_lib.methods import best_of_n as bon
-from rlhf_lib.methods.common import MethodInputs, load_policy_folder, save_policy, token_id_reward
+from rlhf_lib.methods.common import (
+    MethodInputs,
+    load_policy_folder,
+    save_policy,
+    token_id_reward,
+)
 from rlhf_lib.methods.dpo import DPOMethodConfig, train_dpo
-from rlhf_lib.methods.online import GRPOMethodConfig, OnlineMethodConfig, RLOOMethodConfig, train_online
-
-import toy_task
+from rlhf_lib.methods.online import (
+    GRPOMethodConfig,
+    OnlineMethodConfig,
+    RLOOMethodConfig,
+    train_online,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # best-of-N maths
@@ -188,7 +197,7 @@ def toy_context(root: Path, model_ref: str, tokenizer):
     write_json_atomic(run.manifest_path, {"stages": {}})
     ev = evaluate.EvalConfig(model=model_ref, device="cpu", dtype="float32", seed=1, response_length=RESPONSE_LENGTH,
                              temperature=1.0, batch_size=16)
-    scorer = lambda seqs: toy_task.target_fraction(seqs, RESPONSE_LENGTH)  # noqa: E731
+    scorer = lambda seqs: toy_task.target_fraction(seqs, RESPONSE_LENGTH)
     return compare.make_context(ev, run, rm_scorer=scorer, gold_scorer=None), scorer
 
 

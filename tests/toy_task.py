@@ -56,6 +56,5 @@ def write_data(data_dir: Path, tokenizer, n_pairs: int = 32, response_length: in
                             "rejected_ids": [OTHER] * response_length + [1]} for i in range(n_pairs)]
     for name, items in rows.items():
         with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for row in items:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in items)
     (data_dir / "report.json").write_text(json.dumps({"gold_scorer": None}))

@@ -11,9 +11,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -185,7 +186,7 @@ def read_train_record(folder: Path) -> dict[str, Any]:
 class Stopwatch:
     """Wall seconds of a block: ``with Stopwatch() as t: ...; t.seconds``."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self.start, self.seconds = time.perf_counter(), 0.0
         return self
 

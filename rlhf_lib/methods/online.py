@@ -12,9 +12,10 @@ evaluation reports as ``rm_score``. Losses, advantages and metrics (``reward``, 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
