@@ -21,11 +21,12 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv pipeline test test-fast nbval-record bench help
+.PHONY: venv pipeline compare test test-fast nbval-record bench help
 
 help:
 	@echo "make pipeline [PARAMS=params/default.yaml] [RUN=name]   run all stages with papermill"
 	@echo "make test                                               unit + tiny-model + papermill smoke + nbval"
+	@echo "make compare BASE_RUN=<run> [COMPARE=params/compare/default.yaml]  PPO vs best-of-N / DPO / RLOO / GRPO"
 	@echo "make bench                                              PPO / reward-model throughput benchmark"
 
 venv: $(STAMP)
@@ -41,6 +42,12 @@ $(STAMP): pyproject.toml
 
 pipeline: $(STAMP)
 	$(PYTHON) -m rlhf_lib.pipeline --params $(PARAMS) $(if $(strip $(RUN)),--run $(strip $(RUN))) $(if $(strip $(STAGES)),--stages $(strip $(STAGES))) $(ARGS)
+
+COMPARE ?= params/compare/default.yaml   # comparison profile (make compare)
+BASE_RUN ?=                              # run whose data and reward model the comparison uses; empty = the profile's
+
+compare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m rlhf_lib.compare --params $(COMPARE) $(if $(strip $(BASE_RUN)),--base-run $(strip $(BASE_RUN))) $(if $(strip $(RUN)),--run $(strip $(RUN)))
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests

@@ -1,0 +1,97 @@
+"""What notebook 06 shows of a comparison's summary.json: the KL–gold frontier with every method, the proxy-vs-gold
+panel, the table ranked by gold at matched KL, and side-by-side samples."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STYLE = {  # curve -> (label, marker)
+    "ppo": ("PPO (checkpoints)", "o"),
+    "best_of_n": ("best-of-N (RM)", "s"),
+    "best_of_n_oracle": ("best-of-N (oracle, gold)", "^"),
+    "dpo": ("DPO (per beta)", "D"),
+    "rloo": ("RLOO (per beta)", "v"),
+    "grpo": ("GRPO (per beta)", "P"),
+}
+TABLE_COLUMNS = ["method", "setting", "kl", "kl_analytic", "gold_score", "gold_score_se", "rm_score",
+                 "win_rate_vs_ref", "length", "eos_fraction", "train_seconds", "generated_tokens"]
+
+
+def methods_frame(summary: dict[str, Any]) -> pd.DataFrame:
+    """One row per (method, setting) with the summary keys; win_rate_ci split into two columns."""
+    df = pd.DataFrame(summary["methods"])
+    if "win_rate_ci" in df:
+        df["win_rate_ci_low"] = [ci[0] for ci in df["win_rate_ci"]]
+        df["win_rate_ci_high"] = [ci[1] for ci in df["win_rate_ci"]]
+    if "curve" not in df:
+        df["curve"] = df["method"]
+    return df
+
+
+def _x(df: pd.DataFrame) -> pd.Series:
+    """KL on the frontier: the measured one, the analytic one for best-of-N (the formula Gao et al. plot against)."""
+    return df["kl_analytic"].where(df["kl_analytic"].notna(), df["kl"]) if "kl_analytic" in df else df["kl"]
+
+
+def plot_frontier(summary: dict[str, Any], path: str | Path | None = None):
+    """Left: gold vs KL to the reference per curve (± 1 s.e.), the reference as a star. Right: RM (proxy) vs gold."""
+    import matplotlib.pyplot as plt
+
+    df = methods_frame(summary)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    ref = df[df["method"] == "reference"]
+    for curve, group in df[df["method"] != "reference"].groupby("curve", sort=False):
+        label, marker = STYLE.get(curve, (curve, "o"))
+        group = group.assign(x=_x(group)).sort_values("x")
+        ax.errorbar(group["x"], group["gold_score"], yerr=group["gold_score_se"], marker=marker, capsize=3,
+                    label=label, linestyle="--" if curve == "best_of_n_oracle" else "-")
+        ax2.plot(group["rm_score"], group["gold_score"], marker=marker, label=label, linestyle="none")
+    for axis, x in ((ax, 0.0), (ax2, None)):
+        if len(ref) and ref["gold_score"].notna().all():
+            axis.plot([x if x is not None else ref["rm_score"].iloc[0]], ref["gold_score"], "k*", markersize=12,
+                      label="reference")
+    ax.set_xlabel("KL(policy || reference), nats per sequence (best-of-N: log N - (N-1)/N)")
+    ax.set_ylabel("gold score (mean ± s.e. over eval prompts)")
+    ax.set_title("KL–gold frontier: every method")
+    ax2.set_xlabel("reward-model score (proxy)")
+    ax2.set_ylabel("gold score")
+    ax2.set_title("proxy vs gold")
+    for axis in (ax, ax2):
+        axis.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def kl_table(summary: dict[str, Any], sort_at: str | None = None) -> pd.DataFrame:
+    """Gold at matched KL, one row per curve, best first at `sort_at` (default: the middle KL point)."""
+    table = pd.DataFrame(summary["gold_at_kl"]).T
+    table.columns = [f"gold @ {c} nats" for c in table.columns]
+    if len(table.columns):
+        key = f"gold @ {sort_at} nats" if sort_at else table.columns[len(table.columns) // 2]
+        table = table.sort_values(key, ascending=False, na_position="last")
+    table.index.name = "curve"
+    return table
+
+
+def results_table(summary: dict[str, Any]) -> pd.DataFrame:
+    """Every (method, setting) with its numbers and cost, rounded for reading."""
+    df = methods_frame(summary)
+    cols = [c for c in TABLE_COLUMNS if c in df] + [c for c in ("win_rate_ci_low", "win_rate_ci_high") if c in df]
+    return df[cols].round(3)
+
+
+def samples_table(samples_path: str | Path, n_prompts: int = 2) -> pd.DataFrame:
+    """Side by side: one row per (method, setting), one column per prompt (the first n_prompts)."""
+    rows = pd.read_json(samples_path, lines=True)
+    rows = rows[rows["prompt_index"] < n_prompts]
+    table = rows.pivot_table(index=["curve", "setting"], columns="prompt_index", values="response",
+                             aggfunc="first", sort=False)
+    prompts = rows.drop_duplicates("prompt_index").set_index("prompt_index")["prompt"]
+    table.columns = [f"prompt {i}: {prompts[i][:60]}" for i in table.columns]
+    return table

@@ -1,0 +1,156 @@
+"""Tests for rlhf_lib.compare: gold at matched KL on hand-made points, profile validation, PPO cost accounting, the
+notebook being in step with its generator, and (slow) a whole comparison on the toy task with injected scorers."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import toy_task
+import yaml
+
+from rlhf_lib import compare, models
+from rlhf_lib.config import ConfigError
+from rlhf_lib.methods import report
+from rlhf_lib.runs import Run, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_interpolation_on_hand_made_points():
+    pts = [(4.0, 0.8), (0.0, 0.5), (2.0, 0.7)]  # unsorted on purpose
+    assert compare.interpolate_at(pts, 1.0) == pytest.approx(0.6)
+    assert compare.interpolate_at(pts, 3.0) == pytest.approx(0.75)
+    assert compare.interpolate_at(pts, 4.0) == pytest.approx(0.8)  # an end point is inside
+    assert compare.interpolate_at(pts, 6.0) is None  # outside the curve's KL range
+    assert compare.interpolate_at([(2.0, 0.7), (3.0, None)], 2.5) is None  # points without gold are dropped
+    assert compare.interpolate_at([], 1.0) is None
+
+
+def test_gold_at_kl_per_curve_with_the_reference_as_anchor():
+    entries = [
+        {"method": "reference", "kl": 0.0, "gold_score": 0.5},
+        {"method": "dpo", "curve": "dpo", "kl": 2.0, "gold_score": 0.7},
+        {"method": "dpo", "curve": "dpo", "kl": 8.0, "gold_score": 0.4},
+        {"method": "best_of_n", "curve": "best_of_n", "kl": 0.5, "kl_analytic": 1.5, "gold_score": 0.6},
+        {"method": "ppo", "curve": "ppo:other", "kl": 3.0, "gold_score": 0.9},
+    ]
+    out = compare.gold_at_kl(entries, [1.0, 3.0, 6.0], anchor=entries[0])
+    assert set(out) == {"dpo", "best_of_n", "ppo:other"}
+    assert out["dpo"] == pytest.approx({"1": 0.6, "3": 0.65, "6": 0.5})
+    assert out["ppo:other"]["1"] == pytest.approx(0.5 + 0.4 / 3) and out["ppo:other"]["6"] is None
+    assert out["best_of_n"] == {"1": None, "3": None, "6": None}  # measured KL 0.5: nothing at >= 1 nat
+    no_anchor = compare.gold_at_kl(entries, [1.0], anchor=None)
+    assert no_anchor["dpo"]["1"] is None  # without the reference, the DPO curve starts at 2 nats
+    table = report.kl_table({"gold_at_kl": out})
+    assert list(table.index) == ["ppo:other", "dpo", "best_of_n"]  # ranked by gold at 3 nats, missing last
+
+
+def fake_run(root: Path, stages: dict[str, str], model: str = "tiny:llama") -> Run:
+    run = Run(root)
+    write_json_atomic(run.manifest_path, {"stages": {s: {"status": st, "params": {"model": model}}
+                                                     for s, st in stages.items()}})
+    return run
+
+
+def write_profile(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+def test_profile_validation_names_the_problem(tmp_path):
+    outputs = tmp_path / "outputs"
+    fake_run(outputs / "base", {"data": "done", "reward_model": "done"})
+    fake_run(outputs / "half", {"data": "done", "reward_model": "running"})
+    common = {"outputs_dir": str(outputs)}
+    with pytest.raises(ConfigError, match="unknown sections"):
+        compare.load_profile(write_profile(tmp_path, common=common, bogus={}), base_run="base")
+    with pytest.raises(ConfigError, match="no base run"):
+        compare.load_profile(write_profile(tmp_path, common=common))
+    with pytest.raises(ConfigError, match="reward_model.*has not finished"):
+        compare.load_profile(write_profile(tmp_path, common=common), base_run="half")
+    with pytest.raises(ConfigError, match="not a run folder"):
+        compare.load_profile(write_profile(tmp_path, common=common), base_run="missing")
+    with pytest.raises(ConfigError, match="lr_rate"):
+        compare.load_profile(write_profile(tmp_path, common=common, dpo={"lr_rate": 1.0}), base_run="base")
+    profile = compare.load_profile(write_profile(tmp_path, common=common, dpo={"betas": [0.2]}), base_run="base")
+    assert profile.compare.model == "tiny:llama" and profile.eval.model == "tiny:llama"  # the base run's model
+    assert profile.dpo.betas == [0.2]
+
+
+def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
+    run = Run(tmp_path)
+    run.ppo_dir.mkdir()
+    rows = [{"update": u, "episode": 8 * u, "time/update": 2.0, "objective/response_length": 10.0 + u}
+            for u in (1, 2, 3)]
+    (run.ppo_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert compare.ppo_cost(run, 2) == (4.0, 8 * 11 + 8 * 12)
+    assert compare.ppo_cost(run, None) == (6.0, 8 * 11 + 8 * 12 + 8 * 13)
+
+
+def test_notebook_is_in_step_with_its_generator():
+    import importlib.util
+
+    import nbformat
+
+    spec = importlib.util.spec_from_file_location("build_compare_notebook", ROOT / "scripts" / "build_compare_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    stored = nbformat.read(str(ROOT / "notebooks" / "06_compare_methods.ipynb"), as_version=4)
+    assert [c.source for c in stored.cells] == [c.source for c in module.build().cells]
+    assert "parameters" in stored.cells[1].metadata.get("tags", [])
+
+
+@pytest.mark.slow
+def test_whole_comparison_on_the_toy_task(tmp_path):
+    """Reference, a 'PPO' run, best-of-N and one beta of DPO / RLOO / GRPO through one evaluation path."""
+    outputs = tmp_path / "outputs"
+    model = toy_task.build_model(tmp_path / "model")
+    tokenizer = models.load_tokenizer(str(model))
+    base = fake_run(outputs / "base", {"data": "done", "reward_model": "done", "ppo": "done"}, model=str(model))
+    toy_task.write_data(base.data_dir, tokenizer)
+    shutil.copytree(model, base.policy_dir)  # a 'PPO' final policy: the reference itself
+    (base.ppo_dir).mkdir()
+    (base.ppo_dir / "metrics.jsonl").write_text(json.dumps({"update": 1, "episode": 4, "time/update": 1.5,
+                                                            "objective/response_length": 4.0}) + "\n")
+    small = {"betas": [0.05], "max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "lora_r": 2,
+             "lora_alpha": 4}
+    path = write_profile(tmp_path, common={"run": "cmp", "outputs_dir": str(outputs), "device": "cpu",
+                                           "dtype": "float32"},
+                         eval={"response_length": 4, "temperature": 1.0, "batch_size": 16},
+                         best_of_n={"ns": [1, 2, 4], "n_samples": 4},
+                         dpo={"betas": [0.1], "max_steps": 2, "lora_r": 2, "lora_alpha": 4}, rloo=small, grpo=small)
+    profile = compare.load_profile(path, base_run="base")
+    score = lambda seqs: toy_task.target_fraction(seqs, 4)
+    gold = lambda texts: [t.count("k") / 4 for t in texts]
+    summary = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+    keys = {"method", "setting", "kl", "kl_analytic", "gold_score", "gold_score_se", "rm_score", "win_rate_vs_ref",
+            "win_rate_ci", "length", "eos_fraction", "train_seconds", "generated_tokens"}
+    found = {(e["method"], e["setting"]) for e in summary["methods"]}
+    assert {("reference", ""), ("ppo", "final"), ("best_of_n", "N=4"), ("best_of_n_oracle", "N=2"),
+            ("dpo", "beta=0.1"), ("rloo", "beta=0.05"), ("grpo", "beta=0.05")} <= found
+    for e in summary["methods"]:
+        assert keys <= set(e), e["method"]
+    by = {(e["method"], e["setting"]): e for e in summary["methods"]}
+    ref, ppo = by[("reference", "")], by[("ppo", "final")]
+    # the 'PPO' policy is the reference: same seed, same samples, zero KL, all ties
+    assert ppo["gold_score"] == ref["gold_score"] and ppo["kl"] == 0.0 and ppo["win_rate_vs_ref"] == 0.5
+    assert ppo["train_seconds"] == 1.5 and ppo["generated_tokens"] == 16
+    assert by[("rloo", "beta=0.05")]["generated_tokens"] > 0 and by[("dpo", "beta=0.1")]["generated_tokens"] == 0
+    assert by[("best_of_n", "N=4")]["kl_analytic"] == pytest.approx(np.log(4) - 0.75)
+    assert by[("best_of_n_oracle", "N=4")]["gold_score"] >= by[("best_of_n", "N=1")]["gold_score"]
+    assert set(summary["gold_at_kl"]) >= {"ppo", "best_of_n", "dpo", "rloo", "grpo"}
+    out = outputs / "cmp"
+    assert json.loads((out / "summary.json").read_text())["methods"] == json.loads(json.dumps(summary["methods"]))
+    assert (out / "dpo" / "beta=0.1" / "policy" / "config.json").exists()
+    table = report.samples_table(out / "samples.jsonl", 2)
+    assert ("dpo", "beta=0.1") in table.index and table.shape[1] == 2
+    report.plot_frontier(summary, out / "plots" / "frontier.png")
+    assert (out / "plots" / "frontier.png").stat().st_size > 0
+    # restartable: a second run reuses every trained setting (nothing is retrained)
+    stamp = (out / "rloo" / "beta=0.05" / "train.json").stat().st_mtime_ns
+    compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+    assert (out / "rloo" / "beta=0.05" / "train.json").stat().st_mtime_ns == stamp

@@ -1,0 +1,241 @@
+"""Tests for rlhf_lib.methods: best-of-N maths (estimator vs brute force, analytic KL vs exact and Monte-Carlo),
+the policy-folder contract, and -- slow -- DPO / RLOO / GRPO raising their objective on a toy task with a known
+answer (tests/toy_task.py), each trained policy going through the comparison's evaluation code."""
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import toy_task
+
+from rlhf_lib import config, evaluate, models
+from rlhf_lib.methods import best_of_n as bon
+from rlhf_lib.methods.common import (
+    MethodInputs,
+    load_policy_folder,
+    save_policy,
+    token_id_reward,
+)
+from rlhf_lib.methods.dpo import DPOMethodConfig, train_dpo
+from rlhf_lib.methods.online import (
+    GRPOMethodConfig,
+    OnlineMethodConfig,
+    RLOOMethodConfig,
+    train_online,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# best-of-N maths
+
+
+def brute_force_best_of_n(rm: np.ndarray, value: np.ndarray, n: int) -> float:
+    """Mean over every n-subset of `value` at the subset's RM-argmax (ties: the later sample)."""
+    picks = [value[max(subset, key=lambda i: (rm[i], i))] for subset in itertools.combinations(range(rm.size), n)]
+    return float(np.mean(picks))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_unbiased_estimator_equals_enumeration_of_subsets(seed):
+    rng = np.random.default_rng(seed)
+    rm = rng.integers(0, 4, size=8).astype(float)  # ties on purpose
+    gold = rng.normal(size=8)
+    for n in range(1, 9):
+        w = bon.selection_weights(rm, n)
+        assert w.sum() == pytest.approx(1.0)
+        assert float(w @ gold) == pytest.approx(brute_force_best_of_n(rm, gold, n), abs=1e-12), n
+    assert bon.selection_weights(rm, 1) == pytest.approx(np.full(8, 1 / 8))  # N = 1: the plain mean
+    assert bon.selection_weights(rm, 8)[np.lexsort((np.arange(8), rm))[-1]] == 1.0  # N = M: the max
+
+
+def test_analytic_kl_is_the_exact_kl_for_distinct_rewards_and_a_large_support():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(20000, 50.0))  # no single outcome carries much mass
+    rewards = rng.normal(size=probs.size)  # continuous-valued: distinct
+    for n in (1, 2, 4, 16, 32):
+        exact = bon.best_of_n_kl(probs, rewards, n)
+        assert exact == pytest.approx(bon.analytic_kl(n), abs=2e-3), n
+    assert bon.analytic_kl(4) == pytest.approx(math.log(4) - 0.75)
+
+
+def test_analytic_kl_is_an_upper_bound_that_ties_and_heavy_outcomes_break():
+    probs = np.array([0.5, 0.2, 0.2, 0.1])
+    for rewards in ([3.0, 1.0, 2.0, 0.0], [1.0, 1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]):
+        for n in (2, 4, 8):
+            assert bon.best_of_n_kl(probs, rewards, n) < bon.analytic_kl(n) - 1e-3
+    assert bon.best_of_n_kl(probs, [1.0] * 4, 8) == pytest.approx(0.0, abs=1e-12)  # all tied: best-of-N = reference
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_monte_carlo_best_of_n_matches_the_exact_distribution_and_kl(n):
+    rng = np.random.default_rng(n)
+    k = 50
+    probs = rng.dirichlet(np.full(k, 5.0))
+    rewards = rng.permutation(k).astype(float)
+    draws = rng.choice(k, size=(400_000, n), p=probs)  # n samples from the reference, pick the highest reward
+    picked = draws[np.arange(draws.shape[0]), np.argmax(rewards[draws], axis=1)]
+    freq = np.bincount(picked, minlength=k) / picked.size
+    exact = bon.best_of_n_distribution(probs, rewards, n)
+    assert np.abs(freq - exact).max() < 4e-3
+    mc_kl = bon.kl_divergence(freq, probs)
+    assert mc_kl == pytest.approx(bon.best_of_n_kl(probs, rewards, n), abs=0.01)
+    assert mc_kl == pytest.approx(bon.analytic_kl(n), abs=0.06)  # 50 outcomes: near the continuous formula
+
+
+def make_pool(rm: np.ndarray, gold: np.ndarray) -> bon.Pool:
+    p, m = rm.shape
+    return bon.Pool(rm=rm, gold=gold, lengths=np.full((p, m), 3.0), eos=np.ones((p, m)),
+                    texts=[[f"p{i}s{j}" for j in range(m)] for i in range(p)])
+
+
+def test_pool_entries_n1_is_the_pool_mean_and_the_oracle_dominates():
+    rng = np.random.default_rng(0)
+    rm, gold = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    pool = make_pool(rm, gold)
+    ref = np.zeros(6)
+    one = bon.pool_entry(pool, 1, ref, "gold")
+    assert one["gold_score"] == pytest.approx(gold.mean()) and one["kl"] == pytest.approx(0.0, abs=1e-12)
+    assert one["kl_analytic"] == 0.0
+    full = bon.pool_entry(pool, 5, ref, "gold")
+    assert full["rm_score"] == pytest.approx(rm.max(1).mean())
+    assert full["gold_score"] == pytest.approx(gold[np.arange(6), rm.argmax(1)].mean())
+    assert full["win_rate_vs_ref"] == pytest.approx((gold[np.arange(6), rm.argmax(1)] > 0).mean())
+    for n in (2, 3, 5):
+        oracle = bon.pool_entry(pool, n, ref, "gold", oracle=True)
+        assert oracle["gold_score"] >= bon.pool_entry(pool, n, ref, "gold")["gold_score"] - 1e-12
+        assert 0 <= oracle["win_rate_ci"][0] <= oracle["win_rate_vs_ref"] <= oracle["win_rate_ci"][1] <= 1
+    # measured KL over a pool of 5 distinct samples: the exact value of the 5-atom empirical distribution
+    assert full["kl"] == pytest.approx(bon.best_of_n_kl(np.full(5, 0.2), rm[0], 5))
+    with pytest.raises(ValueError, match="ns has"):
+        bon.BestOfNConfig(ns=[1, 64], n_samples=32).check()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configs, reward, policy folders
+
+
+@pytest.mark.parametrize("cls", [bon.BestOfNConfig, DPOMethodConfig, RLOOMethodConfig, GRPOMethodConfig])
+def test_every_method_config_field_has_help_text(cls):
+    comments = config.field_comments(cls)
+    import dataclasses
+
+    assert [f.name for f in dataclasses.fields(cls) if not comments.get(f.name)] == []
+
+
+def test_config_checks_name_the_field():
+    with pytest.raises(ValueError, match="multiple of num_generations"):
+        RLOOMethodConfig(per_device_train_batch_size=6, num_generations=4).check()
+    with pytest.raises(ValueError, match="dpo.betas"):
+        DPOMethodConfig(betas=[]).check()
+    with pytest.raises(ValueError, match="num_generations"):
+        OnlineMethodConfig(num_generations=1, per_device_train_batch_size=4).check()
+
+
+def test_token_id_reward_scores_prompt_plus_completion_ids_and_counts_them():
+    seen = []
+
+    def scorer(seqs):
+        seen.extend(seqs)
+        return np.array([float(len(s)) for s in seqs])
+
+    reward = token_id_reward(scorer, "query_ids", mean=1.0, std=2.0)
+    out = reward(prompts=["x", "y"], completions=["", ""], completion_ids=[[5, 6, 1], [7]], query_ids=[[1, 2], [3]])
+    assert seen == [[1, 2, 5, 6, 1], [3, 7]]
+    assert out == pytest.approx([(5 - 1) / 2, (2 - 1) / 2])
+    assert (reward.generated_tokens, reward.generated_responses) == (4, 2)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    folder = toy_task.build_model(root / "model")
+    tokenizer = models.load_tokenizer(str(folder))
+    toy_task.write_data(root / "data", tokenizer)
+    return root, str(folder), tokenizer
+
+
+def test_saved_policy_loads_through_the_evaluation_loader_and_adapters_merge(toy, tmp_path):
+    root, model_ref, tokenizer = toy
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(models.load_causal_lm(model_ref, tokenizer),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.tensor([[2, 3, 4, 5]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")  # a LoRA adapter folder
+    save_policy(model, tokenizer, tmp_path / "policy")  # merged, as PPO's final policy
+    assert not (tmp_path / "policy" / "adapter_config.json").exists()
+    cfg = evaluate.EvalConfig(model=model_ref, device="cpu")
+    from rlhf_lib.runs import Run
+
+    loaded = evaluate.default_policy_loader(cfg, Run(tmp_path), tokenizer, torch.device("cpu"))(tmp_path / "policy")
+    merged = load_policy_folder(tmp_path / "adapter", model_ref, tokenizer)
+    with torch.no_grad():
+        for m in (loaded, merged):
+            assert torch.allclose(m(input_ids=ids).logits, expected, atol=1e-5)
+    base = models.load_causal_lm(model_ref, tokenizer)
+    with torch.no_grad():
+        assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapter changed something
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learning on the toy task (slow)
+
+RESPONSE_LENGTH = 4
+
+
+def toy_context(root: Path, model_ref: str, tokenizer):
+    """The comparison's evaluation context on the toy eval prompts, reward = the target-word fraction."""
+    from rlhf_lib import compare
+    from rlhf_lib.runs import Run, write_json_atomic
+
+    run = Run(root)
+    write_json_atomic(run.manifest_path, {"stages": {}})
+    ev = evaluate.EvalConfig(model=model_ref, device="cpu", dtype="float32", seed=1, response_length=RESPONSE_LENGTH,
+                             temperature=1.0, batch_size=16)
+    scorer = lambda seqs: toy_task.target_fraction(seqs, RESPONSE_LENGTH)
+    return compare.make_context(ev, run, rm_scorer=scorer, gold_scorer=None), scorer
+
+
+def trained_reward(ctx, folder: Path) -> float:
+    from rlhf_lib import compare
+
+    policy = evaluate.default_policy_loader(ctx.eval_cfg, None, ctx.tokenizer, ctx.settings.device)(folder / "policy")
+    entry, _ = compare.evaluate_policy(ctx, policy, "method", "test")
+    assert entry["kl"] > 0.05  # it moved away from the reference, and the evaluation measured it
+    return entry["rm_score"]
+
+
+@pytest.mark.slow
+def test_dpo_learns_to_prefer_the_chosen_word(toy):
+    root, model_ref, tokenizer = toy
+    ctx, _ = toy_context(root, model_ref, tokenizer)
+    inputs = MethodInputs(model_ref, root / "data", root / "no_rm")
+    cfg = DPOMethodConfig(betas=[0.1], learning_rate=3e-2, num_train_epochs=4.0, per_device_train_batch_size=8,
+                          lora_r=8, lora_alpha=16, lora_target_modules=["all-linear"])
+    record = train_dpo(cfg, inputs, 0.1, root / "dpo")
+    margins = [r["rewards/margins"] for r in record["log_history"] if "rewards/margins" in r]
+    assert margins[-1] > margins[0]  # TRL's own metric: the implicit reward margin grew
+    before = float(ctx.ref_rm.mean())
+    after = trained_reward(ctx, root / "dpo")
+    assert after > before + 0.3, (before, after)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rloo", "grpo"])
+def test_rloo_and_grpo_raise_the_reward(toy, kind):
+    root, model_ref, tokenizer = toy
+    ctx, scorer = toy_context(root, model_ref, tokenizer)
+    inputs = MethodInputs(model_ref, root / "data", root / "no_rm")
+    cls = RLOOMethodConfig if kind == "rloo" else GRPOMethodConfig
+    cfg = cls(betas=[0.01], learning_rate=3e-2, max_steps=12, per_device_train_batch_size=32, num_generations=8,
+              lora_r=8, lora_alpha=16, lora_target_modules=["all-linear"])
+    record = train_online(kind, cfg, inputs, 0.01, root / kind, RESPONSE_LENGTH, 1.0, scorer=scorer)
+    assert record["generated_responses"] == 12 * 32 and record["generated_tokens"] > 0
+    before = float(ctx.ref_rm.mean())
+    after = trained_reward(ctx, root / kind)
+    assert after > before + 0.3, (before, after)
