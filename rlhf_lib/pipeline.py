@@ -138,8 +138,9 @@ def execute(params_path: str, run: str | None = None, stages: Sequence[str] = ST
     finally:
         if lock is not None:
             lock.release("pipeline")
-    print(f"[pipeline] outputs in {target.root} (summary.json, manifest.json, plots/, notebooks/)"
-          if todo else "[pipeline] nothing to run")
+    if runs.process_rank() == 0:
+        print(f"[pipeline] outputs in {target.root} (summary.json, manifest.json, plots/, notebooks/)"
+              if todo else "[pipeline] nothing to run")
     return target.root
 
 
