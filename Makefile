@@ -1,10 +1,16 @@
 # rlhf-lab: `make pipeline` runs the four stage notebooks on a params profile; `make test` runs every test.
 # The environment is created on first use: the active conda env when one is active (not base), else ./.venv.
 
-PARAMS ?= params/default.yaml   # the params profile to run
-RUN ?=                          # run name (outputs/<RUN>/); empty = the profile's common.run
-STAGES ?=                       # e.g. STAGES=data,reward_model; empty = all four
-ARGS ?=                         # extra arguments for `python -m rlhf_lib.pipeline` (e.g. --overwrite, -p ppo.kl_coef=0.1)
+# Comments sit above the variables: a trailing comment would leave spaces in the value. PARAMS, RUN and STAGES are
+# passed quoted, so a path with a space works (make pipeline PARAMS="my params/x.yaml").
+# the params profile to run
+PARAMS ?= params/default.yaml
+# run name (outputs/<RUN>/); empty = the profile's common.run
+RUN ?=
+# e.g. STAGES=data,reward_model; empty = all four
+STAGES ?=
+# extra arguments for `python -m rlhf_lib.pipeline` (e.g. --overwrite, -p ppo.kl_coef=0.1), passed as written
+ARGS ?=
 PYTEST_ARGS ?=
 
 ifneq ($(strip $(CONDA_PREFIX)),)
@@ -41,7 +47,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 pipeline: $(STAMP)
-	$(PYTHON) -m rlhf_lib.pipeline --params $(PARAMS) $(if $(strip $(RUN)),--run $(strip $(RUN))) $(if $(strip $(STAGES)),--stages $(strip $(STAGES))) $(ARGS)
+	$(PYTHON) -m rlhf_lib.pipeline --params "$(PARAMS)" $(if $(strip $(RUN)),--run "$(RUN)") $(if $(strip $(STAGES)),--stages "$(STAGES)") $(ARGS)
 
 COMPARE ?= params/compare/default.yaml   # comparison profile (make compare)
 BASE_RUN ?=                              # run whose data and reward model the comparison uses; empty = the profile's
@@ -51,6 +57,7 @@ compare: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+	rm -rf outputs/notebook-smoke   # the notebooks' own run: they never overwrite, so nbval starts it afresh
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
 
 test-fast: $(STAMP)

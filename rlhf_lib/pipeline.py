@@ -1,22 +1,32 @@
 """Run the stage notebooks in order with papermill: ``python -m rlhf_lib.pipeline --params params/default.yaml``.
 
 Each notebook gets ``common`` + its own section of the params file injected after its parameters cell; executed
-notebooks land in ``outputs/<run>/notebooks/``. ``make pipeline PARAMS=... RUN=...`` calls this.
+notebooks land in ``outputs/<run>/notebooks/`` (a failed one beside it as ``<name>.failed.ipynb``, never over the
+copy of a finished stage). ``make pipeline PARAMS=... RUN=...`` calls this.
+
+The pipeline holds the run's lock for the whole invocation and hands its kernels the lock token
+(:mod:`rlhf_lib.runlock`), so a second writer of the same run is refused at once. ``--in-process`` runs the PPO stage
+in this process instead of a notebook: what ``accelerate launch`` needs, where every process runs the PPO loop.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
-from . import TEXT_PROGRESS_ENV
+from . import TEXT_PROGRESS_ENV, runlock, runs
 from .config import NOTEBOOKS, STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
-from .runs import repo_root, run_for
+from .runs import Run, repo_root, run_for
+
+
+class StageFailed(RuntimeError):
+    """A stage notebook raised; the run records the stage as failed."""
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -28,9 +38,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, yaml.safe_load(value)
 
 
-def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Sequence[str], overwrite: bool,
-         skip_done: bool) -> list[tuple[str, dict[str, Any]]]:
-    """Validate everything before running anything: returns [(stage, parameters)] for the stages to execute."""
+def load(params_path: str, run: str | None, overrides: Sequence[str], overwrite: bool) -> tuple[dict, CommonConfig]:
+    """The params file with overrides applied and ``outputs_dir`` made absolute, and its validated common section.
+
+    A relative ``outputs_dir`` is resolved here, once, against the directory the pipeline was started from: the
+    kernels run in notebooks/ and receive the absolute path.
+    """
     params = load_params_file(params_path)
     for text in overrides:
         section, key, value = parse_override(text)
@@ -41,7 +54,17 @@ def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Se
         params["common"]["run"] = run
     if overwrite:
         params["common"]["overwrite"] = True
+    if params["common"].get("outputs_dir"):
+        params["common"]["outputs_dir"] = os.path.abspath(os.path.expanduser(params["common"]["outputs_dir"]))
     common = validate(CommonConfig, params["common"], f"{params_path} [common]")
+    run_for(common)  # a bad run name fails here, before anything runs
+    return params, common
+
+
+def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Sequence[str], overwrite: bool,
+         skip_done: bool) -> list[tuple[str, dict[str, Any]]]:
+    """Validate everything before running anything: returns [(stage, parameters)] for the stages to execute."""
+    params, common = load(params_path, run, overrides, overwrite)
     target = run_for(common)
     todo = []
     for stage in stages:
@@ -54,56 +77,124 @@ def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Se
                 f"run {target.name!r} ({target.root}) already finished stage {stage!r}. Choose another run name "
                 f"(make pipeline RUN=<name>), resume the unfinished stages with --skip-done, or redo with --overwrite."
             )
-        todo.append((stage, stage_parameters(params, stage)))
+        parameters = stage_parameters(params, stage)
+        _plan_resume(target, stage, parameters, skip_done and not common.overwrite)
+        todo.append((stage, parameters))
     return todo
 
 
-def execute(params_path: str, run: str | None = None, stages: Sequence[str] = STAGES, overrides: Sequence[str] = (),
-            overwrite: bool = False, skip_done: bool = False, kernel_name: str = "python3") -> Path:
-    """Execute the planned notebooks; returns the run folder. Stops at the first failing stage."""
-    todo = plan(params_path, run, stages, overrides, overwrite, skip_done)
-    root = repo_root()
-    previous = os.environ.get(TEXT_PROGRESS_ENV)
-    os.environ[TEXT_PROGRESS_ENV] = "1"  # kernels inherit it: text progress bars (rlhf_lib/__init__.py)
+def _plan_resume(target: Run, stage: str, parameters: dict[str, Any], skip_done: bool) -> None:
+    """--skip-done continues an interrupted or failed PPO stage from its last checkpoint; resume params are checked."""
+    state = target.stage_state(stage)
+    if stage == "ppo" and state in ("interrupted", "failed"):
+        from .ppo import latest_checkpoint
+
+        checkpoint = latest_checkpoint(target.checkpoints_dir)
+        if checkpoint is not None and skip_done and not parameters.get("resume"):
+            parameters["resume"] = True
+            print(f"[pipeline] ppo: {runs.describe_state(target, stage)}; resuming from {checkpoint} (--skip-done)")
+        elif checkpoint is not None and not parameters.get("resume"):
+            print(f"[pipeline] ppo: {runs.describe_state(target, stage)}; starting over (--skip-done or "
+                  f"-p ppo.resume=true would continue from {checkpoint})")
+    if parameters.get("resume"):
+        runs.check_resume(target, stage, parameters)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
     try:
-        out_root = _run_notebooks(todo, root, kernel_name)
+        yield
     finally:
         if previous is None:
-            os.environ.pop(TEXT_PROGRESS_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[TEXT_PROGRESS_ENV] = previous
-    if out_root is None:
-        print("[pipeline] nothing to run")
-    else:
-        print(f"[pipeline] outputs in {out_root} (summary.json, manifest.json, plots/, notebooks/)")
-    return out_root
+            os.environ[name] = previous
 
 
-def _run_notebooks(todo: Sequence[tuple[str, dict[str, Any]]], root: Path, kernel_name: str) -> Path | None:
+def execute(params_path: str, run: str | None = None, stages: Sequence[str] = STAGES, overrides: Sequence[str] = (),
+            overwrite: bool = False, skip_done: bool = False, kernel_name: str = "python3",
+            in_process: bool = False) -> Path:
+    """Take the run's lock, then plan and execute the notebooks; returns the run folder. Stops at the first failure.
+
+    Raises ConfigError / StageError / RunBusyError before anything runs, StageFailed when a stage raised.
+    """
+    _, common = load(params_path, run, overrides, overwrite)
+    target = run_for(common)
+    lock = runlock.acquire(target.root, "pipeline", what=f"pipeline {','.join(stages)}") \
+        if runs.process_rank() == 0 else None
+    try:
+        if lock is not None:
+            runs.recover_interrupted(target)
+        todo = plan(params_path, run, stages, overrides, overwrite, skip_done)
+        token = lock.info.get("token", "") if lock is not None else os.environ.get(runlock.LOCK_ENV, "")
+        with _env(TEXT_PROGRESS_ENV, "1"), _env(runlock.LOCK_ENV, token):  # kernels inherit both
+            for stage, parameters in todo:
+                if in_process:
+                    _run_in_process(target, stage, parameters)
+                else:
+                    _run_notebook(target, stage, parameters, kernel_name)
+    finally:
+        if lock is not None:
+            lock.release("pipeline")
+    if runs.process_rank() == 0:
+        print(f"[pipeline] outputs in {target.root} (summary.json, manifest.json, plots/, notebooks/)"
+              if todo else "[pipeline] nothing to run")
+    return target.root
+
+
+def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_name: str) -> None:
+    """Execute one stage notebook into a temp file; keep it as the run's copy only when the stage finished."""
     import papermill
+    from papermill.exceptions import PapermillExecutionError
 
-    out_root = None
-    for stage, parameters in todo:
-        target = run_for(validate(CommonConfig, {k: v for k, v in parameters.items() if k in CommonConfig.__dataclass_fields__}, "run"))
-        out_root = target.root
-        target.notebooks_dir.mkdir(parents=True, exist_ok=True)
-        notebook = NOTEBOOKS[stage]
-        print(f"[pipeline] {stage}: running notebooks/{notebook} -> {target.notebooks_dir / notebook}", flush=True)
-        start = time.time()
+    root = repo_root()
+    target.notebooks_dir.mkdir(parents=True, exist_ok=True)
+    notebook = NOTEBOOKS[stage]
+    final = target.notebooks_dir / notebook
+    tmp, failed = final.with_suffix(".running.ipynb"), final.with_suffix(".failed.ipynb")
+    print(f"[pipeline] {stage}: running notebooks/{notebook} -> {final}", flush=True)
+    start = time.time()
+    try:
         papermill.execute_notebook(
-            str(root / "notebooks" / notebook),
-            str(target.notebooks_dir / notebook),
-            parameters=parameters,
-            kernel_name=kernel_name,
+            str(root / "notebooks" / notebook), str(tmp), parameters=parameters, kernel_name=kernel_name,
             cwd=str(root / "notebooks"),
             # the kernel's stdout/stderr go straight to this console, so the stages' progress bars and prints show
             # live (the executed notebook keeps its own copy of every output)
-            stdout_file=sys.stdout,
-            stderr_file=sys.stderr,
-            progress_bar=False,
+            stdout_file=sys.stdout, stderr_file=sys.stderr, progress_bar=False,
         )
-        print(f"[pipeline] {stage}: done in {time.time() - start:.0f} s", flush=True)
-    return out_root
+    except BaseException as err:
+        if tmp.exists():
+            os.replace(tmp, failed)
+        message = f"{err.ename}: {err.evalue}" if isinstance(err, PapermillExecutionError) else runs.first_line(err)
+        if target.stage_state(stage) == "interrupted":  # the kernel ended before recording its failure
+            runs.fail_stage(target, stage, message)
+        if not isinstance(err, Exception):  # Ctrl-C: stop as the user asked
+            raise
+        raise StageFailed(f"stage {stage!r} failed: {runs.first_line(message)} (executed notebook with the "
+                          f"traceback: {failed})") from err
+    os.replace(tmp, final)
+    failed.unlink(missing_ok=True)
+    print(f"[pipeline] {stage}: done in {time.time() - start:.0f} s", flush=True)
+
+
+def _run_in_process(target: Run, stage: str, parameters: dict[str, Any]) -> None:
+    """The PPO notebook's calls, in this process (every process of an ``accelerate launch`` runs this)."""
+    if stage != "ppo":
+        raise ConfigError(f"--in-process runs the ppo stage only (got {stage!r}); run the other stages as "
+                          f"notebooks (without --in-process)")
+    from .ppo import PPOConfig, train_ppo
+
+    cfg = validate(PPOConfig, parameters, "parameters of stage 'ppo'")
+    run = runs.start_stage(cfg, "ppo")
+    print(f"[pipeline] ppo: in process (rank {runs.process_rank()}) -> {target.root}", flush=True)
+    try:
+        result = train_ppo(cfg, run)
+    except BaseException as err:
+        runs.fail_stage(run, "ppo", err)
+        raise StageFailed(f"stage 'ppo' failed: {runs.first_line(err)}") from err
+    runs.finish_stage(run, "ppo", result.summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,8 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("-p", "--set", dest="overrides", action="append", default=[],
                         help="override one parameter: section.key=value (repeatable)")
-    parser.add_argument("--overwrite", action="store_true", help="redo stages this run already finished")
-    parser.add_argument("--skip-done", action="store_true", help="skip stages this run already finished")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo stages this run already finished (replaced only when the new attempt finishes)")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="skip finished stages; continue an interrupted or failed PPO stage from its last checkpoint")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the ppo stage in this process, not as a notebook (for accelerate launch)")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -122,10 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        execute(args.params, args.run, stages, args.overrides, args.overwrite, args.skip_done)
-    except ConfigError as err:
+        execute(args.params, args.run, stages, args.overrides, args.overwrite, args.skip_done,
+                in_process=args.in_process)
+    except (ConfigError, runs.StageError, runlock.RunBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StageFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,8 +46,9 @@ def parameters_source(stage: str) -> str:
     cls = stage_config_class(stage)
     smoke = yaml.safe_load((ROOT / "params" / "smoke.yaml").read_text())
     values = {**(smoke.get("common") or {}), **(smoke.get(stage) or {})}
-    # Notebook defaults: the smoke profile in a run of its own, redone freely (nbval re-runs it every time).
-    values.update(run="notebook-smoke", overwrite=True)
+    # Notebook defaults: the smoke profile in a run of its own. Never overwrite by default: running a notebook twice
+    # on the same run is refused, not silently redone (nbval starts from an empty outputs/notebook-smoke).
+    values.update(run="notebook-smoke", overwrite=False)
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     common = {f.name for f in dataclasses.fields(CommonConfig)}

@@ -23,7 +23,8 @@ def main() -> None:
         for name in NOTEBOOKS.values():
             src = ROOT / "notebooks" / name
             out = Path(tmp) / name
-            papermill.execute_notebook(str(src), str(out), cwd=str(ROOT / "notebooks"), progress_bar=False, kernel_name="python3")
+            papermill.execute_notebook(str(src), str(out), cwd=str(ROOT / "notebooks"), progress_bar=False,
+                                       kernel_name="python3", parameters={"outputs_dir": str(Path(tmp) / "outputs")})
             executed = nbformat.read(out, as_version=4)
             nb = nbformat.read(src, as_version=4)
             for cell, done in zip(nb.cells, [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]):

@@ -85,9 +85,15 @@ def test_finished_stage_is_not_silently_redone(outputs):
     with pytest.raises(runs.StageError, match="already finished.*overwrite: true"):
         runs.start_stage(_cfg(outputs), "data")
     assert (run.data_dir / "keep.txt").read_text() == "precious"  # nothing lost
-    runs.start_stage(_cfg(outputs, overwrite=True), "data")
-    assert not (run.data_dir / "keep.txt").exists()  # explicit overwrite replaces the stage's outputs
-    assert "data" not in run.summary()
+    attempt = runs.start_stage(_cfg(outputs, overwrite=True), "data")
+    assert attempt.data_dir != run.data_dir and not attempt.data_dir.exists()  # the attempt starts empty, aside
+    assert (run.data_dir / "keep.txt").exists() and run.summary()["data"] == {"n": 1}  # until it finishes
+    attempt.data_dir.mkdir()
+    (attempt.data_dir / "new.txt").write_text("new")
+    runs.finish_stage(attempt, "data", {"n": 2})
+    assert not (run.data_dir / "keep.txt").exists() and (run.data_dir / "new.txt").read_text() == "new"
+    assert run.summary()["data"] == {"n": 2} and run.stage_status("data") == "done"
+    assert not (run.root / runs.STAGING).exists()
 
 
 def test_stage_needs_finished_prerequisite(outputs):
@@ -102,7 +108,9 @@ def test_redoing_a_stage_marks_later_stages_stale(outputs):
     run = runs.start_stage(_cfg(outputs), "data")
     runs.finish_stage(run, "data", {})
     runs.finish_stage(runs.start_stage(_cfg(outputs), "reward_model"), "reward_model", {})
-    runs.start_stage(_cfg(outputs, overwrite=True), "data")
+    attempt = runs.start_stage(_cfg(outputs, overwrite=True), "data")
+    assert run.stage_status("reward_model") == "done"  # the old data are still in place
+    runs.finish_stage(attempt, "data", {})
     assert run.stage_status("reward_model") == "stale"
 
 
