@@ -687,7 +687,8 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
             "models": "policy + reference + reward + value from the same checkpoint; reward/value score head is a "
                       "random initialisation (from_pretrained num_labels=1)",
             "prompts": len(PROMPT_SUBJECTS), "full_fine_tuning_learning_rate": FULL_FT_LR},
-        "reference_config": bench_shapes.reference_config(spec.shape, REFERENCE_CONFIG), "differences": DIFFERENCES, "versions": package_versions(),
+        "reference_config": bench_shapes.reference_config(spec.shape, REFERENCE_CONFIG), "differences": DIFFERENCES,
+        "versions": package_versions(),
         "configs": {}, "trl": None, "published_trl": PUBLISHED_TRL,
     }
     spec_json = json.dumps(asdict(spec))

@@ -243,8 +243,8 @@ class ResponseSampler:
 
     ``compile``: run decode steps as one compiled graph over a static KV cache (worth it when the sampler is called
     many times with the same batch size, as in PPO); True picks :class:`DecodeStep`'s mode by device (CUDA graphs
-    on a GPU), a mode name (``"default"``, ``"reduce-overhead"``) forces it. ``cache_dtype``: the autocast dtype the caller runs under
-    (keys/values are stored in it); None for fp32. Call it inside the caller's autocast and no_grad contexts.
+    on a GPU), a mode name (``"default"``, ``"reduce-overhead"``) forces it.
+    ``cache_dtype``: the autocast dtype the caller runs under (keys/values are stored in it); None for fp32. Call it inside the caller's autocast and no_grad contexts.
     """
 
     def __init__(self, model: nn.Module, max_new_tokens: int, temperature: float, eos_token_id: int,
