@@ -10,6 +10,8 @@ warm-up updates are excluded from the figures.
     python -m rlhf_lib.bench --trl                   # also TRL 1.12 in .venv-trl112 (created on first use)
     python -m rlhf_lib.bench --configs ours-lora-bf16 --updates 5 --warmup 2 --threads 1
     python -m rlhf_lib.bench --trl --omp-wait-policy PASSIVE   # threads sleep between ops (shared machines)
+    python -m rlhf_lib.bench --shape seed --trl      # the seed profile's PPO shape (rlhf_lib.bench_shapes)
+    python -m rlhf_lib.bench --shape seed --model tiny:gpt2 --warmup 0 --updates 1 --trl   # its CPU dry run
 
 Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
 reward = the adapter-off bases, bf16 autocast), ``ours-lora-bf16-compile`` (+ ``torch_compile``: the default
@@ -21,6 +23,9 @@ default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's t
 ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured process a host probe
 times fixed bf16 and fp32 matmuls (``--probe-repeats``; :func:`run_host_probe`): their median times say how
 contended the host was for that run, which the load average does not show on a shared machine.
+Shapes (``--shape``; :mod:`rlhf_lib.bench_shapes`): ``default`` is the workload above, ``seed`` the seed profile's
+(GPT-2 124M sizes, random weights, batch 64, 4 minibatches, 64-token responses; reference configuration
+``ours-full-bf16-compile-all-prefix``); bench.json's ``gpu`` section holds the figures a GPU run is read for.
 Device auto: CUDA with bf16 when present, else CPU. Output: a table on stdout, ``<out>/bench.json`` and
 ``<out>/bench.png`` (the table as a figure: :func:`rlhf_lib.plots.plot_bench`).
 """
@@ -40,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import bench_shapes
 from .runs import repo_root
 
 RESULT_MARKER = "BENCH_RESULT "
@@ -108,6 +114,11 @@ DIFFERENCES = {
                 "(distinct from EOS) on both sides.",
 }
 
+# the seed shape's configurations beside the table above (rlhf_lib.bench_shapes; `--shape seed`)
+PPO_CONFIGS.update(bench_shapes.SEED_PPO_CONFIGS)
+DIFFERENCES.update(bench_shapes.SEED_DIFFERENCES)
+KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
+
 
 @dataclass
 class BenchSpec:
@@ -129,6 +140,7 @@ class BenchSpec:
     rm_pairs_per_step: int = 8
     rm_sequence_length: int = 150
     probe_repeats: int = 25  # timed matmuls of the host probe before each measured process (0: no probe)
+    shape: str = "default"  # the preset the workload came from (rlhf_lib.bench_shapes.SHAPES)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -675,7 +687,8 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
             "models": "policy + reference + reward + value from the same checkpoint; reward/value score head is a "
                       "random initialisation (from_pretrained num_labels=1)",
             "prompts": len(PROMPT_SUBJECTS), "full_fine_tuning_learning_rate": FULL_FT_LR},
-        "reference_config": REFERENCE_CONFIG, "differences": DIFFERENCES, "versions": package_versions(),
+        "reference_config": bench_shapes.reference_config(spec.shape, REFERENCE_CONFIG), "differences": DIFFERENCES,
+        "versions": package_versions(),
         "configs": {}, "trl": None, "published_trl": PUBLISHED_TRL,
     }
     spec_json = json.dumps(asdict(spec))
@@ -699,8 +712,20 @@ def run_benchmark(configs: Sequence[str], spec: BenchSpec, out_dir: Path, with_t
             report["configs"][name] = merged
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     add_ratios(report)
+    report["gpu"] = bench_shapes.gpu_section(report)
     write_json_atomic(out_dir / "bench.json", report)
     return report
+
+
+def spec_for_shape(shape: str, **given: Any) -> BenchSpec:
+    """The BenchSpec of a shape (rlhf_lib.bench_shapes.SHAPES), with the `given` fields that are not None on top."""
+    return BenchSpec(**{**bench_shapes.shape_fields(shape), "shape": shape,
+                        **{k: v for k, v in given.items() if v is not None}})
+
+
+def shape_configs(shape: str) -> tuple[str, ...]:
+    """The configurations a shape measures by default (the seed shape: its reference, TRL's content, LoRA)."""
+    return bench_shapes.SEED_CONFIGS if shape == "seed" else DEFAULT_CONFIGS
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -711,15 +736,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--omp-wait-policy", default=BenchSpec.omp_wait_policy, choices=("ACTIVE", "PASSIVE"),
                    help="OMP_WAIT_POLICY of every measured process, TRL's too: ACTIVE (spinning threads, for an idle "
                         "machine) or PASSIVE (sleeping threads, safe when other jobs share the cores)")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {', '.join(KNOWN_CONFIGS)}")
+    p.add_argument("--shape", default="default", choices=tuple(bench_shapes.SHAPES),
+                   help="workload preset: default (SmolLM2, batch 8) or seed (the seed profile's PPO: GPT-2-sized, "
+                        "batch 64, 4 minibatches, 64-token responses); the flags below override its fields")
+    p.add_argument("--configs", default=None, help=f"comma-separated, of {', '.join(KNOWN_CONFIGS)} (default: the "
+                   "shape's own list)")
     p.add_argument("--trl", action="store_true", help=f"also run TRL 1.12's PPOTrainer in {TRL_ENV} (created once)")
     p.add_argument("--trl-env", default=TRL_ENV, help="folder of the TRL 1.12 virtualenv")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.json and the worker logs")
-    p.add_argument("--model", default=BenchSpec.model, help="model reference (all four roles)")
+    p.add_argument("--model", default=None, help="model reference (all four roles; default: the shape's, e.g. "
+                   "tiny:gpt2 for a CPU dry run of the seed shape)")
     p.add_argument("--device", default="auto", help="auto (CUDA + bf16 when present), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=BenchSpec.batch_size)
-    p.add_argument("--response-length", type=int, default=BenchSpec.response_length)
-    p.add_argument("--num-ppo-epochs", type=int, default=BenchSpec.num_ppo_epochs)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--response-length", type=int, default=None)
+    p.add_argument("--num-ppo-epochs", type=int, default=None)
+    p.add_argument("--num-mini-batches", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (ppo.torch_compile / reward_model.torch_compile)")
     p.add_argument("--rounds", type=int, default=1, help="measure every configuration (and TRL) this many times, "
                    "taking turns, and pool the timed updates (a shared machine's slow spells fall on both sides)")
@@ -737,15 +768,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         worker_main(args.worker, BenchSpec(**json.loads(args.spec)))
         return None
     try:
-        configs = parse_configs(args.configs)
+        configs = parse_configs(args.configs or ",".join(shape_configs(args.shape)))
     except ValueError as exc:
         raise SystemExit(str(exc))
     if args.updates < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1 or args.probe_repeats < 0:
         raise SystemExit("--updates and --rounds must be >= 1, --warmup and --probe-repeats >= 0, --threads >= 1")
-    spec = BenchSpec(model=args.model, batch_size=args.batch_size, response_length=args.response_length,
-                     num_ppo_epochs=args.num_ppo_epochs, warmup=args.warmup, updates=args.updates,
-                     threads=args.threads, omp_wait_policy=args.omp_wait_policy, device=args.device,
-                     compile=args.compile, probe_repeats=args.probe_repeats)
+    spec = spec_for_shape(args.shape, model=args.model, batch_size=args.batch_size,
+                          response_length=args.response_length, num_ppo_epochs=args.num_ppo_epochs,
+                          num_mini_batches=args.num_mini_batches, warmup=args.warmup, updates=args.updates,
+                          threads=args.threads, omp_wait_policy=args.omp_wait_policy, device=args.device,
+                          compile=args.compile, probe_repeats=args.probe_repeats)
+    spec.model = bench_shapes.ensure_seed_model(spec.model)
     root = repo_root()
     out_dir = Path(args.out) if Path(args.out).is_absolute() else root / args.out
     trl_env = Path(args.trl_env) if Path(args.trl_env).is_absolute() else root / args.trl_env

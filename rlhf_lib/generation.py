@@ -160,16 +160,95 @@ def register_decode_attention() -> None:
 register_decode_attention()
 
 
+DECODE_MODES = ("auto", "default", "reduce-overhead")
+
+
+class DecodeStep:
+    """The compiled one-token decode step of :class:`ResponseSampler` (``compile=True`` or a mode), and the static
+    KV cache it decodes into.
+
+    - ``"default"``: :func:`models.compile_dynamic` (symbolic batch and cache sizes: one graph for every prompt
+      width) and a fresh cache of exactly prompt + response length per call.
+    - ``"reduce-overhead"``: ``torch.compile(mode="reduce-overhead")``. On CUDA, Inductor records the step as a CUDA
+      graph once per shape and replays it: one launch per step instead of one per kernel (hundreds for a 12-layer
+      model), which is what a small-batch decode step waits on. A graph reads its inputs at the addresses it was
+      recorded with, so the cache is kept between calls (zeroed in place) and its length is rounded up to a
+      multiple of ``bucket``, with the attention mask padded to it (the extra slots lie in the causal future and
+      are never attended): prompt widths within a bucket replay the same graph. Each step starts a new graph
+      generation (``torch.compiler.cudagraph_mark_step_begin``); the previous step's outputs are not read after it.
+      On CPU the mode compiles the same step without graphs.
+    - ``"auto"``: ``"reduce-overhead"`` when the inputs are on CUDA, ``"default"`` otherwise, decided at the first
+      call (a trainer moves the policy to its device after building the sampler).
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "auto", bucket: int = 64) -> None:
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode step mode {mode!r}: choose from {', '.join(DECODE_MODES)}")
+        self.model, self.requested, self.bucket = model, mode, bucket
+        self.mode: str | None = None  # resolved at the first call
+        self._fn = None
+        self._caches: dict[tuple, Any] = {}  # (batch, length, dtype, device) -> the kept StaticCache
+        self._mask: tuple[Tensor, Tensor] | None = None  # (mask as given, padded to the cache length)
+
+    def resolve(self, device: torch.device) -> str:
+        """The mode for inputs on `device`; builds the compiled function once."""
+        if self.mode is None:
+            self.mode = self.requested if self.requested != "auto" else (
+                "reduce-overhead" if device.type == "cuda" else "default")
+            forward = models.peft_base(self.model).forward
+            if self.mode == "default":
+                self._fn = models.compile_dynamic(forward)
+            else:  # the settings of models.compile_dynamic; sizes static first, dynamic once a second shape comes
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+                torch._inductor.config.triton.coalesce_tiling_analysis = False
+                self._fn = torch.compile(forward, mode="reduce-overhead")
+        return self.mode
+
+    @property
+    def graphs(self) -> bool:
+        return self.mode == "reduce-overhead"
+
+    def cache(self, model: nn.Module, queries: Tensor, total: int, dtype: torch.dtype | None):
+        """The static cache for a call with `queries` (B, P) and `total` = P + new tokens (None: not static-able)."""
+        if self.resolve(queries.device) == "default":
+            return static_cache(model, total, dtype)
+        length = -(-total // self.bucket) * self.bucket
+        key = (queries.shape[0], length, dtype, queries.device)
+        cache = self._caches.get(key)
+        if cache is not None:
+            cache.reset()  # zeros in place: the addresses the recorded graph reads stay the same
+            return cache
+        cache = static_cache(model, length, dtype)
+        if cache is not None:
+            self._caches[key] = cache
+        return cache
+
+    def _padded_mask(self, mask: Tensor, length: int) -> Tensor:
+        if self._mask is None or self._mask[0] is not mask:  # one mask per call, the same tensor every step
+            extra = length - mask.shape[1]
+            self._mask = (mask, torch.nn.functional.pad(mask, (0, extra)) if extra > 0 else mask)
+        return self._mask[1]
+
+    def __call__(self, **inputs: Any):
+        if self.graphs:
+            length = inputs["past_key_values"].get_max_length()
+            inputs["attention_mask"] = self._padded_mask(inputs["attention_mask"], length)
+            if inputs["input_ids"].is_cuda:
+                torch.compiler.cudagraph_mark_step_begin()
+        return self._fn(**inputs)
+
+
 class ResponseSampler:
     """Samples up to ``max_new_tokens`` response tokens for a batch of left-padded queries.
 
     ``compile``: run decode steps as one compiled graph over a static KV cache (worth it when the sampler is called
-    many times with the same batch size, as in PPO). ``cache_dtype``: the autocast dtype the caller runs under
-    (keys/values are stored in it); None for fp32. Call it inside the caller's autocast and no_grad contexts.
+    many times with the same batch size, as in PPO); True picks :class:`DecodeStep`'s mode by device (CUDA graphs
+    on a GPU), a mode name (``"default"``, ``"reduce-overhead"``) forces it.
+    ``cache_dtype``: the autocast dtype the caller runs under (keys/values are stored in it); None for fp32. Call it inside the caller's autocast and no_grad contexts.
     """
 
     def __init__(self, model: nn.Module, max_new_tokens: int, temperature: float, eos_token_id: int,
-                 pad_token_id: int, compile: bool = False, cache_dtype: torch.dtype | None = None) -> None:
+                 pad_token_id: int, compile: bool | str = False, cache_dtype: torch.dtype | None = None) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not temperature > 0:
@@ -183,14 +262,14 @@ class ResponseSampler:
         self.fused_attention = True  # compiled steps run attention as fused reductions (decode_attention)
         # the base model's forward: with peft the LoRA layers are inside it, and the wrapper adds only dispatch
         # dynamic: prompt widths differ between batches; static sizes recompiled (~80 s) for each new width
-        self._step = models.compile_dynamic(models.peft_base(model).forward) if compile else None
+        self._step = DecodeStep(model, "auto" if compile is True else compile) if compile else None
 
     @torch.no_grad()
     def __call__(self, queries: Tensor, query_mask: Tensor) -> tuple[Tensor, int]:
         """(B, P) left-padded queries and mask -> responses (B, max_new_tokens) padded after EOS, decode steps run."""
         batch, prompt_len = queries.shape
         total = prompt_len + self.max_new_tokens
-        cache = static_cache(self.model, total, self.cache_dtype) if self.compile else None
+        cache = self._step.cache(self.model, queries, total, self.cache_dtype) if self.compile else None
         step = self._step if cache is not None else self.model
         if cache is None:
             cache = DynamicCache()

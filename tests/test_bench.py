@@ -249,3 +249,70 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     assert "| ours-lora-bf16 |" in out
     png = tmp_path / "bench.png"  # the table as a figure, written beside bench.json
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the seed shape (rlhf_lib.bench_shapes) and the GPU section of bench.json
+
+
+def test_seed_shape_spec_matches_the_seed_profile_and_flags_override_it():
+    import yaml
+
+    from rlhf_lib import bench_shapes
+
+    profile = yaml.safe_load(open(bench.repo_root() / "params" / "seed_gpt2_ultrafeedback.yaml"))["ppo"]
+    spec = bench.spec_for_shape("seed", model=None, batch_size=None, updates=1)
+    for key in ("batch_size", "num_mini_batches", "response_length", "temperature"):
+        assert getattr(spec, key) == profile[key], key
+    assert spec.num_ppo_epochs == bench.BenchSpec.num_ppo_epochs == 4  # the profile keeps PPOConfig's default
+    assert spec.shape == "seed" and spec.updates == 1 and spec.model == bench_shapes.SEED_MODEL_REF
+    assert bench.spec_for_shape("seed", model="tiny:gpt2").model == "tiny:gpt2"  # the CPU dry run's model
+    default = bench.spec_for_shape("default")
+    assert (default.batch_size, default.num_mini_batches, default.shape) == (8, 1, "default")
+    with pytest.raises(ValueError, match="choose from default, seed"):
+        bench.spec_for_shape("colab")
+    # the seed profile fine-tunes fully (use_lora: false): so does the seed shape's reference configuration
+    ref = bench_shapes.reference_config("seed", bench.REFERENCE_CONFIG)
+    assert profile["use_lora"] is False and bench.PPO_CONFIGS[ref][0] is False and ref in bench.DIFFERENCES
+    assert bench_shapes.reference_config("default", bench.REFERENCE_CONFIG) == bench.REFERENCE_CONFIG
+    assert bench.shape_configs("seed")[0] == ref and set(bench.shape_configs("seed")) <= set(bench.KNOWN_CONFIGS)
+    assert bench.parse_args(["--shape", "seed"]).configs is None  # the shape's own list then
+
+
+def _gpu_report(shape, ours_gpu, trl_gpu, ours_eps=3.0, trl_eps=1.0, device_name="NVIDIA H200"):
+    from rlhf_lib import bench_shapes
+
+    ref = bench_shapes.reference_config(shape, bench.REFERENCE_CONFIG)
+    ours = _ppo(ref, ours_eps, 64 / ours_eps, 0.2, 0.3, 0.5, 2.0, peak_gpu_gib=ours_gpu)
+    other = {"name": "ours-full-fp32", "kind": "ppo", "error": "exit status -9"}
+    trl = _ppo(bench.TRL_CONFIG_NAME, trl_eps, 64 / trl_eps, 1.0, 0.5, 2.0, 3.0, peak_gpu_gib=trl_gpu)
+    report = _report({ref: ours, "ours-full-fp32": other}, trl=trl, shape=shape, batch_size=64)
+    report.update(reference_config=ref, device={"type": "cuda", "name": device_name})
+    return bench.add_ratios(report)
+
+
+def test_gpu_section_has_the_keys_per_configuration_and_the_seed_targets():
+    from rlhf_lib import bench_shapes
+
+    report = _gpu_report("seed", ours_gpu=3.0, trl_gpu=8.0, ours_eps=3.3, trl_eps=1.0)
+    gpu = bench_shapes.gpu_section(report)
+    ref = bench_shapes.SEED_REFERENCE_CONFIG
+    assert gpu["device_name"] == "NVIDIA H200" and gpu["shape"] == "seed" and gpu["reference_config"] == ref
+    assert set(gpu["configs"]) == {ref, "ours-full-fp32", bench.TRL_CONFIG_NAME}
+    ours = gpu["configs"][ref]
+    assert ours["episodes_per_s"] == 3.3 and ours["peak_gpu_gib"] == 3.0
+    assert ours["seconds_per_update"] == pytest.approx({"total": 64 / 3.3, "generation": 0.2, "forward": 0.3,
+                                                         "optimization": 0.5})
+    assert gpu["configs"]["ours-full-fp32"] == {"error": "exit status -9"}  # a killed configuration stays visible
+    assert gpu["episodes_per_s_ratio_vs_trl"] == pytest.approx(3.3)
+    assert gpu["peak_gpu_ratio_vs_trl"] == pytest.approx(3.0 / 8.0)
+    assert gpu["targets"] == {"episodes_per_s_ratio_vs_trl": 3.0, "peak_gpu_ratio_vs_trl": 0.5}
+    assert gpu["meets_targets"] is True
+    assert bench_shapes.gpu_section(_gpu_report("seed", 5.0, 8.0, 3.3))["meets_targets"] is False  # 0.625x memory
+    assert bench_shapes.gpu_section(_gpu_report("seed", 3.0, 8.0, 2.9))["meets_targets"] is False  # 2.9x speed
+    cpu = _gpu_report("seed", None, None, device_name=None)  # a CPU dry run: no device memory on either side
+    cpu_gpu = bench_shapes.gpu_section(cpu)
+    assert cpu_gpu["device_name"] is None and cpu_gpu["peak_gpu_ratio_vs_trl"] is None
+    assert cpu_gpu["meets_targets"] is None  # undecided, not failed
+    default = bench_shapes.gpu_section(_gpu_report("default", 1.0, 4.0))
+    assert default["reference_config"] == bench.REFERENCE_CONFIG and "targets" not in default
