@@ -57,6 +57,7 @@ class CommonConfig:
     dtype: str = "auto"  # auto: bf16 autocast on CUDA with bf16 or on an AMX CPU, else float32
     threads: int = 0  # torch intra-op threads; 0: torch's default
     overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
+    base_run: str = ""  # "": none; else a run whose data + reward_model stages this run reads, never writes (a run name under outputs_dir, or an absolute run folder)
 
 
 T = TypeVar("T")

@@ -16,7 +16,7 @@ import yaml
 
 from . import TEXT_PROGRESS_ENV
 from .config import NOTEBOOKS, STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
-from .runs import repo_root, run_for
+from .runs import repo_root, run_for, shared_stage_refusal
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -45,6 +45,9 @@ def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Se
     target = run_for(common)
     todo = []
     for stage in stages:
+        refusal = shared_stage_refusal(common, stage)  # common.base_run: data + reward_model are read, never run
+        if refusal:
+            raise ConfigError(refusal)
         status = target.stage_status(stage)
         if status == "done" and not common.overwrite:
             if skip_done:

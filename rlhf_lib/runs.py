@@ -2,7 +2,8 @@
 
 A stage is started with :func:`start_stage` (which refuses to redo a finished stage unless ``overwrite`` is set)
 and finished with :func:`finish_stage`; later stages check that the stages they read from are ``done``, so outputs
-of a crashed stage are never taken for complete ones.
+of a crashed stage are never taken for complete ones. With ``common.base_run`` set, a run reads the data and
+reward_model stages of that base run (:func:`stage_source`) and never writes them; the manifest records which.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ STAGE_DIRS = {
     "eval": ["eval"],
 }
 PREREQUISITES = {"data": [], "reward_model": ["data"], "ppo": ["data", "reward_model"], "eval": ["data", "reward_model", "ppo"]}
+# Stages a run may read from a base run (common.base_run) instead of producing them itself.
+SHARED_STAGES = ("data", "reward_model")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets", "papermill", "numpy", "vaderSentiment")
 
 
@@ -151,6 +154,10 @@ class Run:
     def stage_status(self, stage: str) -> str | None:
         return self.manifest().get("stages", {}).get(stage, {}).get("status")
 
+    def upstream(self, stage: str) -> "Run":
+        """The run whose folder holds ``stage``'s outputs (the base run for a shared stage; see stage_source)."""
+        return stage_source(self, stage)
+
 
 def outputs_root(cfg: CommonConfig) -> Path:
     return Path(cfg.outputs_dir).expanduser() if cfg.outputs_dir else repo_root() / "outputs"
@@ -161,6 +168,102 @@ def run_for(cfg: CommonConfig) -> Run:
     if not cfg.run or "/" in cfg.run or cfg.run in (".", ".."):
         raise ValueError(f"run name {cfg.run!r} must be a plain folder name")
     return Run(outputs_root(cfg) / cfg.run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared upstream stages (common.base_run): read from another run, never written there
+
+
+def base_run_for(cfg: CommonConfig) -> Run | None:
+    """The base run named by ``cfg.base_run`` (a run name under outputs_dir, or an absolute run folder), or None."""
+    ref = cfg.base_run
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and ("/" in ref or ref in (".", "..")):
+        raise StageError(f"common.base_run {ref!r} must be a run name under {outputs_root(cfg)} or an absolute "
+                         "run folder")
+    return Run(path if path.is_absolute() else outputs_root(cfg) / ref)
+
+
+def stage_source(run: Run, stage: str) -> Run:
+    """The run whose folder holds ``stage``'s outputs: the base run recorded in the manifest for a shared stage
+    (data, reward_model), else ``run`` itself. Later stages read data_dir / reward_model_dir through this."""
+    if stage in SHARED_STAGES:
+        root = (run.manifest().get("base_run") or {}).get("root")
+        if root:
+            return Run(Path(root))
+    return run
+
+
+def shared_stage_refusal(cfg: CommonConfig, stage: str) -> str | None:
+    """Why ``stage`` may not run in this run (it is read from the base run), or None when it may."""
+    if cfg.base_run and stage in SHARED_STAGES:
+        return (f"run {cfg.run!r} reads stage {stage!r} from base run {cfg.base_run!r} (common.base_run), so it never "
+                f"runs that stage itself: run it in the base run, run only ppo,eval here (--stages ppo,eval), "
+                f"or set common.base_run: '' to build this run's own")
+    return None
+
+
+def check_upstream(cfg: CommonConfig, run: Run, stage: str) -> Run | None:
+    """The base run, after checking that this stage may start on it (its shared stages are done); None without one."""
+    base = base_run_for(cfg)
+    recorded = run.manifest().get("base_run") or {}
+    if recorded and (base is None or Path(recorded["root"]).resolve() != base.root.resolve()):
+        raise StageError(f"run {run.name!r} ({run.root}) already reads data + reward_model from base run "
+                         f"{recorded['name']!r} ({recorded['root']}); set common.base_run to it, or use a new run name")
+    if base is None:
+        return None
+    refusal = shared_stage_refusal(cfg, stage)
+    if refusal:
+        raise StageError(refusal)
+    if base.root.resolve() == run.root.resolve():
+        raise StageError(f"common.base_run {cfg.base_run!r} names run {run.name!r} itself; name another run")
+    if not base.manifest_path.exists():
+        raise StageError(f"base run {cfg.base_run!r} (common.base_run) does not exist: {base.root} has no "
+                         "manifest.json; build its data and reward_model stages first")
+    for before in PREREQUISITES[stage]:
+        status = base.stage_status(before) if before in SHARED_STAGES else "done"
+        if status != "done":
+            raise StageError(f"stage {stage!r} of run {run.name!r} reads stage {before!r} of base run {base.name!r} "
+                             f"({base.root}), which is {status or 'missing'} there, not done: finish it in the base run")
+    return base
+
+
+def stage_hash(run: Run, stage: str) -> str:
+    """sha256 over the relative paths and bytes of every file a stage wrote (its STAGE_DIRS), in sorted order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for sub in STAGE_DIRS[stage]:
+        folder = run.path(sub)
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        for path in files:
+            digest.update(path.relative_to(run.root).as_posix().encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def upstream_record(run: Run, base: Run | None, stage: str) -> dict[str, Any] | None:
+    """manifest["base_run"]: the base run's name, folder, and a content hash of each shared stage used (hashed
+    once per finished base stage); refuses a base stage redone after this run used it."""
+    if base is None:
+        return None
+    used = dict((run.manifest().get("base_run") or {}).get("stages") or {})
+    base_stages = base.manifest().get("stages", {})
+    for before in PREREQUISITES[stage]:
+        if before not in SHARED_STAGES:
+            continue
+        ended = base_stages[before].get("ended")
+        if before in used and used[before].get("ended") != ended:
+            raise StageError(f"stage {before!r} of base run {base.name!r} ({base.root}) was redone after run "
+                             f"{run.name!r} used it (manifest.json base_run); start a new run on the new base")
+        if before not in used:
+            used[before] = {"ended": ended, "sha256": stage_hash(base, before)}
+    return {"name": base.name, "root": str(base.root.resolve()), "stages": used}
 
 
 def _update_manifest(run: Run, update) -> dict[str, Any]:
@@ -181,12 +284,14 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
             f"stage {stage!r} of run {run.name!r} already finished ({run.root}). Set overwrite: true to redo it "
             f"(its outputs are replaced), or choose another run name."
         )
+    base = check_upstream(cfg, run, stage)  # the base run (common.base_run) or None; refuses unfinished inputs
     for before in PREREQUISITES[stage]:
-        if run.stage_status(before) != "done":
+        if (base is None or before not in SHARED_STAGES) and run.stage_status(before) != "done":
             raise StageError(
                 f"stage {stage!r} reads the outputs of stage {before!r}, which has not finished in run "
                 f"{run.name!r} ({run.root}); run its notebook first (make pipeline runs all stages in order)"
             )
+    upstream = upstream_record(run, base, stage)
     run.root.mkdir(parents=True, exist_ok=True)
     if not getattr(cfg, "resume", False):  # a resumed stage (PPO) continues from the checkpoints it left
         for sub in STAGE_DIRS[stage]:
@@ -202,6 +307,8 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
         manifest["device"] = describe_device(pick_device(cfg.device))
         stages = manifest.setdefault("stages", {})
         stages[stage] = {"status": "running", "started": now(), "seed": cfg.seed, "params": to_dict(cfg)}
+        if upstream is not None:
+            manifest["base_run"] = upstream
         # A redone stage makes the stages that read from it stale.
         for later, needs in PREREQUISITES.items():
             if stage in needs and later in stages and stages[later].get("status") == "done":
