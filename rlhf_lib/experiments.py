@@ -572,8 +572,9 @@ def run_notebook(sweep: Sweep, kernel_name: str = "python3") -> Path:
     return out
 
 
-def print_commands(sweep: Sweep, file=sys.stdout) -> None:
+def print_commands(sweep: Sweep, file=None) -> None:
     """One self-contained pipeline command per point (run from the repo root), with its index and status."""
+    file = file or sys.stdout
     points = sweep.points()
     for point in points:
         print(f"# point {point.index} {point.name} [{point_status(sweep, point)}]", file=file)
