@@ -6,6 +6,8 @@ RUN ?=                          # run name (outputs/<RUN>/); empty = the profile
 STAGES ?=                       # e.g. STAGES=data,reward_model; empty = all four
 ARGS ?=                         # extra arguments for `python -m rlhf_lib.pipeline` (e.g. --overwrite, -p ppo.kl_coef=0.1)
 PYTEST_ARGS ?=
+SWEEP ?= params/sweeps/smoke.yaml   # the sweep file of `make sweep`
+SWEEP_ARGS ?=                   # extra arguments for `python -m rlhf_lib.experiments` (e.g. --print-commands, --point 3)
 
 ifneq ($(strip $(CONDA_PREFIX)),)
 ifneq ($(CONDA_DEFAULT_ENV),base)
@@ -21,10 +23,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv pipeline test test-fast nbval-record bench help
+.PHONY: venv pipeline sweep test test-fast nbval-record bench help
 
 help:
 	@echo "make pipeline [PARAMS=params/default.yaml] [RUN=name]   run all stages with papermill"
+	@echo "make sweep [SWEEP=params/sweeps/smoke.yaml]            seeds x parameter grid on shared data + RM, mean +- CI"
 	@echo "make test                                               unit + tiny-model + papermill smoke + nbval"
 	@echo "make bench                                              PPO / reward-model throughput benchmark"
 
@@ -42,9 +45,12 @@ $(STAMP): pyproject.toml
 pipeline: $(STAMP)
 	$(PYTHON) -m rlhf_lib.pipeline --params $(PARAMS) $(if $(strip $(RUN)),--run $(strip $(RUN))) $(if $(strip $(STAGES)),--stages $(strip $(STAGES))) $(ARGS)
 
+sweep: $(STAMP)   # every point of the sweep (finished ones skipped), then summary.json and notebooks/05_sweep.ipynb
+	$(PYTHON) -m rlhf_lib.experiments $(SWEEP) $(SWEEP_ARGS)
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider --ignore=notebooks/05_sweep.ipynb notebooks
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests

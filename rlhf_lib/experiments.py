@@ -45,8 +45,9 @@ MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.o
 UNCHECKED_KEYS = ("outputs_dir", "overwrite", "threads", "device")
 BASE_NAME = "base"
 NOTEBOOK = "05_sweep.ipynb"
-DERIVED = {"derived.gold_gain": "eval.after.gold_score - eval.before.gold_score",
-           "derived.rm_gain": "eval.after.rm_score - eval.before.rm_score"}
+# Numbers computed from a point's summary: key -> (minuend, subtrahend); gains paired on the same prompts and seed.
+DERIVED = {"derived.gold_gain": ("eval.after.gold_score", "eval.before.gold_score"),
+           "derived.rm_gain": ("eval.after.rm_score", "eval.before.rm_score")}
 GAIN_TARGET = "gold gain over the reference policy: gold score of a checkpoint minus that of the reference, both on " \
               "the same run's over-optimisation prompts"
 
@@ -338,8 +339,7 @@ def numeric_leaves(summary: dict[str, Any]) -> dict[str, float]:
             out[prefix] = float(obj)
 
     walk("", summary)
-    for key, formula in DERIVED.items():
-        left, right = (part.strip() for part in formula.split(" - "))
+    for key, (left, right) in DERIVED.items():
         if left in out and right in out:
             out[key] = out[left] - out[right]
     return out

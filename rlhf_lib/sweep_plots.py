@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .experiments import gao_gold, numeric_leaves
-from .plots import GOLD_COLOR, _no_data, save_figure_in
+from .plots import _no_data, save_figure_in
 
 
 def cell_label(overrides: dict[str, Any]) -> str:
@@ -50,6 +50,7 @@ def _frontier_panel(ax, table: pd.DataFrame, column: str, title: str) -> None:
                     color=colors[i % len(colors)], label=cell)
         final = part[part["label"] == "final"]
         ax.plot(final["kl_mean"], final[f"{column}_mean"], marker="*", ms=11, ls="", color=colors[i % len(colors)])
+    ax.plot([0.0], [0.0], marker="o", color="black", ls="", label="reference policy")  # zero of KL and gains
     ax.axhline(0.0, color="gray", lw=0.6)
     ax.set_xlabel("KL(policy || ref) per sequence (nats)")
     ax.set_ylabel(f"{column.replace('_', ' ')} over the reference")
@@ -64,12 +65,13 @@ def plot_sweep_frontier(summary: dict[str, Any], folder: str | Path | None = Non
     _frontier_panel(axes[0], table, "gold_gain", "gold (hidden objective)")
     _frontier_panel(axes[1], table, "rm_gain", "proxy: reward-model score")
     fit = summary.get("frontier_fit") or {}
-    if fit.get("alpha") is not None and "kl_mean" in table and len(table):
-        kl = np.linspace(0.0, max(float(np.nanmax(table["kl_mean"])), fit.get("kl_at_peak") or 0.0) * 1.05, 200)
+    top = max(float(np.nanmax(table["kl_mean"])), fit.get("kl_at_peak") or 0.0) if len(table) else 0.0
+    if fit.get("alpha") is not None and top > 0:
+        kl = np.linspace(0.0, top * 1.05, 200)
         label = f"fit: alpha={fit['alpha']:.3f}, beta={fit['beta']:.3f}"
         axes[0].plot(kl, gao_gold(kl, fit["alpha"], fit["beta"]), "--", color="black", lw=1.2, label=label)
         if fit.get("kl_at_peak") is not None and math.isfinite(fit["kl_at_peak"]):
-            axes[0].plot([fit["kl_at_peak"]], [fit["gold_at_peak"]], marker="x", ms=9, color=GOLD_COLOR,
+            axes[0].plot([fit["kl_at_peak"]], [fit["gold_at_peak"]], marker="X", ms=10, color="black",
                          label=f"fitted peak: KL {fit['kl_at_peak']:.2f}, gold {fit['gold_at_peak']:+.3f}")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
