@@ -143,7 +143,8 @@ def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
     sweep = Sweep(name, str(raw["params"]), Path(), base_run, stages, dict(raw.get("overrides") or {}), grid,
                   str(raw.get("seed_key", "common.seed")))
     params = load_params_file(sweep.params_path)
-    root = Path(outputs_dir).expanduser() if outputs_dir else outputs_root(validate(CommonConfig, params["common"], "common"))
+    common = validate(CommonConfig, params["common"], f"{sweep.params_path} [common]")
+    root = Path(outputs_dir).expanduser() if outputs_dir else outputs_root(common)
     sweep.root = root.resolve() / name
     _check_sweep(sweep, path)
     for point in sweep.points():
@@ -157,7 +158,8 @@ def _check_sweep(sweep: Sweep, path: Path) -> None:
         raise SweepError(f"{path}: stages {bad_stages} unknown; choose from {', '.join(STAGES)}")
     if sweep.base_run and set(sweep.stages) & set(SHARED_STAGES):
         raise SweepError(f"{path}: stages {list(sweep.stages)} include a stage read from the base run "
-                         f"({', '.join(SHARED_STAGES)}); use stages: [ppo, eval], or base_run: '' to run them per point")
+                         f"({', '.join(SHARED_STAGES)}); use stages: [ppo, eval], or base_run: '' to run them "
+                         "per point")
     for key, values in sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"{path}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [0, 1, 2]")
@@ -448,7 +450,8 @@ def select_default(groups: Sequence[dict[str, Any]], kl_budget: float = 6.0, key
     def mean(group, name):
         return (group["metrics"].get(name) or {}).get("mean")
 
-    ok = [g for g in groups if mean(g, key) is not None and mean(g, kl_key) is not None and mean(g, kl_key) <= kl_budget]
+    ok = [g for g in groups
+          if mean(g, key) is not None and mean(g, kl_key) is not None and mean(g, kl_key) <= kl_budget]
     if not ok:
         return None
     best = max(ok, key=lambda g: mean(g, key))
@@ -512,7 +515,8 @@ def sweep_dir(sweep: str, outputs_dir: str = "") -> Path:
 def load_summary(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the sweep first (make sweep SWEEP=params/sweeps/<name>.yaml)")
+        raise FileNotFoundError(f"{path} does not exist: run the sweep first "
+                                "(make sweep SWEEP=params/sweeps/<name>.yaml)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -536,7 +540,8 @@ def group_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS, di
                 row[key] = f"{m['mean']:.{digits}f}"
             else:
                 half = (m["ci95_high"] - m["ci95_low"]) / 2
-                row[key] = f"{m['mean']:.{digits}f} ± {half:.{digits}f} [{m['ci95_low']:.{digits}f}, {m['ci95_high']:.{digits}f}]"
+                low, high = m["ci95_low"], m["ci95_high"]
+                row[key] = f"{m['mean']:.{digits}f} ± {half:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -609,7 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.aggregate:
             run_sweep(sweep)
         summary = aggregate(sweep)
-        print(f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> {sweep.root / 'summary.json'}")
+        print(f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> "
+              f"{sweep.root / 'summary.json'}")
         if not args.no_notebook:
             run_notebook(sweep)
     except (SweepError, ConfigError) as err:

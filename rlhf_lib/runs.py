@@ -226,7 +226,8 @@ def check_upstream(cfg: CommonConfig, run: Run, stage: str) -> Run | None:
         status = base.stage_status(before) if before in SHARED_STAGES else "done"
         if status != "done":
             raise StageError(f"stage {stage!r} of run {run.name!r} reads stage {before!r} of base run {base.name!r} "
-                             f"({base.root}), which is {status or 'missing'} there, not done: finish it in the base run")
+                             f"({base.root}), which is {status or 'missing'} there, not done: finish it in the base "
+                             "run")
     return base
 
 

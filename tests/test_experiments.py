@@ -356,3 +356,20 @@ def test_a_killed_point_is_redone_and_the_summary_equals_an_uninterrupted_sweep(
         assert a["overrides"] == b["overrides"] and a["n_seeds"] == b["n_seeds"] == 2
         assert _group_numbers(a) == pytest.approx(_group_numbers(b)) and _group_numbers(a)
     assert killed["frontier_fit"]["alpha"] == pytest.approx(clean["frontier_fit"]["alpha"])
+
+
+def test_sweep_notebook_is_thin_literal_parameters_and_built_by_its_script():
+    import ast
+
+    import nbformat
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import build_sweep_notebook
+
+    nb = nbformat.read(ROOT / "notebooks" / experiments.NOTEBOOK, as_version=4)
+    assert [c.source for c in nb.cells] == [c.source for c in build_sweep_notebook.build().cells]  # not stale
+    (params,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    names = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(params.source).body}
+    assert names == {"sweep": "smoke", "outputs_dir": ""}
+    for cell in nb.cells:
+        assert not cell.get("outputs") and "def " not in cell.source and "class " not in cell.source
