@@ -1,8 +1,8 @@
 # rlhf-lab: `make pipeline` runs the four stage notebooks on a params profile; `make test` runs every test.
 # The environment is created on first use: the active conda env when one is active (not base), else ./.venv.
 
-# Comments sit above the variables: a trailing comment would leave spaces in the value. PARAMS, RUN and STAGES are
-# passed quoted, so a path with a space works (make pipeline PARAMS="my params/x.yaml").
+# Comments sit above the variables: a trailing comment would leave spaces in the value. Paths are passed quoted,
+# so a path with a space works (make pipeline PARAMS="my params/x.yaml").
 # the params profile to run
 PARAMS ?= params/default.yaml
 # run name (outputs/<RUN>/); empty = the profile's common.run
@@ -11,6 +11,14 @@ RUN ?=
 STAGES ?=
 # extra arguments for `python -m rlhf_lib.pipeline` (e.g. --overwrite, -p ppo.kl_coef=0.1), passed as written
 ARGS ?=
+# the sweep file of `make sweep`
+SWEEP ?= params/sweeps/smoke.yaml
+# extra arguments for `python -m rlhf_lib.experiments` (e.g. --print-commands, --point 3)
+SWEEP_ARGS ?=
+# comparison profile of `make compare`
+COMPARE ?= params/compare/default.yaml
+# run whose data and reward model the comparison uses; empty = the profile's
+BASE_RUN ?=
 PYTEST_ARGS ?=
 
 ifneq ($(strip $(CONDA_PREFIX)),)
@@ -21,18 +29,22 @@ endif
 ENV_DIR ?= .venv
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.rlhf-lab-installed
+# notebooks that need a finished sweep / comparison: their papermill tests run them, nbval does not
+NBVAL_IGNORE := --ignore=notebooks/05_sweep.ipynb --ignore=notebooks/06_compare_methods.ipynb
 
-# Thread hygiene on small shared CPUs (see shared MEASUREMENTS: busy-waiting OpenMP threads cost 25x).
+# Thread hygiene on small shared CPUs: busy-waiting OpenMP threads on oversubscribed cores slow everything down.
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv pipeline compare test test-fast nbval-record bench help
+.PHONY: venv pipeline sweep compare test test-fast lint format nbval-record bench help
 
 help:
 	@echo "make pipeline [PARAMS=params/default.yaml] [RUN=name]   run all stages with papermill"
-	@echo "make test                                               unit + tiny-model + papermill smoke + nbval"
+	@echo "make sweep [SWEEP=params/sweeps/smoke.yaml]            seeds x parameter grid on shared data + RM, mean +- CI"
 	@echo "make compare BASE_RUN=<run> [COMPARE=params/compare/default.yaml]  PPO vs best-of-N / DPO / RLOO / GRPO"
+	@echo "make test                                               lint + unit + tiny-model + papermill smoke + nbval"
+	@echo "make lint / make format                                 ruff check + format check / apply the formatter"
 	@echo "make bench                                              PPO / reward-model throughput benchmark"
 
 venv: $(STAMP)
@@ -49,16 +61,25 @@ $(STAMP): pyproject.toml
 pipeline: $(STAMP)
 	$(PYTHON) -m rlhf_lib.pipeline --params "$(PARAMS)" $(if $(strip $(RUN)),--run "$(RUN)") $(if $(strip $(STAGES)),--stages "$(STAGES)") $(ARGS)
 
-COMPARE ?= params/compare/default.yaml   # comparison profile (make compare)
-BASE_RUN ?=                              # run whose data and reward model the comparison uses; empty = the profile's
+# every point of the sweep (finished ones skipped), then summary.json and notebooks/05_sweep.ipynb
+sweep: $(STAMP)
+	$(PYTHON) -m rlhf_lib.experiments "$(SWEEP)" $(SWEEP_ARGS)
 
 compare: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PYTHON) -m rlhf_lib.compare --params $(COMPARE) $(if $(strip $(BASE_RUN)),--base-run $(strip $(BASE_RUN))) $(if $(strip $(RUN)),--run $(strip $(RUN)))
+	HF_HUB_OFFLINE=1 $(PYTHON) -m rlhf_lib.compare --params "$(COMPARE)" $(if $(strip $(BASE_RUN)),--base-run "$(BASE_RUN)") $(if $(strip $(RUN)),--run "$(RUN)")
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PYTHON) -m ruff check rlhf_lib scripts tests
+	$(PYTHON) -m ruff format --check rlhf_lib scripts tests
+
+format: $(STAMP)
+	$(PYTHON) -m ruff format rlhf_lib scripts tests
+	$(PYTHON) -m ruff check --fix rlhf_lib scripts tests
+
+test: lint
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 	rm -rf outputs/notebook-smoke   # the notebooks' own run: they never overwrite, so nbval starts it afresh
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider notebooks
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider $(NBVAL_IGNORE) notebooks
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests
@@ -66,5 +87,6 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m rlhf_lib.bench $(ARGS)
 
-nbval-record: $(STAMP)   # re-record the summary outputs nbval compares (after an intended change)
+# re-record the summary outputs nbval compares (after an intended change)
+nbval-record: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) scripts/record_nbval.py

@@ -57,6 +57,7 @@ class CommonConfig:
     dtype: str = "auto"  # auto: bf16 autocast on GPUs with bf16 and on CPUs with AMX or AVX512-BF16 (else a bf16 probe decides), fp16 on older GPUs, else float32; or float32 / bfloat16 / float16
     threads: int = 0  # torch intra-op threads; 0: torch's default
     overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
+    base_run: str = ""  # "": none; else a run whose data + reward_model stages this run reads, never writes (a run name under outputs_dir, or an absolute run folder)
 
 
 T = TypeVar("T")

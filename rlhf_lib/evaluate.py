@@ -370,7 +370,7 @@ def sample_policy(
 
 def load_eval_prompts(run: Run, limit: int = 0) -> list[dict[str, Any]]:
     """Rows of data/eval_prompts.jsonl (the first `limit`; 0 = all), each checked for integer `prompt_ids`."""
-    path = run.data_dir / "eval_prompts.jsonl"
+    path = run.upstream("data").data_dir / "eval_prompts.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the data stage (notebooks/01_data_prep.ipynb) first")
     rows: list[dict[str, Any]] = []
@@ -408,7 +408,8 @@ def prompt_display_text(row: dict[str, Any]) -> str:
 
 def gold_scorer_name(run: Run) -> str | None:
     """The data stage's gold scorer ("vader" or None), from data/report.json."""
-    return (read_json(run.data_dir / "report.json", {}) or {}).get("gold_scorer")
+    report = read_json(run.upstream("data").data_dir / "report.json", {})  # the base run's with common.base_run
+    return (report or {}).get("gold_scorer")
 
 
 def default_gold_scorer(run: Run) -> GoldScorer | None:
@@ -575,7 +576,8 @@ def evaluate_policies(
     del policy, reference
     gc.collect()
 
-    rm_scorer = rm_scorer or reward_model_scorer(run.reward_model_dir, settings, tokenizer)
+    rm_dir = run.upstream("reward_model").reward_model_dir  # the base run's with common.base_run
+    rm_scorer = rm_scorer or reward_model_scorer(rm_dir, settings, tokenizer)
     gold_scorer = gold_scorer or default_gold_scorer(run)
     rm_before, gold_before = score_samples(before, rm_scorer, gold_scorer)
     rm_after, gold_after = score_samples(after, rm_scorer, gold_scorer)
@@ -723,7 +725,8 @@ def overoptimisation_curve(
     tokenizer = models.load_tokenizer(cfg.model)
     reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
     load = policy_loader or default_policy_loader(cfg, run, tokenizer, settings.device)
-    rm_scorer = rm_scorer or reward_model_scorer(run.reward_model_dir, settings, tokenizer)
+    rm_dir = run.upstream("reward_model").reward_model_dir  # the base run's with common.base_run
+    rm_scorer = rm_scorer or reward_model_scorer(rm_dir, settings, tokenizer)
     gold_scorer = gold_scorer or default_gold_scorer(run)
 
     chosen = select_evenly(list_checkpoints(run), cfg.max_checkpoints)

@@ -22,7 +22,7 @@ import yaml
 
 from . import TEXT_PROGRESS_ENV, runlock, runs
 from .config import NOTEBOOKS, STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
-from .runs import Run, repo_root, run_for
+from .runs import Run, repo_root, run_for, shared_stage_refusal
 
 
 class StageFailed(RuntimeError):
@@ -68,6 +68,9 @@ def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Se
     target = run_for(common)
     todo = []
     for stage in stages:
+        refusal = shared_stage_refusal(common, stage)  # common.base_run: data + reward_model are read, never run
+        if refusal:
+            raise ConfigError(refusal)
         status = target.stage_status(stage)
         if status == "done" and not common.overwrite:
             if skip_done:

@@ -1161,7 +1161,7 @@ class PPOResult:
 
 def reward_model_source(cfg: PPOConfig, run) -> tuple[str, dict[str, float] | None]:
     """The reward model reference and its normalisation statistics (None = no normalisation)."""
-    ref = cfg.reward_model or str(run.reward_model_dir)
+    ref = cfg.reward_model or str(run.upstream("reward_model").reward_model_dir)
     if not cfg.reward_model and not (Path(ref) / "config.json").exists():
         raise FileNotFoundError(f"{ref} holds no reward model: run the reward_model stage first, or set "
                                 "reward_model to a model reference (random score head; benchmarks only)")
@@ -1184,7 +1184,7 @@ def metrics_frame(run_or_dir) -> Any:
 
 def train_ppo(cfg: PPOConfig, run) -> PPOResult:
     """Train the policy of ``cfg.model`` against this run's reward model on its PPO prompts; save the policy."""
-    prompts = load_prompts(run.data_dir / "ppo_prompts.jsonl")
+    prompts = load_prompts(run.upstream("data").data_dir / "ppo_prompts.jsonl")
     tokenizer = models.load_tokenizer(cfg.model)
     reward_ref, stats = reward_model_source(cfg, run)
     built = build_models(cfg, tokenizer, reward_ref, stats)

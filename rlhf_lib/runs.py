@@ -14,6 +14,9 @@ A run is a safe unit of work:
 
 In a multi-process stage (``accelerate launch``) rank 0 keeps the books (lock, manifest, summary); the other ranks
 only get the run's paths.
+
+With ``common.base_run`` set, a run reads the data and reward_model stages of that base run (:func:`stage_source`)
+and never writes them; the manifest records which, with a content hash of each.
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ STAGING = ".staging"  # <run>/.staging/<stage>/: an overwrite attempt's outputs 
 RESUME_MAY_CHANGE = frozenset({"sample_every", "num_sample_rows", "save_every", "report_to", "resume", "threads",
                                "overwrite", "outputs_dir"})
 PREREQUISITES = {"data": [], "reward_model": ["data"], "ppo": ["data", "reward_model"], "eval": ["data", "reward_model", "ppo"]}
+# Stages a run may read from a base run (common.base_run) instead of producing them itself.
+SHARED_STAGES = ("data", "reward_model")
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets", "papermill", "numpy", "vaderSentiment")
 
 
@@ -225,6 +230,10 @@ class Run:
         status = entry.get("status")
         return "interrupted" if status == "running" and writer_gone(self, entry) else status
 
+    def upstream(self, stage: str) -> "Run":
+        """The run whose folder holds ``stage``'s outputs (the base run for a shared stage; see stage_source)."""
+        return stage_source(self, stage)
+
 
 def writer_gone(run: Run, entry: dict[str, Any]) -> bool:
     """True when the process recorded as running a stage is certainly not running it any more.
@@ -284,6 +293,103 @@ def process_rank() -> int:
         return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# shared upstream stages (common.base_run): read from another run, never written there
+
+
+def base_run_for(cfg: CommonConfig) -> Run | None:
+    """The base run named by ``cfg.base_run`` (a run name under outputs_dir, or an absolute run folder), or None."""
+    ref = cfg.base_run
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and ("/" in ref or ref in (".", "..")):
+        raise StageError(f"common.base_run {ref!r} must be a run name under {outputs_root(cfg)} or an absolute "
+                         "run folder")
+    return Run(path if path.is_absolute() else outputs_root(cfg) / ref)
+
+
+def stage_source(run: Run, stage: str) -> Run:
+    """The run whose folder holds ``stage``'s outputs: the base run recorded in the manifest for a shared stage
+    (data, reward_model), else ``run`` itself. Later stages read data_dir / reward_model_dir through this."""
+    if stage in SHARED_STAGES:
+        root = (run.manifest().get("base_run") or {}).get("root")
+        if root:
+            return Run(Path(root))
+    return run
+
+
+def shared_stage_refusal(cfg: CommonConfig, stage: str) -> str | None:
+    """Why ``stage`` may not run in this run (it is read from the base run), or None when it may."""
+    if cfg.base_run and stage in SHARED_STAGES:
+        return (f"run {cfg.run!r} reads stage {stage!r} from base run {cfg.base_run!r} (common.base_run), so it never "
+                f"runs that stage itself: run it in the base run, run only ppo,eval here (--stages ppo,eval), "
+                f"or set common.base_run: '' to build this run's own")
+    return None
+
+
+def check_upstream(cfg: CommonConfig, run: Run, stage: str) -> Run | None:
+    """The base run, after checking that this stage may start on it (its shared stages are done); None without one."""
+    base = base_run_for(cfg)
+    recorded = run.manifest().get("base_run") or {}
+    if recorded and (base is None or Path(recorded["root"]).resolve() != base.root.resolve()):
+        raise StageError(f"run {run.name!r} ({run.root}) already reads data + reward_model from base run "
+                         f"{recorded['name']!r} ({recorded['root']}); set common.base_run to it, or use a new run name")
+    if base is None:
+        return None
+    refusal = shared_stage_refusal(cfg, stage)
+    if refusal:
+        raise StageError(refusal)
+    if base.root.resolve() == run.root.resolve():
+        raise StageError(f"common.base_run {cfg.base_run!r} names run {run.name!r} itself; name another run")
+    if not base.manifest_path.exists():
+        raise StageError(f"base run {cfg.base_run!r} (common.base_run) does not exist: {base.root} has no "
+                         "manifest.json; build its data and reward_model stages first")
+    for before in PREREQUISITES[stage]:
+        status = base.stage_status(before) if before in SHARED_STAGES else "done"
+        if status != "done":
+            raise StageError(f"stage {stage!r} of run {run.name!r} reads stage {before!r} of base run {base.name!r} "
+                             f"({base.root}), which is {status or 'missing'} there, not done: finish it in the base "
+                             "run")
+    return base
+
+
+def stage_hash(run: Run, stage: str) -> str:
+    """sha256 over the relative paths and bytes of every file a stage wrote (its STAGE_DIRS), in sorted order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for sub in STAGE_DIRS[stage]:
+        folder = run.path(sub)
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        for path in files:
+            digest.update(path.relative_to(run.root).as_posix().encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def upstream_record(run: Run, base: Run | None, stage: str) -> dict[str, Any] | None:
+    """manifest["base_run"]: the base run's name, folder, and a content hash of each shared stage used (hashed
+    once per finished base stage); refuses a base stage redone after this run used it."""
+    if base is None:
+        return None
+    used = dict((run.manifest().get("base_run") or {}).get("stages") or {})
+    base_stages = base.manifest().get("stages", {})
+    for before in PREREQUISITES[stage]:
+        if before not in SHARED_STAGES:
+            continue
+        ended = base_stages[before].get("ended")
+        if before in used and used[before].get("ended") != ended:
+            raise StageError(f"stage {before!r} of base run {base.name!r} ({base.root}) was redone after run "
+                             f"{run.name!r} used it (manifest.json base_run); start a new run on the new base")
+        if before not in used:
+            used[before] = {"ended": ended, "sha256": stage_hash(base, before)}
+    return {"name": base.name, "root": str(base.root.resolve()), "stages": used}
+
+
 def _update_manifest(run: Run, update) -> dict[str, Any]:
     manifest = run.manifest()
     update(manifest)
@@ -321,14 +427,16 @@ def check_resume(run: Run, stage: str, params: dict[str, Any]) -> None:
             f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} and a larger total_episodes may change")
 
 
-def _check_may_start(run: Run, cfg: CommonConfig, stage: str) -> None:
+def _check_may_start(run: Run, cfg: CommonConfig, stage: str) -> Run | None:
+    """Refuse a stage that may not start (StageError); returns the base run it reads from (common.base_run), if any."""
     if run.stage_status(stage) == "done" and not cfg.overwrite:
         raise StageError(
             f"stage {stage!r} of run {run.name!r} already finished ({run.root}). Set overwrite: true to redo it "
             f"(its outputs are replaced once the new attempt finishes), or choose another run name."
         )
+    base = check_upstream(cfg, run, stage)  # the base run (common.base_run) or None; refuses unfinished inputs
     for before in PREREQUISITES[stage]:
-        if run.stage_status(before) != "done":
+        if (base is None or before not in SHARED_STAGES) and run.stage_status(before) != "done":
             raise StageError(
                 f"stage {stage!r} reads the outputs of stage {before!r}, which has not finished in run "
                 f"{run.name!r} ({run.root}; it is {describe_state(run, before)}); run its notebook first "
@@ -336,6 +444,7 @@ def _check_may_start(run: Run, cfg: CommonConfig, stage: str) -> None:
             )
     if getattr(cfg, "resume", False):
         check_resume(run, stage, to_dict(cfg))
+    return base
 
 
 def recover_interrupted(run: Run) -> list[str]:
@@ -383,7 +492,7 @@ def _mark_later_stale(stages: dict[str, Any], stage: str) -> None:
             stages[later]["status"] = "stale"
 
 
-def _record_start(run: Run, target: Run, cfg: CommonConfig, stage: str) -> None:
+def _record_start(run: Run, target: Run, cfg: CommonConfig, stage: str, upstream: dict[str, Any] | None) -> None:
     from .runtime import describe_device, pick_device
 
     def update(manifest: dict[str, Any]) -> None:
@@ -405,6 +514,8 @@ def _record_start(run: Run, target: Run, cfg: CommonConfig, stage: str) -> None:
         else:
             _mark_later_stale(stages, stage)
         stages[stage] = entry
+        if upstream is not None:
+            manifest["base_run"] = upstream
 
     _update_manifest(run, update)
     if target.staged is None:  # in place: the old headline numbers go with the old outputs
@@ -430,12 +541,13 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
         lock = runlock.acquire(run.root, stage, what=f"stage {stage}")
         try:
             recover_interrupted(run)
-            _check_may_start(run, cfg, stage)
+            base = _check_may_start(run, cfg, stage)
+            upstream = upstream_record(run, base, stage)
         except BaseException:
             lock.release(stage)
             raise
         _prepare_outputs(run, target, stage, resume)
-        _record_start(run, target, cfg, stage)
+        _record_start(run, target, cfg, stage, upstream)
         _watch_for_failure(target, stage)
     set_threads(cfg.threads)
     seed_everything(cfg.seed)

@@ -1,0 +1,628 @@
+"""Seeds and parameter sweeps over shared upstream stages: ``python -m rlhf_lib.experiments params/sweeps/<name>.yaml``.
+
+A sweep file names a base params profile, a base run and a grid over any params keys::
+
+    params: params/default.yaml      # base profile (relative to the repo root, or absolute)
+    base_run: build                  # build: point 0 builds data + reward_model in outputs/<sweep>/base;
+                                     # "": none (every point runs its own stages); else an existing run (a name
+                                     # under the outputs folder, or an absolute run folder)
+    overrides: {ppo.total_episodes: 512}          # applied to every point (and to a built base)
+    grid: {common.seed: [0, 1, 2], ppo.kl_coef: [0.02, 0.05, 0.1, 0.2]}
+    seed_key: common.seed            # the key aggregated over (default common.seed)
+    stages: [ppo, eval]              # default: ppo, eval with a base run; all four without
+
+Each point is an ordinary run folder ``<outputs>/<sweep>/<point>/`` (``common.outputs_dir`` of the points is the
+sweep folder, and a built base is the run ``base`` there), produced by the pipeline command
+:func:`point_command` prints, so a job array can run the points (``--print-commands``, ``--point N``). Finished
+stages are skipped, a killed stage is redone from scratch (its folders are cleared by ``runs.start_stage``), and a
+finished point is never touched. :func:`aggregate` then writes ``<outputs>/<sweep>/summary.json``: every point,
+per grid cell (all overrides but the seed) mean, std and a Student-t 95 % interval over seeds of every numeric
+summary key, and a fit of Gao et al. (2022)'s RL over-optimisation form to the KL-gold frontier.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import yaml
+
+from .config import STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
+from .runs import SHARED_STAGES, Run, outputs_root, read_json, repo_root, write_json_atomic
+
+SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key")
+MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.overwrite")  # set per point
+# Parameters a finished point may have run with differently (where it ran, not what it computed).
+UNCHECKED_KEYS = ("outputs_dir", "overwrite", "threads", "device")
+BASE_NAME = "base"
+NOTEBOOK = "05_sweep.ipynb"
+# Numbers computed from a point's summary: key -> (minuend, subtrahend); gains paired on the same prompts and seed.
+DERIVED = {"derived.gold_gain": ("eval.after.gold_score", "eval.before.gold_score"),
+           "derived.rm_gain": ("eval.after.rm_score", "eval.before.rm_score")}
+GAIN_TARGET = "gold gain over the reference policy: gold score of a checkpoint minus that of the reference, both on " \
+              "the same run's over-optimisation prompts"
+
+
+class SweepError(ValueError):
+    """A sweep file is invalid, or a finished point disagrees with the sweep file."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the sweep: its index (0 = a built base), run name, grid values and the stages it runs."""
+
+    index: int
+    name: str
+    overrides: dict[str, Any]
+    stages: tuple[str, ...]
+    is_base: bool = False
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file; ``root`` is ``<outputs>/<name>``, holding the points, summary.json, plots/, notebooks/."""
+
+    name: str
+    params: str
+    root: Path
+    base_run: str = "build"
+    stages: tuple[str, ...] = ("ppo", "eval")
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    seed_key: str = "common.seed"
+
+    @property
+    def params_path(self) -> Path:
+        path = Path(self.params).expanduser()
+        return path if path.is_absolute() else repo_root() / path
+
+    @property
+    def base_ref(self) -> str:
+        """common.base_run of the grid points: "base" (the built base, a sibling), an absolute folder, or ""."""
+        if self.base_run == "build":
+            return BASE_NAME
+        if not self.base_run:
+            return ""
+        path = Path(self.base_run).expanduser()
+        return str(path if path.is_absolute() else self.root.parent / self.base_run)
+
+    def points(self) -> list[Point]:
+        out = [Point(0, BASE_NAME, {}, tuple(SHARED_STAGES), True)] if self.base_run == "build" else []
+        keys = list(self.grid)
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            combo = dict(zip(keys, values))
+            out.append(Point(len(out), point_name(combo, keys), combo, self.stages))
+        return out
+
+    def grid_points(self) -> list[Point]:
+        return [p for p in self.points() if not p.is_base]
+
+
+def _short(key: str, keys: Sequence[str]) -> str:
+    last = key.rsplit(".", 1)[-1]
+    return last if sum(k.rsplit(".", 1)[-1] == last for k in keys) == 1 else key
+
+
+def point_name(combo: dict[str, Any], keys: Sequence[str]) -> str:
+    """Run name of a grid point, e.g. ``seed0-kl_coef0.05`` (the full key where two keys share a last part)."""
+    parts = [f"{_short(k, keys)}{v}" for k, v in combo.items()]
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", "-".join(parts)) or "point"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading and checking a sweep file
+
+
+def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
+    """Read and validate a sweep file; every point's params are validated before anything runs."""
+    path = Path(path)
+    if not path.exists():
+        raise SweepError(f"sweep file {path} does not exist (sweeps live in params/sweeps/*.yaml)")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = [k for k in raw if k not in SWEEP_KEYS] if isinstance(raw, dict) else ["<not a mapping>"]
+    if unknown:
+        raise SweepError(f"{path}: unknown keys {unknown}; valid keys: {', '.join(SWEEP_KEYS)}")
+    name = str(raw.get("name") or path.stem)
+    if "/" in name or name in (".", "..", BASE_NAME):
+        raise SweepError(f"{path}: name {name!r} must be a plain folder name other than {BASE_NAME!r}")
+    if "params" not in raw:
+        raise SweepError(f"{path}: missing key 'params' (the base profile, e.g. params: params/default.yaml)")
+    base_run = str(raw.get("base_run", "build") or "")  # absent: build; "" / null: none
+    default_stages = ("ppo", "eval") if base_run else STAGES
+    stages = tuple(raw.get("stages") or default_stages)
+    grid = dict(raw.get("grid") or {})
+    sweep = Sweep(name, str(raw["params"]), Path(), base_run, stages, dict(raw.get("overrides") or {}), grid,
+                  str(raw.get("seed_key", "common.seed")))
+    params = load_params_file(sweep.params_path)
+    common = validate(CommonConfig, params["common"], f"{sweep.params_path} [common]")
+    root = Path(outputs_dir).expanduser() if outputs_dir else outputs_root(common)
+    sweep.root = root.resolve() / name
+    _check_sweep(sweep, path)
+    for point in sweep.points():
+        point_params(sweep, point)  # raises ConfigError naming the point and key
+    return sweep
+
+
+def _check_sweep(sweep: Sweep, path: Path) -> None:
+    bad_stages = [s for s in sweep.stages if s not in STAGES]
+    if bad_stages:
+        raise SweepError(f"{path}: stages {bad_stages} unknown; choose from {', '.join(STAGES)}")
+    if sweep.base_run and set(sweep.stages) & set(SHARED_STAGES):
+        raise SweepError(f"{path}: stages {list(sweep.stages)} include a stage read from the base run "
+                         f"({', '.join(SHARED_STAGES)}); use stages: [ppo, eval], or base_run: '' to run them "
+                         "per point")
+    for key, values in sweep.grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"{path}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [0, 1, 2]")
+    for key in [*sweep.grid, *sweep.overrides]:
+        section = key.split(".", 1)[0]
+        if "." not in key or (section != "common" and section not in STAGES):
+            raise SweepError(f"{path}: key {key!r} must be section.key with section common or one of {STAGES}")
+        if key in MANAGED_KEYS:
+            raise SweepError(f"{path}: key {key!r} is set by the sweep for each point; remove it")
+        if sweep.base_run and section in SHARED_STAGES and key in sweep.grid:
+            raise SweepError(f"{path}: grid key {key!r} varies a stage read from the base run; set base_run: '' "
+                             "so that every point runs its own data + reward_model")
+    names = [p.name for p in sweep.grid_points()]
+    if len(set(names)) != len(names):
+        raise SweepError(f"{path}: grid values give duplicate point names {names}; make values distinct")
+
+
+def point_overrides(sweep: Sweep, point: Point) -> list[str]:
+    """The pipeline's ``section.key=value`` overrides of a point (values as JSON, which YAML reads back)."""
+    values = {**sweep.overrides, **point.overrides, "common.outputs_dir": str(sweep.root)}
+    if not point.is_base and sweep.base_ref:
+        values["common.base_run"] = sweep.base_ref
+    return [f"{k}={_yaml_text(v)}" for k, v in values.items()]
+
+
+def _yaml_text(value: Any) -> str:
+    """``value`` as text that YAML reads back as the same value (plain where it can be, else JSON)."""
+    return value if isinstance(value, str) and value and yaml.safe_load(value) == value else json.dumps(value)
+
+
+def point_params(sweep: Sweep, point: Point) -> dict[str, dict[str, Any]]:
+    """The point's resolved parameters per stage it runs (validated; ConfigError names the point)."""
+    params = load_params_file(sweep.params_path)
+    for text in point_overrides(sweep, point):
+        lhs, value = text.split("=", 1)
+        section, key = lhs.split(".", 1)
+        params[section][key] = yaml.safe_load(value)
+    params["common"]["run"] = point.name
+    try:
+        return {stage: stage_parameters(params, stage) for stage in point.stages}
+    except ConfigError as err:
+        raise ConfigError(f"sweep {sweep.name!r} point {point.index} ({point.name}): {err}") from None
+
+
+def point_command(sweep: Sweep, point: Point) -> str:
+    """A self-contained shell command (run from the repo root) that produces this point's run folder."""
+    args = ["python", "-m", "rlhf_lib.pipeline", "--params", sweep.params,
+            "--run", point.name, "--stages", ",".join(point.stages), "--skip-done"]
+    for text in point_overrides(sweep, point):
+        args += ["-p", text]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running points
+
+
+def point_run(sweep: Sweep, point: Point) -> Run:
+    return Run(sweep.root / point.name)
+
+
+def point_status(sweep: Sweep, point: Point) -> str:
+    """done (every stage of the point done), pending (nothing yet), or the first unfinished stage's status."""
+    run = point_run(sweep, point)
+    if not run.manifest_path.exists():
+        return "pending"
+    for stage in point.stages:
+        status = run.stage_status(stage)
+        if status != "done":
+            return f"{stage} {status or 'pending'}"
+    return "done"
+
+
+def check_recorded_params(sweep: Sweep, point: Point) -> None:
+    """Refuse a point whose finished stages ran with other values than the sweep file now gives."""
+    stages = point_run(sweep, point).manifest().get("stages", {})
+    planned = point_params(sweep, point)
+    for stage, info in stages.items():
+        if info.get("status") != "done" or stage not in planned:
+            continue
+        recorded = info.get("params") or {}
+        for key, value in planned[stage].items():
+            if key in recorded and key not in UNCHECKED_KEYS and recorded[key] != value:
+                raise SweepError(
+                    f"point {point.name} ({point_run(sweep, point).root}) finished stage {stage!r} with {key}="
+                    f"{recorded[key]!r} but the sweep now gives {value!r}; use a new sweep name to run the new values"
+                )
+
+
+def run_point(sweep: Sweep, point: Point, kernel_name: str = "python3") -> float | None:
+    """Run the point's unfinished stages through the pipeline; returns its seconds, or None when already done."""
+    from . import pipeline
+
+    check_recorded_params(sweep, point)
+    if point_status(sweep, point) == "done":
+        return None
+    if not point.is_base and sweep.base_ref:
+        check_base(sweep)
+    start = time.time()
+    pipeline.execute(str(sweep.params_path), run=point.name, stages=point.stages,
+                     overrides=point_overrides(sweep, point), skip_done=True, kernel_name=kernel_name)
+    seconds = time.time() - start
+    # in the sweep folder, not the point's: a finished point's folder is never written again
+    write_json_atomic(sweep.root / "timings" / f"{point.name}.json", {"seconds": seconds})
+    return seconds
+
+
+def check_base(sweep: Sweep) -> None:
+    """Refuse to start a point before the base run's shared stages are done (say which is not)."""
+    base = Run(sweep.root / sweep.base_ref)  # a relative name is a sibling in the sweep folder
+    for stage in SHARED_STAGES:
+        status = base.stage_status(stage)
+        if status != "done":
+            hint = "run --point 0 first" if sweep.base_run == "build" else "finish it there"
+            raise SweepError(f"sweep {sweep.name!r}: stage {stage!r} of base run {base.root} is {status or 'missing'}, "
+                             f"not done; {hint}")
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: str = "python3") -> None:
+    """Run points in order (a built base first), one progress line per point: index/total, name, elapsed, ETA."""
+    points = list(sweep.points() if points is None else points)
+    total, start, durations = len(sweep.points()), time.time(), []
+    for k, point in enumerate(points):
+        left = sum(1 for p in points[k:] if not p.is_base and point_status(sweep, p) != "done")
+        eta = np.mean(durations) * left if durations else None
+        label = f"[sweep] {point.index + 1}/{total} {point.name}"
+        status = point_status(sweep, point)
+        if status == "done":
+            print(f"{label}: already done, skipped", flush=True)
+            continue
+        print(f"{label}: running {','.join(point.stages)} ({status}; elapsed {_clock(time.time() - start)}, "
+              f"ETA {_clock(eta)})", flush=True)
+        seconds = run_point(sweep, point, kernel_name)
+        if seconds is not None and not point.is_base:
+            durations.append(seconds)
+        left = sum(1 for p in points[k + 1:] if not p.is_base and point_status(sweep, p) != "done")
+        eta = np.mean(durations) * left if durations else None
+        print(f"{label}: done in {_clock(seconds)} (elapsed {_clock(time.time() - start)}, ETA {_clock(eta)})",
+              flush=True)
+
+
+def point_seconds(sweep: Sweep, point: Point) -> float | None:
+    """Seconds the point took: as timed by the sweep runner, else its manifest's first start to last end."""
+    timed = read_json(sweep.root / "timings" / f"{point.name}.json", {}) or {}
+    if "seconds" in timed:
+        return float(timed["seconds"])
+    from datetime import datetime
+
+    stages = point_run(sweep, point).manifest().get("stages", {})
+    starts = [datetime.fromisoformat(s["started"]) for s in stages.values() if s.get("started")]
+    ends = [datetime.fromisoformat(s["ended"]) for s in stages.values() if s.get("ended")]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# aggregation
+
+
+def numeric_leaves(summary: dict[str, Any]) -> dict[str, float]:
+    """Every int/float leaf of a run summary as a dotted key (short numeric lists as key.0, key.1), plus DERIVED."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        elif isinstance(obj, (list, tuple)) and 0 < len(obj) <= 4:
+            for i, value in enumerate(obj):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    walk(f"{prefix}.{i}", value)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            out[prefix] = float(obj)
+
+    walk("", summary)
+    for key, (left, right) in DERIVED.items():
+        if left in out and right in out:
+            out[key] = out[left] - out[right]
+    return out
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float | int | None]:
+    """mean, sample std (ddof 1), n and the Student-t interval mean +- t_{n-1} std / sqrt(n); None where undefined."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return {"mean": None, "std": None, "ci95_low": None, "ci95_high": None, "n": 0}
+    mean = float(x.mean())
+    if n == 1:
+        return {"mean": mean, "std": None, "ci95_low": None, "ci95_high": None, "n": 1}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+
+
+def cell_of(entry: dict[str, Any], seed_key: str) -> tuple:
+    """The grid cell of a point: its overrides without the seed key, as a hashable tuple."""
+    return tuple((k, v) for k, v in entry["overrides"].items() if k != seed_key)
+
+
+def group_points(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[str, Any]]:
+    """One group per grid cell (all overrides but the seed key): n_seeds and per numeric key mean/std/CI."""
+    cells: dict[tuple, list[dict[str, Any]]] = {}
+    for entry in entries:
+        cells.setdefault(cell_of(entry, seed_key), []).append(entry)
+    groups = []
+    for cell, members in cells.items():
+        done = [m for m in members if m["status"] == "done"]
+        values: dict[str, list[float]] = {}
+        for m in done:
+            for key, value in numeric_leaves(m["summary"]).items():
+                values.setdefault(key, []).append(value)
+        groups.append({
+            "overrides": dict(cell),
+            "n_seeds": len(done),
+            "points": [m["name"] for m in done],
+            "metrics": {key: mean_ci(v) for key, v in sorted(values.items())},
+        })
+    return groups
+
+
+def frontier_rows(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[str, Any]]:
+    """KL, RM and gold (and their gains over the reference) per point and checkpoint, from eval.overoptimisation
+    (the reference row of the same run is the zero of the gains); the final before/after when a run has no curve."""
+    rows = []
+    for entry in entries:
+        ev = (entry.get("summary") or {}).get("eval") or {}
+        curve = ev.get("overoptimisation") or []
+        ref = next((r for r in curve if r.get("label") == "reference"), None)
+        if ref is None and "before" in ev and "after" in ev:
+            ref, curve = ev["before"], [{**ev["after"], "label": "final", "step": None}]
+        for r in curve:
+            if r is ref:
+                continue
+            row = {"point": entry["name"], "cell": dict(cell_of(entry, seed_key)),
+                   "seed": entry["overrides"].get(seed_key), "label": r.get("label"), "step": r.get("step"),
+                   "kl": r.get("kl")}
+            for name in ("rm_score", "gold_score"):
+                if r.get(name) is not None and ref.get(name) is not None:
+                    row[name] = r[name]
+                    row[name.replace("_score", "_gain")] = r[name] - ref[name]
+            rows.append(row)
+    return rows
+
+
+def fit_frontier(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
+    """Least-squares fit of Gao et al. (2022)'s RL form gain(d) = d (alpha - beta ln d), d = sqrt(KL).
+
+    Linear in (alpha, beta), so closed form. The fitted gain peaks at d* = exp(alpha / beta - 1) when beta > 0
+    (there gain = beta d*); KL <= 0 points carry no information about the curve's shape and are left out.
+    """
+    kl_arr, y = np.asarray(kl, dtype=np.float64), np.asarray(gain, dtype=np.float64)
+    keep = np.isfinite(kl_arr) & np.isfinite(y) & (kl_arr > 0)
+    d, y = np.sqrt(kl_arr[keep]), y[keep]
+    out: dict[str, Any] = {"alpha": None, "beta": None, "kl_at_peak": None, "gold_at_peak": None,
+                           "n_points": int(d.size), "form": "gold_gain(d) = d (alpha - beta ln d), d = sqrt(KL)",
+                           "target": GAIN_TARGET}
+    if d.size < 2 or np.ptp(d) == 0:
+        return out
+    design = np.stack([d, -d * np.log(d)], axis=1)
+    (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ np.array([alpha, beta])
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid ** 2).sum()) / ss_tot if ss_tot else None)
+    if beta > 0:
+        d_star = math.exp(alpha / beta - 1)
+        out.update(kl_at_peak=d_star ** 2, gold_at_peak=float(beta) * d_star)
+    return out
+
+
+def gao_gold(kl: np.ndarray | float, alpha: float, beta: float) -> np.ndarray:
+    """The fitted form at KL (0 at KL = 0)."""
+    d = np.sqrt(np.maximum(np.asarray(kl, dtype=np.float64), 1e-12))
+    return d * (alpha - beta * np.log(d))
+
+
+def select_default(groups: Sequence[dict[str, Any]], kl_budget: float = 6.0, key: str = "eval.after.gold_score",
+                   kl_key: str = "eval.after.kl") -> dict[str, Any] | None:
+    """The grid cell with the largest seed-mean ``key`` among those whose seed-mean KL is within ``kl_budget``."""
+    def mean(group, name):
+        return (group["metrics"].get(name) or {}).get("mean")
+
+    ok = [g for g in groups
+          if mean(g, key) is not None and mean(g, kl_key) is not None and mean(g, kl_key) <= kl_budget]
+    if not ok:
+        return None
+    best = max(ok, key=lambda g: mean(g, key))
+    return {"rule": f"largest seed-mean {key} with seed-mean {kl_key} <= {kl_budget}", "overrides": best["overrides"],
+            "n_seeds": best["n_seeds"], key: best["metrics"][key], kl_key: best["metrics"][kl_key]}
+
+
+def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
+    run = point_run(sweep, point)
+    status = point_status(sweep, point)
+    return {"index": point.index, "name": point.name, "overrides": point.overrides, "run_dir": str(run.root),
+            "status": status, "wall_seconds": point_seconds(sweep, point), "summary": run.summary()}
+
+
+def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
+    """summary.json of the sweep: points, groups (mean/std/t-CI per numeric key), frontier rows and fit, times."""
+    base = [point_entry(sweep, p) for p in sweep.points() if p.is_base]
+    entries = [point_entry(sweep, p) for p in sweep.grid_points()]
+    unfinished = [e["name"] for e in entries + base if e["status"] != "done"]
+    if unfinished:
+        print(f"[sweep] warning: points not finished, left out of the groups: {', '.join(unfinished)}", flush=True)
+    rows = frontier_rows([e for e in entries if e["status"] == "done"], sweep.seed_key)
+    gains = [(r["kl"], r["gold_gain"]) for r in rows if r.get("gold_gain") is not None and r.get("kl") is not None]
+    groups = group_points(entries, sweep.seed_key)
+    seconds = [e["wall_seconds"] for e in entries + base if e["status"] == "done" and e["wall_seconds"] is not None]
+    summary = {
+        "sweep": sweep.name, "params": sweep.params, "grid": sweep.grid, "overrides": sweep.overrides,
+        "seed_key": sweep.seed_key, "base_run": sweep.base_ref or None,
+        "interval": "95 % Student t interval over seeds: mean +- t(0.975, n-1) * std / sqrt(n), std with ddof 1",
+        "points": entries, "base": base[0] if base else None, "groups": groups,
+        "frontier": rows, "frontier_fit": fit_frontier(*zip(*gains)) if gains else fit_frontier([], []),
+        "selection": select_default(groups),
+        "wall_seconds": float(sum(seconds)),
+        "wall_seconds_note": "sum over the finished base and points of the time each took (run one after another)",
+    }
+    if write:
+        write_json_atomic(sweep.root / "summary.json", _finite(summary))
+    return summary
+
+
+def _finite(obj: Any) -> Any:
+    """A copy with NaN / inf as None (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading a finished sweep (the sweep notebook)
+
+
+def sweep_dir(sweep: str, outputs_dir: str = "") -> Path:
+    """<outputs_dir>/<sweep> ("" = the repo's outputs/ folder)."""
+    return (Path(outputs_dir).expanduser() if outputs_dir else repo_root() / "outputs") / sweep
+
+
+def load_summary(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the sweep first "
+                                "(make sweep SWEEP=params/sweeps/<name>.yaml)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+HEADLINE_KEYS = ("eval.after.gold_score", "derived.gold_gain", "eval.after.rm_score", "eval.after.kl",
+                 "eval.win_rate_vs_ref", "reward_model.eval_accuracy_vs_gold", "reward_model.eval_accuracy")
+
+
+def group_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS, digits: int = 3):
+    """One row per grid cell: its overrides, n_seeds and "mean ± half-width [low, high]" of the headline keys."""
+    import pandas as pd
+
+    rows = []
+    for group in summary["groups"]:
+        row = {k.rsplit(".", 1)[-1]: v for k, v in group["overrides"].items()}
+        row["n_seeds"] = group["n_seeds"]
+        for key in keys:
+            m = group["metrics"].get(key)
+            if m is None or m["mean"] is None:
+                continue
+            if m["ci95_low"] is None:
+                row[key] = f"{m['mean']:.{digits}f}"
+            else:
+                half = (m["ci95_high"] - m["ci95_low"]) / 2
+                low, high = m["ci95_low"], m["ci95_high"]
+                row[key] = f"{m['mean']:.{digits}f} ± {half:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def points_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS):
+    """One row per point: index, name, status, overrides, seconds and its headline numbers."""
+    import pandas as pd
+
+    rows = []
+    for entry in summary["points"]:
+        flat = numeric_leaves(entry.get("summary") or {})
+        row = {"index": entry["index"], "point": entry["name"], "status": entry["status"], **entry["overrides"],
+               "seconds": entry.get("wall_seconds")}
+        row.update({key: flat[key] for key in keys if key in flat})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("index")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def run_notebook(sweep: Sweep, kernel_name: str = "python3") -> Path:
+    """Execute notebooks/05_sweep.ipynb on the finished sweep with papermill into <sweep>/notebooks/."""
+    import papermill
+
+    out = sweep.root / "notebooks" / NOTEBOOK
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[sweep] notebook: notebooks/{NOTEBOOK} -> {out}", flush=True)
+    papermill.execute_notebook(str(repo_root() / "notebooks" / NOTEBOOK), str(out), kernel_name=kernel_name,
+                               parameters={"sweep": sweep.name, "outputs_dir": str(sweep.root.parent)},
+                               cwd=str(repo_root() / "notebooks"), progress_bar=False)
+    return out
+
+
+def print_commands(sweep: Sweep, file=None) -> None:
+    """One self-contained pipeline command per point (run from the repo root), with its index and status."""
+    file = file or sys.stdout
+    points = sweep.points()
+    for point in points:
+        print(f"# point {point.index} {point.name} [{point_status(sweep, point)}]", file=file)
+        print(point_command(sweep, point), file=file)
+    first = 1 if points and points[0].is_base else 0
+    before = "--point 0 (the base) first, then " if first else ""
+    print(f"# job array: {before}points {first}-{len(points) - 1} in any order (e.g. sbatch --array={first}-"
+          f"{len(points) - 1} ... --point $SLURM_ARRAY_TASK_ID), then --aggregate once all are done", file=file)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep", help="sweep file (params/sweeps/<name>.yaml)")
+    parser.add_argument("--outputs-dir", default=None, help="folder holding <sweep>/ (default: the base profile's "
+                        "common.outputs_dir, else the repo's outputs/)")
+    parser.add_argument("--print-commands", action="store_true", help="print one pipeline command per point and exit")
+    parser.add_argument("--point", type=int, default=None, help="run only the point of this index (job arrays)")
+    parser.add_argument("--aggregate", action="store_true", help="only aggregate finished points (and the notebook)")
+    parser.add_argument("--no-notebook", action="store_true", help="do not execute notebooks/05_sweep.ipynb")
+    args = parser.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep, args.outputs_dir)
+        if args.print_commands:
+            print_commands(sweep)
+            return 0
+        if args.point is not None:
+            points = sweep.points()
+            if not 0 <= args.point < len(points):
+                raise SweepError(f"--point {args.point}: {args.sweep} has points 0-{len(points) - 1}")
+            run_sweep(sweep, [points[args.point]])
+            return 0
+        if not args.aggregate:
+            run_sweep(sweep)
+        summary = aggregate(sweep)
+        print(f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> "
+              f"{sweep.root / 'summary.json'}")
+        if not args.no_notebook:
+            run_notebook(sweep)
+    except (SweepError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
