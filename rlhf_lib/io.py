@@ -30,6 +30,24 @@ class JSONLError(ValueError):
         self.path, self.line_no, self.kind, self.detail = path, line_no, kind, detail
 
 
+def repo_root() -> Path:
+    """The repository root (the folder holding pyproject.toml), falling back to the working directory."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent, *here.parents):
+        if (candidate / "pyproject.toml").exists():
+            return candidate
+    return Path.cwd()
+
+
+def local_path(text: str) -> Path:
+    """A user-given path as is (``~`` expanded), or relative to the repo root when only that exists (a notebook
+    runs in notebooks/, the pipeline wherever the user started it)."""
+    path = Path(text).expanduser()
+    if not path.exists() and not path.is_absolute() and (repo_root() / path).exists():
+        return repo_root() / path
+    return path
+
+
 def _parse_line(raw: bytes, path: Path, line_no: int) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
