@@ -203,6 +203,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f", {context} that starts at line {start.line + 1}"
         raise ConfigError(f"{path}{where}: invalid YAML ({problem}); check the indentation and quoting there") from None
     if raw is None or raw == {}:
         raise ConfigError(f"{path} is empty; a params file needs at least a common section (start from "
