@@ -95,8 +95,8 @@ def check_model_ref(ref: str, need_tokenizer: bool = True) -> Path | None:
         if HUB_ID.fullmatch(ref) and not ref.startswith("."):
             return None  # a hub id; from_pretrained downloads it (online users)
         raise ValueError(
-            f"model folder {ref!r} does not exist (relative paths are tried from {os.getcwd()} and "
-            f"the repo root); give an existing folder, a hub id (owner/name) or tiny:llama / bundled:smollm2-135m-instruct"
+            f"model folder {ref!r} does not exist (relative paths are tried from {os.getcwd()} and the repo root); "
+            f"give an existing folder, a hub id (owner/name) or tiny:llama / bundled:smollm2-135m-instruct"
         )
     if not (path / "config.json").is_file():
         raise ValueError(f"model folder {path} has no config.json; point it at a folder written by "

@@ -386,7 +386,7 @@ def normalise(raw: RawRows, fmt: str, on_bad_row: str) -> tuple[list[Example], C
 # ----------------------------------------------------------------------------------------------------------------
 _PROBE = "RLHFLAB_RESPONSE_PROBE"
 # Tokenising a response over max_response_length: first a prefix of CHARS_PER_TOKEN_CAP characters per token wanted
-# (more than tokenizers' usual 3-5 for prose; the prefix grows when it is not enough), keeping CUT_MARGIN_TOKENS
+# (well above what tokenizers average on prose; the prefix grows when it is not enough), keeping CUT_MARGIN_TOKENS
 # tokens beyond the limit so the tokens at the cut, which may merge differently, are never among those kept.
 CHARS_PER_TOKEN_CAP = 8
 CUT_MARGIN_TOKENS = 16
@@ -419,9 +419,9 @@ class ChatFormatter:
         """Template prefix + text + EOS (a complete response).
 
         With ``max_len``, a text far longer than that is tokenised from a character prefix only, so a huge response
-        costs bounded memory: the prefix holds more than ``max_len`` + ``CUT_MARGIN_TOKENS`` tokens (it grows until
-        it does), tokenisation is local, so the first ``max_len`` ids are those of the whole text, and the result
-        (no EOS) is still over ``max_len``, so it is truncated or dropped exactly as the whole text would be.
+        costs bounded memory. The prefix holds more than ``max_len`` + ``CUT_MARGIN_TOKENS`` tokens (it grows until
+        it does, or is the whole text); tokenisation is local, so its first ``max_len`` ids are those of the whole
+        text, and the result (no EOS) is still over ``max_len``: truncated or dropped as the whole text would be.
         """
         budget = CHARS_PER_TOKEN_CAP * (max_len + CUT_MARGIN_TOKENS) if max_len else len(text)
         while budget < len(text):
