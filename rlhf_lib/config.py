@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 import yaml
+
+from .io import local_path
 
 STAGES = ("data", "reward_model", "ppo", "eval")
 # Stage name -> "module:ConfigClass". Each stage's config lives beside the code that uses it.
@@ -58,6 +62,50 @@ class CommonConfig:
     threads: int = 0  # torch intra-op threads; 0: torch's default
     overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
     base_run: str = ""  # "": none; else a run whose data + reward_model stages this run reads, never writes (a run name under outputs_dir, or an absolute run folder)
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+# What AutoTokenizer can build a tokenizer from (a folder with only tokenizer_config.json has none).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# A hub id is "name" or "owner/name"; anything else that does not exist locally is a missing folder.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_common(cfg: CommonConfig) -> None:
+    """Checks of the common section every stage shares (raise ValueError naming the field and the fix)."""
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
+    check_model_ref(cfg.model)
+
+
+def check_model_ref(ref: str, need_tokenizer: bool = True) -> Path | None:
+    """The local folder a model reference names (None for ``tiny:`` / ``bundled:`` references and hub ids).
+
+    Raises ValueError for a folder that does not exist, is not a Hugging Face model folder (no config.json) or,
+    with ``need_tokenizer``, holds no tokenizer, so a typo is not reported as an invalid hub id.
+    """
+    if ref.startswith(("tiny:", "bundled:")):
+        return None
+    path = local_path(ref)
+    if not path.exists():
+        if HUB_ID.fullmatch(ref) and not ref.startswith("."):
+            return None  # a hub id; from_pretrained downloads it (online users)
+        raise ValueError(
+            f"model folder {ref!r} does not exist (relative paths are tried from {os.getcwd()} and the repo root); "
+            f"give an existing folder, a hub id (owner/name) or tiny:llama / bundled:smollm2-135m-instruct"
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {path} has no config.json; point it at a folder written by "
+                         f"save_pretrained (a Hugging Face model folder)")
+    if need_tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                         f"save one there with tokenizer.save_pretrained({str(path)!r})")
+    return path
 
 
 T = TypeVar("T")
@@ -149,13 +197,43 @@ def validate(cls: type[T], values: Mapping[str, Any], source: str, allow_missing
             )
         clean[key] = float(value) if hint is float else value
     cfg = cls(**clean)
-    check = getattr(cfg, "check", None)
-    if check is not None:
+    checks = [check_common] if isinstance(cfg, CommonConfig) else []
+    checks += [type(cfg).check] if hasattr(cfg, "check") else []
+    for check in checks:
         try:
-            check()
+            check(cfg)
         except ValueError as err:
             raise ConfigError(f"{source}: {err}") from None
     return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The params file's sections; an unreadable, empty or non-mapping file is a ConfigError naming the fix."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); re-save it as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f", {context} that starts at line {start.line + 1}"
+        raise ConfigError(f"{path}{where}: invalid YAML ({problem}); check the indentation and quoting there") from None
+    if raw is None or raw == {}:
+        raise ConfigError(f"{path} is empty; a params file needs at least a common section (start from "
+                          f"params/smoke.yaml or params/default.yaml)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (common, {', '.join(STAGES)}), "
+                          f"got {type(raw).__name__}")
+    for section, value in raw.items():
+        if section != "common" and section not in STAGES:
+            raise ConfigError(f"{path}: unknown section {section!r}; sections are common, {', '.join(STAGES)}")
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value lines (indented under "
+                              f"'{section}:'), got {type(value).__name__} {value!r}")
+    return raw
 
 
 def load_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -163,13 +241,7 @@ def load_params_file(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file {path} does not exist (profiles live in params/*.yaml)")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (common, {', '.join(STAGES)})")
-    for section in raw:
-        if section != "common" and section not in STAGES:
-            raise ConfigError(f"{path}: unknown section {section!r}; sections are common, {', '.join(STAGES)}")
+    raw = _read_yaml(path)
     out: dict[str, dict[str, Any]] = {"common": dict(raw.get("common") or {})}
     validate(CommonConfig, out["common"], f"{path} [common]")
     common_names = {f.name for f in dataclasses.fields(CommonConfig)}

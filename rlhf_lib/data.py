@@ -35,7 +35,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import annotator
+from . import annotator, io
 from .config import CommonConfig
 
 FORMATS = ("auto", "ultrafeedback", "hh", "plain")
@@ -130,26 +129,18 @@ class RawRows:
 
 
 def _read_jsonl(path: Path, on_bad_row: str) -> RawRows:
-    """Read a .jsonl file line by line so a malformed line is reported with its number."""
-    rows, labels, dropped = [], [], Counter()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise json.JSONDecodeError(f"expected a JSON object, got {type(row).__name__}", line, 0)
-            except json.JSONDecodeError as err:
-                if on_bad_row == "drop":
-                    dropped["malformed_json"] += 1
-                    continue
-                raise DataError(
-                    f"{path} line {line_no}: malformed JSON ({err.msg}). Fix or remove the line, or set "
-                    f"on_bad_row: drop to skip such lines"
-                ) from None
-            rows.append(row)
-            labels.append(f"line {line_no}")
+    """Read a .jsonl file line by line so a bad line (not UTF-8, not a JSON object) is reported with its number."""
+    dropped: Counter = Counter()
+
+    def bad_line(err: io.JSONLError) -> None:
+        if on_bad_row != "drop":
+            raise DataError(f"{err}. Fix or remove the line, or set on_bad_row: drop to skip such lines") from None
+        dropped[err.kind] += 1
+
+    rows, labels = [], []
+    for line_no, row in io.iter_jsonl(path, on_bad_line=bad_line):
+        rows.append(row)
+        labels.append(f"line {line_no}")
     columns = list(rows[0]) if rows else []
     return RawRows(str(path), rows, labels, columns, dropped)
 
@@ -170,32 +161,42 @@ def _from_hf(ds, source: str) -> RawRows:
     return RawRows(source, rows, [f"row {i}" for i in range(len(rows))], list(ds.column_names))
 
 
-def local_path(dataset: str) -> Path:
-    """A dataset path as given, or relative to the repo root (notebooks may run in notebooks/)."""
-    from .runs import repo_root
+def _read_csv(path: Path) -> RawRows:
+    """A .csv file with a header row; a parse error names the file and what pandas found wrong (with its line)."""
+    import pandas as pd
 
-    path = Path(dataset).expanduser()
-    if not path.exists() and not path.is_absolute() and (repo_root() / path).exists():
-        return repo_root() / path
-    return path
+    try:
+        frame = pd.read_csv(path, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty; a .csv needs a header row (prompt,chosen,rejected)") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"{path}: not a valid CSV file ({str(err).strip()}); quote fields that hold commas, quotes "
+                        f"or line breaks, or convert the file to .jsonl") from None
+    # an empty cell reads as NaN: None for the row checks (a number column keeps its numbers)
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    return RawRows(str(path), rows, [f"row {i}" for i in range(len(rows))], list(frame.columns))
 
 
 def load_raw(dataset: str, split: str = "train", on_bad_row: str = "error") -> RawRows:
     """Rows of a local file / dataset folder / hub dataset (``datasets.load_dataset``)."""
     import datasets
 
-    path = local_path(dataset)
+    path = io.local_path(dataset)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
             return _read_jsonl(path, on_bad_row)
         if suffix == ".json":
             return _read_json(path)
-        if suffix in (".csv", ".parquet"):
+        if suffix == ".csv":
+            return _read_csv(path)
+        if suffix == ".parquet":
             try:
-                ds = datasets.load_dataset(suffix[1:], data_files=str(path), split="train")
+                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
             except Exception as err:  # noqa: BLE001 - re-raised with the file named
-                raise DataError(f"{path}: could not be read as {suffix[1:]} ({type(err).__name__}: {err})") from err
+                raise DataError(f"{path}: could not be read as parquet ({type(err).__name__}: {err})") from err
             return _from_hf(ds, str(path))
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     if path.is_dir():
@@ -253,10 +254,11 @@ def detect_format(raw: RawRows) -> str:
     )
 
 
-def _text(value: Any, field_name: str) -> str:
+def _text(value: Any, field_name: str, allow_empty: bool = False) -> str:
+    """A string field; ``allow_empty`` for a completion, whose emptiness normalise counts instead of refusing."""
     if not isinstance(value, str):
         raise RowError("non_string_text", field_name, f"field {field_name!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
+    if not allow_empty and not value.strip():
         raise RowError("empty_text", field_name, f"field {field_name!r} is empty")
     return value
 
@@ -270,7 +272,8 @@ def _messages(value: Any, field_name: str) -> list[dict[str, str]]:
             raise RowError("bad_messages", field_name, f"field {field_name!r} message {i} must have 'role' and 'content'")
         if m["role"] not in ROLES:
             raise RowError("bad_messages", field_name, f"field {field_name!r} message {i} has role {m['role']!r}, not one of {ROLES}")
-        out.append({"role": m["role"], "content": _text(m["content"], f"{field_name}[{i}].content")})
+        completion = i == len(value) - 1 and m["role"] == "assistant"
+        out.append({"role": m["role"], "content": _text(m["content"], f"{field_name}[{i}].content", completion)})
     return out
 
 
@@ -325,7 +328,6 @@ def normalise_row(row: dict[str, Any], fmt: str, where: str) -> Example:
         c = parse_hh(_text(row["chosen"], "chosen"), "chosen")
         r = parse_hh(_text(row["rejected"], "rejected"), "rejected")
         prompt, chosen, rejected = _split_conversation(c, r)
-        _text(chosen, "chosen"), _text(rejected, "rejected")  # the final assistant turn must not be empty
     else:
         p = row["prompt"]
         prompt = [{"role": "user", "content": _text(p, "prompt")}] if isinstance(p, str) or p is None else _messages(p, "prompt")
@@ -340,13 +342,15 @@ def normalise_row(row: dict[str, Any], fmt: str, where: str) -> Example:
                     raise RowError("prompt_mismatch", name, f"{name!r} conversation does not start with the row's prompt")
                 completions.append(conv[-1]["content"])
             else:
-                completions.append(_text(value, name))
+                completions.append(_text(value, name, allow_empty=True))
         chosen, rejected = completions
     return Example(prompt, chosen, rejected, _score(row, "score_chosen"), _score(row, "score_rejected"), where)
 
 
 def normalise(raw: RawRows, fmt: str, on_bad_row: str) -> tuple[list[Example], Counter]:
-    """All rows to Examples; bad rows raise DataError (or are counted), identical/mismatched pairs are counted."""
+    """All rows to Examples. Structural faults (missing fields, wrong types, malformed turns) raise DataError, or
+    are counted with on_bad_row: drop; data-quality drops (an empty or whitespace-only completion, identical
+    completions, prompts that differ between chosen and rejected) are always counted, never fatal."""
     if not raw.rows:
         raise DataError(f"{raw.source}: the dataset has no rows")
     missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in raw.columns]
@@ -367,6 +371,9 @@ def normalise(raw: RawRows, fmt: str, on_bad_row: str) -> tuple[list[Example], C
                 dropped[f"bad_row:{err.kind}"] += 1
                 continue
             raise DataError(f"{raw.source} {label}, field {err.field_name!r}: {err} (fix the row, or set on_bad_row: drop)") from None
+        if not ex.chosen.strip() or not ex.rejected.strip():  # e.g. hh-rlhf's empty last assistant turns
+            dropped["empty_response"] += 1
+            continue
         if ex.chosen.strip() == ex.rejected.strip():
             dropped["identical_responses"] += 1
             continue
@@ -378,6 +385,11 @@ def normalise(raw: RawRows, fmt: str, on_bad_row: str) -> tuple[list[Example], C
 # Chat templating and tokenisation, exactly as PPO sees it
 # ----------------------------------------------------------------------------------------------------------------
 _PROBE = "RLHFLAB_RESPONSE_PROBE"
+# Tokenising a response over max_response_length: first a prefix of CHARS_PER_TOKEN_CAP characters per token wanted
+# (well above what tokenizers average on prose; the prefix grows when it is not enough), keeping CUT_MARGIN_TOKENS
+# tokens beyond the limit so the tokens at the cut, which may merge differently, are never among those kept.
+CHARS_PER_TOKEN_CAP = 8
+CUT_MARGIN_TOKENS = 16
 
 
 class ChatFormatter:
@@ -403,8 +415,20 @@ class ChatFormatter:
     def ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def response_ids(self, text: str) -> list[int]:
-        """Template prefix + text + EOS (a complete response)."""
+    def response_ids(self, text: str, max_len: int | None = None) -> list[int]:
+        """Template prefix + text + EOS (a complete response).
+
+        With ``max_len``, a text far longer than that is tokenised from a character prefix only, so a huge response
+        costs bounded memory. The prefix holds more than ``max_len`` + ``CUT_MARGIN_TOKENS`` tokens (it grows until
+        it does, or is the whole text); tokenisation is local, so its first ``max_len`` ids are those of the whole
+        text, and the result (no EOS) is still over ``max_len``: truncated or dropped as the whole text would be.
+        """
+        budget = CHARS_PER_TOKEN_CAP * (max_len + CUT_MARGIN_TOKENS) if max_len else len(text)
+        while budget < len(text):
+            ids = self.ids(self.response_prefix + text[:budget])
+            if len(ids) > max_len + CUT_MARGIN_TOKENS:
+                return ids
+            budget *= 4
         return self.ids(self.response_prefix + text) + [self.eos_id]
 
     def decode_response(self, ids: Sequence[int]) -> str:
@@ -539,7 +563,8 @@ def build_real(cfg: DataConfig, tokenizer) -> Built:
                 continue
             sides = []
             for side, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-                fitted = _fit_response(fmt, fmt.response_ids(text), text, cfg.max_response_length, cfg.truncate_responses)
+                ids = fmt.response_ids(text, cfg.max_response_length)
+                fitted = _fit_response(fmt, ids, text, cfg.max_response_length, cfg.truncate_responses)
                 sides.append(fitted)
             if any(s is None for s in sides):
                 dropped["response_too_long"] += 1
@@ -698,21 +723,6 @@ def pair_metrics(pairs: Sequence[dict[str, Any]], simulated: bool) -> dict[str, 
     }
 
 
-def write_jsonl_atomic(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write rows as JSON lines through a temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_split(run, name: str) -> list[dict[str, Any]]:
     """Rows of one output of the data stage: train_pairs, eval_pairs, ppo_prompts or eval_prompts."""
     path = Path(run.data_dir) / f"{name}.jsonl"
@@ -720,7 +730,7 @@ def load_split(run, name: str) -> list[dict[str, Any]]:
         raise ValueError(f"unknown data split {name!r}; one of {[f[:-6] for f in OUTPUT_FILES]}")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run the data stage (notebooks/01_data_prep.ipynb) first")
-    return read_jsonl(path)
+    return io.read_jsonl(path)
 
 
 def pairs_frame(pairs: Sequence[dict[str, Any]], n: int | None = None, seed: int = 0):
@@ -824,10 +834,8 @@ def prepare_data(cfg: DataConfig, run) -> DataReport:
     }
     data_dir = Path(run.data_dir)
     for name, rows in zip(OUTPUT_FILES, (built.train, built.eval, built.ppo_prompts, built.eval_prompts)):
-        write_jsonl_atomic(data_dir / name, rows)
-    from .runs import write_json_atomic
-
-    write_json_atomic(data_dir / "report.json", report)
+        io.write_jsonl(data_dir / name, rows)
+    io.write_json_atomic(data_dir / "report.json", report)
     _say(
         f"wrote {summary['n_train_pairs']} train / {summary['n_eval_pairs']} eval pairs, {summary['n_ppo_prompts']} PPO / "
         f"{summary['n_eval_prompts']} eval prompts to {data_dir}; dropped {dict(built.dropped) or 'none'}; "

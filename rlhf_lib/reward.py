@@ -5,12 +5,12 @@ Notebook flow (02_reward_model)::
     cfg = config.from_namespace("reward_model", globals())
     run = runs.start_stage(cfg, "reward_model")
     trained = reward.train_reward_model(cfg, run)          # RewardTrainer; saves the trained model (merged LoRA)
-    reward.plot_training_curve(trained.log_history, run)
+    reward_plots.plot_training_curve(trained.log_history, run)
     result = reward.evaluate_reward_model(cfg, run)        # reloads the SAVED model, scores held-out pairs
-    reward.plot_calibration(result, run); reward.plot_margins(result, run); reward.plot_accuracy_by_strength(result, run)
+    reward_plots.plot_calibration(result, run)             # also plot_margins, plot_accuracy_by_strength
     runs.finish_stage(run, "reward_model", result.summary)
 
-Design notes (measured in MEASUREMENTS.md, "Reward model with TRL 1.16 RewardTrainer"):
+Design notes:
 - Pairs go to RewardTrainer pre-tokenized (``chosen_ids``/``rejected_ids`` = prompt_ids + response ids) so the RM
   scores exactly the token sequences PPO will score: EOS only where the response finished. TRL's text formats
   append EOS to every response, which would make a truncated response look finished.
@@ -38,8 +38,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from . import models, runtime
 from .config import CommonConfig
+from .io import JSONLError, iter_jsonl, pad
 from .ppo_core import last_valid_index
-from .reward_plots import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
 from .runs import Run, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ __all__ = [
     "RewardModelConfig", "TrainResult", "EvalResult", "DegenerateRewardsError", "TokenizerMismatchError",
     "read_pairs", "train_reward_model", "evaluate_reward_model", "load_reward_model", "score_sequences",
     "score_pairs", "check_same_tokenizer", "pairwise_accuracy", "check_rewards", "calibration_table",
-    "strength_table", "length_predictions", "baseline_accuracy", "plot_training_curve", "plot_calibration", "plot_margins", "plot_accuracy_by_strength",
+    "strength_table", "length_predictions", "baseline_accuracy",
 ]
 
 STATS_FILE = "reward_stats.json"
@@ -161,28 +161,29 @@ def read_pairs(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the data stage (notebooks/01_data_prep) for this run first")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err}); re-run the data stage") from None
-            for key in PAIR_FIELDS:
-                if key not in row:
-                    raise ValueError(f"{path}, line {lineno}: missing field {key!r}; re-run the data stage")
-            for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-                ids = row[key]
-                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                    raise ValueError(f"{path}, line {lineno}: field {key!r} must be a list of token ids")
-            if not row["chosen_ids"] or not row["rejected_ids"]:
-                raise ValueError(f"{path}, line {lineno} (id {row['id']}): empty chosen_ids/rejected_ids; "
-                                 "the data stage must drop empty responses")
+    try:
+        for lineno, row in iter_jsonl(path):
+            _check_pair_row(row, path, lineno)
             rows.append(row)
+    except JSONLError as err:
+        raise ValueError(f"{err}; re-run the data stage") from None
     if not rows:
         raise ValueError(f"{path} holds no pairs; re-run the data stage")
     return rows
+
+
+def _check_pair_row(row: dict[str, Any], path: Path, lineno: int) -> None:
+    """The token-id fields of one pair row are present, integer lists and non-empty."""
+    for key in PAIR_FIELDS:
+        if key not in row:
+            raise ValueError(f"{path}, line {lineno}: missing field {key!r}; re-run the data stage")
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = row[key]
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"{path}, line {lineno}: field {key!r} must be a list of token ids")
+    if not row["chosen_ids"] or not row["rejected_ids"]:
+        raise ValueError(f"{path}, line {lineno} (id {row['id']}): empty chosen_ids/rejected_ids; "
+                         "the data stage must drop empty responses")
 
 
 def _check_pad_free(rows: Sequence[dict[str, Any]], pad_id: int, path: Path) -> None:
@@ -462,16 +463,6 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         return _score_head(model)(pooled.float()).squeeze(-1).float()  # (B,)
 
 
-def _pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def score_pairs(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int = 16,
                 dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of prompt+chosen and prompt+rejected for each row, batched by length; returns two (N,) arrays."""
@@ -485,7 +476,7 @@ def score_pairs(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: 
     step = 2 * batch_size
     for start in tqdm(range(0, len(order), step), desc="scoring pairs", leave=False):
         idx = order[start : start + step]
-        ids, mask = _pad_right([seqs[i] for i in idx], pad_id)
+        ids, mask = pad([seqs[i] for i in idx], pad_id, side="right")
         with runtime.autocast(device, dtype):
             out[idx] = score_sequences(model, ids, mask).cpu().numpy()
     return out[: len(rows)], out[len(rows) :]

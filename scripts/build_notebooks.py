@@ -19,6 +19,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from notebook_cells import NOTEBOOK_SPECS, code, md  # noqa: E402  (scripts/notebook_cells.py)
 from rlhf_lib.config import NOTEBOOKS, CommonConfig, field_comments, stage_config_class  # noqa: E402
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -69,17 +72,6 @@ def parameters_source(stage: str) -> str:
     return "\n".join(lines)
 
 
-def md(text: str) -> nbformat.NotebookNode:
-    return nbformat.v4.new_markdown_cell(text.strip())
-
-
-def code(text: str, tags: list[str] | None = None) -> nbformat.NotebookNode:
-    cell = nbformat.v4.new_code_cell(text.strip())
-    if tags:
-        cell.metadata["tags"] = tags
-    return cell
-
-
 def header(stage: str, title: str, purpose: str) -> list[nbformat.NotebookNode]:
     nb = NOTEBOOKS[stage]
     badge = f"[![Open In Colab]({COLAB_BADGE})](https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{nb})"
@@ -113,8 +105,6 @@ def carry_outputs(new: nbformat.NotebookNode, path: Path) -> None:
 
 
 def main() -> None:
-    from notebook_cells import NOTEBOOK_SPECS  # noqa: E402  (scripts/notebook_cells.py)
-
     for stage, (title, purpose, cells) in NOTEBOOK_SPECS.items():
         nb = build(stage, title, purpose, cells)
         path = ROOT / "notebooks" / NOTEBOOKS[stage]
@@ -125,5 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     main()

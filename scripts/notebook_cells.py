@@ -3,7 +3,19 @@
 House rules: one parameters cell of literals, a resolve cell, then short cells that each call one rlhf_lib function
 and show its result, and a final summary cell whose rounded output nbval checks (NBVAL_CHECK_OUTPUT).
 """
-from build_notebooks import code, md
+import nbformat
+
+
+def md(text: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_markdown_cell(text.strip())
+
+
+def code(text: str, tags: list[str] | None = None) -> nbformat.NotebookNode:
+    cell = nbformat.v4.new_code_cell(text.strip())
+    if tags:
+        cell.metadata["tags"] = tags
+    return cell
+
 
 RESOLVE = """\
 from rlhf_lib import config, runs, {modules}

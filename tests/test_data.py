@@ -300,8 +300,7 @@ def test_undetectable_format(tmp_path):
 @pytest.mark.parametrize(
     "bad, field, msg",
     [
-        ({"rejected": ""}, "rejected", "is empty"),
-        ({"chosen": "   "}, "chosen", "is empty"),
+        ({"prompt": "  "}, "prompt", "is empty"),
         ({"chosen": 42}, "chosen", "must be a string, got int"),
         ({"prompt": None}, "prompt", "must be a string, got NoneType"),
         ({"score_chosen": "high"}, "score_chosen", "must be a number"),
@@ -322,6 +321,32 @@ def test_missing_field_in_one_row(tmp_path):
         prepare(real_cfg(tmp_path, write_jsonl(tmp_path / "m.jsonl", rows)))
 
 
+def test_non_utf8_line_names_file_and_line_and_is_dropped_when_asked(tmp_path):
+    path = write_jsonl(tmp_path / "latin1.jsonl", plain_rows())
+    lines = path.read_bytes().split(b"\n")
+    lines[5] = lines[5].replace(b"A good answer", b"A g\xf6\xf6d answer")  # Latin-1 bytes
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError, match=r"latin1.jsonl line 6: not UTF-8 text \(byte 0xf6 .*on_bad_row: drop"):
+        prepare(real_cfg(tmp_path, path))
+    report = prepare(real_cfg(tmp_path, path, on_bad_row="drop"))
+    assert report.dropped == {"not_utf8": 1}
+
+
+def test_csv_that_does_not_parse_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,chosen,rejected\nq1,a,b\nq2,a, b,extra\nq3,a,b\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.csv: not a valid CSV file \(.*Expected 3 fields in line 3, saw 4.*quote"):
+        prepare(real_cfg(tmp_path, path))
+    path.write_bytes(b"prompt,chosen,rejected\nq1,caf\xe9,b\n")
+    with pytest.raises(DataError, match="bad.csv: not UTF-8 text"):
+        prepare(real_cfg(tmp_path, path))
+
+
+def test_csv_reads_like_the_jsonl(tmp_path):
+    rows = data.load_raw(str(FIXTURES / "plain.csv")).rows
+    assert rows == [json.loads(line) for line in (FIXTURES / "plain.jsonl").read_text().splitlines()]
+
+
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "broken.jsonl", plain_rows())
     lines = path.read_text().splitlines()
@@ -335,11 +360,47 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 
 def test_bad_rows_dropped_and_counted_when_asked(tmp_path):
     rows = plain_rows()
-    rows[0]["chosen"] = ""
+    rows[0]["prompt"] = ""
     rows[1]["rejected"] = 7
     report = prepare(real_cfg(tmp_path, write_jsonl(tmp_path / "b.jsonl", rows), on_bad_row="drop"))
     assert report.dropped == {"bad_row:empty_text": 1, "bad_row:non_string_text": 1}
     assert report.summary["n_dropped"] == 2
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "drop"])
+def test_empty_completions_dropped_and_counted_whatever_on_bad_row(tmp_path, on_bad_row):
+    rows = plain_rows()
+    rows[0]["chosen"], rows[4]["rejected"], rows[7]["chosen"] = "", "   ", "\n\t"
+    rows[9]["rejected"] = rows[9]["chosen"]  # identical: its own reason
+    report = prepare(real_cfg(tmp_path, write_jsonl(tmp_path / "e.jsonl", rows), on_bad_row=on_bad_row))
+    assert report.dropped == {"empty_response": 3, "identical_responses": 1}
+    assert report.report["dropped_pairs"] == report.dropped and report.summary["n_dropped"] == 4
+    kept = {p["prompt"][-1]["content"] for p in data.load_split(runs.run_for(real_cfg(tmp_path, "x")), "train_pairs")}
+    assert not kept & {"Question 0?", "Question 4?", "Question 7?", "Question 9?"}
+
+
+def test_empty_last_message_of_a_conversation_is_an_empty_completion(tmp_path):
+    rows = [json.loads(line) for line in (FIXTURES / "ultrafeedback.jsonl").read_text().splitlines()]
+    rows[3]["rejected"][-1]["content"] = " "
+    report = prepare(real_cfg(tmp_path, write_jsonl(tmp_path / "uf.jsonl", rows)))
+    assert report.dropped == {"empty_response": 1}
+    rows[3]["rejected"][0]["content"] = ""  # an empty prompt turn stays a row error
+    with pytest.raises(DataError, match=r"uf.jsonl line 4, field 'rejected\[0\].content'.*is empty"):
+        prepare(real_cfg(tmp_path, write_jsonl(tmp_path / "uf.jsonl", rows)))
+
+
+def test_hh_rlhf_with_empty_final_replies_passes_with_the_defaults(tmp_path):
+    """Anthropic/hh-rlhf has rows whose last assistant reply is empty; the defaults must still build the data."""
+    cfg = DataConfig(dataset=str(FIXTURES / "hh_empty_replies.jsonl"), outputs_dir=str(tmp_path), run="hh")
+    assert cfg.on_bad_row == "error"  # the default, which stays strict about structural faults
+    report = prepare(cfg)
+    saved = json.loads((runs.run_for(cfg).data_dir / "report.json").read_text())
+    assert saved["format"] == "hh" and saved["rows"] == 12
+    assert saved["dropped_pairs"] == {"empty_response": 3}
+    assert report.summary["n_train_pairs"] + report.summary["n_eval_pairs"] > 0
+    for name in ("train_pairs", "eval_pairs"):
+        for pair in data.load_split(runs.run_for(cfg), name):
+            assert pair["chosen"].strip() and pair["rejected"].strip()
 
 
 def test_identical_chosen_and_rejected_dropped_and_counted(tmp_path):
@@ -474,3 +535,37 @@ def test_default_profile_with_shipped_responses(tmp_path):
     assert (s["n_ppo_prompts"], s["n_eval_prompts"]) == (256, 128)
     assert 0.65 < s["label_gold_agreement"] < 0.9 and s["length_baseline_accuracy"] < 0.65
     assert report.report["responses"] == "shipped" and report.report["truncated_responses"] == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Long responses: tokenised from a bounded prefix
+# ---------------------------------------------------------------------------------------------------------------
+def test_long_response_tokenised_from_a_prefix_equals_whole_then_cut(tok_llama):
+    fmt = data.ChatFormatter(tok_llama)
+    words = "The quick brown fox jumps over the lazy dog, then naps; café, naïve, 42%! ".split(" ")
+    text = " ".join(words[i % len(words)] for i in range(600))  # ~4,000 characters, ~1,000 tokens
+    whole = fmt.response_ids(text)
+    for max_len in (1, 16, 64):
+        assert len(text) > data.CHARS_PER_TOKEN_CAP * (max_len + data.CUT_MARGIN_TOKENS)  # the prefix path runs
+        capped = fmt.response_ids(text, max_len)
+        assert len(capped) > max_len and capped[:max_len] == whole[:max_len]
+        assert data._fit_response(fmt, capped, text, max_len, True) == data._fit_response(fmt, whole, text, max_len, True)
+        assert data._fit_response(fmt, capped, text, max_len, False) is None
+    short = "A short answer."
+    assert fmt.response_ids(short, 64) == fmt.response_ids(short) == fmt.ids(fmt.response_prefix + short) + [fmt.eos_id]
+
+
+def test_long_response_prefix_grows_when_tokens_are_long(tok_llama):
+    fmt = data.ChatFormatter(tok_llama)
+    text = " " * 20_000 + "end"  # runs of spaces: many characters per token, the first prefix is not enough
+    assert fmt.response_ids(text, 16)[:16] == fmt.response_ids(text)[:16]
+
+
+def test_huge_response_is_tokenised_from_a_bounded_prefix(tok_llama, monkeypatch):
+    fmt = data.ChatFormatter(tok_llama)
+    seen = []
+    ids = fmt.ids
+    monkeypatch.setattr(fmt, "ids", lambda text: seen.append(len(text)) or ids(text))
+    out = fmt.response_ids("lorem ipsum dolor sit amet " * 400_000, 128)  # ~10 MB
+    assert len(out) > 128
+    assert max(seen) <= 16 * data.CHARS_PER_TOKEN_CAP * (128 + data.CUT_MARGIN_TOKENS)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf_lib import models
+from rlhf_lib.config import ConfigError
 
 BUNDLED = "bundled:smollm2-135m-instruct"
 
@@ -71,8 +72,10 @@ def test_local_folder_and_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown model reference"):
         models.resolve_model_ref("bundled:nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ConfigError, match="empty has no config.json"):
         models.resolve_model_ref(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        models.resolve_model_ref(str(tmp_path / "missing"))
     assert models.resolve_model_ref("gpt2") == "gpt2"  # hub ids pass through for online users
 
 

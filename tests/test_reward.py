@@ -416,7 +416,7 @@ def test_reward_model_learns_synthetic_task(tmp_path, tok, use_lora):
     assert stats["std"] > 0 and math.isfinite(stats["mean"])
     assert stats["mean"] == pytest.approx(result.pairs[["reward_chosen", "reward_rejected"]].to_numpy().mean())
 
-    from rlhf_lib.reward import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
+    from rlhf_lib.reward_plots import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
 
     for fig in (plot_training_curve(trained.log_history, run), plot_calibration(result, run),
                 plot_margins(result, run), plot_accuracy_by_strength(result, run)):
