@@ -65,7 +65,7 @@ class CommonConfig:
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 # What AutoTokenizer can build a tokenizer from (a folder with only tokenizer_config.json has none).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # A hub id is "name" or "owner/name"; anything else that does not exist locally is a missing folder.
@@ -77,7 +77,7 @@ def check_common(cfg: CommonConfig) -> None:
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.threads < 0:
         raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
     check_model_ref(cfg.model)

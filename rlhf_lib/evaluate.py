@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from . import generation, models, runtime
+from . import generation, io, models, runtime
 from .config import CommonConfig, ConfigError, validate
 from .io import JSONLError, iter_jsonl, pad, read_jsonl
 from .ppo_core import logprobs_from_logits, truncate_after_eos
@@ -528,6 +528,7 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, io.default_mode())  # the mode of any new file, not mkstemp's owner-only 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -11,7 +11,6 @@ half a file, and the file gets the usual permissions (``0666`` less the umask), 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import tempfile
@@ -117,10 +116,17 @@ def append_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-@functools.lru_cache(maxsize=1)
-def _default_mode() -> int:
-    """0666 less the process umask (read by setting it and putting it back)."""
-    umask = os.umask(0)
+def default_mode() -> int:
+    """The mode a plain ``open()`` gives a new file: 0666 less the umask (read from /proc on Linux; elsewhere set
+    and restored, which is not thread-safe)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
     os.umask(umask)
     return 0o666 & ~umask
 
@@ -134,7 +140,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
-        os.chmod(tmp, _default_mode())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -30,7 +30,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 
 from . import runlock
 from .config import CommonConfig, ConfigError, to_dict
+from .io import repo_root, write_json_atomic  # noqa: F401  (re-exported: the run layer's writers)
 
 # Sub-folders each stage owns (removed when a stage is overwritten) and the order of stages.
 STAGE_DIRS = {
@@ -64,48 +64,9 @@ class StageError(RuntimeError):
 RunBusyError = runlock.RunBusyError  # another live process writes the run
 
 
-def repo_root() -> Path:
-    """The repository root (the folder holding pyproject.toml), falling back to the working directory."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent, *here.parents):
-        if (candidate / "pyproject.toml").exists():
-            return candidate
-    return Path.cwd()
-
-
 def now() -> str:
     """The current UTC time, ISO 8601 to the second (manifest timestamps)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def umask() -> int:
-    """The process umask (read from /proc on Linux; elsewhere set and restored, which is not thread-safe)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(fd: int) -> None:
-    """Give a temp file (mkstemp creates 0600) the mode a plain ``open()`` would: 0666 under the umask."""
-    os.fchmod(fd, 0o666 & ~umask())
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temp file + rename, so readers never see half a file (mode as for any new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    make_readable(fd)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, default: Any = None) -> Any:
@@ -538,6 +499,7 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
     target = Run(run.root, stage) if cfg.overwrite else run
     resume = bool(getattr(cfg, "resume", False))
     if process_rank() == 0:
+        new_run = not run.root.exists()
         lock = runlock.acquire(run.root, stage, what=f"stage {stage}")
         try:
             recover_interrupted(run)
@@ -545,6 +507,10 @@ def start_stage(cfg: CommonConfig, stage: str) -> Run:
             upstream = upstream_record(run, base, stage)
         except BaseException:
             lock.release(stage)
+            if new_run:  # a refused first stage leaves no run folder behind (only its lock file was written)
+                with contextlib.suppress(OSError):
+                    (run.root / runlock.LOCK_NAME).unlink()
+                    run.root.rmdir()
             raise
         _prepare_outputs(run, target, stage, resume)
         _record_start(run, target, cfg, stage, upstream)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -164,7 +165,7 @@ def choose_precision(dtype: str, device: torch.device) -> Precision:
 def _log_choice(device_type: str, choice: Precision) -> None:
     """One line per process and choice, so a run's log says which path it took and why."""
     print(f"[runtime] dtype auto on {device_type}: {str(choice.dtype).replace('torch.', '')} ({choice.reason})",
-          flush=True)
+          file=sys.stderr, flush=True)
 
 
 def pick_device(device: str = "auto") -> torch.device:

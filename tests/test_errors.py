@@ -56,7 +56,7 @@ def test_params_file_that_is_not_utf8(tmp_path, capsys):
     ("device", "tpu", r"\[common\]: device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
     ("device", "cuda:x", r"device must be .* got 'cuda:x'"),
     ("threads", -3, r"\[common\]: threads must be >= 0 \(0: torch's default\), got -3"),
-    ("dtype", "fp16", r"\[common\]: dtype must be auto, float32 or bfloat16, got 'fp16'"),
+    ("dtype", "half", r"\[common\]: dtype must be auto, float32, bfloat16 or float16, got 'half'"),
 ])
 def test_common_values_are_checked(capsys, key, value, pattern):
     with pytest.raises(ConfigError, match=pattern):
