@@ -16,7 +16,7 @@ ENV_DIR ?= .venv
 PYTHON := $(ENV_DIR)/bin/python
 STAMP := $(ENV_DIR)/.rlhf-lab-installed
 
-# Thread hygiene on small shared CPUs (see shared MEASUREMENTS: busy-waiting OpenMP threads cost 25x).
+# Thread hygiene on small shared CPUs: busy-waiting OpenMP threads of several processes stall each other.
 export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1

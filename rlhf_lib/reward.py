@@ -10,7 +10,7 @@ Notebook flow (02_reward_model)::
     reward.plot_calibration(result, run); reward.plot_margins(result, run); reward.plot_accuracy_by_strength(result, run)
     runs.finish_stage(run, "reward_model", result.summary)
 
-Design notes (measured in MEASUREMENTS.md, "Reward model with TRL 1.16 RewardTrainer"):
+Design notes (each measured with TRL 1.16's RewardTrainer):
 - Pairs go to RewardTrainer pre-tokenized (``chosen_ids``/``rejected_ids`` = prompt_ids + response ids) so the RM
   scores exactly the token sequences PPO will score: EOS only where the response finished. TRL's text formats
   append EOS to every response, which would make a truncated response look finished.
@@ -254,7 +254,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device, cfg.num_hidden_layers)
     head = _score_head(model)
     if cfg.zero_init_head:
-        torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (MEASUREMENTS.md: a random head stays at chance)
+        torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (a random head stays at chance)
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
     top = models.top_block_indices(model, cfg.trainable_top_layers)

@@ -21,8 +21,8 @@ def seed_everything(seed: int) -> None:
 def set_threads(threads: int) -> int:
     """Set torch's intra-op thread count (0 = leave torch's default); returns the count in use.
 
-    On a shared 2-core machine oversubscription is catastrophic (see MEASUREMENTS.md: 25x slower decode), so the
-    pipeline also exports OMP_WAIT_POLICY=PASSIVE before torch starts.
+    On a shared 2-core machine oversubscription is catastrophic (busy-waiting OpenMP threads of several processes
+    stall each other), so the pipeline also exports OMP_WAIT_POLICY=PASSIVE before torch starts.
     """
     if threads > 0:
         torch.set_num_threads(threads)
@@ -31,7 +31,7 @@ def set_threads(threads: int) -> int:
 
 @lru_cache(maxsize=1)
 def cpu_has_amx() -> bool:
-    """True when the CPU advertises AMX bf16 tiles (bf16 matmuls ~4-6x faster than fp32 there)."""
+    """True when the CPU advertises AMX bf16 tiles (bf16 matmuls are then much faster than fp32)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             return "amx_bf16" in f.read()
