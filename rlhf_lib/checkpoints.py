@@ -138,6 +138,24 @@ def load_checkpoint(accelerator, folder: Path, policy: nn.Module, value: nn.Modu
     return torch.load(folder / STATE_FILE, weights_only=False)
 
 
+def export_policy(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """`model` (a trained policy, possibly peft) in Hugging Face format, LoRA merged, fp32, with its tokenizer;
+    written atomically. Loads with ``transformers.pipeline("text-generation", model=out_dir)``."""
+    out_dir = Path(out_dir)
+    model = model.float()  # frozen weights were stored in bf16: merge LoRA in fp32
+    if models.is_peft(model):
+        model = model.merge_and_unload()
+    if getattr(model.config, "tie_word_embeddings", False):  # undo the bf16 copy of a frozen tied head
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation: a checkpoint's policy as a plain model
 

@@ -35,9 +35,7 @@ tests and custom rewards use :class:`PPOTrainer` directly.
 from __future__ import annotations
 
 import logging
-import os
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,9 +262,7 @@ class PPOTrainer:
         return self.accelerator.unwrap_model(self.policy)
 
     def _any_process(self, flag: bool) -> bool:
-        if self.accelerator.num_processes == 1:
-            return flag
-        return bool(self.accelerator.gather(torch.tensor([float(flag)], device=self.device)).sum().item() > 0)
+        return self._gather(float(flag), "sum") > 0
 
     def _check_finite(self, what: str, tensor: Tensor, mask: Tensor | None = None) -> None:
         """Stop the run (keeping the last good checkpoint) when `tensor` holds nan/inf at valid positions."""
@@ -427,7 +423,7 @@ class PPOTrainer:
                 self.scheduler.step()
                 clock.append(time.perf_counter())
                 # 8. KL controller: move beta towards the target using this batch's KL (Ziegler et al. 2019)
-                self.kl_ctl.update(self._gather_mean(roll.kl.sum(1).mean()), cfg.batch_size)
+                self.kl_ctl.update(self._gather(roll.kl.sum(1).mean()), cfg.batch_size)
                 # 9. log: TRL metric names, averaged over processes
                 self.episode += cfg.batch_size
                 self._log(roll, stats, lr, np.diff(clock).tolist() + [time.perf_counter() - clock[0]], reporter, bar)
@@ -481,13 +477,13 @@ class PPOTrainer:
 
     # -- logging -----------------------------------------------------------------------------------------------
 
-    def _gather_mean(self, value: Tensor | float) -> float:
+    def _gather(self, value: Tensor | float, reduce: str = "mean") -> float:
+        """A per-process scalar reduced over processes ("mean" or "sum")."""
         t = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(1)
-        return float(self.accelerator.gather(t).mean().item()) if self.accelerator.num_processes > 1 else float(t)
-
-    def _gather_sum(self, value: Tensor | float) -> float:
-        t = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(1)
-        return float(self.accelerator.gather(t).sum().item()) if self.accelerator.num_processes > 1 else float(t)
+        if self.accelerator.num_processes == 1:
+            return float(t)
+        gathered = self.accelerator.gather(t)
+        return float(gathered.sum() if reduce == "sum" else gathered.mean())
 
     def _log(self, roll: Rollout, stats: MetricAccumulator, lr: float, seconds: list[float], reporter, bar) -> None:
         """Step 9: the metrics row (every process), written, reported and shown by the main process."""
@@ -506,10 +502,10 @@ class PPOTrainer:
                      t_opt: float, t_total: float) -> dict[str, Any]:
         mask = roll.response_mask
         # TRL PPOTrainer: per-sequence sums averaged over the batch
-        mean_kl = self._gather_mean(roll.kl.sum(1).mean())
-        mean_entropy = self._gather_mean(torch.where(mask, -roll.logprobs, 0.0).sum(1).mean())
-        mean_nsr = self._gather_mean(roll.non_score_reward.sum(1).mean())
-        mean_scores = self._gather_mean(roll.scores.mean())
+        mean_kl = self._gather(roll.kl.sum(1).mean())
+        mean_entropy = self._gather(torch.where(mask, -roll.logprobs, 0.0).sum(1).mean())
+        mean_nsr = self._gather(roll.non_score_reward.sum(1).mean())
+        mean_scores = self._gather(roll.scores.mean())
         row: dict[str, Any] = {
             "update": self.update,
             "episode": self.episode,
@@ -520,15 +516,15 @@ class PPOTrainer:
             "objective/entropy": mean_entropy,
             "objective/non_score_reward": mean_nsr,
             "objective/rlhf_reward": mean_scores + mean_nsr,
-            "objective/response_length": self._gather_mean(ppo_core.sequence_lengths(mask).float().mean()),
+            "objective/response_length": self._gather(ppo_core.sequence_lengths(mask).float().mean()),
         }
         for name in ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
                      "loss/value_avg", "val/clipfrac_avg", "val/ratio"):
-            row[name] = self._gather_mean(stats.mean(name))
-        row["val/ratio_var"] = self._gather_mean(stats.var("val/ratio"))
-        row["val/num_eos_tokens"] = int(self._gather_sum((roll.responses == self.tokenizer.eos_token_id).sum()))
+            row[name] = self._gather(stats.mean(name))
+        row["val/ratio_var"] = self._gather(stats.var("val/ratio"))
+        row["val/num_eos_tokens"] = int(self._gather((roll.responses == self.tokenizer.eos_token_id).sum(), "sum"))
         row["episodes_per_s"] = self.cfg.batch_size / t_total
-        row["tokens_per_s"] = self._gather_sum(roll.queries.shape[0] * roll.gen_steps) / max(t_gen, 1e-9)
+        row["tokens_per_s"] = self._gather(roll.queries.shape[0] * roll.gen_steps, "sum") / max(t_gen, 1e-9)
         row["time/generation"], row["time/forward"] = t_gen, t_fwd
         row["time/optimization"], row["time/update"] = t_opt, t_total
         row["memory/peak_rss_gib"] = peak_rss_gib()
@@ -596,19 +592,8 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return out_dir
-        model = self.accelerator.unwrap_model(self.policy, keep_fp32_wrapper=False)
-        model = model.float()  # frozen weights were stored in bf16: merge LoRA in fp32
-        if models.is_peft(model):
-            model = model.merge_and_unload()
-        if getattr(model.config, "tie_word_embeddings", False):  # undo the bf16 copy of a frozen tied head
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-        return out_dir
+        return checkpoints.export_policy(self.accelerator.unwrap_model(self.policy, keep_fp32_wrapper=False),
+                                         self.tokenizer, out_dir)
 
 
 def peak_rss_gib() -> float:
