@@ -1,7 +1,7 @@
 """Offline simulated annotator: a shipped prompt set, responses sampled from the policy model, a hidden gold score
 (VADER sentiment) and Bradley–Terry labels.
 
-Why VADER sentiment as the gold score (MEASUREMENTS.md, "Simulated annotator candidates"): on review/description
+Why VADER sentiment as the gold score (of the candidates tried): on review/description
 prompts it varies between two samples of the same prompt, a length-only predictor explains little of it, and a
 135M reward model learns it; the alternative rubric (finish/length/repetition) was mostly a length signal.
 
@@ -31,8 +31,6 @@ prompt; beta = 4, seed 0):
     length-only accuracy vs gold         0.60 (all pairs), 0.62 (the 210 held-out pairs of the default split)
     BT label agreement with gold         0.74 (all pairs), 0.75 (held-out pairs)
     responses ending in EOS              73 % (median 58 tokens among finished ones; 27 % cut at 128 tokens)
-    generation time                      2,296 s for 2,800 responses: bf16 autocast, 2 threads, cores shared with
-                                         other jobs (about 1.2 responses/s)
 """
 from __future__ import annotations
 

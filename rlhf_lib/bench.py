@@ -1,25 +1,24 @@
 """`make bench`: PPO and reward-model throughput, ours against TRL 1.12's PPOTrainer, measured side by side.
 
-Workload (issue 6; shared MEASUREMENTS.md, "TRL 1.12 PPOTrainer"): SmolLM2-135M-Instruct as policy, reference,
-reward and value model (the reward/value score head is a random initialisation: no trained RM is needed for
-timing), batch 8, 48-token responses at T = 0.7, 4 PPO epochs, 1 minibatch, the same 12 review prompts on both
-sides. Every configuration runs in its own subprocess, so its peak RSS is its own (read with ``os.wait4``);
-warm-up updates are excluded from the figures.
+Workload (the one TRL 1.12's published figures describe): SmolLM2-135M-Instruct as policy, reference, reward and
+value model (the reward/value score head is a random initialisation: no trained RM is needed for timing), batch 8,
+48-token responses at T = 0.7, 4 PPO epochs, 1 minibatch, the same 12 review prompts on both sides. Every
+configuration runs in its own subprocess, so its peak RSS is its own (read with ``os.wait4``); warm-up updates
+(compiling included) are excluded from the figures.
 
     python -m rlhf_lib.bench                         # our configurations, ratios vs TRL's published figures
     python -m rlhf_lib.bench --trl                   # also TRL 1.12 in .venv-trl112 (created on first use)
-    python -m rlhf_lib.bench --configs ours-lora-bf16 --updates 5 --warmup 2 --threads 1
+    python -m rlhf_lib.bench --configs ours-default --updates 5 --warmup 2 --threads 1
     python -m rlhf_lib.bench --trl --omp-wait-policy PASSIVE   # threads sleep between ops (shared machines)
     python -m rlhf_lib.bench --shape seed --trl      # the seed profile's PPO shape (rlhf_lib.bench_shapes)
     python -m rlhf_lib.bench --shape seed --model tiny:gpt2 --warmup 0 --updates 1 --trl   # its CPU dry run
 
-Configurations (``--configs``): ``ours-lora-bf16`` (the PPOConfig defaults: LoRA on policy and value, reference and
-reward = the adapter-off bases, bf16 autocast), ``ours-lora-bf16-compile`` (+ ``torch_compile``: the default
-profile's PPO), ``ours-lora-bf16-compile-all`` (+ ``compile_generation`` and ``fused_logprobs``),
-``ours-lora-bf16-compile-all-prefix`` (+ ``share_prompt_prefix``; the ``*_ratio_vs_trl`` keys use it),
-``ours-full-fp32`` (TRL's algorithmic content: four full models, full fine-tuning, fp32), ``ours-full-bf16``,
-``ours-lora-fp32``, and ``rm`` / ``rm-compile`` (the reward-model stage: RewardTrainer steps per second with the
-default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
+Configurations (``--configs``): every ``ours-*`` one is the default profile's PPO stage (``params/default.yaml``:
+LoRA on policy and value, reference and reward = the adapter-off bases, dtype auto, compiled transformer blocks)
+on this workload, with the changes :data:`PPO_CONFIGS` lists. ``ours-default`` changes nothing: it is the
+reference configuration of the ``*_ratio_vs_trl`` keys. ``ours-full-fp32`` has TRL's algorithmic content (four full
+models, full fine-tuning, fp32); ``rm`` / ``rm-compile`` time the reward-model stage (RewardTrainer steps per second
+with the default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with the same
 ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured process a host probe
 times fixed bf16 and fp32 matmuls (``--probe-repeats``; :func:`run_host_probe`): their median times say how
 contended the host was for that run, which the load average does not show on a shared machine.
@@ -49,24 +48,20 @@ from . import bench_shapes
 from .runs import repo_root
 
 RESULT_MARKER = "BENCH_RESULT "
-DEFAULT_CONFIGS = ("ours-lora-bf16", "ours-lora-bf16-compile", "ours-lora-bf16-compile-all",
-                   "ours-lora-bf16-compile-all-prefix", "ours-full-fp32", "rm", "rm-compile")
-REFERENCE_CONFIG = "ours-lora-bf16-compile-all-prefix"  # the configuration the *_ratio_vs_trl keys compare: our fastest one
-# name -> (use_lora, dtype, torch_compile, compile_generation + fused_logprobs, share_prompt_prefix); dtype is passed
-# to runtime.pick_dtype (bf16 autocast: CPU and CUDA)
-PPO_CONFIGS = {
-    "ours-lora-bf16": (True, "bfloat16", False, False, False),
-    "ours-lora-bf16-compile": (True, "bfloat16", True, False, False),
-    "ours-lora-bf16-compile-all": (True, "bfloat16", True, True, False),
-    "ours-lora-bf16-compile-all-prefix": (True, "bfloat16", True, True, True),
-    "ours-full-fp32": (False, "float32", False, False, False),
-    "ours-full-bf16": (False, "bfloat16", False, False, False),
-    "ours-lora-fp32": (True, "float32", False, False, False),
-    "ours-lora-top15-bf16-compile-all-prefix": (True, "bfloat16", True, True, True),
-}
-# further PPOConfig fields of a configuration (beyond the tuple above)
-PPO_CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
-    "ours-lora-top15-bf16-compile-all-prefix": {"trainable_top_layers": 15},
+DEFAULT_CONFIGS = ("ours-default", "ours-lora-bf16", "ours-default-compile-generation", "ours-full-fp32", "rm",
+                   "rm-compile")
+PROFILE = "params/default.yaml"  # every ours-* configuration starts from this profile's ppo (and common) settings
+REFERENCE_CONFIG = "ours-default"  # the configuration the *_ratio_vs_trl keys compare: exactly the default profile's
+FULL_FT_LR = 1e-5  # full fine-tuning learning rate on both sides (LoRA configs keep the profile's)
+# name -> PPOConfig fields changed from the default profile's (the workload fields come from BenchSpec)
+PPO_CONFIGS: dict[str, dict[str, Any]] = {
+    "ours-default": {},
+    "ours-lora-bf16": {"dtype": "bfloat16", "torch_compile": False},
+    "ours-default-compile-generation": {"compile_generation": True},
+    "ours-default-top15": {"trainable_top_layers": 15},
+    "ours-full-fp32": {"use_lora": False, "dtype": "float32", "torch_compile": False, "learning_rate": FULL_FT_LR},
+    "ours-full-bf16": {"use_lora": False, "dtype": "bfloat16", "torch_compile": False, "learning_rate": FULL_FT_LR},
+    "ours-lora-fp32": {"dtype": "float32", "torch_compile": False},
 }
 RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
 KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
@@ -74,41 +69,36 @@ TRL_CONFIG_NAME = "trl-1.12-full-fp32"
 TRL_ENV = ".venv-trl112"
 TRL_REQUIREMENTS = ("torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "peft==0.21.2",
                     "datasets==5.2.0")
-# TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job (shared MEASUREMENTS.md; issue 6): +-30 %
-PUBLISHED_TRL = {"source": "published: shared MEASUREMENTS.md / issue 6 (TRL 1.12, CPU, 2 threads, fp32, "
-                           "contended machine, +-30 %), not measured in this run",
+# TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job, as published with issue 6: +-30 %
+PUBLISHED_TRL = {"source": "published with issue 6 (TRL 1.12, CPU, 2 threads, fp32, contended machine, +-30 %), "
+                           "not measured in this run",
                  "episodes_per_s": 0.30, "s_per_update": 27.0, "generation_s": 3.5, "rollout_s": 6.5,
                  "optimization_s": 20.0, "peak_rss_gib": 7.8}
 # the workload the published figures describe: the published ratios are given only for it
 PUBLISHED_WORKLOAD = {"model": "bundled:smollm2-135m-instruct", "batch_size": 8, "response_length": 48,
                       "num_ppo_epochs": 4, "num_mini_batches": 1}
-FULL_FT_LR = 1e-5  # full fine-tuning learning rate on both sides (LoRA configs keep PPOConfig's default)
 PROMPT_SUBJECTS = ("headphones", "coffee maker", "novel", "hiking boots", "laptop", "sci-fi film", "pizza place",
                    "board game", "tent", "phone", "bicycle", "museum")
 DIFFERENCES = {
-    "ours-lora-bf16": "LoRA r16 on policy and value (q_proj, v_proj) instead of full fine-tuning; reference = policy "
-                      "with adapter off, reward = value model with adapter off (2 base copies instead of 4); bf16 "
-                      "autocast with fp32 master weights (TRL: fp32).",
-    "ours-full-fp32": "Same algorithmic content as TRL (4 full models, full fine-tuning, fp32).",
-    "ours-full-bf16": "Full fine-tuning as TRL, bf16 autocast with fp32 master weights (TRL: fp32).",
-    "ours-lora-fp32": "LoRA as ours-lora-bf16, fp32 as TRL.",
-    "ours-lora-bf16-compile": "ours-lora-bf16 with each transformer block torch.compile'd (ppo.torch_compile; one "
-                              "graph per mode shared by all blocks; compiling happens in the warm-up updates).",
-    "ours-lora-bf16-compile-all": "ours-lora-bf16-compile, and the decode step torch.compile'd over a static KV "
-                                  "cache with LoRA factors as fused reductions (ppo.compile_generation), and the "
-                                  "log-prob/entropy pass as compiled kernels (ppo.fused_logprobs); compiled in the "
-                                  "first warm-up update.",
-    "ours-lora-bf16-compile-all-prefix": "ours-lora-bf16-compile-all, and the prompt tokens all 8 prompts begin "
-                                         "with (chat template + instruction, 30 of ~39) computed once per "
-                                         "full-sequence forward instead of once per row (ppo.share_prompt_prefix; "
-                                         "same maths up to bf16 rounding, rlhf_lib.prefix).",
-    "ours-lora-top15-bf16-compile-all-prefix": "ours-lora-bf16-compile-all-prefix with LoRA adapters in the top 15 of "
-                                               "30 blocks only (ppo.trainable_top_layers): every backward stops at "
-                                               "block 16 -- less capacity than adapters in every block, so not the "
-                                               "same algorithmic content; not the reference configuration.",
+    "ours-default": "The default profile's PPO settings: LoRA r16 on policy and value (q_proj, v_proj) instead of "
+                    "full fine-tuning; reference = policy with adapter off, reward = value model with adapter off (2 "
+                    "base copies instead of 4); dtype auto (bf16 autocast with fp32 master weights on CUDA / AMX "
+                    "CPUs; TRL: fp32); each transformer block and the log-prob kernels torch.compile'd where a "
+                    "compiler is present (ppo.torch_compile; compiling happens in the warm-up updates).",
+    "ours-lora-bf16": "ours-default with bf16 autocast and eager (uncompiled) blocks and log-prob pass.",
+    "ours-default-compile-generation": "ours-default with the decode step torch.compile'd over a static KV cache, "
+                                       "LoRA factors and attention as fused reductions (ppo.compile_generation; "
+                                       "off in the default profile: its compile takes longer than a short run saves).",
+    "ours-default-top15": "ours-default with LoRA adapters in the top 15 of 30 blocks only (ppo.trainable_top_layers): "
+                          "every backward stops at block 16 -- less capacity than adapters in every block, so not "
+                          "the same algorithmic content; not the reference configuration.",
+    "ours-full-fp32": "Same algorithmic content as TRL (4 full models, full fine-tuning, fp32), eager.",
+    "ours-full-bf16": "Full fine-tuning as TRL, bf16 autocast with fp32 master weights (TRL: fp32), eager.",
+    "ours-lora-fp32": "LoRA as ours-default, fp32 as TRL, eager.",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
                 "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
-                "positions; responses trimmed to the longest; fused chunked log-prob/entropy; eager attention for "
+                "positions; responses trimmed to the longest; fused chunked log-prob/entropy; the prompt tokens all "
+                "rows share computed once per full-sequence forward (rlhf_lib.prefix); eager attention for "
                 "full-sequence forwards on CPU; our own decode loop (one uniform draw per row instead of "
                 "torch.multinomial's one per vocabulary entry, no generate() bookkeeping). Pad token <|endoftext|> "
                 "(distinct from EOS) on both sides.",
@@ -177,7 +167,7 @@ def summarize_updates(rows: Sequence[dict[str, Any]], warmup: int, batch_size: i
     }
 
 
-# the host probe's matmuls: label -> (torch dtype, n of an (n x n) @ (n x n) product); ~10 ms each on an idle CPU here
+# the host probe's matmuls: label -> (torch dtype, n of an (n x n) @ (n x n) product); milliseconds each
 PROBE_MATMULS = {"bf16": ("bfloat16", 2048), "fp32": ("float32", 1024)}
 
 
@@ -185,11 +175,10 @@ def summarize_probe(matmul_ms: dict[str, Sequence[float]], read_gib: float, read
     """The host probe's figures from its raw timings: matmuls per dtype (sizes: PROBE_MATMULS), a read of `read_gib` GiB.
 
     The medians are the figures to compare between runs: the same work, so a higher median means a host more
-    contended for its cores, caches, memory bus and matrix units (on this project's shared host the bf16 median went
-    from ~10.5 ms at a quiet moment to 24-30 ms on a busy morning, while the load average, which counts only this
-    machine's processes, stayed at ~1-2). ``slowdown`` = median / fastest within the probe: how much it varied over
-    its few seconds. Both dtypes are timed because our runs are bf16 (AMX) and TRL's fp32, and a busy spell need not
-    slow them alike (that morning: bf16 2.3-2.9x, fp32 1.2-1.7x).
+    contended for its cores, caches, memory bus and matrix units -- which a shared host's load average, counting only
+    this machine's processes, does not show. ``slowdown`` = median / fastest within the probe: how much it varied
+    over its few seconds. Both dtypes are timed because our runs are bf16 (AMX) and TRL's fp32, and a busy spell need
+    not slow them alike.
     """
     if not read_s or not matmul_ms or not all(matmul_ms.values()):
         raise ValueError("the host probe needs at least one timing of each matmul and of the read")
@@ -334,7 +323,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("(no ratio vs TRL's published figures: this workload differs from the published one)")
         return "\n".join(lines)
     lines.append(f"{ref} vs TRL 1.12's PUBLISHED figures ({report['published_trl']['episodes_per_s']} ep/s, "
-                 f"{report['published_trl']['peak_rss_gib']} GiB; shared MEASUREMENTS.md, not this run): episodes/s "
+                 f"{report['published_trl']['peak_rss_gib']} GiB; not this run): episodes/s "
                  f"x{_fmt(report.get('episodes_per_s_ratio_vs_published_trl'))}, peak RSS "
                  f"x{_fmt(report.get('peak_rss_ratio_vs_published_trl'))}")
     return "\n".join(lines)
@@ -391,31 +380,44 @@ def _peak_gpu_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def profile_ppo_fields(profile: str | Path = PROFILE) -> dict[str, Any]:
+    """The PPOConfig fields a params profile gives its PPO stage (common + ppo sections, resolved), less the ones
+    that name the run rather than the training (run, outputs_dir, overwrite, resume)."""
+    from . import config
+
+    fields = config.stage_parameters(config.load_params_file(repo_root() / profile), "ppo")
+    return {k: v for k, v in fields.items() if k not in ("run", "outputs_dir", "overwrite", "resume")}
+
+
+def ppo_config(name: str, spec: BenchSpec):
+    """The PPOConfig of configuration `name`: the default profile's, changed as PPO_CONFIGS says, on the workload."""
+    from . import ppo
+
+    fields = profile_ppo_fields() | PPO_CONFIGS[name] | {
+        "model": spec.model, "reward_model": spec.model, "device": spec.device, "threads": spec.threads,
+        "seed": spec.seed, "batch_size": spec.batch_size, "total_episodes": spec.batch_size * (spec.warmup + spec.updates),
+        "response_length": spec.response_length, "num_ppo_epochs": spec.num_ppo_epochs,
+        "num_mini_batches": spec.num_mini_batches, "temperature": spec.temperature, "save_every": 0, "sample_every": 0}
+    if spec.compile:
+        fields["torch_compile"] = True
+    return ppo.PPOConfig(**fields)
+
+
 def make_ppo_trainer(name: str, spec: BenchSpec, scratch: Path):
     """Our PPOTrainer for configuration `name` on the workload (threads and seed set), writing under `scratch`.
 
     Shared by :func:`run_ppo_config` and the A/B scripts in ``scripts/``, so they measure the same setup.
     """
     from . import models, ppo, runtime
+    from .policy_models import build_models
 
-    use_lora, dtype, config_compiles, compile_generation, share_prefix = PPO_CONFIGS[name]
+    cfg = ppo_config(name, spec)
     runtime.set_threads(spec.threads)
     runtime.seed_everything(spec.seed)
     tokenizer = models.load_tokenizer(spec.model)
-    prompts = bench_prompts(tokenizer)
-    overrides = ({} if use_lora else {"learning_rate": FULL_FT_LR}) | PPO_CONFIG_OVERRIDES.get(name, {})
-    cfg = ppo.PPOConfig(model=spec.model, device=spec.device, dtype=dtype, threads=spec.threads, seed=spec.seed,
-                        fused_logprobs=compile_generation,  # compile-all: every compiled lever
-                        use_lora=use_lora, total_episodes=spec.batch_size * (spec.warmup + spec.updates),
-                        batch_size=spec.batch_size, response_length=spec.response_length,
-                        num_ppo_epochs=spec.num_ppo_epochs, num_mini_batches=spec.num_mini_batches,
-                        temperature=spec.temperature, reward_model=spec.model, save_every=0, sample_every=0,
-                        torch_compile=config_compiles or spec.compile, compile_generation=compile_generation,
-                        share_prompt_prefix=share_prefix,
-                        **overrides)
-    built = ppo.build_models(cfg, tokenizer, spec.model, None)
-    return ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn, prompts,
-                          scratch / "ppo", scratch / "checkpoints")
+    built = build_models(cfg, tokenizer, spec.model, None)
+    return ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
+                          bench_prompts(tokenizer), scratch / "ppo", scratch / "checkpoints")
 
 
 def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
@@ -423,8 +425,6 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
     from . import ppo, runtime
     from .metrics import read_jsonl
 
-    use_lora, _, config_compiles, compile_generation, share_prefix = PPO_CONFIGS[name]
-    use_compile = config_compiles or spec.compile
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as scratch:
         trainer = make_ppo_trainer(name, spec, Path(scratch))
         cfg = trainer.cfg
@@ -432,10 +432,11 @@ def run_ppo_config(name: str, spec: BenchSpec) -> dict[str, Any]:
         rows = read_jsonl(Path(scratch) / "ppo" / "metrics.jsonl")
     out = summarize_updates(rows, spec.warmup, spec.batch_size)
     out.update({
-        "name": name + ("+compile" if use_compile and not config_compiles else ""), "kind": "ppo", "use_lora": use_lora,
-        "dtype": str(trainer.dtype).replace("torch.", ""), "device": runtime.describe_device(trainer.device),
-        "learning_rate": cfg.learning_rate, "warmup_updates": spec.warmup, "compile": use_compile,
-        "compile_generation": compile_generation, "share_prompt_prefix": share_prefix,
+        "name": name + ("+compile" if spec.compile and not (profile_ppo_fields() | PPO_CONFIGS[name])["torch_compile"]
+                        else ""),
+        "kind": "ppo", "use_lora": cfg.use_lora, "dtype": str(trainer.dtype).replace("torch.", ""),
+        "device": runtime.describe_device(trainer.device), "learning_rate": cfg.learning_rate,
+        "warmup_updates": spec.warmup, "compile": trainer.compiled, "compile_generation": trainer.sampler.compile,
         "trainable_top_layers": cfg.trainable_top_layers,
         "peak_rss_gib": ppo.peak_rss_gib(), "peak_gpu_gib": _peak_gpu_gib(),
         "trainable_parameters": sum(p.numel() for p in trainer.trainable),
@@ -517,8 +518,8 @@ def run_host_probe(spec: BenchSpec, read_gib: float = 0.25) -> dict[str, Any]:
     """Time fixed bf16 and fp32 matmuls `spec.probe_repeats` times each (taking turns, 0.1 s apart) and a streaming
     read, on the CPU.
 
-    The same work takes 2-2.5x longer at times on a shared host; recorded before every measured process so a
-    reader of bench.json can tell a quiet run from a contended one (see :func:`summarize_probe`).
+    The same work takes longer at times on a shared host; recorded before every measured process so a reader of
+    bench.json can tell a quiet run from a contended one (see :func:`summarize_probe`).
     """
     import torch
 
@@ -576,9 +577,9 @@ def worker_main(name: str, spec: BenchSpec) -> None:
 def child_env(threads: int, omp_wait_policy: str) -> dict[str, str]:
     """Environment of a measured subprocess (TRL's too): thread count and OpenMP wait policy.
 
-    Decoding a batch of 8 runs thousands of tiny parallel regions per step; with PASSIVE waits the second thread
-    sleeps between them and is woken by the kernel each time (decode step 116 ms vs 68 ms with ACTIVE on the idle
-    2-core CPU). ACTIVE busy-waits instead, which is right on an idle machine and costs ~2x when another process
+    Decoding a small batch runs thousands of tiny parallel regions per step; with PASSIVE waits the second thread
+    sleeps between them and is woken by the kernel each time, which makes decoding slower on an idle machine.
+    ACTIVE busy-waits instead, which is right on an idle machine and slows everything down when another process
     wants the same cores -- hence PASSIVE for `make pipeline` / `make test` on shared machines.
     """
     env = dict(os.environ)

@@ -72,7 +72,7 @@ class DataConfig(CommonConfig):
     generation_temperature: float = 0.8  # simulated: sampling temperature (pure sampling, no top-k / top-p)
     generation_batch_size: int = 32  # simulated: prompts per generate() call (each yields samples_per_prompt sequences)
     annotator_beta: float = 4.0  # simulated: Bradley–Terry inverse temperature, P(a chosen) is sigmoid(beta * (gold_a - gold_b))
-    use_shipped_responses: bool = True  # simulated: read the responses shipped for bundled:smollm2-135m-instruct instead of sampling (~40 min on 2 CPU cores)
+    use_shipped_responses: bool = True  # simulated: read the responses shipped for bundled:smollm2-135m-instruct instead of sampling (which takes longer on a small CPU than the whole pipeline)
 
     def check(self) -> None:
         """Cross-field checks (raise ValueError naming the field)."""

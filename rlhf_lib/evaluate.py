@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import generation, io, models, runtime
+from .checkpoints import checkpoint_update, list_checkpoints, load_policy_checkpoint
 from .config import CommonConfig, ConfigError, validate
 from .io import JSONLError, iter_jsonl, pad, read_jsonl
 from .ppo_core import logprobs_from_logits, truncate_after_eos
@@ -434,7 +435,7 @@ def reward_model_scorer(path: Path, settings: GenerationSettings, policy_tokeniz
 
 
 def _ppo_config_for(run: Run, cfg: CommonConfig) -> Any:
-    """The config the PPO stage ran with (from the manifest), for ppo.load_policy_checkpoint; else `cfg`."""
+    """The config the PPO stage ran with (from the manifest), for checkpoints.load_policy_checkpoint; else `cfg`."""
     params = run.manifest().get("stages", {}).get("ppo", {}).get("params")
     if not params:
         return cfg
@@ -448,14 +449,13 @@ def _ppo_config_for(run: Run, cfg: CommonConfig) -> Any:
 
 
 def default_policy_loader(cfg: CommonConfig, run: Run, tokenizer, device: torch.device) -> PolicyLoader:
-    """Load a policy folder: a full HF causal-LM folder directly, anything else through ppo.load_policy_checkpoint."""
+    """Load a policy folder: a full HF causal-LM folder directly, anything else through
+    checkpoints.load_policy_checkpoint."""
 
     def load(path: Path) -> torch.nn.Module:
         path = Path(path)
         if (path / "config.json").exists() and not (path / "adapter_config.json").exists():
             return models.load_causal_lm(str(path), tokenizer, device).eval()
-        from .ppo import load_policy_checkpoint
-
         model = load_policy_checkpoint(path, _ppo_config_for(run, cfg))
         model = model[0] if isinstance(model, tuple) else model
         return models.disable_dropout(model).to(device).eval()
@@ -644,20 +644,6 @@ def sample_table(result: EvalResult, n: int | None = None) -> pd.DataFrame:
 # over-optimisation curve
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The update number in a checkpoint folder name (update_0012 -> 12), else None."""
-    digits = path.name.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else None
-
-
-def list_checkpoints(run: Run) -> list[Path]:
-    """PPO checkpoint folders (checkpoints/update_XXXX), by update number."""
-    if not run.checkpoints_dir.exists():
-        return []
-    found = [p for p in run.checkpoints_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=lambda p: checkpoint_step(p))
-
-
 def final_update(run: Run) -> int | None:
     """The last update number the PPO stage logged (metrics.jsonl `update`), if any."""
     path = run.ppo_dir / "metrics.jsonl"
@@ -707,13 +693,14 @@ def overoptimisation_curve(
     rm_scorer = rm_scorer or reward_model_scorer(rm_dir, settings, tokenizer)
     gold_scorer = gold_scorer or default_gold_scorer(run)
 
-    chosen = select_evenly(list_checkpoints(run), cfg.max_checkpoints)
+    chosen = select_evenly(list_checkpoints(run.checkpoints_dir), cfg.max_checkpoints)
     last = final_update(run)
     points: list[tuple[str, float, Path | None]] = [("reference", 0.0, None)]
     for path in chosen:
-        if last is not None and checkpoint_step(path) == last:
+        update = checkpoint_update(path)
+        if update == last:
             continue  # the final policy is the same update; it is evaluated below
-        points.append((f"update {checkpoint_step(path)}", float(checkpoint_step(path)), path))
+        points.append((f"update {update}", float(update), path))
     points.append(("final", float(last) if last is not None else math.nan, run.policy_dir))
     print(f"[eval] over-optimisation curve: {len(points)} points x {len(prompts)} prompts")
 

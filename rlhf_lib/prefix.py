@@ -11,13 +11,13 @@ the suffixes as B rows of S (a reshape, no gather) and lets every suffix attend 
 tokens. Every token sees the same keys at the same positions as in the padded batch, so logits, values and
 gradients are the same maths (up to floating-point summation order); the linear layers, norms and MLPs -- all
 per-token -- run on P + B * S rows instead of B * (P + S). Backward sums the prefix's gradient over the B suffixes
-through the expanded keys and values, as the padded batch does implicitly. Layouts measured before this one: the
-prefix as an extra row of the batch, (B + 1) rows of max(P, S), computed the prefix row's padding (29 of SmolLM2's
-531 bench tokens); a packed row without the suffixes' own left/right padding needs per-element index arithmetic to
-reassemble rows, and its backward was slower (-34 % forward but only -10 % backward, against -23 % for rows).
+through the expanded keys and values, as the padded batch does implicitly. Two other layouts were slower: the prefix
+as an extra row of the batch ((B + 1) rows of max(P, S), which computes the prefix row's padding), and a packed row
+without the suffixes' own padding (per-element index arithmetic to reassemble rows, and a slower backward).
 
-Used by the PPO trainer's full-sequence forwards (policy, reference, value, reward) with ``ppo.share_prompt_prefix``,
-under ``models.attention(model, ATTENTION)``; generation is unaffected.
+Used by every full-sequence forward of the PPO trainer (policy, reference, value, reward), under
+``models.attention(model, ATTENTION)``, whenever the rows share at least ``min_length`` prompt tokens
+(:mod:`rlhf_lib.policy_models`); generation is unaffected.
 """
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ class RewardModelConfig(CommonConfig):
     gradient_accumulation_steps: int = 1  # steps whose gradients are summed before one optimiser update
     per_device_eval_batch_size: int = 16  # pairs per scoring batch in evaluation
     num_train_epochs: float = 1.0  # passes over the training pairs
-    torch_compile: bool = False  # torch.compile each transformer block (one graph for all): ~1.4x faster training on CPU after ~30 s of compiling
+    torch_compile: bool = False  # speed, same maths: torch.compile each transformer block (one graph for all) where a compiler is present (C++ on CPU, Triton on CUDA); compiling costs time once, repaid per training step
     group_by_length: bool = True  # batch pairs of similar length (transformers' LengthGroupedSampler): less padding, ~10 % faster on the default pairs
     max_grad_norm: float = 1.0  # gradient clipping
     max_length: int = 1024  # pairs whose prompt+response is longer than this many tokens are dropped (counted in the summary)
@@ -255,7 +255,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device, cfg.num_hidden_layers)
     head = _score_head(model)
     if cfg.zero_init_head:
-        torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (MEASUREMENTS.md: a random head stays at chance)
+        torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (a random head stays at chance)
         if head.bias is not None:
             torch.nn.init.zeros_(head.bias)
     top = models.top_block_indices(model, cfg.trainable_top_layers)
@@ -276,7 +276,9 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
         frozen = {id(p) for m in (*lower, *embeddings) for p in m.parameters()}
         for param in model.parameters():
             param.requires_grad = id(param) not in frozen
-    if cfg.torch_compile:
+    from .policy_models import should_compile  # where a compiler is present; else eager, the same maths
+
+    if should_compile(cfg.torch_compile, device, "reward_model.torch_compile"):
         models.compile_blocks(model)  # train_reward_model undoes it before the short evaluation
     return model
 
@@ -311,7 +313,7 @@ def _reward_config(cfg: RewardModelConfig, device: torch.device, dtype: torch.dt
         output_dir=output_dir,
         use_cpu=device.type == "cpu",
         bf16=dtype == torch.bfloat16,  # fp32 master weights, bf16 autocast (runtime.pick_dtype decides)
-        fp16=False,
+        fp16=dtype == torch.float16,  # fp16 autocast with loss scaling (GPUs without bf16)
         activation_checkpointing=False,  # TRL's gradient_checkpointing=True default only costs compute at these sizes
         disable_dropout=True,
         learning_rate=cfg.learning_rate,  # used by the scheduler only: the optimizer is ours (two groups)

@@ -1,8 +1,9 @@
-"""Microbenchmark of the log-prob/entropy pass over the vocabulary: chunked eager vs ``ppo.fused_logprobs``.
+"""Microbenchmark of the log-prob/entropy pass over the vocabulary: chunked eager vs the compiled (fused) kernels.
 
 SmolLM2's vocabulary (49,152), batch 8 x 48 response tokens, bf16 logits as PPO's LM head gives them. "chunked,
-sliced" is the path before this change (the LM head kept T + 1 positions and the last was sliced off, so backward
-zero-filled a wider gradient); "fused" is the compiled kernels on exactly T positions. Variants alternate, so a
+sliced" keeps T + 1 positions and slices the last one off (so backward zero-fills a wider gradient); "chunked" is
+the eager pass on exactly T positions (PPO without torch_compile), "fused" the compiled kernels (PPO with
+torch_compile). Variants alternate, so a
 shared machine's slow spells fall on all of them; prints the median milliseconds of forward and backward::
 
     OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_logprobs.py
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-from rlhf_lib import ppo
+from rlhf_lib import logprobs as lp_ops
 
 B, T, V = 8, 48, 49152
 
@@ -33,7 +34,7 @@ def main() -> None:
         else:
             leaf = logits = full[:, :T].contiguous().requires_grad_(True)
         t0 = time.perf_counter()
-        logprobs, _ = ppo.token_logprobs_and_entropy(logits, tokens, 0.7, fused=fused)
+        logprobs, _ = lp_ops.token_logprobs_and_entropy(logits, tokens, 0.7, fused=fused)
         t1 = time.perf_counter()
         (logprobs * weights).sum().backward()
         return t1 - t0, time.perf_counter() - t1

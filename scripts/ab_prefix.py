@@ -1,6 +1,6 @@
-"""A/B of ``ppo.share_prompt_prefix`` on the bench's batch: the padded batch vs the shared-prefix packed row.
+"""A/B of the shared prompt prefix (rlhf_lib.prefix) on the bench's batch: the padded batch vs the packed row.
 
-Builds the bench's fastest trainer (compiled blocks, bf16, LoRA), a batch of the bench's first 8 prompts with
+Builds the bench's reference trainer (the default profile's PPO), a batch of the bench's first 8 prompts with
 48 random response tokens, and alternates the two paths in one process (so a shared machine's slow spells fall on
 both): policy + value forward with grad, their backward, and the no-grad reference + reward forwards. Prints the
 agreement of the two paths first (bf16: rounding-level), then the median seconds of each piece::
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import bench, models, ppo
+from rlhf_lib import bench, models, ppo, prefix
 
 RESPONSE_LENGTH = 48
 REPEATS = 8
@@ -25,7 +25,7 @@ REPEATS = 8
 def main() -> None:
     spec = bench.BenchSpec()
     with tempfile.TemporaryDirectory(prefix="ab-prefix-") as scratch:
-        trainer = bench.make_ppo_trainer("ours-lora-bf16-compile-all", spec, Path(scratch))
+        trainer = bench.make_ppo_trainer(bench.REFERENCE_CONFIG, spec, Path(scratch))
         measure(trainer, spec)
 
 
@@ -40,9 +40,11 @@ def measure(trainer: ppo.PPOTrainer, spec: bench.BenchSpec) -> None:
                        torch.cat([queries, responses], 1), mask, models.position_ids_from_mask(mask),
                        RESPONSE_LENGTH)
 
+    find = prefix.find_shared_prefix
+
     def run(share: bool):
-        object.__setattr__(trainer.cfg, "share_prompt_prefix", share)
-        trainer.value.share_prompt_prefix = share  # also the reward model: the value model with its adapter off
+        # the padded batch: every forward finds no shared prefix (the reward model is the value model's base)
+        prefix.find_shared_prefix = find if share else (lambda *args, **kwargs: None)
         t0 = time.perf_counter()
         logprobs, values, _ = trainer._train_forward(roll, slice(None))
         t1 = time.perf_counter()

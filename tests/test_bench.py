@@ -2,11 +2,13 @@
 tiny end-to-end run of our side on tiny:llama, each configuration in its own subprocess."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from rlhf_lib import bench, models
+from rlhf_lib import bench, config, models
+from rlhf_lib.runs import repo_root
 
 
 def _row(update, t_update, t_gen=1.0, t_fwd=0.5, t_opt=2.0, tok_s=100.0):
@@ -101,6 +103,25 @@ def test_ratios_by_round_pair_each_round_of_ours_with_trls():
     bench.add_ratios(report)
     assert report["episodes_per_s_ratio_vs_trl_by_round"] == pytest.approx([4.0, 4.0])
     assert "x4.00, x4.00" in bench.format_table(report)
+
+
+def test_reference_configuration_is_exactly_the_default_profiles_ppo():
+    """`make bench`'s reference is what `make pipeline` trains with: every PPOConfig field the default profile gives
+    the ppo stage, apart from the workload's (model, batch, lengths, run length) and the run's bookkeeping."""
+    spec = bench.BenchSpec()
+    profile = config.stage_parameters(config.load_params_file(repo_root() / "params" / "default.yaml"), "ppo")
+    workload = {"model", "reward_model", "device", "threads", "seed", "batch_size", "total_episodes", "response_length",
+                "num_ppo_epochs", "num_mini_batches", "temperature", "save_every", "sample_every", "run", "outputs_dir",
+                "overwrite", "resume"}
+    reference = dataclasses.asdict(bench.ppo_config(bench.REFERENCE_CONFIG, spec))
+    assert {k: v for k, v in reference.items() if k not in workload} == {
+        k: v for k, v in profile.items() if k not in workload}
+    assert reference["torch_compile"] is True and reference["use_lora"] is True and reference["dtype"] == "auto"
+    assert reference["total_episodes"] == spec.batch_size * (spec.warmup + spec.updates)
+    for name, changes in bench.PPO_CONFIGS.items():  # the others differ from it by exactly what the table says
+        other = dataclasses.asdict(bench.ppo_config(name, spec))
+        assert {k for k in other if other[k] != reference[k]} == {k for k in changes if changes[k] != reference[k]}
+    assert bench.ppo_config("ours-lora-bf16", dataclasses.replace(spec, compile=True)).torch_compile is True
 
 
 def test_parse_result_prefers_the_marker_line_over_other_json():

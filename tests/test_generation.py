@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lib import generation, models, ppo
+from rlhf_lib import generation, models, policy_models, rollout
 
 
 def test_sample_from_logits_matches_softmax_with_temperature():
@@ -43,7 +43,7 @@ def _recording(monkeypatch, script=None):
 
 def _queries(tokenizer):
     prompts = [[5, 17, 33, 2, 9, 41], [7, 8], [12, 13, 14, 15]]  # different lengths: left padding in play
-    return ppo.left_pad(prompts, tokenizer.pad_token_id, torch.device("cpu"))
+    return rollout.left_pad(prompts, tokenizer.pad_token_id, torch.device("cpu"))
 
 
 def _teacher_forced_logits(model, queries, query_mask, responses):
@@ -111,7 +111,7 @@ def test_compiled_decode_over_static_cache_matches_teacher_forcing_under_bf16_au
     tokenizer = models.load_tokenizer("tiny:llama")
     model = get_peft_model(models.load_causal_lm("tiny:llama", tokenizer),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    ppo.store_frozen_weights_in(model, torch.bfloat16)
+    policy_models.store_frozen_weights_in(model, torch.bfloat16)
     queries, query_mask = _queries(tokenizer)
     seen = _recording(monkeypatch)
     sampler = generation.ResponseSampler(model, 5, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,

@@ -1,4 +1,4 @@
-"""PPO stage: config checks, the fused log-prob op, pure sampling, learning, resume, NaN stop, export, notebook API.
+"""PPO stage: config checks, pure sampling, model wrappers, learning, resume, NaN stop, checkpoints, notebook API.
 
 Tiny models only (tiny:llama, random weights). The learning tests sample at temperature 0.1, which makes the random
 model's next-token distribution peaky like a real LM's (~5 nats/token instead of a uniform 10.8), so a
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_lib import config, metrics, models, ppo, ppo_core, runs
+from rlhf_lib import checkpoints, config, metrics, models, policy_models, ppo, runs
 from rlhf_lib.metrics import METRIC_GLOSSARY, read_jsonl
 
 MODEL = "tiny:llama"
@@ -71,10 +71,10 @@ def make_trainer(cfg, tokenizer, prompts, out: Path, reward_fn, use_lora: bool |
     if cfg.use_lora:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, ppo.lora_config(cfg, "CAUSAL_LM", policy))
-        value, ref = ppo.ScalarHead(get_peft_model(rm, ppo.lora_config(cfg, "SEQ_CLS", rm))), None
+        policy = get_peft_model(policy, policy_models.lora_config(cfg, "CAUSAL_LM", policy))
+        value, ref = policy_models.ScalarHead(get_peft_model(rm, policy_models.lora_config(cfg, "SEQ_CLS", rm))), None
     else:
-        value, ref = ppo.ScalarHead(rm), copy.deepcopy(policy)
+        value, ref = policy_models.ScalarHead(rm), copy.deepcopy(policy)
     return ppo.PPOTrainer(cfg, tokenizer, policy, ref, value, reward_fn, prompts, out / "ppo", out / "checkpoints")
 
 
@@ -127,7 +127,7 @@ def test_trainable_top_layers_adapts_and_trains_only_the_top_blocks(tokenizer, p
     bottom block and embeddings untouched by training, and the checkpoint rebuilds the same adapters."""
     cfg = tiny_cfg(use_lora=True, trainable_top_layers=1, total_episodes=16, learning_rate=3e-3, save_every=2,
                    lora_target_modules=["all-linear"])
-    built = ppo.build_models(cfg, tokenizer, MODEL, None)
+    built = policy_models.build_models(cfg, tokenizer, MODEL, None)
     for model in (built.policy, built.value.model):
         blocks = models.transformer_blocks(model)
         adapted = [i for i, b in enumerate(blocks) if any("lora_A" in n for n, _ in b.named_modules())]
@@ -140,15 +140,15 @@ def test_trainable_top_layers_adapts_and_trains_only_the_top_blocks(tokenizer, p
     assert trained and all(".layers.1." in n for n in trained), trained
     for n, p in models.transformer_blocks(trainer.policy)[0].named_parameters():
         assert torch.equal(p.float(), bottom_before[n].float()), n
-    latest = ppo.latest_checkpoint(tmp_path / "checkpoints")
+    latest = checkpoints.latest_checkpoint(tmp_path / "checkpoints")
     assert json.loads((latest / "meta.json").read_text())["lora"]["trainable_top_layers"] == 1
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         merged = copy.deepcopy(trainer.policy).merge_and_unload().eval()
-        torch.testing.assert_close(ppo.load_policy_checkpoint(latest, cfg, tokenizer)(ids).logits, merged(ids).logits,
+        torch.testing.assert_close(checkpoints.load_policy_checkpoint(latest, cfg, tokenizer)(ids).logits, merged(ids).logits,
                                    rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="trainable_top_layers=3, but .* has 2 transformer blocks"):
-        ppo.build_models(dataclasses.replace(cfg, trainable_top_layers=3), tokenizer, MODEL, None)
+        policy_models.build_models(dataclasses.replace(cfg, trainable_top_layers=3), tokenizer, MODEL, None)
     with pytest.raises(ValueError, match="trainable_top_layers must be >= 0"):
         dataclasses.replace(cfg, trainable_top_layers=-1).check()
 
@@ -181,6 +181,21 @@ def test_config_check_errors_name_the_field(overrides, message):
         config.validate(ppo.PPOConfig, overrides, "params/test.yaml [ppo]")
 
 
+def test_speed_switches_come_last_and_compile_only_where_a_compiler_is(tokenizer, prompts, tmp_path, monkeypatch):
+    """The two remaining speed switches close PPOConfig (apart from the algorithm's settings), and without a compiler
+    the trainer runs eager: no compiled block, no compiled decode step, the chunked log-prob pass."""
+    names = [f.name for f in dataclasses.fields(ppo.PPOConfig)]
+    assert names[-2:] == ["torch_compile", "compile_generation"]
+    monkeypatch.setattr(policy_models, "compiler_available", lambda device: False)
+    trainer = make_trainer(tiny_cfg(torch_compile=True, compile_generation=True), tokenizer, prompts, tmp_path,
+                           token_count_reward(0))
+    assert not trainer.compiled and not trainer.sampler.compile
+    assert not any("forward" in vars(block) for block in models.transformer_blocks(trainer.policy))
+    monkeypatch.setattr(policy_models, "compiler_available", lambda device: True)
+    assert policy_models.should_compile(True, torch.device("cpu"), "x") is True
+    assert policy_models.should_compile(False, torch.device("cpu"), "x") is False
+
+
 def test_batch_plan_splits_over_processes_minibatches_and_microbatches():
     cfg = ppo.PPOConfig(total_episodes=64, batch_size=16, num_mini_batches=2, gradient_accumulation_steps=4)
     plan = ppo.batch_plan(cfg, world_size=2)
@@ -191,25 +206,6 @@ def test_batch_plan_splits_over_processes_minibatches_and_microbatches():
 
 # ------------------------------------------------------------------------------------------------------------
 # building blocks
-
-
-@pytest.mark.parametrize("fused", [False, True], ids=["chunked", "compiled"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_logprobs_match_ppo_core_values_and_gradients(dtype, fused):
-    torch.manual_seed(0)
-    full = (torch.randn(3, 8, 50) * 3).to(dtype).requires_grad_(True)
-    tokens = torch.randint(0, 50, (3, 7))
-    weights = torch.randn(3, 7)
-    logits = full[:, :-1]  # a strided view
-    lp, ent = ppo.token_logprobs_and_entropy(logits, tokens, temperature=0.7, chunk=3, fused=fused)
-    (lp * weights).sum().backward()
-    grad_fused, full.grad = full.grad.clone(), None
-    lp_ref = ppo_core.logprobs_from_logits(logits, tokens, 0.7)
-    (lp_ref * weights).sum().backward()
-    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)  # fp32 rounding: the compiled kernel sums in another order
-    torch.testing.assert_close(ent, ppo_core.entropy_from_logits(logits, 0.7), rtol=0, atol=1e-4)
-    torch.testing.assert_close(grad_fused.float(), full.grad.float(), rtol=0, atol=1e-6)
-    assert not ent.requires_grad
 
 
 def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path, monkeypatch):
@@ -262,16 +258,16 @@ def test_load_prompts_names_file_and_line(tmp_path):
 
 def test_scores_at_last_token_ignore_padding_side(tokenizer):
     torch.manual_seed(0)
-    head = ppo.ScalarHead(models.load_sequence_classifier(MODEL, tokenizer)).eval()
+    head = policy_models.ScalarHead(models.load_sequence_classifier(MODEL, tokenizer)).eval()
     seqs = [[5, 6, 7, 8], [9, 10]]
     pad = tokenizer.pad_token_id
     left, left_mask = ppo.left_pad(seqs, pad, torch.device("cpu"))
     right = torch.tensor([[5, 6, 7, 8], [9, 10, pad, pad]])
     right_mask = (torch.arange(4)[None] < torch.tensor([[4], [2]])).long()
     with torch.no_grad():
-        a = ppo.scores_at_last_token(head, left, left_mask)
-        b = ppo.scores_at_last_token(head, right, right_mask)
-        alone = ppo.scores_at_last_token(head, torch.tensor([[9, 10]]), torch.ones(1, 2, dtype=torch.long))
+        a = policy_models.scores_at_last_token(head, left, left_mask)
+        b = policy_models.scores_at_last_token(head, right, right_mask)
+        alone = policy_models.scores_at_last_token(head, torch.tensor([[9, 10]]), torch.ones(1, 2, dtype=torch.long))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     torch.testing.assert_close(a[1:], alone, rtol=0, atol=1e-5)
 
@@ -307,12 +303,15 @@ def test_short_run_metrics_are_sane(short_run):
 
 
 def test_checkpoints_keep_full_state_only_for_the_latest(short_run):
-    folders = ppo.policy_checkpoints(short_run["out"] / "checkpoints")
-    assert [u for u, _ in folders] == [2, 3]
-    old, latest = folders[0][1], folders[1][1]
+    folders = checkpoints.list_checkpoints(short_run["out"] / "checkpoints")
+    assert [checkpoints.checkpoint_update(f) for f in folders] == [2, 3]
+    old, latest = folders
     assert sorted(p.name for p in old.iterdir()) == ["meta.json", "policy.safetensors"]
     assert {"value.safetensors", "optimizer.pt", "trainer_state.pt", "rng_0.pt"} <= {p.name for p in latest.iterdir()}
-    assert ppo.latest_checkpoint(short_run["out"] / "checkpoints") == latest
+    assert checkpoints.latest_checkpoint(short_run["out"] / "checkpoints") == latest
+    (latest.parent / "update_0004.tmp").mkdir()  # a half-written checkpoint of a killed run is not listed
+    assert checkpoints.list_checkpoints(short_run["out"] / "checkpoints") == folders
+    assert checkpoints.list_checkpoints(short_run["out"] / "missing") == []
 
 
 def test_saved_policy_loads_with_pipeline_and_matches_the_checkpoint(short_run, tokenizer):
@@ -323,8 +322,8 @@ def test_saved_policy_loads_with_pipeline_and_matches_the_checkpoint(short_run, 
     assert text.startswith("Hello")
     # the exported (merged) policy computes the same function as the LoRA policy of the last checkpoint
     exported = models.load_causal_lm(str(short_run["policy_dir"]), tokenizer).eval()
-    latest = ppo.policy_checkpoints(short_run["out"] / "checkpoints")[-1][1]
-    from_ckpt = ppo.load_policy_checkpoint(latest, short_run["cfg"], tokenizer)
+    latest = checkpoints.list_checkpoints(short_run["out"] / "checkpoints")[-1]
+    from_ckpt = checkpoints.load_policy_checkpoint(latest, short_run["cfg"], tokenizer)
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, from_ckpt(ids).logits, rtol=1e-4, atol=1e-4)
@@ -341,17 +340,16 @@ def test_saved_policy_loads_with_pipeline_and_matches_the_checkpoint(short_run, 
 @pytest.fixture(scope="module")
 def learning_runs(tokenizer, prompts, target_token, tmp_path_factory):
     """The tiny learning task -- reward = count of `target_token` in the response, full fine-tuning -- run once per
-    (dtype, fused_logprobs, seed) and shared by the tests below; returns the metric rows of a run. The
-    ``fused_logprobs`` runs take the shared prompt prefix too (the prompts share their chat-template opening): every
-    speed lever that changes rounding at once."""
+    (dtype, torch_compile, seed) and shared by the tests below; returns the metric rows of a run. Every run takes the
+    shared prompt prefix (the prompts share their chat-template opening); the compiled runs add compiled blocks and
+    log-prob kernels: every speed lever that changes rounding at once."""
     done: dict[tuple[str, bool, int], list[dict]] = {}
 
-    def run(dtype: str, fused_logprobs: bool, seed: int) -> list[dict]:
-        key = (dtype, fused_logprobs, seed)
+    def run(dtype: str, compiled: bool, seed: int) -> list[dict]:
+        key = (dtype, compiled, seed)
         if key not in done:
-            cfg = tiny_cfg(total_episodes=160, learning_rate=2e-4, dtype=dtype, fused_logprobs=fused_logprobs,
-                           share_prompt_prefix=fused_logprobs, seed=seed)
-            out = tmp_path_factory.mktemp(f"learn-{dtype}-{fused_logprobs}-{seed}")
+            cfg = tiny_cfg(total_episodes=160, learning_rate=2e-4, dtype=dtype, torch_compile=compiled, seed=seed)
+            out = tmp_path_factory.mktemp(f"learn-{dtype}-{compiled}-{seed}")
             make_trainer(cfg, tokenizer, prompts, out, token_count_reward(target_token)).train()
             done[key] = read_jsonl(out / "ppo" / "metrics.jsonl")
         return done[key]
@@ -360,11 +358,11 @@ def learning_runs(tokenizer, prompts, target_token, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,fused_logprobs", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
-def test_reward_rises_well_above_its_start(learning_runs, dtype, fused_logprobs):
+@pytest.mark.parametrize("dtype,compiled", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_reward_rises_well_above_its_start(learning_runs, dtype, compiled):
     """Full fine-tuning learns to emit the rewarded token; KL stays finite (bf16 autocast and the compiled
-    log-prob kernels learn the same)."""
-    rows = learning_runs(dtype, fused_logprobs, 0)
+    blocks and log-prob kernels learn the same)."""
+    rows = learning_runs(dtype, compiled, 0)
     scores = [r["objective/scores"] for r in rows]
     start, end = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert end > start + 2.0, f"scores did not rise: {scores}"
@@ -372,7 +370,7 @@ def test_reward_rises_well_above_its_start(learning_runs, dtype, fused_logprobs)
     assert rows[-1]["objective/kl"] > 0  # it moved away from the reference, and paid for it
     # policy == reference at the start; the compiled kernels may sum a row in another order for another batch
     # shape (reference: rollout-forward chunks, policy: the whole batch), so only fp32 rounding is allowed there
-    assert abs(rows[0]["objective/kl"]) <= (1e-5 if fused_logprobs else 0.0)
+    assert abs(rows[0]["objective/kl"]) <= (1e-5 if compiled else 0.0)
 
 
 @pytest.mark.slow
@@ -392,12 +390,12 @@ def test_lora_in_the_top_block_only_still_learns(tokenizer, prompts, target_toke
 
 @pytest.mark.slow
 def test_bf16_reward_curve_agrees_with_fp32_within_seed_noise(learning_runs):
-    """Issue 6's quality bar for the speed levers: with bf16 autocast, the compiled log-prob kernels and the shared
-    prompt prefix the tiny task's reward curve stays within seed-to-seed noise of fp32's (3 seeds each: sampling,
-    shuffles, value-head init)."""
+    """Issue 6's quality bar for the speed levers: with bf16 autocast, compiled blocks and log-prob kernels and the
+    shared prompt prefix the tiny task's reward curve stays within seed-to-seed noise of fp32's (3 seeds each:
+    sampling, shuffles, value-head init)."""
     seeds = (0, 1, 2)
-    curves = {name: np.array([[r["objective/scores"] for r in learning_runs(dtype, fused, seed)] for seed in seeds])
-              for name, (dtype, fused) in {"fp32": ("float32", False), "bf16": ("bfloat16", True)}.items()}
+    curves = {name: np.array([[r["objective/scores"] for r in learning_runs(dtype, compiled, seed)] for seed in seeds])
+              for name, (dtype, compiled) in {"fp32": ("float32", False), "bf16": ("bfloat16", True)}.items()}
     fp32, bf16 = curves["fp32"], curves["bf16"]  # (seeds, updates) mean score per update
     gap = np.abs(bf16.mean(0) - fp32.mean(0))  # (updates,) the two dtypes' mean curves apart
     noise = np.sqrt((bf16.var(0, ddof=1) + fp32.var(0, ddof=1)) / len(seeds))  # (updates,) standard error of that gap
@@ -446,8 +444,11 @@ def test_reusing_the_rollout_forward_is_exact(tokenizer, prompts, target_token, 
     """
     runs_ = {}
     for reuse in (True, False):
-        cfg = tiny_cfg(total_episodes=24, reuse_rollout_forward=reuse)
-        make_trainer(cfg, tokenizer, prompts, tmp_path / str(reuse), token_count_reward(target_token)).train()
+        trainer = make_trainer(tiny_cfg(total_episodes=24), tokenizer, prompts, tmp_path / str(reuse),
+                               token_count_reward(target_token))
+        assert trainer.reuse_forward  # one minibatch, one micro-batch: on by itself
+        trainer.reuse_forward = reuse
+        trainer.train()
         runs_[reuse] = read_jsonl(tmp_path / str(reuse) / "ppo" / "metrics.jsonl")
     assert_rows_close(runs_[True], runs_[False], loose={"val/clipfrac_avg": 0.05})
 
@@ -460,12 +461,12 @@ def test_bf16_training_forward_keeps_logits_in_bf16(tokenizer, prompts, tmp_path
     queries, mask = ppo.left_pad(prompts[:2], tokenizer.pad_token_id, trainer.device)
     positions = models.position_ids_from_mask(mask)
     with trainer.accelerator.autocast():
-        logits = trainer._policy_forward(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
+        logits = policy_models.response_logits(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
         values = trainer.value(queries, mask, positions)
     assert logits.shape[:2] == (2, 3) and logits.dtype == torch.bfloat16
     assert logits.requires_grad and values.requires_grad
     with pytest.raises(RuntimeError):  # no hidden autocast left in the prepared model's forward
-        trainer._policy_forward(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
+        policy_models.response_logits(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
 
 
 def test_gradient_accumulation_and_minibatches_run(tokenizer, prompts, target_token, tmp_path):
@@ -486,7 +487,7 @@ def test_nan_reward_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tok
     trainer = make_trainer(cfg, tokenizer, prompts, tmp_path, nan_at_update_3)
     with pytest.raises(ppo.NonFiniteError, match=r"update 3: the reward score is not finite.*update_0002"):
         trainer.train()
-    assert ppo.latest_checkpoint(tmp_path / "checkpoints").name == "update_0002"
+    assert checkpoints.latest_checkpoint(tmp_path / "checkpoints").name == "update_0002"
     assert len(read_jsonl(tmp_path / "ppo" / "metrics.jsonl")) == 2
 
 

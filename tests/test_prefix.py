@@ -1,4 +1,4 @@
-"""Shared prompt prefixes (rlhf_lib.prefix, ppo.share_prompt_prefix): the layout, and the same maths as the padded batch."""
+"""Shared prompt prefixes (rlhf_lib.prefix, used by every PPO forward): the layout, and the same maths as the padded batch."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from rlhf_lib import models, ppo, prefix
+from rlhf_lib import models, policy_models, ppo, prefix
 from rlhf_lib.metrics import read_jsonl
 
 MODEL = "tiny:llama"
@@ -100,13 +100,10 @@ def test_the_prefix_leaves_every_prompt_a_token_to_predict_from():
 
 def forwards_and_grads(policy, head, ids, mask, pos, ctx, share: bool):
     """Response log-prob logits and values through the trainer's code paths, and their parameter gradients."""
-    cfg = ppo.PPOConfig(model=MODEL, share_prompt_prefix=share)
-    trainer = type("T", (), {"cfg": cfg})()  # _policy_forward reads only cfg
-    head.share_prompt_prefix = share
     policy.zero_grad()
     head.zero_grad()
-    logits = ppo.PPOTrainer._policy_forward(trainer, policy, ids, mask, pos, ctx)  # (B, T, V)
-    values = head(ids, mask, pos, ctx)[:, ctx - 1:-1]  # (B, T)
+    logits = policy_models.response_logits(policy, ids, mask, pos, ctx, share_prefix=share)  # (B, T, V)
+    values = head(ids, mask, pos, ctx if share else None)[:, ctx - 1:-1]  # (B, T); no context: the padded batch
     real = mask[:, ctx:].bool()
     loss = (logits.float().logsumexp(-1)[real].sum() + values[real].sum())
     loss.backward()
@@ -122,9 +119,9 @@ def test_same_logits_values_and_gradients_as_the_padded_batch(ref, compiled, use
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(ref)
     policy = models.load_causal_lm(ref, tokenizer)
-    head = ppo.ScalarHead(models.load_sequence_classifier(ref, tokenizer))
+    head = policy_models.ScalarHead(models.load_sequence_classifier(ref, tokenizer))
     for model in (policy, head.model):
-        ppo.use_eager_attention(model)
+        policy_models.use_eager_attention(model)
         if compiled:
             models.compile_blocks(model)
     prompts = [SHARED + [30, 31], SHARED + [40], SHARED + [50, 51, 52], SHARED + [33, 34]]
@@ -143,10 +140,8 @@ def test_same_logits_values_and_gradients_as_the_padded_batch(ref, compiled, use
         torch.testing.assert_close(got[2][name], grad, atol=1e-4, rtol=1e-3, msg=name)
     # the reward read at the last real token agrees too
     with torch.no_grad():
-        head.share_prompt_prefix = False
-        plain = ppo.scores_at_last_token(head, batch[0], batch[1], batch[3])
-        head.share_prompt_prefix = True
-        shared = ppo.scores_at_last_token(head, batch[0], batch[1], batch[3])
+        plain = policy_models.scores_at_last_token(head, batch[0], batch[1])
+        shared = policy_models.scores_at_last_token(head, batch[0], batch[1], batch[3])
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
 
 
@@ -156,13 +151,12 @@ def test_the_lm_head_runs_on_the_response_positions_only(used_layouts):
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(MODEL)
     policy = models.load_causal_lm(MODEL, tokenizer)
-    ppo.use_eager_attention(policy)
+    policy_models.use_eager_attention(policy)
     batch = padded_batch([SHARED + [30, 31], SHARED + [40], SHARED + [50]], [[60] * 4, [70] * 2, [80] * 3], width=4)
     head_inputs = []
     handle = policy.get_output_embeddings().register_forward_hook(
         lambda _m, args, _out: head_inputs.append(tuple(args[0].shape[:-1])))
-    fake = type("T", (), {"cfg": ppo.PPOConfig(model=MODEL, share_prompt_prefix=True)})()
-    logits = ppo.PPOTrainer._policy_forward(fake, policy, *batch)
+    logits = policy_models.response_logits(policy, *batch)
     handle.remove()
     assert len(used_layouts) == 1 and head_inputs == [(1, 3 * 4)] and logits.shape[:2] == (3, 4)
 
@@ -174,15 +168,13 @@ def test_shared_prefix_through_distributed_data_parallel(tmp_path, used_layouts)
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(MODEL)
     policy = models.load_causal_lm(MODEL, tokenizer)
-    ppo.use_eager_attention(policy)
+    policy_models.use_eager_attention(policy)
     batch = padded_batch([SHARED + [30, 31], SHARED + [40]], [[60] * 8, [70] * 5], width=8)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(policy)
-        fake = type("T", (), {"cfg": ppo.PPOConfig(model=MODEL, share_prompt_prefix=True)})()
-        shared = ppo.PPOTrainer._policy_forward(fake, wrapped, *batch)
-        fake.cfg = ppo.PPOConfig(model=MODEL)
-        padded = ppo.PPOTrainer._policy_forward(fake, wrapped, *batch)
+        shared = policy_models.response_logits(wrapped, *batch)
+        padded = policy_models.response_logits(wrapped, *batch, share_prefix=False)
     finally:
         dist.destroy_process_group()
     assert len(used_layouts) == 1
@@ -191,21 +183,24 @@ def test_shared_prefix_through_distributed_data_parallel(tmp_path, used_layouts)
 
 
 @pytest.mark.slow
-def test_ppo_with_a_shared_prefix_trains_like_the_padded_batch(tmp_path, used_layouts):
-    """Three LoRA updates with the reward model as the value model's adapter-off base: the same metrics (fp32)."""
+def test_ppo_with_a_shared_prefix_trains_like_the_padded_batch(tmp_path, used_layouts, monkeypatch):
+    """Three LoRA updates with the reward model as the value model's adapter-off base: the same metrics (fp32) as
+    with every forward on the padded batch (no prefix found)."""
     tokenizer = models.load_tokenizer(MODEL)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Say something about {t}."}],
                                              add_generation_prompt=True, tokenize=True, return_dict=False)
                for t in "apples pears cats dogs rain snow music books".split()]
     rows = {}
+    spy = prefix.find_shared_prefix
     for share in (False, True):
         used_layouts.clear()
+        monkeypatch.setattr(prefix, "find_shared_prefix", spy if share else lambda *args, **kwargs: None)
         cfg = ppo.PPOConfig(model=MODEL, dtype="float32", device="cpu", use_lora=True, total_episodes=24,
                             batch_size=8, response_length=8, temperature=0.7, learning_rate=3e-3, save_every=0,
-                            sample_every=0, seed=0, lora_target_modules=["all-linear"], share_prompt_prefix=share)
+                            sample_every=0, seed=0, lora_target_modules=["all-linear"])
         torch.manual_seed(0)
-        built = ppo.build_models(cfg, tokenizer, MODEL, None)
-        assert built.value.share_prompt_prefix is share and built.reward_fn.head is built.value
+        built = policy_models.build_models(cfg, tokenizer, MODEL, None)
+        assert built.reward_fn.head is built.value
         trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
                                  copy.deepcopy(prompts), tmp_path / str(share) / "ppo", tmp_path / str(share) / "ck")
         trainer.train()
