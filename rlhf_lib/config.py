@@ -80,7 +80,8 @@ def check_common(cfg: CommonConfig) -> None:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
     if cfg.threads < 0:
         raise ValueError(f"threads must be >= 0 (0: torch's default), got {cfg.threads}")
-    check_model_ref(cfg.model)
+    if cfg.model:  # "" is meaningful only where a config documents it (compare: the base run's model)
+        check_model_ref(cfg.model)
 
 
 def check_model_ref(ref: str, need_tokenizer: bool = True) -> Path | None:

@@ -145,10 +145,10 @@ export CARRY DRY_RUN PY WORK
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 [ "$DRY_RUN" != 1 ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 if [ "$DRY_RUN" = 1 ]; then
-    SEED_CONFIGS=${SEED_CONFIGS:-ours-full-bf16-compile-all-prefix}; DEFAULT_CONFIGS=${DEFAULT_CONFIGS:-ours-full-fp32}
+    SEED_CONFIGS=${SEED_CONFIGS:-ours-seed}; DEFAULT_CONFIGS=${DEFAULT_CONFIGS:-ours-full-fp32}
     SEED_RUN=(0 1); DEFAULT_RUN=(0 1); DEFAULT_MODEL=tiny:llama; PER=${PER_CONFIG_S:-420}; BUDGET=${BUDGET_S:-1500}
 else
-    SEED_CONFIGS=${SEED_CONFIGS:-ours-full-bf16-compile-all-prefix,ours-full-fp32}
+    SEED_CONFIGS=${SEED_CONFIGS:-ours-seed,ours-full-fp32}
     DEFAULT_CONFIGS=${DEFAULT_CONFIGS:-ours-full-fp32}
     SEED_RUN=(2 3); DEFAULT_RUN=(1 3); DEFAULT_MODEL=$WORK/smollm2-random; PER=${PER_CONFIG_S:-160}
 fi

@@ -294,7 +294,7 @@ def test_seed_shape_spec_matches_the_seed_profile_and_flags_override_it():
         bench.spec_for_shape("colab")
     # the seed profile fine-tunes fully (use_lora: false): so does the seed shape's reference configuration
     ref = bench_shapes.reference_config("seed", bench.REFERENCE_CONFIG)
-    assert profile["use_lora"] is False and bench.PPO_CONFIGS[ref][0] is False and ref in bench.DIFFERENCES
+    assert profile["use_lora"] is False and bench.PPO_CONFIGS[ref]["use_lora"] is False and ref in bench.DIFFERENCES
     assert bench_shapes.reference_config("default", bench.REFERENCE_CONFIG) == bench.REFERENCE_CONFIG
     assert bench.shape_configs("seed")[0] == ref and set(bench.shape_configs("seed")) <= set(bench.KNOWN_CONFIGS)
     assert bench.parse_args(["--shape", "seed"]).configs is None  # the shape's own list then
