@@ -1,4 +1,5 @@
 """rlhf-lab's library: data, reward model, PPO and evaluation stages (see README "Repo map")."""
+
 import os as _os
 
 TEXT_PROGRESS_ENV = "RLHF_LAB_TEXT_PROGRESS"  # "1" (set by `make pipeline` for its kernels): text progress bars

@@ -32,6 +32,7 @@ prompt; beta = 4, seed 0):
     BT label agreement with gold         0.74 (all pairs), 0.75 (held-out pairs)
     responses ending in EOS              73 % (median 58 tokens among finished ones; 27 % cut at 128 tokens)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -178,8 +179,15 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 
 def generate_batch(
-    model, tokenizer, prompt_texts: Sequence[str], samples_per_prompt: int, max_new_tokens: int,
-    temperature: float, device, dtype, seed: int,
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    device,
+    dtype,
+    seed: int,
 ) -> list[list[Sample]]:
     """Sample ``samples_per_prompt`` responses for each prompt text in one left-padded generate() call."""
     import torch
@@ -191,14 +199,19 @@ def generate_batch(
         raise ValueError("generation needs a left-padding tokenizer (models.load_tokenizer gives one)")
     enc = tokenizer(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     gen_cfg = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0,  # pure sampling
-        max_new_tokens=max_new_tokens, num_return_sequences=samples_per_prompt,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,  # pure sampling
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=samples_per_prompt,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(seed)
     with torch.no_grad(), autocast(device, dtype):
         out = model.generate(**enc, generation_config=gen_cfg)  # (B * samples, prompt_len + new)
-    new_tokens = out[:, enc["input_ids"].shape[1]:].tolist()
+    new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
     results: list[list[Sample]] = []
     for i in range(len(prompt_texts)):
         row = []
@@ -211,9 +224,20 @@ def generate_batch(
 
 
 def generate_responses(
-    model, tokenizer, prompt_texts: Sequence[str], *, samples_per_prompt: int, max_new_tokens: int,
-    temperature: float, batch_size: int, seed: int, device, dtype, done: dict[int, list[Sample]] | None = None,
-    on_batch=None, progress: bool = True,
+    model,
+    tokenizer,
+    prompt_texts: Sequence[str],
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    seed: int,
+    device,
+    dtype,
+    done: dict[int, list[Sample]] | None = None,
+    on_batch=None,
+    progress: bool = True,
 ) -> list[list[Sample]]:
     """Sample responses for every prompt, ``batch_size`` prompts per generate() call.
 
@@ -228,12 +252,19 @@ def generate_responses(
     bar = tqdm(range(n_batches), desc="sampling responses", disable=not progress)
     for b in bar:
         start = b * batch_size
-        chunk = prompt_texts[start:start + batch_size]
+        chunk = prompt_texts[start : start + batch_size]
         if b in done:
             samples = done[b]
         else:
             samples = generate_batch(
-                model, tokenizer, chunk, samples_per_prompt, max_new_tokens, temperature, device, dtype,
+                model,
+                tokenizer,
+                chunk,
+                samples_per_prompt,
+                max_new_tokens,
+                temperature,
+                device,
+                dtype,
                 batch_seed(seed, b),
             )
             if on_batch is not None:
@@ -311,9 +342,13 @@ def load_responses_file(path: Path = SHIPPED_RESPONSES_PATH) -> tuple[dict[str, 
 
 def check_shipped_compatible(header: dict[str, Any], wanted: dict[str, Any], source: Path) -> None:
     """Refuse a shipped file whose generation settings differ from the config's (they would be silently ignored)."""
-    diffs = [f"{k}: file {header.get(k)!r} vs config {wanted[k]!r}" for k in GENERATION_KEYS if header.get(k) != wanted[k]]
+    diffs = [
+        f"{k}: file {header.get(k)!r} vs config {wanted[k]!r}" for k in GENERATION_KEYS if header.get(k) != wanted[k]
+    ]
     if wanted["samples_per_prompt"] > header.get("samples_per_prompt", 0):
-        diffs.append(f"samples_per_prompt: file {header.get('samples_per_prompt')} < config {wanted['samples_per_prompt']}")
+        diffs.append(
+            f"samples_per_prompt: file {header.get('samples_per_prompt')} < config {wanted['samples_per_prompt']}"
+        )
     if diffs:
         raise ValueError(
             f"the shipped responses {source.name} were generated with other settings ({'; '.join(diffs)}). Set "
@@ -370,12 +405,21 @@ def _regenerate(args: argparse.Namespace) -> None:
     prompts = select_prompts(load_prompt_set(), "rm", args.n_prompts)
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_causal_lm(args.model, tokenizer, device).eval()
-    texts = [tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
     header = {
-        "prompt_set": PROMPT_SET_VERSION, "model": args.model, "n_prompts": args.n_prompts,
-        "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "batch_size": args.batch_size, "seed": args.seed,
-        "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "prompt_set": PROMPT_SET_VERSION,
+        "model": args.model,
+        "n_prompts": args.n_prompts,
+        "samples_per_prompt": args.samples_per_prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
         "command": "python -m rlhf_lib.annotator " + " ".join(sys.argv[1:]),
     }
     # Resume: the partial file holds the header and one line per finished batch.
@@ -402,9 +446,19 @@ def _regenerate(args: argparse.Namespace) -> None:
         print(f"[{time.time() - t0:7.1f}s] batch {b + 1}/{n_batches} done (EOS {fin:.2f})", flush=True)
 
     samples = generate_responses(
-        model, tokenizer, texts, samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, batch_size=args.batch_size, seed=args.seed, device=device, dtype=dtype,
-        done=done, on_batch=on_batch, progress=False,
+        model,
+        tokenizer,
+        texts,
+        samples_per_prompt=args.samples_per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=device,
+        dtype=dtype,
+        done=done,
+        on_batch=on_batch,
+        progress=False,
     )
     header["generation_seconds_this_run"] = round(time.time() - t0, 1)
     records = [

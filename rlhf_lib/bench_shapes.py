@@ -14,6 +14,7 @@ The GPU section (:func:`gpu_section`) gathers what a lent GPU is asked for: the 
 episodes/s, seconds per update by phase and peak GPU memory, and the ratios against TRL 1.12 measured in the same
 run, with the targets of the seed shape (>= 3x TRL's episodes/s at <= 0.5x its peak GPU memory).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,14 @@ from typing import Any
 
 SHAPES: dict[str, dict[str, Any]] = {  # shape -> BenchSpec fields it sets (the rest: BenchSpec's defaults)
     "default": {},
-    "seed": {"model": "seed:gpt2-random", "batch_size": 64, "num_mini_batches": 4, "response_length": 64,
-             "num_ppo_epochs": 4, "temperature": 0.7},
+    "seed": {
+        "model": "seed:gpt2-random",
+        "batch_size": 64,
+        "num_mini_batches": 4,
+        "response_length": 64,
+        "num_ppo_epochs": 4,
+        "temperature": 0.7,
+    },
 }
 SEED_MODEL_REF = "seed:gpt2-random"  # built on first use by :func:`ensure_seed_model` (or give --model)
 GPT2_VOCAB_SIZE = 50257  # GPT-2's tokenizer; the seed pipeline adds <|pad|> (models.ensure_pad_token) on top
@@ -39,9 +46,9 @@ SEED_REFERENCE_CONFIG = "ours-seed"  # full fine-tuning, as the seed profile
 SEED_CONFIGS = (SEED_REFERENCE_CONFIG, "ours-full-fp32", "ours-default")
 SEED_DIFFERENCES = {
     "ours-seed": "The default profile's PPO with full fine-tuning of four models as TRL (the seed profile's "
-                 "use_lora: false), dtype auto (bf16 autocast with fp32 master weights where the device has bf16; "
-                 "TRL: fp32), compiled blocks and log-prob kernels, and the compiled decode step (CUDA graphs on a "
-                 "GPU; same maths up to bf16 rounding).",
+    "use_lora: false), dtype auto (bf16 autocast with fp32 master weights where the device has bf16; "
+    "TRL: fp32), compiled blocks and log-prob kernels, and the compiled decode step (CUDA graphs on a "
+    "GPU; same maths up to bf16 rounding).",
 }
 TARGETS = {"seed": {"episodes_per_s_ratio_vs_trl": 3.0, "peak_gpu_ratio_vs_trl": 0.5}}  # issue 25
 
@@ -59,8 +66,12 @@ def reference_config(shape: str, default_reference: str) -> str:
 
 
 def _phases(result: dict[str, Any]) -> dict[str, Any]:
-    return {"total": result.get("s_per_update"), "generation": result.get("generation_s"),
-            "forward": result.get("forward_s"), "optimization": result.get("optimization_s")}
+    return {
+        "total": result.get("s_per_update"),
+        "generation": result.get("generation_s"),
+        "forward": result.get("forward_s"),
+        "optimization": result.get("optimization_s"),
+    }
 
 
 def gpu_section(report: dict[str, Any]) -> dict[str, Any]:
@@ -78,21 +89,32 @@ def gpu_section(report: dict[str, Any]) -> dict[str, Any]:
     configs = {}
     for r in results:
         name = r.get("name", "?")
-        configs[name] = ({"error": r["error"]} if "error" in r else
-                         {"episodes_per_s": r.get("episodes_per_s"), "seconds_per_update": _phases(r),
-                          "peak_gpu_gib": r.get("peak_gpu_gib")})
+        configs[name] = (
+            {"error": r["error"]}
+            if "error" in r
+            else {
+                "episodes_per_s": r.get("episodes_per_s"),
+                "seconds_per_update": _phases(r),
+                "peak_gpu_gib": r.get("peak_gpu_gib"),
+            }
+        )
     section: dict[str, Any] = {
-        "device_name": report["device"].get("name"), "shape": shape, "reference_config": report["reference_config"],
-        "configs": configs, "episodes_per_s_ratio_vs_trl": report.get("episodes_per_s_ratio_vs_trl"),
+        "device_name": report["device"].get("name"),
+        "shape": shape,
+        "reference_config": report["reference_config"],
+        "configs": configs,
+        "episodes_per_s_ratio_vs_trl": report.get("episodes_per_s_ratio_vs_trl"),
         "peak_gpu_ratio_vs_trl": report.get("peak_gpu_ratio_vs_trl"),
     }
     targets = TARGETS.get(shape)
     if targets:
         speed, memory = section["episodes_per_s_ratio_vs_trl"], section["peak_gpu_ratio_vs_trl"]
         section["targets"] = targets
-        section["meets_targets"] = (None if speed is None or memory is None else
-                                    speed >= targets["episodes_per_s_ratio_vs_trl"]
-                                    and memory <= targets["peak_gpu_ratio_vs_trl"])
+        section["meets_targets"] = (
+            None
+            if speed is None or memory is None
+            else speed >= targets["episodes_per_s_ratio_vs_trl"] and memory <= targets["peak_gpu_ratio_vs_trl"]
+        )
     return section
 
 
@@ -128,9 +150,13 @@ def build_gpt2_random(dest: Path, tokenizer_source: str = "tiny:gpt2", seed: int
     def build(out: Path) -> None:
         tokenizer = gpt2_tokenizer_like(tokenizer_source)
         torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                            **(TINY_GPT2_SIZES if tiny else GPT2_SIZES))
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **(TINY_GPT2_SIZES if tiny else GPT2_SIZES),
+        )
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
         tokenizer.save_pretrained(out)
 

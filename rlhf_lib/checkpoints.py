@@ -9,6 +9,7 @@ A run's ``checkpoints/`` holds one folder per saved update, ``update_XXXX``::
 Folders are written under a ``.tmp`` name and renamed into place, so a killed run never leaves a half-written
 checkpoint; older checkpoints keep only the policy weights and meta.json (for the over-optimisation curve).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ LORA_DEFAULTS = {"lora_target_modules": [], "trainable_top_layers": 0}  # for me
 def checkpoint_update(folder: str | Path) -> int | None:
     """The update number of a checkpoint folder name (update_0012 -> 12), else None."""
     name = Path(folder).name
-    digits = name[len(PREFIX):]
+    digits = name[len(PREFIX) :]
     return int(digits) if name.startswith(PREFIX) and digits.isdigit() else None
 
 
@@ -67,8 +68,10 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], what: str) 
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = names - set(state), set(state) - names
     if missing or unexpected:
-        raise ValueError(f"{what}: checkpoint does not match the model (missing {sorted(missing)[:3]}..., "
-                         f"unexpected {sorted(unexpected)[:3]}...); was it written with other model/LoRA settings?")
+        raise ValueError(
+            f"{what}: checkpoint does not match the model (missing {sorted(missing)[:3]}..., "
+            f"unexpected {sorted(unexpected)[:3]}...); was it written with other model/LoRA settings?"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
@@ -94,8 +97,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # writing and resuming (every process calls these; the main process writes the shared files)
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, update: int, policy: nn.Module, value: nn.Module,
-                    optimizer, trainer_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+def save_checkpoint(
+    accelerator,
+    checkpoints_dir: Path,
+    update: int,
+    policy: nn.Module,
+    value: nn.Module,
+    optimizer,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
     """Write ``update_XXXX`` atomically (unwrapped `policy` / `value`); older checkpoints keep only their policy."""
     from safetensors.torch import save_file
 
@@ -132,8 +143,7 @@ def load_checkpoint(accelerator, folder: Path, policy: nn.Module, value: nn.Modu
 
     load_trainable_state(policy, load_file(str(folder / POLICY_FILE)), f"{folder}/{POLICY_FILE}")
     load_trainable_state(value, load_file(str(folder / "value.safetensors")), f"{folder}/value.safetensors")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=accelerator.device,
-                                         weights_only=False))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=accelerator.device, weights_only=False))
     set_rng_state(torch.load(folder / f"rng_{accelerator.process_index}.pt", weights_only=False))
     return torch.load(folder / STATE_FILE, weights_only=False)
 
@@ -177,7 +187,9 @@ def load_policy_checkpoint(path: str | Path, cfg: Any, tokenizer=None) -> nn.Mod
     if meta["lora"] is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(SimpleNamespace(**{**LORA_DEFAULTS, **meta["lora"]}), "CAUSAL_LM", model))
+        model = get_peft_model(
+            model, lora_config(SimpleNamespace(**{**LORA_DEFAULTS, **meta["lora"]}), "CAUSAL_LM", model)
+        )
         if meta.get("frozen_dtype") == "bfloat16":
             round_frozen_linears(model, torch.bfloat16)
     load_trainable_state(model, load_file(str(path / POLICY_FILE)), f"{path}/{POLICY_FILE}")

@@ -10,6 +10,7 @@ One evaluation path for every policy: the evaluation stage's own functions (:fun
 ``score_samples``, ``win_rate``, ``policy_block``) on the same held-out prompts with the same sampling seed, so
 the reference sample of each prompt -- what win rates are judged against -- is the same for all methods.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,15 @@ from .methods.online import GRPOMethodConfig, RLOOMethodConfig, train_online
 from .runs import Run, outputs_root, read_json, repo_root, write_json_atomic
 
 NOTEBOOK = "06_compare_methods.ipynb"
-SECTIONS = {"common": None, "compare": None, "eval": EvalConfig, "best_of_n": BestOfNConfig,
-            "dpo": DPOMethodConfig, "rloo": RLOOMethodConfig, "grpo": GRPOMethodConfig}
+SECTIONS = {
+    "common": None,
+    "compare": None,
+    "eval": EvalConfig,
+    "best_of_n": BestOfNConfig,
+    "dpo": DPOMethodConfig,
+    "rloo": RLOOMethodConfig,
+    "grpo": GRPOMethodConfig,
+}
 TRAINED = ("dpo", "rloo", "grpo")
 
 
@@ -51,7 +59,8 @@ class CompareConfig(CommonConfig):
     model: str = ""  # "": the base run's model (the policy its data and reward model were built for)
     base_run: str = ""  # run whose data/ and reward_model/ every method uses: a name under outputs_dir, or a folder
     ppo_base: bool = True  # put the base run's own PPO (checkpoints + final policy) on the frontier
-    ppo_runs: list[str] = field(default_factory=list)  # more PPO runs on the same data + RM (names or folders), one curve each
+    ppo_runs: list[str] = field(default_factory=list)  # more PPO runs on the same data + RM (names or folders), one
+    #   curve each
     max_ppo_checkpoints: int = 4  # PPO checkpoints per PPO run (evenly spaced, the final policy always included)
     kl_points: list[float] = field(default_factory=lambda: [1.0, 3.0, 6.0])  # KL (nats) at which gold is interpolated
     anchor_reference: bool = True  # every curve starts at the reference (KL 0, its gold) when interpolating
@@ -77,8 +86,9 @@ class Profile:
     source: str = ""
 
 
-def load_profile(path: str | Path, base_run: str | None = None, run: str | None = None,
-                 outputs_dir: str | None = None) -> Profile:
+def load_profile(
+    path: str | Path, base_run: str | None = None, run: str | None = None, outputs_dir: str | None = None
+) -> Profile:
     """Read and validate params/compare/<profile>.yaml (unknown sections/keys and wrong types raise ConfigError)."""
     path = Path(path)
     if not path.exists():
@@ -98,8 +108,10 @@ def load_profile(path: str | Path, base_run: str | None = None, run: str | None 
     shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in CommonConfig.__dataclass_fields__}
     shared["model"] = cfg.model or base_model(resolve_base_run(cfg))
     ev = validate(EvalConfig, {**shared, **(raw.get("eval") or {})}, f"{path} [eval]")
-    methods = {name: validate(SECTIONS[name], raw.get(name) or {}, f"{path} [{name}]")
-               for name in ("best_of_n", "dpo", "rloo", "grpo")}
+    methods = {
+        name: validate(SECTIONS[name], raw.get(name) or {}, f"{path} [{name}]")
+        for name in ("best_of_n", "dpo", "rloo", "grpo")
+    }
     cfg.model = shared["model"]
     return Profile(compare=cfg, eval=ev, source=str(path), **methods)
 
@@ -109,8 +121,10 @@ def resolve_run(entry: str, outputs: Path) -> Run:
     path = Path(entry).expanduser()
     root = path if (path / "manifest.json").exists() else outputs / entry
     if not (root / "manifest.json").exists():
-        raise ConfigError(f"run {entry!r}: {root} is not a run folder (no manifest.json); give a run name under "
-                          f"{outputs} or a run folder")
+        raise ConfigError(
+            f"run {entry!r}: {root} is not a run folder (no manifest.json); give a run name under "
+            f"{outputs} or a run folder"
+        )
     return Run(root)
 
 
@@ -119,8 +133,10 @@ def resolve_base_run(cfg: CompareConfig) -> Run:
     base = resolve_run(cfg.base_run, outputs_root(cfg))
     for stage in ("data", "reward_model"):
         if base.stage_status(stage) != "done":
-            raise ConfigError(f"base run {base.root}: stage {stage!r} has not finished (status "
-                              f"{base.stage_status(stage)!r}); run it first (make pipeline RUN={base.name})")
+            raise ConfigError(
+                f"base run {base.root}: stage {stage!r} has not finished (status "
+                f"{base.stage_status(stage)!r}); run it first (make pipeline RUN={base.name})"
+            )
     return base
 
 
@@ -182,19 +198,43 @@ def _se(values: np.ndarray | None) -> float | None:
     return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
 
 
-def entry_from_samples(ctx: Context, samples: evaluate.Samples, rm: np.ndarray, gold: np.ndarray | None,
-                       method: str, setting: str, **extra: Any) -> dict[str, Any]:
+def entry_from_samples(
+    ctx: Context,
+    samples: evaluate.Samples,
+    rm: np.ndarray,
+    gold: np.ndarray | None,
+    method: str,
+    setting: str,
+    **extra: Any,
+) -> dict[str, Any]:
     """A summary entry from one policy's samples: the evaluation stage's policy_block and win_rate."""
     block = evaluate.policy_block(samples, rm, gold)
     ev = ctx.eval_cfg
-    win = evaluate.win_rate(ctx.judged(rm, gold), ctx.judged(ctx.ref_rm, ctx.ref_gold), ev.tie_tolerance,
-                            ev.ci_method, n_bootstrap=ev.n_bootstrap, seed=ev.seed)
+    win = evaluate.win_rate(
+        ctx.judged(rm, gold),
+        ctx.judged(ctx.ref_rm, ctx.ref_gold),
+        ev.tie_tolerance,
+        ev.ci_method,
+        n_bootstrap=ev.n_bootstrap,
+        seed=ev.seed,
+    )
     entry = {
-        "method": method, "setting": setting, "kl": block["kl"], "kl_se": _se(samples.kl), "kl_analytic": None,
-        "gold_score": block.get("gold_score"), "gold_score_se": _se(gold), "rm_score": block["rm_score"],
-        "rm_score_se": _se(rm), "win_rate_vs_ref": win.rate, "win_rate_ci": [win.ci_low, win.ci_high],
-        "length": block["length"], "eos_fraction": block["eos_fraction"], "train_seconds": 0.0,
-        "generated_tokens": 0, "n_prompts": len(samples.texts),
+        "method": method,
+        "setting": setting,
+        "kl": block["kl"],
+        "kl_se": _se(samples.kl),
+        "kl_analytic": None,
+        "gold_score": block.get("gold_score"),
+        "gold_score_se": _se(gold),
+        "rm_score": block["rm_score"],
+        "rm_score_se": _se(rm),
+        "win_rate_vs_ref": win.rate,
+        "win_rate_ci": [win.ci_low, win.ci_high],
+        "length": block["length"],
+        "eos_fraction": block["eos_fraction"],
+        "train_seconds": 0.0,
+        "generated_tokens": 0,
+        "n_prompts": len(samples.texts),
     }
     entry.update(extra)
     return entry
@@ -202,8 +242,9 @@ def entry_from_samples(ctx: Context, samples: evaluate.Samples, rm: np.ndarray, 
 
 def evaluate_policy(ctx: Context, policy, method: str, setting: str, **extra: Any) -> tuple[dict[str, Any], list[str]]:
     """Sample `policy` on the eval prompts (evaluation seed), score it, measure KL to the reference: one entry."""
-    samples = evaluate.sample_policy(policy, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference,
-                                     desc=f"{method} {setting}")
+    samples = evaluate.sample_policy(
+        policy, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference, desc=f"{method} {setting}"
+    )
     rm, gold = evaluate.score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
     entry = entry_from_samples(ctx, samples, rm, gold, method, setting, **extra)
     _say(entry)
@@ -212,8 +253,11 @@ def evaluate_policy(ctx: Context, policy, method: str, setting: str, **extra: An
 
 def _say(e: dict[str, Any]) -> None:
     gold = f"gold {e['gold_score']:+.3f} ± {e['gold_score_se']:.3f}" if e.get("gold_score") is not None else "no gold"
-    print(f"[compare] {e['method']:>16} {e['setting']:>10}: KL {e['kl']:6.2f}  RM {e['rm_score']:+.3f}  {gold}  "
-          f"win {e['win_rate_vs_ref']:.3f}", flush=True)
+    print(
+        f"[compare] {e['method']:>16} {e['setting']:>10}: KL {e['kl']:6.2f}  RM {e['rm_score']:+.3f}  {gold}  "
+        f"win {e['win_rate_vs_ref']:.3f}",
+        flush=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,8 +268,11 @@ def ppo_points(run: Run, max_checkpoints: int) -> list[tuple[str, int | None, Pa
     """(setting, update, folder) of a PPO run: evenly spaced checkpoints, then the final policy."""
     last = evaluate.final_update(run)
     chosen = evaluate.select_evenly(evaluate.list_checkpoints(run), max_checkpoints)
-    points = [(f"update {evaluate.checkpoint_step(p)}", evaluate.checkpoint_step(p), p) for p in chosen
-              if last is None or evaluate.checkpoint_step(p) != last]
+    points = [
+        (f"update {evaluate.checkpoint_step(p)}", evaluate.checkpoint_step(p), p)
+        for p in chosen
+        if last is None or evaluate.checkpoint_step(p) != last
+    ]
     if (run.policy_dir / "config.json").exists():
         points.append(("final", last, run.policy_dir))
     return points
@@ -247,7 +294,7 @@ def ppo_cost(run: Run, update: int | None) -> tuple[float, int]:
 
 
 def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, texts: dict) -> list[dict[str, Any]]:
-    runs = ([base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else [])
+    runs = [base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else []
     runs += [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
     out = []
     for run in runs:
@@ -257,8 +304,18 @@ def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, texts: dict) -> lis
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
             seconds, tokens = ppo_cost(run, None if setting == "final" else update)
             policy = load(folder)
-            entry, t = evaluate_policy(ctx, policy, "ppo", setting, curve=curve, run=run.name, step=update,
-                                       beta=kl_coef, train_seconds=seconds, generated_tokens=tokens)
+            entry, t = evaluate_policy(
+                ctx,
+                policy,
+                "ppo",
+                setting,
+                curve=curve,
+                run=run.name,
+                step=update,
+                beta=kl_coef,
+                train_seconds=seconds,
+                generated_tokens=tokens,
+            )
             out.append(entry)
             texts[(curve, setting)] = t
             del policy
@@ -266,8 +323,9 @@ def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, texts: dict) -> lis
     return out
 
 
-def trained_entries(ctx: Context, profile: Profile, inputs: MethodInputs, out: Run, texts: dict,
-                    scorer=None) -> list[dict[str, Any]]:
+def trained_entries(
+    ctx: Context, profile: Profile, inputs: MethodInputs, out: Run, texts: dict, scorer=None
+) -> list[dict[str, Any]]:
     """Train (unless already trained) and evaluate every beta of DPO, RLOO and GRPO."""
     entries = []
     for method in TRAINED:
@@ -282,14 +340,30 @@ def trained_entries(ctx: Context, profile: Profile, inputs: MethodInputs, out: R
             elif method == "dpo":
                 train_dpo(cfg, inputs, beta, folder)
             else:
-                train_online(method, cfg, inputs, beta, folder, cfg.response_length or ctx.settings.response_length,
-                             cfg.temperature or ctx.settings.temperature, scorer=scorer)
+                train_online(
+                    method,
+                    cfg,
+                    inputs,
+                    beta,
+                    folder,
+                    cfg.response_length or ctx.settings.response_length,
+                    cfg.temperature or ctx.settings.temperature,
+                    scorer=scorer,
+                )
             record = read_train_record(folder)
             policy = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)(
-                folder / "policy")
-            entry, t = evaluate_policy(ctx, policy, method, setting, curve=method, beta=beta,
-                                       train_seconds=record.get("train_seconds"),
-                                       generated_tokens=record.get("generated_tokens"))
+                folder / "policy"
+            )
+            entry, t = evaluate_policy(
+                ctx,
+                policy,
+                method,
+                setting,
+                curve=method,
+                beta=beta,
+                train_seconds=record.get("train_seconds"),
+                generated_tokens=record.get("generated_tokens"),
+            )
             entries.append(entry)
             texts[(method, setting)] = t
             del policy
@@ -300,12 +374,20 @@ def trained_entries(ctx: Context, profile: Profile, inputs: MethodInputs, out: R
 def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, texts: dict) -> list[dict[str, Any]]:
     if not cfg.enabled:
         return []
-    pool = bon.sample_pool(ctx.reference, ctx.tokenizer, ctx.prompts, ctx.settings, cfg.n_samples, ctx.rm_scorer,
-                           ctx.gold_scorer)
+    pool = bon.sample_pool(
+        ctx.reference, ctx.tokenizer, ctx.prompts, ctx.settings, cfg.n_samples, ctx.rm_scorer, ctx.gold_scorer
+    )
     ev = ctx.eval_cfg
-    entries = bon.best_of_n_entries(cfg, pool, ctx.judged(ctx.ref_rm, ctx.ref_gold), ctx.judge,
-                                    tie_tolerance=ev.tie_tolerance, ci_method=ev.ci_method,
-                                    n_bootstrap=ev.n_bootstrap, seed=ev.seed)
+    entries = bon.best_of_n_entries(
+        cfg,
+        pool,
+        ctx.judged(ctx.ref_rm, ctx.ref_gold),
+        ctx.judge,
+        tie_tolerance=ev.tie_tolerance,
+        ci_method=ev.ci_method,
+        n_bootstrap=ev.n_bootstrap,
+        seed=ev.seed,
+    )
     for e in entries:
         e["curve"] = e["method"]
         e["sample_seconds"] = pool.sample_seconds * e["n"] / cfg.n_samples
@@ -321,15 +403,19 @@ def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, texts: dict) -> list[dic
 
 def interpolate_at(points: Sequence[tuple[float, float]], at: float) -> float | None:
     """Gold linearly interpolated at KL `at` through (kl, gold) points sorted by KL; None outside their range."""
-    pts = sorted((float(k), float(g)) for k, g in points if k is not None and g is not None
-                 and math.isfinite(k) and math.isfinite(g))
+    pts = sorted(
+        (float(k), float(g))
+        for k, g in points
+        if k is not None and g is not None and math.isfinite(k) and math.isfinite(g)
+    )
     if not pts or at < pts[0][0] or at > pts[-1][0]:
         return None
     return float(np.interp(at, [k for k, _ in pts], [g for _, g in pts]))
 
 
-def gold_at_kl(entries: Sequence[dict[str, Any]], kl_points: Sequence[float], anchor: dict | None = None,
-               kl_key: str = "kl") -> dict[str, dict[str, float | None]]:
+def gold_at_kl(
+    entries: Sequence[dict[str, Any]], kl_points: Sequence[float], anchor: dict | None = None, kl_key: str = "kl"
+) -> dict[str, dict[str, float | None]]:
     """Per curve (method, or ppo:<run>), gold interpolated at each KL point; `anchor` (the reference) is added to
     every curve as (KL 0, its gold) when given."""
     curves: dict[str, list[tuple[float, float]]] = {}
@@ -370,9 +456,13 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
     entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer)
     anchor = reference if cfg.anchor_reference else None
     summary = {
-        "base_run": str(base.root), "profile": profile.source, "judge": ctx.judge,
-        "generation": ctx.settings.to_dict(), "n_eval_prompts": len(ctx.rows),
-        "methods": entries, "gold_at_kl": gold_at_kl(entries, cfg.kl_points, anchor),
+        "base_run": str(base.root),
+        "profile": profile.source,
+        "judge": ctx.judge,
+        "generation": ctx.settings.to_dict(),
+        "n_eval_prompts": len(ctx.rows),
+        "methods": entries,
+        "gold_at_kl": gold_at_kl(entries, cfg.kl_points, anchor),
         "wall_seconds": time.perf_counter() - start,
     }
     write_json_atomic(out.root / "summary.json", summary)
@@ -387,8 +477,15 @@ def _write_samples(out: Run, ctx: Context, texts: dict, entries: list[dict[str, 
     rows = []
     for (curve, setting), responses in texts.items():
         for i, text in enumerate(responses[:n_rows]):
-            rows.append({"curve": curve, "setting": setting, "prompt_index": i,
-                         "prompt": evaluate.prompt_display_text(ctx.rows[i]), "response": text})
+            rows.append(
+                {
+                    "curve": curve,
+                    "setting": setting,
+                    "prompt_index": i,
+                    "prompt": evaluate.prompt_display_text(ctx.rows[i]),
+                    "response": text,
+                }
+            )
     write_jsonl_atomic(out.root / "samples.jsonl", rows)
 
 
@@ -404,8 +501,14 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
 # entry point
 
 
-def execute(params: str, base_run: str | None, run: str | None, outputs_dir: str | None, notebook: bool = True,
-            kernel_name: str = "python3") -> Path:
+def execute(
+    params: str,
+    base_run: str | None,
+    run: str | None,
+    outputs_dir: str | None,
+    notebook: bool = True,
+    kernel_name: str = "python3",
+) -> Path:
     """Validate the profile, then run the notebook (which runs the comparison) or the comparison in-process."""
     profile = load_profile(params, base_run, run, outputs_dir)
     out_root = outputs_root(profile.compare) / profile.compare.run
@@ -422,11 +525,20 @@ def execute(params: str, base_run: str | None, run: str | None, outputs_dir: str
     (out_root / "notebooks").mkdir(parents=True, exist_ok=True)
     root = repo_root()
     papermill.execute_notebook(
-        str(root / "notebooks" / NOTEBOOK), str(out_root / "notebooks" / NOTEBOOK),
-        parameters={"params": str(Path(params).resolve()), "base_run": profile.compare.base_run,
-                    "run": profile.compare.run, "outputs_dir": str(outputs_root(profile.compare))},
-        kernel_name=kernel_name, cwd=str(root / "notebooks"), stdout_file=sys.stdout, stderr_file=sys.stderr,
-        progress_bar=False)
+        str(root / "notebooks" / NOTEBOOK),
+        str(out_root / "notebooks" / NOTEBOOK),
+        parameters={
+            "params": str(Path(params).resolve()),
+            "base_run": profile.compare.base_run,
+            "run": profile.compare.run,
+            "outputs_dir": str(outputs_root(profile.compare)),
+        },
+        kernel_name=kernel_name,
+        cwd=str(root / "notebooks"),
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
+        progress_bar=False,
+    )
     return out_root
 
 

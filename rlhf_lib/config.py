@@ -12,6 +12,7 @@ Papermill injects ``common`` + one stage section into that stage's notebook, whe
 same names as literals; the notebook then calls :func:`from_namespace` to get a typed config. Papermill alone only
 warns on unknown names, so :func:`load_params_file` rejects unknown keys and wrong types before anything runs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,13 +56,16 @@ class CommonConfig:
 
     run: str = "smoke"  # run name: everything the run writes goes to <outputs_dir>/<run>/
     outputs_dir: str = ""  # "": the repo's outputs/ folder; set an absolute path (e.g. a Google Drive folder on Colab)
-    model: str = "tiny:llama"  # policy + tokenizer: bundled:smollm2-135m-instruct, tiny:llama, tiny:gpt2, a hub id or a folder
+    model: str = "tiny:llama"  # policy + tokenizer: bundled:smollm2-135m-instruct, tiny:llama, tiny:gpt2, a hub id or a
+    #   folder
     seed: int = 0  # one seed for the whole stage (python, numpy, torch)
     device: str = "auto"  # auto: CUDA when present, else CPU
-    dtype: str = "auto"  # auto: bf16 autocast on GPUs with bf16 and on CPUs with AMX or AVX512-BF16 (else a bf16 probe decides), fp16 on older GPUs, else float32; or float32 / bfloat16 / float16
+    dtype: str = "auto"  # auto: bf16 autocast on GPUs with bf16 and on CPUs with AMX or AVX512-BF16 (else a bf16 probe
+    #   decides), fp16 on older GPUs, else float32; or float32 / bfloat16 / float16
     threads: int = 0  # torch intra-op threads; 0: torch's default
     overwrite: bool = False  # re-run a stage this run already finished (its old outputs are replaced)
-    base_run: str = ""  # "": none; else a run whose data + reward_model stages this run reads, never writes (a run name under outputs_dir, or an absolute run folder)
+    base_run: str = ""  # "": none; else a run whose data + reward_model stages this run reads, never writes (a run name
+    #   under outputs_dir, or an absolute run folder)
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -101,11 +105,15 @@ def check_model_ref(ref: str, need_tokenizer: bool = True) -> Path | None:
             f"give an existing folder, a hub id (owner/name) or tiny:llama / bundled:smollm2-135m-instruct"
         )
     if not (path / "config.json").is_file():
-        raise ValueError(f"model folder {path} has no config.json; point it at a folder written by "
-                         f"save_pretrained (a Hugging Face model folder)")
+        raise ValueError(
+            f"model folder {path} has no config.json; point it at a folder written by "
+            f"save_pretrained (a Hugging Face model folder)"
+        )
     if need_tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                         f"save one there with tokenizer.save_pretrained({str(path)!r})")
+        raise ValueError(
+            f"model folder {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            f"save one there with tokenizer.save_pretrained({str(path)!r})"
+        )
     return path
 
 
@@ -123,11 +131,11 @@ def stage_config_class(stage: str) -> type:
 def field_comments(cls: type) -> dict[str, str]:
     """The help comment of each field in a config class's source (used by the notebooks, docs and tests).
 
-    A field's help is its trailing ``# comment``, continued on the comment-only lines right below it whose ``#``
-    stands in the same column (so long help stays within the line-length limit)::
+    A field's help is its trailing ``# comment``, continued on the comment-only lines right below it that start
+    with ``#`` and three spaces (a one-space ``# heading`` starts a new group of fields)::
 
         kl_coef: float = 0.05  # KL penalty coefficient beta
-                               # (initial value when adap_kl_ctrl is on)
+        #   (initial value when adap_kl_ctrl is on)
     """
     import inspect
 
@@ -135,18 +143,18 @@ def field_comments(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        name, column = None, -1
+        name = None
         for line in inspect.getsource(klass).splitlines():
             stripped = line.strip()
-            if stripped.startswith("#") and name is not None and line.index("#") == column:
+            if name is not None and stripped.startswith("#   "):
                 out[name] += " " + stripped[1:].strip()
                 continue
-            name, column = None, -1
+            name = None
             if ":" in stripped and "#" in stripped and not stripped.startswith(("#", '"')):
                 field_name = stripped.split(":", 1)[0].strip()
                 if field_name.isidentifier():
-                    name, column = field_name, line.index("#")
-                    out[name] = line[column + 1:].strip()
+                    name = field_name
+                    out[name] = line[line.index("#") + 1 :].strip()
     return out
 
 
@@ -193,9 +201,7 @@ def validate(cls: type[T], values: Mapping[str, Any], source: str, allow_missing
     for key, value in values.items():
         hint = hints[key]
         if not _type_ok(value, hint):
-            raise ConfigError(
-                f"{source}: key {key!r} must be {_type_name(hint)}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"{source}: key {key!r} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
         clean[key] = float(value) if hint is float else value
     cfg = cls(**clean)
     checks = [check_common] if isinstance(cfg, CommonConfig) else []
@@ -223,17 +229,22 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             problem += f", {context} that starts at line {start.line + 1}"
         raise ConfigError(f"{path}{where}: invalid YAML ({problem}); check the indentation and quoting there") from None
     if raw is None or raw == {}:
-        raise ConfigError(f"{path} is empty; a params file needs at least a common section (start from "
-                          f"params/smoke.yaml or params/default.yaml)")
+        raise ConfigError(
+            f"{path} is empty; a params file needs at least a common section (start from "
+            f"params/smoke.yaml or params/default.yaml)"
+        )
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (common, {', '.join(STAGES)}), "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (common, {', '.join(STAGES)}), got {type(raw).__name__}"
+        )
     for section, value in raw.items():
         if section != "common" and section not in STAGES:
             raise ConfigError(f"{path}: unknown section {section!r}; sections are common, {', '.join(STAGES)}")
         if value is not None and not isinstance(value, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping of key: value lines (indented under "
-                              f"'{section}:'), got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{path}: section {section!r} must be a mapping of key: value lines (indented under "
+                f"'{section}:'), got {type(value).__name__} {value!r}"
+            )
     return raw
 
 

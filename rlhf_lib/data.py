@@ -28,6 +28,7 @@ data (where the dataset is large enough), and the RM eval pairs' prompts are dis
 Everything is deterministic under ``seed``. Every dropped or truncated pair is counted with its reason in
 ``report.json`` (TRL's RewardTrainer drops pairs over ``max_length`` silently; this stage says so).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -55,24 +56,35 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 class DataConfig(CommonConfig):
     """Settings of the data stage (notebooks/01_data_prep.ipynb)."""
 
-    dataset: str = "simulated"  # "simulated": offline annotator on the shipped prompt set; else a hub id (trl-lib/ultrafeedback_binarized, Anthropic/hh-rlhf) or a local .jsonl/.json/.csv/.parquet file or dataset folder
-    dataset_format: str = "auto"  # auto | ultrafeedback | hh | plain (see rlhf_lib/data.py); auto detects it from the columns
-    dataset_split: str = "train"  # split of a hub dataset or dataset folder to read (a single local file is split "train")
+    dataset: str = "simulated"  # "simulated": offline annotator on the shipped prompt set; else a hub id
+    #   (trl-lib/ultrafeedback_binarized, Anthropic/hh-rlhf) or a local .jsonl/.json/.csv/.parquet file or dataset
+    #   folder
+    dataset_format: str = "auto"  # auto | ultrafeedback | hh | plain (see rlhf_lib/data.py); auto detects it from the
+    #   columns
+    dataset_split: str = "train"  # split of a hub dataset or dataset folder to read (a single local file is split
+    #   "train")
     max_pairs: int = 0  # cap on preference pairs kept (train + eval), taken prompt by prompt in seeded order; 0: no cap
     eval_fraction: float = 0.15  # share of the RM prompts whose pairs are held out to evaluate the reward model
-    max_prompt_length: int = 256  # tokens of the chat-templated prompt; pairs and prompts with longer prompts are dropped (counted)
-    max_response_length: int = 128  # tokens of a response including its EOS; longer ones are handled by truncate_responses
-    truncate_responses: bool = True  # true: cut responses over max_response_length (no EOS; counted); false: drop the pair (counted)
-    on_bad_row: str = "error"  # error: stop at the first malformed row, naming file, row and field; drop: skip it and count it
+    max_prompt_length: int = 256  # tokens of the chat-templated prompt; pairs and prompts with longer prompts are
+    #   dropped (counted)
+    max_response_length: int = 128  # tokens of a response including its EOS; longer ones are handled by
+    #   truncate_responses
+    truncate_responses: bool = True  # true: cut responses over max_response_length (no EOS; counted); false: drop the
+    #   pair (counted)
+    on_bad_row: str = "error"  # error: stop at the first malformed row, naming file, row and field; drop: skip it and
+    #   count it
     n_ppo_prompts: int = 256  # prompts for PPO training (prompt only, no response)
     n_eval_prompts: int = 128  # held-out prompts for the evaluation stage, disjoint from the RM and PPO prompts
     n_rm_prompts: int = 1400  # simulated: prompts answered to build RM pairs (the prompt set has 1,400)
     samples_per_prompt: int = 2  # simulated: responses sampled per prompt; samples (0,1), (2,3), ... form pairs
-    generation_max_new_tokens: int = 128  # simulated: response token limit when sampling (a response cut here has no EOS)
+    generation_max_new_tokens: int = 128  # simulated: response token limit when sampling (a response cut here has no
+    #   EOS)
     generation_temperature: float = 0.8  # simulated: sampling temperature (pure sampling, no top-k / top-p)
     generation_batch_size: int = 32  # simulated: prompts per generate() call (each yields samples_per_prompt sequences)
-    annotator_beta: float = 4.0  # simulated: Bradley–Terry inverse temperature, P(a chosen) is sigmoid(beta * (gold_a - gold_b))
-    use_shipped_responses: bool = True  # simulated: read the responses shipped for bundled:smollm2-135m-instruct instead of sampling (which takes longer on a small CPU than the whole pipeline)
+    annotator_beta: float = 4.0  # simulated: Bradley–Terry inverse temperature, P(a chosen) is sigmoid(beta * (gold_a -
+    #   gold_b))
+    use_shipped_responses: bool = True  # simulated: read the responses shipped for bundled:smollm2-135m-instruct
+    #   instead of sampling (which takes longer on a small CPU than the whole pipeline)
 
     def check(self) -> None:
         """Cross-field checks (raise ValueError naming the field)."""
@@ -89,7 +101,9 @@ class DataConfig(CommonConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2 (two samples make a pair), got {self.samples_per_prompt}")
+            raise ValueError(
+                f"samples_per_prompt must be >= 2 (two samples make a pair), got {self.samples_per_prompt}"
+            )
         if self.generation_temperature <= 0:
             raise ValueError(f"generation_temperature must be > 0, got {self.generation_temperature}")
         if self.annotator_beta < 0:
@@ -172,8 +186,10 @@ def _read_csv(path: Path) -> RawRows:
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the file is empty; a .csv needs a header row (prompt,chosen,rejected)") from None
     except pd.errors.ParserError as err:
-        raise DataError(f"{path}: not a valid CSV file ({str(err).strip()}); quote fields that hold commas, quotes "
-                        f"or line breaks, or convert the file to .jsonl") from None
+        raise DataError(
+            f"{path}: not a valid CSV file ({str(err).strip()}); quote fields that hold commas, quotes "
+            f"or line breaks, or convert the file to .jsonl"
+        ) from None
     # an empty cell reads as NaN: None for the row checks (a number column keeps its numbers)
     rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
     return RawRows(str(path), rows, [f"row {i}" for i in range(len(rows))], list(frame.columns))
@@ -207,7 +223,9 @@ def load_raw(dataset: str, split: str = "train", on_bad_row: str = "error") -> R
             ds = datasets.load_dataset(str(path), split=split)
         return _from_hf(ds, f"{path} [{split}]")
     if path.suffix.lower() in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
-        raise DataError(f"dataset file {path} does not exist (relative paths are tried from {os.getcwd()} and the repo root)")
+        raise DataError(
+            f"dataset file {path} does not exist (relative paths are tried from {os.getcwd()} and the repo root)"
+        )
     try:
         ds = datasets.load_dataset(dataset, split=split)
     except Exception as err:  # noqa: BLE001
@@ -233,7 +251,11 @@ class Example:
     where: str  # source + row, for messages
 
 
-REQUIRED_COLUMNS = {"ultrafeedback": ("chosen", "rejected"), "hh": ("chosen", "rejected"), "plain": ("prompt", "chosen", "rejected")}
+REQUIRED_COLUMNS = {
+    "ultrafeedback": ("chosen", "rejected"),
+    "hh": ("chosen", "rejected"),
+    "plain": ("prompt", "chosen", "rejected"),
+}
 
 
 def detect_format(raw: RawRows) -> str:
@@ -257,7 +279,9 @@ def detect_format(raw: RawRows) -> str:
 def _text(value: Any, field_name: str, allow_empty: bool = False) -> str:
     """A string field; ``allow_empty`` for a completion, whose emptiness normalise counts instead of refusing."""
     if not isinstance(value, str):
-        raise RowError("non_string_text", field_name, f"field {field_name!r} must be a string, got {type(value).__name__}")
+        raise RowError(
+            "non_string_text", field_name, f"field {field_name!r} must be a string, got {type(value).__name__}"
+        )
     if not allow_empty and not value.strip():
         raise RowError("empty_text", field_name, f"field {field_name!r} is empty")
     return value
@@ -265,13 +289,21 @@ def _text(value: Any, field_name: str, allow_empty: bool = False) -> str:
 
 def _messages(value: Any, field_name: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise RowError("bad_messages", field_name, f"field {field_name!r} must be a non-empty list of {{role, content}} messages")
+        raise RowError(
+            "bad_messages", field_name, f"field {field_name!r} must be a non-empty list of {{role, content}} messages"
+        )
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError("bad_messages", field_name, f"field {field_name!r} message {i} must have 'role' and 'content'")
+            raise RowError(
+                "bad_messages", field_name, f"field {field_name!r} message {i} must have 'role' and 'content'"
+            )
         if m["role"] not in ROLES:
-            raise RowError("bad_messages", field_name, f"field {field_name!r} message {i} has role {m['role']!r}, not one of {ROLES}")
+            raise RowError(
+                "bad_messages",
+                field_name,
+                f"field {field_name!r} message {i} has role {m['role']!r}, not one of {ROLES}",
+            )
         completion = i == len(value) - 1 and m["role"] == "assistant"
         out.append({"role": m["role"], "content": _text(m["content"], f"{field_name}[{i}].content", completion)})
     return out
@@ -323,23 +355,33 @@ def normalise_row(row: dict[str, Any], fmt: str, where: str) -> Example:
         if name not in row:
             raise RowError("missing_field", name, f"field {name!r} is missing")
     if fmt == "ultrafeedback":
-        prompt, chosen, rejected = _split_conversation(_messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected"))
+        prompt, chosen, rejected = _split_conversation(
+            _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+        )
     elif fmt == "hh":
         c = parse_hh(_text(row["chosen"], "chosen"), "chosen")
         r = parse_hh(_text(row["rejected"], "rejected"), "rejected")
         prompt, chosen, rejected = _split_conversation(c, r)
     else:
         p = row["prompt"]
-        prompt = [{"role": "user", "content": _text(p, "prompt")}] if isinstance(p, str) or p is None else _messages(p, "prompt")
+        prompt = (
+            [{"role": "user", "content": _text(p, "prompt")}]
+            if isinstance(p, str) or p is None
+            else _messages(p, "prompt")
+        )
         completions = []
         for name in ("chosen", "rejected"):
             value = row[name]
             if isinstance(value, list):
                 conv = _messages(value, name)
                 if conv[-1]["role"] != "assistant":
-                    raise RowError("bad_messages", name, f"the last message of {name!r} must be the assistant's completion")
+                    raise RowError(
+                        "bad_messages", name, f"the last message of {name!r} must be the assistant's completion"
+                    )
                 if len(conv) > 1 and conv[:-1] != prompt:
-                    raise RowError("prompt_mismatch", name, f"{name!r} conversation does not start with the row's prompt")
+                    raise RowError(
+                        "prompt_mismatch", name, f"{name!r} conversation does not start with the row's prompt"
+                    )
                 completions.append(conv[-1]["content"])
             else:
                 completions.append(_text(value, name, allow_empty=True))
@@ -370,7 +412,9 @@ def normalise(raw: RawRows, fmt: str, on_bad_row: str) -> tuple[list[Example], C
             if on_bad_row == "drop":
                 dropped[f"bad_row:{err.kind}"] += 1
                 continue
-            raise DataError(f"{raw.source} {label}, field {err.field_name!r}: {err} (fix the row, or set on_bad_row: drop)") from None
+            raise DataError(
+                f"{raw.source} {label}, field {err.field_name!r}: {err} (fix the row, or set on_bad_row: drop)"
+            ) from None
         if not ex.chosen.strip() or not ex.rejected.strip():  # e.g. hh-rlhf's empty last assistant turns
             dropped["empty_response"] += 1
             continue
@@ -405,8 +449,8 @@ class ChatFormatter:
         msgs = [{"role": "user", "content": "hi"}]
         gen = self.prompt_text(msgs)
         full = self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": _PROBE}], tokenize=False)
-        if full.startswith(gen) and _PROBE in full[len(gen):]:
-            return full[len(gen): full.index(_PROBE, len(gen))]
+        if full.startswith(gen) and _PROBE in full[len(gen) :]:
+            return full[len(gen) : full.index(_PROBE, len(gen))]
         return ""
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
@@ -434,7 +478,11 @@ class ChatFormatter:
     def decode_response(self, ids: Sequence[int]) -> str:
         """Text of response ids (EOS and the template prefix removed)."""
         text = self.tokenizer.decode([t for t in ids if t != self.eos_id], skip_special_tokens=True)
-        return text[len(self.response_prefix):] if self.response_prefix and text.startswith(self.response_prefix) else text
+        return (
+            text[len(self.response_prefix) :]
+            if self.response_prefix and text.startswith(self.response_prefix)
+            else text
+        )
 
 
 def prompt_id(messages: list[dict[str, str]]) -> str:
@@ -442,7 +490,9 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
     return "p-" + hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _fit_response(fmt: ChatFormatter, ids: list[int], text: str, max_len: int, truncate: bool) -> tuple[list[int], str, bool] | None:
+def _fit_response(
+    fmt: ChatFormatter, ids: list[int], text: str, max_len: int, truncate: bool
+) -> tuple[list[int], str, bool] | None:
     """(ids, text, was_truncated) within max_len tokens, or None if the pair must be dropped."""
     if len(ids) <= max_len:
         return ids, text, False
@@ -458,18 +508,32 @@ def prompt_record(pid: str, messages: list[dict[str, str]], fmt: ChatFormatter) 
 
 
 def pair_record(
-    pair_id: str, prompt: dict[str, Any], chosen: tuple[list[int], str], rejected: tuple[list[int], str],
-    score_chosen: float | None = None, score_rejected: float | None = None,
-    gold_chosen: float | None = None, gold_rejected: float | None = None,
+    pair_id: str,
+    prompt: dict[str, Any],
+    chosen: tuple[list[int], str],
+    rejected: tuple[list[int], str],
+    score_chosen: float | None = None,
+    score_rejected: float | None = None,
+    gold_chosen: float | None = None,
+    gold_rejected: float | None = None,
 ) -> dict[str, Any]:
     """One line of train_pairs.jsonl / eval_pairs.jsonl (the data contract)."""
     margin = score_chosen - score_rejected if score_chosen is not None and score_rejected is not None else None
     return {
-        "id": pair_id, "prompt_id": prompt["id"], "prompt": prompt["prompt"], "prompt_text": prompt["prompt_text"],
-        "chosen": chosen[1], "rejected": rejected[1], "prompt_ids": prompt["prompt_ids"],
-        "chosen_ids": chosen[0], "rejected_ids": rejected[0],
-        "score_chosen": score_chosen, "score_rejected": score_rejected,
-        "gold_chosen": gold_chosen, "gold_rejected": gold_rejected, "margin": margin,
+        "id": pair_id,
+        "prompt_id": prompt["id"],
+        "prompt": prompt["prompt"],
+        "prompt_text": prompt["prompt_text"],
+        "chosen": chosen[1],
+        "rejected": rejected[1],
+        "prompt_ids": prompt["prompt_ids"],
+        "chosen_ids": chosen[0],
+        "rejected_ids": rejected[0],
+        "score_chosen": score_chosen,
+        "score_rejected": score_rejected,
+        "gold_chosen": gold_chosen,
+        "gold_rejected": gold_rejected,
+        "margin": margin,
     }
 
 
@@ -574,7 +638,9 @@ def build_real(cfg: DataConfig, tokenizer) -> Built:
                 dropped["identical_after_truncation"] += 1
                 continue
             truncated.update({"chosen": int(c_cut), "rejected": int(r_cut)})
-            rec = pair_record(f"{prompt['id']}-{j}", prompt, (c_ids, c_txt), (r_ids, r_txt), ex.score_chosen, ex.score_rejected)
+            rec = pair_record(
+                f"{prompt['id']}-{j}", prompt, (c_ids, c_txt), (r_ids, r_txt), ex.score_chosen, ex.score_rejected
+            )
             pairs_by_key.setdefault(key, []).append(rec)
             n_pairs += 1
     held_out = split_eval_prompts(list(pairs_by_key), cfg.eval_fraction, cfg.seed)
@@ -589,38 +655,65 @@ def build_real(cfg: DataConfig, tokenizer) -> Built:
                 break
             if p["prompt_id"] not in seen:
                 seen.add(p["prompt_id"])
-                ppo_prompts.append({"id": p["prompt_id"], "prompt": p["prompt"], "prompt_text": p["prompt_text"], "prompt_ids": p["prompt_ids"]})
+                ppo_prompts.append(
+                    {
+                        "id": p["prompt_id"],
+                        "prompt": p["prompt"],
+                        "prompt_text": p["prompt_text"],
+                        "prompt_ids": p["prompt_ids"],
+                    }
+                )
                 shared += 1
     info = {
-        "source": raw.source, "format": fmt_name, "rows": len(raw.rows), "distinct_prompts": len(groups),
-        "rows_not_used_for_pairs": rows_unused, "ppo_prompts_shared_with_rm_train": shared,
+        "source": raw.source,
+        "format": fmt_name,
+        "rows": len(raw.rows),
+        "distinct_prompts": len(groups),
+        "rows_not_used_for_pairs": rows_unused,
+        "ppo_prompts_shared_with_rm_train": shared,
     }
     if shared:
         _say(f"note: only {len(groups)} distinct prompts; {shared} PPO prompts are also RM training prompts")
     return Built(train, evals, ppo_prompts, eval_prompts, dropped, +truncated, Counter(), info)
 
 
-def _simulated_samples(cfg: DataConfig, tokenizer, fmt: ChatFormatter, prompts: list[dict]) -> tuple[list[list[annotator.Sample]], dict[str, Any]]:
+def _simulated_samples(
+    cfg: DataConfig, tokenizer, fmt: ChatFormatter, prompts: list[dict]
+) -> tuple[list[list[annotator.Sample]], dict[str, Any]]:
     """Responses for the RM prompts: from the shipped file, or sampled now with the policy model."""
     texts = [fmt.prompt_text(annotator.prompt_messages(p)) for p in prompts]
     if cfg.use_shipped_responses:
         path = annotator.SHIPPED_RESPONSES_PATH
         header, records = annotator.load_responses_file(path)
         wanted = {
-            "prompt_set": annotator.PROMPT_SET_VERSION, "model": cfg.model, "max_new_tokens": cfg.generation_max_new_tokens,
-            "temperature": cfg.generation_temperature, "samples_per_prompt": cfg.samples_per_prompt,
+            "prompt_set": annotator.PROMPT_SET_VERSION,
+            "model": cfg.model,
+            "max_new_tokens": cfg.generation_max_new_tokens,
+            "temperature": cfg.generation_temperature,
+            "samples_per_prompt": cfg.samples_per_prompt,
         }
         annotator.check_shipped_compatible(header, wanted, path)
         out = []
         for p, text in zip(prompts, texts):
             rec = records.get(p["id"])
             if rec is None:
-                raise DataError(f"{path.name} has no responses for prompt {p['id']} (it covers {len(records)} prompts); lower n_rm_prompts or regenerate")
+                raise DataError(
+                    f"{path.name} has no responses for prompt {p['id']} (it covers {len(records)} prompts); "
+                    "lower n_rm_prompts or regenerate"
+                )
             if rec["prompt_text"] != text:
-                raise DataError(f"{path.name}: prompt {p['id']} was rendered differently when generated (tokenizer/chat template changed?); regenerate the file")
+                raise DataError(
+                    f"{path.name}: prompt {p['id']} was rendered differently when generated "
+                    "(tokenizer/chat template changed?); regenerate the file"
+                )
             out.append(annotator.samples_from_record(rec)[: cfg.samples_per_prompt])
         _say(f"read {len(out) * cfg.samples_per_prompt:,} shipped responses ({path.name}, sha256 verified)")
-        return out, {"responses": "shipped", "responses_file": path.name, "responses_sha256": annotator.sha256_file(path), "generation_header": header}
+        return out, {
+            "responses": "shipped",
+            "responses_file": path.name,
+            "responses_sha256": annotator.sha256_file(path),
+            "generation_header": header,
+        }
     import time
 
     from . import models, runtime
@@ -630,12 +723,27 @@ def _simulated_samples(cfg: DataConfig, tokenizer, fmt: ChatFormatter, prompts: 
     model = models.load_causal_lm(cfg.model, tokenizer, device).eval()
     t0 = time.time()
     out = annotator.generate_responses(
-        model, tokenizer, texts, samples_per_prompt=cfg.samples_per_prompt, max_new_tokens=cfg.generation_max_new_tokens,
-        temperature=cfg.generation_temperature, batch_size=cfg.generation_batch_size, seed=cfg.seed, device=device, dtype=dtype,
+        model,
+        tokenizer,
+        texts,
+        samples_per_prompt=cfg.samples_per_prompt,
+        max_new_tokens=cfg.generation_max_new_tokens,
+        temperature=cfg.generation_temperature,
+        batch_size=cfg.generation_batch_size,
+        seed=cfg.seed,
+        device=device,
+        dtype=dtype,
     )
     seconds = time.time() - t0
-    _say(f"sampled {len(out) * cfg.samples_per_prompt:,} responses in {seconds:.1f} s ({str(dtype).replace('torch.', '')})")
-    return out, {"responses": "sampled", "generation_seconds": round(seconds, 2), "generation_dtype": str(dtype).replace("torch.", "")}
+    _say(
+        f"sampled {len(out) * cfg.samples_per_prompt:,} responses in {seconds:.1f} s "
+        f"({str(dtype).replace('torch.', '')})"
+    )
+    return out, {
+        "responses": "sampled",
+        "generation_seconds": round(seconds, 2),
+        "generation_dtype": str(dtype).replace("torch.", ""),
+    }
 
 
 def build_simulated(cfg: DataConfig, tokenizer) -> Built:
@@ -666,7 +774,10 @@ def build_simulated(cfg: DataConfig, tokenizer) -> Built:
             dropped["prompt_too_long"] += len(row) // 2
             continue
         for k in range(0, len(row) - 1, 2):
-            fitted = [_fit_response(fmt, s.ids, s.text, cfg.max_response_length, cfg.truncate_responses) for s in row[k:k + 2]]
+            fitted = [
+                _fit_response(fmt, s.ids, s.text, cfg.max_response_length, cfg.truncate_responses)
+                for s in row[k : k + 2]
+            ]
             if any(f is None for f in fitted):
                 dropped["response_too_long"] += 1
                 continue
@@ -687,15 +798,22 @@ def build_simulated(cfg: DataConfig, tokenizer) -> Built:
     train, evals = [], []
     for (prompt, k, a, b), ga, gb, a_first in zip(candidates, gold_a, gold_b, first):
         chosen, rejected, gc, gr = (a, b, ga, gb) if a_first else (b, a, gb, ga)
-        rec = pair_record(f"{prompt['id']}-{k}", prompt, chosen, rejected, gold_chosen=float(gc), gold_rejected=float(gr))
+        rec = pair_record(
+            f"{prompt['id']}-{k}", prompt, chosen, rejected, gold_chosen=float(gc), gold_rejected=float(gr)
+        )
         (evals if prompt["id"] in held_out else train).append(rec)
     finished = [s.finished for row in samples for s in row]
-    info.update({
-        "source": f"prompt set {annotator.PROMPT_SET_VERSION} ({annotator.PROMPTS_PATH.name})", "format": "simulated",
-        "annotator_beta": cfg.annotator_beta, "gold_ties": int(np.sum(gold_a == gold_b)),
-        "gold_mean": float(np.mean(gold)) if gold else None, "gold_std": float(np.std(gold)) if gold else None,
-        "eos_fraction": float(np.mean(finished)) if finished else None,
-    })
+    info.update(
+        {
+            "source": f"prompt set {annotator.PROMPT_SET_VERSION} ({annotator.PROMPTS_PATH.name})",
+            "format": "simulated",
+            "annotator_beta": cfg.annotator_beta,
+            "gold_ties": int(np.sum(gold_a == gold_b)),
+            "gold_mean": float(np.mean(gold)) if gold else None,
+            "gold_std": float(np.std(gold)) if gold else None,
+            "eos_fraction": float(np.mean(finished)) if finished else None,
+        }
+    )
     return Built(train, evals, ppo_prompts, eval_prompts, dropped, +truncated, prompts_dropped, info)
 
 
@@ -743,12 +861,20 @@ def pairs_frame(pairs: Sequence[dict[str, Any]], n: int | None = None, seed: int
     rows = []
     for p in pairs:
         user = [m["content"] for m in p["prompt"] if m["role"] == "user"]
-        rows.append({
-            "id": p["id"], "prompt": user[-1] if user else p["prompt_text"], "chosen": p["chosen"], "rejected": p["rejected"],
-            "chosen_tokens": len(p["chosen_ids"]), "rejected_tokens": len(p["rejected_ids"]),
-            "gold_chosen": p["gold_chosen"], "gold_rejected": p["gold_rejected"],
-            "score_chosen": p["score_chosen"], "score_rejected": p["score_rejected"],
-        })
+        rows.append(
+            {
+                "id": p["id"],
+                "prompt": user[-1] if user else p["prompt_text"],
+                "chosen": p["chosen"],
+                "rejected": p["rejected"],
+                "chosen_tokens": len(p["chosen_ids"]),
+                "rejected_tokens": len(p["rejected_ids"]),
+                "gold_chosen": p["gold_chosen"],
+                "gold_rejected": p["gold_rejected"],
+                "score_chosen": p["score_chosen"],
+                "score_rejected": p["score_rejected"],
+            }
+        )
     return pd.DataFrame(rows).dropna(axis=1, how="all")  # real data has no gold, simulated data no scores
 
 
@@ -766,11 +892,14 @@ class DataReport:
         import html
 
         def table(d: dict) -> str:
-            rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items())
+            rows = "".join(
+                f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in d.items()
+            )
             return f"<table>{rows}</table>" if rows else "<p>none</p>"
 
         return (
-            f"<h4>data stage summary</h4>{table(self.summary)}<h4>dropped pairs (reason: count)</h4>{table(self.dropped)}"
+            f"<h4>data stage summary</h4>{table(self.summary)}"
+            f"<h4>dropped pairs (reason: count)</h4>{table(self.dropped)}"
             f"<h4>truncated responses</h4>{table(self.truncated)}<h4>sample pairs</h4>{self.samples.to_html()}"
         )
 
@@ -786,7 +915,12 @@ def _length_stats(values: Sequence[int]) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
-    return {"mean": float(arr.mean()), "p50": float(np.median(arr)), "p95": float(np.percentile(arr, 95)), "max": int(arr.max())}
+    return {
+        "mean": float(arr.mean()),
+        "p50": float(np.median(arr)),
+        "p95": float(np.percentile(arr, 95)),
+        "max": int(arr.max()),
+    }
 
 
 def prepare_data(cfg: DataConfig, run) -> DataReport:
@@ -798,36 +932,59 @@ def prepare_data(cfg: DataConfig, run) -> DataReport:
     built = build_simulated(cfg, tokenizer) if simulated else build_real(cfg, tokenizer)
     where = built.info.get("source", cfg.dataset)
     if not built.train:
-        raise DataError(f"{where}: no training pairs left after filtering (dropped: {dict(built.dropped)}); check the length limits and the data")
+        raise DataError(
+            f"{where}: no training pairs left after filtering (dropped: {dict(built.dropped)}); "
+            "check the length limits and the data"
+        )
     if cfg.n_ppo_prompts and not built.ppo_prompts:
         raise DataError(f"{where}: no PPO prompts left (prompts dropped: {dict(built.prompts_dropped)})")
     if cfg.n_eval_prompts and not built.eval_prompts:
-        raise DataError(f"{where}: no evaluation prompts left (the dataset has too few distinct prompts or they are too long: {dict(built.prompts_dropped)})")
+        raise DataError(
+            f"{where}: no evaluation prompts left (the dataset has too few distinct prompts or they are too long: "
+            f"{dict(built.prompts_dropped)})"
+        )
     held = pair_metrics(built.eval, simulated)
     every = pair_metrics(built.train + built.eval, simulated)
     summary = {
-        "n_train_pairs": len(built.train), "n_eval_pairs": len(built.eval),
-        "n_ppo_prompts": len(built.ppo_prompts), "n_eval_prompts": len(built.eval_prompts),
+        "n_train_pairs": len(built.train),
+        "n_eval_pairs": len(built.eval),
+        "n_ppo_prompts": len(built.ppo_prompts),
+        "n_eval_prompts": len(built.eval_prompts),
         "n_dropped": int(sum(built.dropped.values())),
-        "label_gold_agreement": held["label_gold_agreement"], "length_baseline_accuracy": held["length_baseline_accuracy"],
+        "label_gold_agreement": held["label_gold_agreement"],
+        "length_baseline_accuracy": held["length_baseline_accuracy"],
     }
     all_pairs = built.train + built.eval
     fmt = ChatFormatter(tokenizer)
     responses = [p[k] for p in all_pairs for k in ("chosen_ids", "rejected_ids")]
     report = {
-        "dataset": cfg.dataset, "dataset_split": None if simulated else cfg.dataset_split, **built.info,
-        "model": cfg.model, "tokenizer": getattr(tokenizer, "name_or_path", None),
-        "eos_token": tokenizer.eos_token, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        "chat_template": "SIMPLE_CHAT_TEMPLATE" if tokenizer.chat_template == models.SIMPLE_CHAT_TEMPLATE else "tokenizer's own",
+        "dataset": cfg.dataset,
+        "dataset_split": None if simulated else cfg.dataset_split,
+        **built.info,
+        "model": cfg.model,
+        "tokenizer": getattr(tokenizer, "name_or_path", None),
+        "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "chat_template": "SIMPLE_CHAT_TEMPLATE"
+        if tokenizer.chat_template == models.SIMPLE_CHAT_TEMPLATE
+        else "tokenizer's own",
         "response_prefix": fmt.response_prefix,
         "gold_scorer": annotator.GOLD_SCORER if simulated else None,
         "counts": summary,
-        "dropped_pairs": dict(built.dropped), "truncated_responses": dict(built.truncated),
+        "dropped_pairs": dict(built.dropped),
+        "truncated_responses": dict(built.truncated),
         "dropped_prompts": dict(built.prompts_dropped),
-        "limits": {"max_prompt_length": cfg.max_prompt_length, "max_response_length": cfg.max_response_length,
-                   "truncate_responses": cfg.truncate_responses},
-        "eval_pairs_metrics": held, "all_pairs_metrics": every,
-        "finished_response_fraction": float(np.mean([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])) if responses else None,
+        "limits": {
+            "max_prompt_length": cfg.max_prompt_length,
+            "max_response_length": cfg.max_response_length,
+            "truncate_responses": cfg.truncate_responses,
+        },
+        "eval_pairs_metrics": held,
+        "all_pairs_metrics": every,
+        "finished_response_fraction": float(np.mean([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses]))
+        if responses
+        else None,
         "prompt_tokens": _length_stats([len(p["prompt_ids"]) for p in all_pairs]),
         "response_tokens": _length_stats([len(r) for r in responses]),
         "overlap": _overlap(built),
@@ -837,11 +994,18 @@ def prepare_data(cfg: DataConfig, run) -> DataReport:
         io.write_jsonl(data_dir / name, rows)
     io.write_json_atomic(data_dir / "report.json", report)
     _say(
-        f"wrote {summary['n_train_pairs']} train / {summary['n_eval_pairs']} eval pairs, {summary['n_ppo_prompts']} PPO / "
+        f"wrote {summary['n_train_pairs']} train / {summary['n_eval_pairs']} eval pairs, "
+        f"{summary['n_ppo_prompts']} PPO / "
         f"{summary['n_eval_prompts']} eval prompts to {data_dir}; dropped {dict(built.dropped) or 'none'}; "
         f"truncated {dict(built.truncated) or 'none'}"
     )
-    return DataReport(summary, dict(built.dropped), dict(built.truncated), report, pairs_frame(built.train, n=min(5, len(built.train)), seed=cfg.seed))
+    return DataReport(
+        summary,
+        dict(built.dropped),
+        dict(built.truncated),
+        report,
+        pairs_frame(built.train, n=min(5, len(built.train)), seed=cfg.seed),
+    )
 
 
 def _overlap(built: Built) -> dict[str, int]:
@@ -851,8 +1015,10 @@ def _overlap(built: Built) -> dict[str, int]:
     ppo = {p["prompt_text"] for p in built.ppo_prompts}
     ev = {p["prompt_text"] for p in built.eval_prompts}
     return {
-        "rm_train_and_rm_eval": len(train & held), "ppo_and_rm": len(ppo & (train | held)),
-        "eval_prompts_and_rm": len(ev & (train | held)), "eval_prompts_and_ppo": len(ev & ppo),
+        "rm_train_and_rm_eval": len(train & held),
+        "ppo_and_rm": len(ppo & (train | held)),
+        "eval_prompts_and_rm": len(ev & (train | held)),
+        "eval_prompts_and_ppo": len(ev & ppo),
     }
 
 
@@ -902,7 +1068,12 @@ def plot_data_overview(run) -> "matplotlib.figure.Figure":  # noqa: F821
         frac = [agree[keep][idx == i].mean() if np.any(idx == i) else np.nan for i in range(len(centres))]
         ax.plot(centres, frac, "o-", label="labels agreeing with gold")
         xs = np.linspace(0, edges[-1], 100)
-        ax.plot(xs, annotator.bt_probability(xs, 0 * xs, report["annotator_beta"]), "--", label=f"Bradley–Terry, beta={report['annotator_beta']}")
+        ax.plot(
+            xs,
+            annotator.bt_probability(xs, 0 * xs, report["annotator_beta"]),
+            "--",
+            label=f"Bradley–Terry, beta={report['annotator_beta']}",
+        )
         ax.set_xlabel("|gold gap| of the pair")
         ax.set_ylim(0.4, 1.02)
         ax.set_title("annotator noise")

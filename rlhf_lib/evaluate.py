@@ -17,6 +17,7 @@ Metric definitions (also the README glossary):
 - win_rate_ci: 95% Wilson score interval of that rate (ties as half a success, which can only widen the interval
   since a half-credit outcome has less variance than a Bernoulli one), or a paired percentile bootstrap.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -222,8 +223,14 @@ class GenerationSettings:
     dtype: torch.dtype
 
     def to_dict(self) -> dict[str, Any]:
-        return {"response_length": self.response_length, "temperature": self.temperature,
-                "batch_size": self.batch_size, "seed": self.seed, "device": str(self.device), "dtype": str(self.dtype)}
+        return {
+            "response_length": self.response_length,
+            "temperature": self.temperature,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+        }
 
 
 def generation_settings(cfg: EvalConfig, run: Run) -> GenerationSettings:
@@ -278,7 +285,7 @@ def response_logprobs(
         kwargs["logits_to_keep"] = R + 1  # only the positions that predict response tokens (saves a (B, P, V) tensor)
     with runtime.autocast(input_ids.device, dtype):
         logits = model(**kwargs).logits  # (B, R + 1, V) or (B, P + R, V)
-    logits = logits[:, -(R + 1):-1]  # (B, R, V): position t predicts response token t
+    logits = logits[:, -(R + 1) : -1]  # (B, R, V): position t predicts response token t
     return logprobs_from_logits(logits, responses, temperature)  # (B, R)
 
 
@@ -329,7 +336,7 @@ def sample_policy(
     kls: list[np.ndarray] = []
     bs = settings.batch_size
     for start in tqdm(range(0, len(prompt_ids), bs), desc=desc, leave=False):
-        chunk = [list(p) for p in prompt_ids[start:start + bs]]
+        chunk = [list(p) for p in prompt_ids[start : start + bs]]
         query, query_mask = pad_batch(chunk, pad_id, side="left")  # (B, P)
         query, query_mask = query.to(settings.device), query_mask.to(settings.device)
         with runtime.autocast(settings.device, settings.dtype):
@@ -339,8 +346,9 @@ def sample_policy(
         responses, mask, contains_eos = truncate_after_eos(responses, eos_id, pad_id)  # (B, R'), (B, R'), (B,)
         if measure_kl:
             logp = response_logprobs(policy, query, query_mask, responses, mask, settings.temperature, settings.dtype)
-            ref_logp = response_logprobs(reference, query, query_mask, responses, mask, settings.temperature,
-                                         settings.dtype)
+            ref_logp = response_logprobs(
+                reference, query, query_mask, responses, mask, settings.temperature, settings.dtype
+            )
             kls.append(sequence_kl(logp, ref_logp, mask).cpu().numpy())
         else:
             kls.append(np.zeros(len(chunk)))
@@ -425,7 +433,7 @@ def reward_model_scorer(path: Path, settings: GenerationSettings, policy_tokeniz
     def score(sequences: list[list[int]]) -> np.ndarray:
         out: list[np.ndarray] = []
         for start in range(0, len(sequences), settings.batch_size):
-            ids, mask = pad_batch(sequences[start:start + settings.batch_size], pad_id, side="right")  # (B, L)
+            ids, mask = pad_batch(sequences[start : start + settings.batch_size], pad_id, side="right")  # (B, L)
             with runtime.autocast(settings.device, settings.dtype):
                 scores = score_sequences(model, ids.to(settings.device), mask.to(settings.device))  # (B,)
             out.append(scores.float().cpu().numpy())
@@ -555,8 +563,10 @@ def evaluate_policies(
     _check_policy_dir(run)
     tokenizer = models.load_tokenizer(cfg.model)
     prompts = [r["prompt_ids"] for r in rows]
-    print(f"[eval] {len(rows)} eval prompts, response_length={settings.response_length}, "
-          f"temperature={settings.temperature}, seed={settings.seed}, device={settings.device}, dtype={settings.dtype}")
+    print(
+        f"[eval] {len(rows)} eval prompts, response_length={settings.response_length}, "
+        f"temperature={settings.temperature}, seed={settings.seed}, device={settings.device}, dtype={settings.dtype}"
+    )
 
     reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
     before = sample_policy(reference, tokenizer, prompts, settings, desc="reference")
@@ -573,8 +583,9 @@ def evaluate_policies(
 
     judge = judge_name(cfg, gold_scorer is not None)
     judged_after, judged_before = (gold_after, gold_before) if judge == "gold" else (rm_after, rm_before)
-    win = win_rate(judged_after, judged_before, cfg.tie_tolerance, cfg.ci_method, n_bootstrap=cfg.n_bootstrap,
-                   seed=cfg.seed)
+    win = win_rate(
+        judged_after, judged_before, cfg.tie_tolerance, cfg.ci_method, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed
+    )
     summary = {
         "before": policy_block(before, rm_before, gold_before),
         "after": policy_block(after, rm_after, gold_after),
@@ -585,28 +596,34 @@ def evaluate_policies(
         "win_rate_ties": win.tie_fraction,
     }
     outcome = pair_outcomes(judged_after, judged_before, cfg.tie_tolerance)
-    samples = pd.DataFrame({
-        "id": [str(r.get("id", i)) for i, r in enumerate(rows)],
-        "prompt": [prompt_display_text(r) for r in rows],
-        "reference_response": before.texts,
-        "trained_response": after.texts,
-        "reference_rm": rm_before,
-        "trained_rm": rm_after,
-        "reference_gold": gold_before if gold_before is not None else np.full(len(rows), np.nan),
-        "trained_gold": gold_after if gold_after is not None else np.full(len(rows), np.nan),
-        "reference_length": before.lengths,
-        "trained_length": after.lengths,
-        "reference_eos": before.contains_eos.astype(bool),
-        "trained_eos": after.contains_eos.astype(bool),
-        "trained_kl": after.kl,
-        "outcome": np.select([outcome == 1.0, outcome == 0.5], ["win", "tie"], "loss"),
-    })
+    samples = pd.DataFrame(
+        {
+            "id": [str(r.get("id", i)) for i, r in enumerate(rows)],
+            "prompt": [prompt_display_text(r) for r in rows],
+            "reference_response": before.texts,
+            "trained_response": after.texts,
+            "reference_rm": rm_before,
+            "trained_rm": rm_after,
+            "reference_gold": gold_before if gold_before is not None else np.full(len(rows), np.nan),
+            "trained_gold": gold_after if gold_after is not None else np.full(len(rows), np.nan),
+            "reference_length": before.lengths,
+            "trained_length": after.lengths,
+            "reference_eos": before.contains_eos.astype(bool),
+            "trained_eos": after.contains_eos.astype(bool),
+            "trained_kl": after.kl,
+            "outcome": np.select([outcome == 1.0, outcome == 0.5], ["win", "tie"], "loss"),
+        }
+    )
     result = EvalResult(summary, samples, win, settings.to_dict(), cfg.n_table_rows)
     save_table(samples, run.eval_dir, "samples")
-    write_json_atomic(run.eval_dir / "results.json", {
-        "summary": summary, "generation": result.generation,
-        "win": {**dataclasses.asdict(win), "tie_fraction": win.tie_fraction},
-    })
+    write_json_atomic(
+        run.eval_dir / "results.json",
+        {
+            "summary": summary,
+            "generation": result.generation,
+            "win": {**dataclasses.asdict(win), "tie_fraction": win.tie_fraction},
+        },
+    )
     _print_summary(summary)
     return result
 
@@ -617,21 +634,25 @@ def _print_summary(summary: dict[str, Any]) -> None:
         if key in a:
             print(f"[eval] {key:>13}: reference {b[key]:+.4f}  ->  trained {a[key]:+.4f}")
     lo, hi = summary["win_rate_ci"]
-    print(f"[eval] win rate vs reference ({summary['win_rate_judge']}): {summary['win_rate_vs_ref']:.3f} "
-          f"[{lo:.3f}, {hi:.3f}], ties {summary['win_rate_ties']:.3f}, n={summary['n_eval_prompts']}")
+    print(
+        f"[eval] win rate vs reference ({summary['win_rate_judge']}): {summary['win_rate_vs_ref']:.3f} "
+        f"[{lo:.3f}, {hi:.3f}], ties {summary['win_rate_ties']:.3f}, n={summary['n_eval_prompts']}"
+    )
 
 
 def sample_table(result: EvalResult, n: int | None = None) -> pd.DataFrame:
     """Side-by-side table of the first n prompts (file order, not cherry-picked): responses and their scores."""
     n = result.n_table_rows if n is None else n
     df = result.samples.head(n)
-    table = pd.DataFrame({
-        "prompt": df["prompt"],
-        "reference response": df["reference_response"],
-        "trained response": df["trained_response"],
-        "RM (ref)": df["reference_rm"].round(3),
-        "RM (trained)": df["trained_rm"].round(3),
-    })
+    table = pd.DataFrame(
+        {
+            "prompt": df["prompt"],
+            "reference response": df["reference_response"],
+            "trained response": df["trained_response"],
+            "RM (ref)": df["reference_rm"].round(3),
+            "RM (trained)": df["trained_rm"].round(3),
+        }
+    )
     if df["reference_gold"].notna().any():
         table["gold (ref)"] = df["reference_gold"].round(3)
         table["gold (trained)"] = df["trained_gold"].round(3)
@@ -674,8 +695,19 @@ def overoptimisation_curve(
     policy_loader: PolicyLoader | None = None,
 ) -> pd.DataFrame:
     """RM and gold score vs KL: reference, evenly spaced PPO checkpoints, final policy (Gao et al. 2022)."""
-    columns = ["label", "step", "kl", "kl_std", "rm_score", "rm_score_std", "gold_score", "gold_score_std",
-               "length", "eos_fraction", "n_prompts"]
+    columns = [
+        "label",
+        "step",
+        "kl",
+        "kl_std",
+        "rm_score",
+        "rm_score_std",
+        "gold_score",
+        "gold_score_std",
+        "length",
+        "eos_fraction",
+        "n_prompts",
+    ]
     if cfg.max_checkpoints == 0:
         print("[eval] max_checkpoints=0: over-optimisation curve skipped")
         return pd.DataFrame(columns=columns)

@@ -19,6 +19,7 @@ finished point is never touched. :func:`aggregate` then writes ``<outputs>/<swee
 per grid cell (all overrides but the seed) mean, std and a Student-t 95 % interval over seeds of every numeric
 summary key, and a fit of Gao et al. (2022)'s RL over-optimisation form to the KL-gold frontier.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,14 @@ UNCHECKED_KEYS = ("outputs_dir", "overwrite", "threads", "device")
 BASE_NAME = "base"
 NOTEBOOK = "05_sweep.ipynb"
 # Numbers computed from a point's summary: key -> (minuend, subtrahend); gains paired on the same prompts and seed.
-DERIVED = {"derived.gold_gain": ("eval.after.gold_score", "eval.before.gold_score"),
-           "derived.rm_gain": ("eval.after.rm_score", "eval.before.rm_score")}
-GAIN_TARGET = "gold gain over the reference policy: gold score of a checkpoint minus that of the reference, both on " \
-              "the same run's over-optimisation prompts"
+DERIVED = {
+    "derived.gold_gain": ("eval.after.gold_score", "eval.before.gold_score"),
+    "derived.rm_gain": ("eval.after.rm_score", "eval.before.rm_score"),
+}
+GAIN_TARGET = (
+    "gold gain over the reference policy: gold score of a checkpoint minus that of the reference, both on "
+    "the same run's over-optimisation prompts"
+)
 
 
 class SweepError(ValueError):
@@ -140,8 +145,16 @@ def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
     default_stages = ("ppo", "eval") if base_run else STAGES
     stages = tuple(raw.get("stages") or default_stages)
     grid = dict(raw.get("grid") or {})
-    sweep = Sweep(name, str(raw["params"]), Path(), base_run, stages, dict(raw.get("overrides") or {}), grid,
-                  str(raw.get("seed_key", "common.seed")))
+    sweep = Sweep(
+        name,
+        str(raw["params"]),
+        Path(),
+        base_run,
+        stages,
+        dict(raw.get("overrides") or {}),
+        grid,
+        str(raw.get("seed_key", "common.seed")),
+    )
     params = load_params_file(sweep.params_path)
     common = validate(CommonConfig, params["common"], f"{sweep.params_path} [common]")
     root = Path(outputs_dir).expanduser() if outputs_dir else outputs_root(common)
@@ -157,9 +170,11 @@ def _check_sweep(sweep: Sweep, path: Path) -> None:
     if bad_stages:
         raise SweepError(f"{path}: stages {bad_stages} unknown; choose from {', '.join(STAGES)}")
     if sweep.base_run and set(sweep.stages) & set(SHARED_STAGES):
-        raise SweepError(f"{path}: stages {list(sweep.stages)} include a stage read from the base run "
-                         f"({', '.join(SHARED_STAGES)}); use stages: [ppo, eval], or base_run: '' to run them "
-                         "per point")
+        raise SweepError(
+            f"{path}: stages {list(sweep.stages)} include a stage read from the base run "
+            f"({', '.join(SHARED_STAGES)}); use stages: [ppo, eval], or base_run: '' to run them "
+            "per point"
+        )
     for key, values in sweep.grid.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"{path}: grid key {key!r} needs a non-empty list of values, e.g. {key}: [0, 1, 2]")
@@ -170,8 +185,10 @@ def _check_sweep(sweep: Sweep, path: Path) -> None:
         if key in MANAGED_KEYS:
             raise SweepError(f"{path}: key {key!r} is set by the sweep for each point; remove it")
         if sweep.base_run and section in SHARED_STAGES and key in sweep.grid:
-            raise SweepError(f"{path}: grid key {key!r} varies a stage read from the base run; set base_run: '' "
-                             "so that every point runs its own data + reward_model")
+            raise SweepError(
+                f"{path}: grid key {key!r} varies a stage read from the base run; set base_run: '' "
+                "so that every point runs its own data + reward_model"
+            )
     names = [p.name for p in sweep.grid_points()]
     if len(set(names)) != len(names):
         raise SweepError(f"{path}: grid values give duplicate point names {names}; make values distinct")
@@ -206,8 +223,18 @@ def point_params(sweep: Sweep, point: Point) -> dict[str, dict[str, Any]]:
 
 def point_command(sweep: Sweep, point: Point) -> str:
     """A self-contained shell command (run from the repo root) that produces this point's run folder."""
-    args = ["python", "-m", "rlhf_lib.pipeline", "--params", sweep.params,
-            "--run", point.name, "--stages", ",".join(point.stages), "--skip-done"]
+    args = [
+        "python",
+        "-m",
+        "rlhf_lib.pipeline",
+        "--params",
+        sweep.params,
+        "--run",
+        point.name,
+        "--stages",
+        ",".join(point.stages),
+        "--skip-done",
+    ]
     for text in point_overrides(sweep, point):
         args += ["-p", text]
     return " ".join(shlex.quote(a) for a in args)
@@ -259,8 +286,14 @@ def run_point(sweep: Sweep, point: Point, kernel_name: str = "python3") -> float
     if not point.is_base and sweep.base_ref:
         check_base(sweep)
     start = time.time()
-    pipeline.execute(str(sweep.params_path), run=point.name, stages=point.stages,
-                     overrides=point_overrides(sweep, point), skip_done=True, kernel_name=kernel_name)
+    pipeline.execute(
+        str(sweep.params_path),
+        run=point.name,
+        stages=point.stages,
+        overrides=point_overrides(sweep, point),
+        skip_done=True,
+        kernel_name=kernel_name,
+    )
     seconds = time.time() - start
     # in the sweep folder, not the point's: a finished point's folder is never written again
     write_json_atomic(sweep.root / "timings" / f"{point.name}.json", {"seconds": seconds})
@@ -274,8 +307,10 @@ def check_base(sweep: Sweep) -> None:
         status = base.stage_status(stage)
         if status != "done":
             hint = "run --point 0 first" if sweep.base_run == "build" else "finish it there"
-            raise SweepError(f"sweep {sweep.name!r}: stage {stage!r} of base run {base.root} is {status or 'missing'}, "
-                             f"not done; {hint}")
+            raise SweepError(
+                f"sweep {sweep.name!r}: stage {stage!r} of base run {base.root} is {status or 'missing'}, "
+                f"not done; {hint}"
+            )
 
 
 def _clock(seconds: float | None) -> str:
@@ -297,15 +332,19 @@ def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: 
         if status == "done":
             print(f"{label}: already done, skipped", flush=True)
             continue
-        print(f"{label}: running {','.join(point.stages)} ({status}; elapsed {_clock(time.time() - start)}, "
-              f"ETA {_clock(eta)})", flush=True)
+        print(
+            f"{label}: running {','.join(point.stages)} ({status}; elapsed {_clock(time.time() - start)}, "
+            f"ETA {_clock(eta)})",
+            flush=True,
+        )
         seconds = run_point(sweep, point, kernel_name)
         if seconds is not None and not point.is_base:
             durations.append(seconds)
-        left = sum(1 for p in points[k + 1:] if not p.is_base and point_status(sweep, p) != "done")
+        left = sum(1 for p in points[k + 1 :] if not p.is_base and point_status(sweep, p) != "done")
         eta = np.mean(durations) * left if durations else None
-        print(f"{label}: done in {_clock(seconds)} (elapsed {_clock(time.time() - start)}, ETA {_clock(eta)})",
-              flush=True)
+        print(
+            f"{label}: done in {_clock(seconds)} (elapsed {_clock(time.time() - start)}, ETA {_clock(eta)})", flush=True
+        )
 
 
 def point_seconds(sweep: Sweep, point: Point) -> float | None:
@@ -380,12 +419,14 @@ def group_points(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[
         for m in done:
             for key, value in numeric_leaves(m["summary"]).items():
                 values.setdefault(key, []).append(value)
-        groups.append({
-            "overrides": dict(cell),
-            "n_seeds": len(done),
-            "points": [m["name"] for m in done],
-            "metrics": {key: mean_ci(v) for key, v in sorted(values.items())},
-        })
+        groups.append(
+            {
+                "overrides": dict(cell),
+                "n_seeds": len(done),
+                "points": [m["name"] for m in done],
+                "metrics": {key: mean_ci(v) for key, v in sorted(values.items())},
+            }
+        )
     return groups
 
 
@@ -402,9 +443,14 @@ def frontier_rows(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict
         for r in curve:
             if r is ref:
                 continue
-            row = {"point": entry["name"], "cell": dict(cell_of(entry, seed_key)),
-                   "seed": entry["overrides"].get(seed_key), "label": r.get("label"), "step": r.get("step"),
-                   "kl": r.get("kl")}
+            row = {
+                "point": entry["name"],
+                "cell": dict(cell_of(entry, seed_key)),
+                "seed": entry["overrides"].get(seed_key),
+                "label": r.get("label"),
+                "step": r.get("step"),
+                "kl": r.get("kl"),
+            }
             for name in ("rm_score", "gold_score"):
                 if r.get(name) is not None and ref.get(name) is not None:
                     row[name] = r[name]
@@ -422,19 +468,25 @@ def fit_frontier(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
     kl_arr, y = np.asarray(kl, dtype=np.float64), np.asarray(gain, dtype=np.float64)
     keep = np.isfinite(kl_arr) & np.isfinite(y) & (kl_arr > 0)
     d, y = np.sqrt(kl_arr[keep]), y[keep]
-    out: dict[str, Any] = {"alpha": None, "beta": None, "kl_at_peak": None, "gold_at_peak": None,
-                           "n_points": int(d.size), "form": "gold_gain(d) = d (alpha - beta ln d), d = sqrt(KL)",
-                           "target": GAIN_TARGET}
+    out: dict[str, Any] = {
+        "alpha": None,
+        "beta": None,
+        "kl_at_peak": None,
+        "gold_at_peak": None,
+        "n_points": int(d.size),
+        "form": "gold_gain(d) = d (alpha - beta ln d), d = sqrt(KL)",
+        "target": GAIN_TARGET,
+    }
     if d.size < 2 or np.ptp(d) == 0:
         return out
     design = np.stack([d, -d * np.log(d)], axis=1)
     (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
     resid = y - design @ np.array([alpha, beta])
     ss_tot = float(((y - y.mean()) ** 2).sum())
-    out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid ** 2).sum()) / ss_tot if ss_tot else None)
+    out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid**2).sum()) / ss_tot if ss_tot else None)
     if beta > 0:
         d_star = math.exp(alpha / beta - 1)
-        out.update(kl_at_peak=d_star ** 2, gold_at_peak=float(beta) * d_star)
+        out.update(kl_at_peak=d_star**2, gold_at_peak=float(beta) * d_star)
     return out
 
 
@@ -444,26 +496,44 @@ def gao_gold(kl: np.ndarray | float, alpha: float, beta: float) -> np.ndarray:
     return d * (alpha - beta * np.log(d))
 
 
-def select_default(groups: Sequence[dict[str, Any]], kl_budget: float = 6.0, key: str = "eval.after.gold_score",
-                   kl_key: str = "eval.after.kl") -> dict[str, Any] | None:
+def select_default(
+    groups: Sequence[dict[str, Any]],
+    kl_budget: float = 6.0,
+    key: str = "eval.after.gold_score",
+    kl_key: str = "eval.after.kl",
+) -> dict[str, Any] | None:
     """The grid cell with the largest seed-mean ``key`` among those whose seed-mean KL is within ``kl_budget``."""
+
     def mean(group, name):
         return (group["metrics"].get(name) or {}).get("mean")
 
-    ok = [g for g in groups
-          if mean(g, key) is not None and mean(g, kl_key) is not None and mean(g, kl_key) <= kl_budget]
+    ok = [
+        g for g in groups if mean(g, key) is not None and mean(g, kl_key) is not None and mean(g, kl_key) <= kl_budget
+    ]
     if not ok:
         return None
     best = max(ok, key=lambda g: mean(g, key))
-    return {"rule": f"largest seed-mean {key} with seed-mean {kl_key} <= {kl_budget}", "overrides": best["overrides"],
-            "n_seeds": best["n_seeds"], key: best["metrics"][key], kl_key: best["metrics"][kl_key]}
+    return {
+        "rule": f"largest seed-mean {key} with seed-mean {kl_key} <= {kl_budget}",
+        "overrides": best["overrides"],
+        "n_seeds": best["n_seeds"],
+        key: best["metrics"][key],
+        kl_key: best["metrics"][kl_key],
+    }
 
 
 def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
     run = point_run(sweep, point)
     status = point_status(sweep, point)
-    return {"index": point.index, "name": point.name, "overrides": point.overrides, "run_dir": str(run.root),
-            "status": status, "wall_seconds": point_seconds(sweep, point), "summary": run.summary()}
+    return {
+        "index": point.index,
+        "name": point.name,
+        "overrides": point.overrides,
+        "run_dir": str(run.root),
+        "status": status,
+        "wall_seconds": point_seconds(sweep, point),
+        "summary": run.summary(),
+    }
 
 
 def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
@@ -478,11 +548,18 @@ def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
     groups = group_points(entries, sweep.seed_key)
     seconds = [e["wall_seconds"] for e in entries + base if e["status"] == "done" and e["wall_seconds"] is not None]
     summary = {
-        "sweep": sweep.name, "params": sweep.params, "grid": sweep.grid, "overrides": sweep.overrides,
-        "seed_key": sweep.seed_key, "base_run": sweep.base_ref or None,
+        "sweep": sweep.name,
+        "params": sweep.params,
+        "grid": sweep.grid,
+        "overrides": sweep.overrides,
+        "seed_key": sweep.seed_key,
+        "base_run": sweep.base_ref or None,
         "interval": "95 % Student t interval over seeds: mean +- t(0.975, n-1) * std / sqrt(n), std with ddof 1",
-        "points": entries, "base": base[0] if base else None, "groups": groups,
-        "frontier": rows, "frontier_fit": fit_frontier(*zip(*gains)) if gains else fit_frontier([], []),
+        "points": entries,
+        "base": base[0] if base else None,
+        "groups": groups,
+        "frontier": rows,
+        "frontier_fit": fit_frontier(*zip(*gains)) if gains else fit_frontier([], []),
         "selection": select_default(groups),
         "wall_seconds": float(sum(seconds)),
         "wall_seconds_note": "sum over the finished base and points of the time each took (run one after another)",
@@ -515,13 +592,21 @@ def sweep_dir(sweep: str, outputs_dir: str = "") -> Path:
 def load_summary(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the sweep first "
-                                "(make sweep SWEEP=params/sweeps/<name>.yaml)")
+        raise FileNotFoundError(
+            f"{path} does not exist: run the sweep first (make sweep SWEEP=params/sweeps/<name>.yaml)"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-HEADLINE_KEYS = ("eval.after.gold_score", "derived.gold_gain", "eval.after.rm_score", "eval.after.kl",
-                 "eval.win_rate_vs_ref", "reward_model.eval_accuracy_vs_gold", "reward_model.eval_accuracy")
+HEADLINE_KEYS = (
+    "eval.after.gold_score",
+    "derived.gold_gain",
+    "eval.after.rm_score",
+    "eval.after.kl",
+    "eval.win_rate_vs_ref",
+    "reward_model.eval_accuracy_vs_gold",
+    "reward_model.eval_accuracy",
+)
 
 
 def group_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS, digits: int = 3):
@@ -553,8 +638,13 @@ def points_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS):
     rows = []
     for entry in summary["points"]:
         flat = numeric_leaves(entry.get("summary") or {})
-        row = {"index": entry["index"], "point": entry["name"], "status": entry["status"], **entry["overrides"],
-               "seconds": entry.get("wall_seconds")}
+        row = {
+            "index": entry["index"],
+            "point": entry["name"],
+            "status": entry["status"],
+            **entry["overrides"],
+            "seconds": entry.get("wall_seconds"),
+        }
         row.update({key: flat[key] for key in keys if key in flat})
         rows.append(row)
     return pd.DataFrame(rows).set_index("index")
@@ -571,9 +661,14 @@ def run_notebook(sweep: Sweep, kernel_name: str = "python3") -> Path:
     out = sweep.root / "notebooks" / NOTEBOOK
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"[sweep] notebook: notebooks/{NOTEBOOK} -> {out}", flush=True)
-    papermill.execute_notebook(str(repo_root() / "notebooks" / NOTEBOOK), str(out), kernel_name=kernel_name,
-                               parameters={"sweep": sweep.name, "outputs_dir": str(sweep.root.parent)},
-                               cwd=str(repo_root() / "notebooks"), progress_bar=False)
+    papermill.execute_notebook(
+        str(repo_root() / "notebooks" / NOTEBOOK),
+        str(out),
+        kernel_name=kernel_name,
+        parameters={"sweep": sweep.name, "outputs_dir": str(sweep.root.parent)},
+        cwd=str(repo_root() / "notebooks"),
+        progress_bar=False,
+    )
     return out
 
 
@@ -586,15 +681,21 @@ def print_commands(sweep: Sweep, file=None) -> None:
         print(point_command(sweep, point), file=file)
     first = 1 if points and points[0].is_base else 0
     before = "--point 0 (the base) first, then " if first else ""
-    print(f"# job array: {before}points {first}-{len(points) - 1} in any order (e.g. sbatch --array={first}-"
-          f"{len(points) - 1} ... --point $SLURM_ARRAY_TASK_ID), then --aggregate once all are done", file=file)
+    print(
+        f"# job array: {before}points {first}-{len(points) - 1} in any order (e.g. sbatch --array={first}-"
+        f"{len(points) - 1} ... --point $SLURM_ARRAY_TASK_ID), then --aggregate once all are done",
+        file=file,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", help="sweep file (params/sweeps/<name>.yaml)")
-    parser.add_argument("--outputs-dir", default=None, help="folder holding <sweep>/ (default: the base profile's "
-                        "common.outputs_dir, else the repo's outputs/)")
+    parser.add_argument(
+        "--outputs-dir",
+        default=None,
+        help="folder holding <sweep>/ (default: the base profile's common.outputs_dir, else the repo's outputs/)",
+    )
     parser.add_argument("--print-commands", action="store_true", help="print one pipeline command per point and exit")
     parser.add_argument("--point", type=int, default=None, help="run only the point of this index (job arrays)")
     parser.add_argument("--aggregate", action="store_true", help="only aggregate finished points (and the notebook)")
@@ -614,8 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.aggregate:
             run_sweep(sweep)
         summary = aggregate(sweep)
-        print(f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> "
-              f"{sweep.root / 'summary.json'}")
+        print(
+            f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> {sweep.root / 'summary.json'}"
+        )
         if not args.no_notebook:
             run_notebook(sweep)
     except (SweepError, ConfigError) as err:

@@ -17,6 +17,7 @@ softmax(logits / T), a row that emitted EOS gets pad from then on, the loop stop
 The reference for correctness is teacher forcing: the log-probabilities the loop sampled from equal the ones a
 full-sequence forward of the same tokens gives (tests/test_generation.py, left padding included).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -113,8 +114,16 @@ def lora_factors_as_reductions(model: nn.Module):
 DECODE_ATTENTION = "rlhf_decode"  # the attention implementation name registered with transformers (compiled decode)
 
 
-def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                     scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, None]:
+def decode_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
     """transformers attention function for a one-token decode step, as elementwise products and sums that inductor
     fuses into a few loops of the compiled step, instead of an SDPA call per layer.
 
@@ -130,17 +139,17 @@ def decode_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
 
     special = any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux"))
     if query.shape[2] != 1 or dropout or special:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     B, H, _, D = query.shape
     Hkv, L = key.shape[1], key.shape[2]
-    scale = D ** -0.5 if scaling is None else scaling
+    scale = D**-0.5 if scaling is None else scaling
     q = query.reshape(B, Hkv, H // Hkv, 1, D).float()  # (B, Hkv, G, 1, D): G query heads share a key/value head
     scores = (q * key.float()[:, :, None]).sum(-1) * scale  # (B, Hkv, G, L)
     if attention_mask is not None:
         mask = attention_mask[:, :, -1:, -L:].reshape(B, 1, 1, L)  # (B, 1, 1, L), the last query row
-        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                  else scores + mask.float())
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
     probs = torch.softmax(scores, dim=-1)  # (B, Hkv, G, L)
     out = (probs[..., None] * value.float()[:, :, None]).sum(-2)  # (B, Hkv, G, D)
     return out.to(query.dtype).reshape(B, H, 1, D).transpose(1, 2), None  # (B, 1, H, D)
@@ -192,8 +201,11 @@ class DecodeStep:
     def resolve(self, device: torch.device) -> str:
         """The mode for inputs on `device`; builds the compiled function once."""
         if self.mode is None:
-            self.mode = self.requested if self.requested != "auto" else (
-                "reduce-overhead" if device.type == "cuda" else "default")
+            self.mode = (
+                self.requested
+                if self.requested != "auto"
+                else ("reduce-overhead" if device.type == "cuda" else "default")
+            )
             forward = models.peft_base(self.model).forward
             if self.mode == "default":
                 self._fn = models.compile_dynamic(forward)
@@ -247,8 +259,16 @@ class ResponseSampler:
     fp32. Call it inside the caller's autocast and no_grad contexts.
     """
 
-    def __init__(self, model: nn.Module, max_new_tokens: int, temperature: float, eos_token_id: int,
-                 pad_token_id: int, compile: bool | str = False, cache_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_new_tokens: int,
+        temperature: float,
+        eos_token_id: int,
+        pad_token_id: int,
+        compile: bool | str = False,
+        cache_dtype: torch.dtype | None = None,
+    ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not temperature > 0:
@@ -274,11 +294,18 @@ class ResponseSampler:
         # whole final length, sliced for the dynamic cache, whole (static shape) for the compiled step
         mask = torch.cat([query_mask, query_mask.new_ones(batch, self.max_new_tokens)], dim=1)  # (B, P + N)
         positions = models.position_ids_from_mask(query_mask)  # (B, P)
-        out = self.model(input_ids=queries, attention_mask=query_mask, position_ids=positions,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)  # prefill, eager
+        out = self.model(
+            input_ids=queries,
+            attention_mask=query_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )  # prefill, eager
         next_position = positions[:, -1:] + 1  # (B, 1)
-        responses = torch.full((batch, self.max_new_tokens), self.pad_token_id, dtype=queries.dtype,
-                               device=queries.device)
+        responses = torch.full(
+            (batch, self.max_new_tokens), self.pad_token_id, dtype=queries.dtype, device=queries.device
+        )
         finished = torch.zeros(batch, dtype=torch.bool, device=queries.device)
         if step is self._step:  # compiled: LoRA factors and attention as reductions fused into the graph
             with lora_factors_as_reductions(self.model), models.attention(self.model, DECODE_ATTENTION):
@@ -287,8 +314,17 @@ class ResponseSampler:
             steps = self._decode(out, step, cache, mask, responses, finished, next_position, prompt_len)
         return responses, steps
 
-    def _decode(self, out, step, cache, mask: Tensor, responses: Tensor, finished: Tensor, next_position: Tensor,
-                prompt_len: int) -> int:
+    def _decode(
+        self,
+        out,
+        step,
+        cache,
+        mask: Tensor,
+        responses: Tensor,
+        finished: Tensor,
+        next_position: Tensor,
+        prompt_len: int,
+    ) -> int:
         """The sampling loop: fills `responses` in place, returns the number of tokens sampled."""
         steps = 0
         for t in range(self.max_new_tokens):
@@ -302,10 +338,17 @@ class ResponseSampler:
             length = prompt_len + t + 1  # tokens in the cache after this step's input
             # after the first compiled step of a call, the inputs differ only in values (same shapes, dtypes,
             # cache object, adapter state), so the guards checked then hold: skip re-checking them
-            with (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if step is self._step and t > 0
-                  else contextlib.nullcontext()):
-                out = step(input_ids=tokens[:, None],
-                           attention_mask=mask if step is self._step else mask[:, :length],
-                           position_ids=next_position + t, past_key_values=cache, use_cache=True,
-                           cache_position=torch.tensor([length - 1], device=responses.device))
+            with (
+                torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+                if step is self._step and t > 0
+                else contextlib.nullcontext()
+            ):
+                out = step(
+                    input_ids=tokens[:, None],
+                    attention_mask=mask if step is self._step else mask[:, :length],
+                    position_ids=next_position + t,
+                    past_key_values=cache,
+                    use_cache=True,
+                    cache_position=torch.tensor([length - 1], device=responses.device),
+                )
         return steps

@@ -8,6 +8,7 @@ last, without its newline) is ignored.
 Every write of a whole file goes through a temporary file in the same folder and a rename, so a reader never sees
 half a file, and the file gets the usual permissions (``0666`` less the umask), not ``mkstemp``'s owner-only ``0600``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,12 @@ def _parse_line(raw: bytes, path: Path, line_no: int) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
     except UnicodeDecodeError as err:
-        raise JSONLError(path, line_no, "not_utf8", f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
-                         f"{err.start + 1}); re-save the file as UTF-8") from None
+        raise JSONLError(
+            path,
+            line_no,
+            "not_utf8",
+            f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1}); re-save the file as UTF-8",
+        ) from None
     try:
         row = json.loads(text)
     except json.JSONDecodeError as err:
@@ -62,8 +67,9 @@ def _parse_line(raw: bytes, path: Path, line_no: int) -> dict[str, Any]:
     return row
 
 
-def iter_jsonl(path: str | Path, on_bad_line: Callable[[JSONLError], None] | None = None,
-               torn_tail_ok: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(
+    path: str | Path, on_bad_line: Callable[[JSONLError], None] | None = None, torn_tail_ok: bool = False
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, row) for each non-blank line of a JSONL file.
 
     A bad line raises :class:`JSONLError`, unless ``on_bad_line`` is given: it is called with the error and the line
@@ -157,8 +163,9 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left",
-        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str = "left", device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), both (B, L) long tensors, of token lists padded with ``pad_id`` to the longest on ``side``.
 
     Left padding for prompts that generation extends on the right; right padding for whole sequences scored by a

@@ -10,6 +10,7 @@ The same maths as :func:`rlhf_lib.ppo_core.logprobs_from_logits` and :func:`~rlh
 
 On CPU the full-vocabulary passes are a large share of a policy forward/backward, which is why they get this care.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,14 @@ class _TokenLogprobs(torch.autograd.Function):
     """log softmax(logits / T) at `tokens` and the entropy; only the log-normaliser is saved for backward."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, chunk: int,  # type: ignore[override]
-                fused: bool):
+    def forward(
+        ctx,
+        logits: Tensor,
+        tokens: Tensor,
+        temperature: float,
+        chunk: int,  # type: ignore[override]
+        fused: bool,
+    ):
         if fused:
             logprobs, entropy, lse = _compiled("logprobs")(logits, tokens, temperature)
         else:
@@ -43,8 +50,7 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _chunked_logprobs(logits: Tensor, tokens: Tensor, temperature: float,
-                      chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _chunked_logprobs(logits: Tensor, tokens: Tensor, temperature: float, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """Eager forward of :class:`_TokenLogprobs`: (log-probs, entropy, log-normaliser), each (B, T) fp32."""
     B, T, _ = logits.shape
     logprobs = logits.new_empty((B, T), dtype=torch.float32)
@@ -52,29 +58,30 @@ def _chunked_logprobs(logits: Tensor, tokens: Tensor, temperature: float,
     lse = torch.empty_like(logprobs)
     for b in range(B):
         for t in range(0, T, chunk):
-            z = logits[b, t:t + chunk].float() / temperature  # (c, V)
+            z = logits[b, t : t + chunk].float() / temperature  # (c, V)
             norm = torch.logsumexp(z, dim=-1)  # (c,)
-            picked = z.gather(-1, tokens[b, t:t + chunk, None]).squeeze(-1)  # (c,)
-            logprobs[b, t:t + chunk] = picked - norm
+            picked = z.gather(-1, tokens[b, t : t + chunk, None]).squeeze(-1)  # (c,)
+            logprobs[b, t : t + chunk] = picked - norm
             # TRL entropy_from_logits: H = logsumexp(z) - sum(softmax(z) * z)
-            entropy[b, t:t + chunk] = norm - (torch.exp(z - norm[:, None]) * z).sum(-1)
-            lse[b, t:t + chunk] = norm
+            entropy[b, t : t + chunk] = norm - (torch.exp(z - norm[:, None]) * z).sum(-1)
+            lse[b, t : t + chunk] = norm
     return logprobs, entropy, lse
 
 
-def _chunked_grad(logits: Tensor, tokens: Tensor, lse: Tensor, grad_logprobs: Tensor, temperature: float,
-                  chunk: int) -> Tensor:
+def _chunked_grad(
+    logits: Tensor, tokens: Tensor, lse: Tensor, grad_logprobs: Tensor, temperature: float, chunk: int
+) -> Tensor:
     """Eager backward of :class:`_TokenLogprobs`: the gradient w.r.t. the logits, (B, T, V) in their dtype."""
     grad = torch.empty_like(logits)
     B, T, _ = logits.shape
     for b in range(B):
         for t in range(0, T, chunk):
-            z = logits[b, t:t + chunk].float() / temperature  # (c, V)
-            g = grad_logprobs[b, t:t + chunk, None].float()  # (c, 1)
+            z = logits[b, t : t + chunk].float() / temperature  # (c, V)
+            g = grad_logprobs[b, t : t + chunk, None].float()  # (c, 1)
             # d logp_k / d z = onehot(k) - softmax(z)
-            grad_z = torch.exp(z - lse[b, t:t + chunk, None]).mul_(-g)
-            grad_z.scatter_add_(-1, tokens[b, t:t + chunk, None], g)
-            grad[b, t:t + chunk] = (grad_z / temperature).to(logits.dtype)
+            grad_z = torch.exp(z - lse[b, t : t + chunk, None]).mul_(-g)
+            grad_z.scatter_add_(-1, tokens[b, t : t + chunk, None], g)
+            grad[b, t : t + chunk] = (grad_z / temperature).to(logits.dtype)
     return grad
 
 
@@ -112,8 +119,9 @@ def _compiled(name: str):
     return _COMPILED[name]
 
 
-def token_logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float, chunk: int = 16,
-                               fused: bool = False) -> tuple[Tensor, Tensor]:
+def token_logprobs_and_entropy(
+    logits: Tensor, tokens: Tensor, temperature: float, chunk: int = 16, fused: bool = False
+) -> tuple[Tensor, Tensor]:
     """(log-probs (B, T) with grad, entropy (B, T) detached) of `tokens` under softmax(logits / temperature).
 
     ``fused=True`` runs the maths as two ``torch.compile``'d kernels (forward, backward) instead of eager row chunks:

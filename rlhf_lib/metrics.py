@@ -4,6 +4,7 @@
 like; the README's glossary is generated from it and a test checks that every logged name is in it. Names follow
 TRL's former PPOTrainer where one exists, so knowledge carries across (TRL docs, "Logging" / "PPO Trainer").
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ One function for every kind of reference, so notebooks and params never care whe
   ``<|endoftext|>``, no pad token, no chat template), so the pad/template fix-ups that real ``gpt2`` needs run offline.
 - a local folder, or a Hugging Face hub id (``gpt2``, ``HuggingFaceTB/SmolLM2-135M-Instruct``) for online users.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,9 +116,16 @@ def _build_tiny(ref: str, out: Path) -> None:
     torch.manual_seed(0)
     if ref == "tiny:llama":
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     else:
         # GPT-2's tokenizer situation: EOS = BOS = <|endoftext|>, no pad token, no chat template.
@@ -126,8 +134,13 @@ def _build_tiny(ref: str, out: Path) -> None:
         tokenizer.eos_token = "<|endoftext|>"
         tokenizer.pad_token = None
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=512,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
@@ -189,7 +202,14 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout"):
+    for name in (
+        "attention_dropout",
+        "hidden_dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "summary_first_dropout",
+    ):
         if hasattr(model.config, name):
             setattr(model.config, name, 0.0)
     return model
@@ -274,8 +294,10 @@ def top_block_indices(model: torch.nn.Module, n: int) -> list[int] | None:
     """Indices of the top `n` transformer blocks (a ``trainable_top_layers`` setting; None for 0: every block)."""
     n_blocks = len(transformer_blocks(model))
     if n > n_blocks:
-        raise ValueError(f"trainable_top_layers={n}, but {type(peft_base(model)).__name__} has {n_blocks} transformer "
-                         f"blocks: set it to at most {n_blocks} (0: every block)")
+        raise ValueError(
+            f"trainable_top_layers={n}, but {type(peft_base(model)).__name__} has {n_blocks} transformer "
+            f"blocks: set it to at most {n_blocks} (0: every block)"
+        )
     return list(range(n_blocks - n, n_blocks)) if n else None
 
 
@@ -286,8 +308,13 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 
     inner = peft_base(model)
     body = getattr(inner, inner.base_model_prefix)
-    return sorted({name.rsplit(".", 1)[-1] for name, module in body.named_modules()
-                   if isinstance(module, (torch.nn.Linear, Conv1D))})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in body.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D))
+        }
+    )
 
 
 def _holds_kv_cache(args: tuple, kwargs: dict) -> bool:
@@ -321,7 +348,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
     them all, so compiling costs one block instead of the whole unrolled model (which takes far longer). What it
     buys: on CPU a bf16 block spends more time in small elementwise ops (norms, rotary, SiLU, casts) than in
     matmuls, and inductor fuses them. :func:`compile_dynamic`: new sequence lengths
-    reuse the graph. Calls that carry a KV cache (generation) stay eager -- decoding is bound by reading the weights, and
+    reuse the graph. Calls that carry a KV cache (generation) stay eager -- decoding is bound by reading the weights,
+    and
     a cache object would break the graph anyway. :func:`uncompile_blocks` undoes it.
     """
     blocks = transformer_blocks(model)

@@ -8,6 +8,7 @@ The pipeline holds the run's lock for the whole invocation and hands its kernels
 (:mod:`rlhf_lib.runlock`), so a second writer of the same run is refused at once. ``--in-process`` runs the PPO stage
 in this process instead of a notebook: what ``accelerate launch`` needs, where every process runs the PPO loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,9 @@ def load(params_path: str, run: str | None, overrides: Sequence[str], overwrite:
     return params, common
 
 
-def plan(params_path: str, run: str | None, stages: Sequence[str], overrides: Sequence[str], overwrite: bool,
-         skip_done: bool) -> list[tuple[str, dict[str, Any]]]:
+def plan(
+    params_path: str, run: str | None, stages: Sequence[str], overrides: Sequence[str], overwrite: bool, skip_done: bool
+) -> list[tuple[str, dict[str, Any]]]:
     """Validate everything before running anything: returns [(stage, parameters)] for the stages to execute."""
     params, common = load(params_path, run, overrides, overwrite)
     target = run_for(common)
@@ -97,8 +99,10 @@ def _plan_resume(target: Run, stage: str, parameters: dict[str, Any], skip_done:
             parameters["resume"] = True
             print(f"[pipeline] ppo: {runs.describe_state(target, stage)}; resuming from {checkpoint} (--skip-done)")
         elif checkpoint is not None and not parameters.get("resume"):
-            print(f"[pipeline] ppo: {runs.describe_state(target, stage)}; starting over (--skip-done or "
-                  f"-p ppo.resume=true would continue from {checkpoint})")
+            print(
+                f"[pipeline] ppo: {runs.describe_state(target, stage)}; starting over (--skip-done or "
+                f"-p ppo.resume=true would continue from {checkpoint})"
+            )
     if parameters.get("resume"):
         runs.check_resume(target, stage, parameters)
 
@@ -116,17 +120,27 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = previous
 
 
-def execute(params_path: str, run: str | None = None, stages: Sequence[str] = STAGES, overrides: Sequence[str] = (),
-            overwrite: bool = False, skip_done: bool = False, kernel_name: str = "python3",
-            in_process: bool = False) -> Path:
+def execute(
+    params_path: str,
+    run: str | None = None,
+    stages: Sequence[str] = STAGES,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+    skip_done: bool = False,
+    kernel_name: str = "python3",
+    in_process: bool = False,
+) -> Path:
     """Take the run's lock, then plan and execute the notebooks; returns the run folder. Stops at the first failure.
 
     Raises ConfigError / StageError / RunBusyError before anything runs, StageFailed when a stage raised.
     """
     _, common = load(params_path, run, overrides, overwrite)
     target = run_for(common)
-    lock = runlock.acquire(target.root, "pipeline", what=f"pipeline {','.join(stages)}") \
-        if runs.process_rank() == 0 else None
+    lock = (
+        runlock.acquire(target.root, "pipeline", what=f"pipeline {','.join(stages)}")
+        if runs.process_rank() == 0
+        else None
+    )
     try:
         if lock is not None:
             runs.recover_interrupted(target)
@@ -142,8 +156,11 @@ def execute(params_path: str, run: str | None = None, stages: Sequence[str] = ST
         if lock is not None:
             lock.release("pipeline")
     if runs.process_rank() == 0:
-        print(f"[pipeline] outputs in {target.root} (summary.json, manifest.json, plots/, notebooks/)"
-              if todo else "[pipeline] nothing to run")
+        print(
+            f"[pipeline] outputs in {target.root} (summary.json, manifest.json, plots/, notebooks/)"
+            if todo
+            else "[pipeline] nothing to run"
+        )
     return target.root
 
 
@@ -161,11 +178,16 @@ def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_na
     start = time.time()
     try:
         papermill.execute_notebook(
-            str(root / "notebooks" / notebook), str(tmp), parameters=parameters, kernel_name=kernel_name,
+            str(root / "notebooks" / notebook),
+            str(tmp),
+            parameters=parameters,
+            kernel_name=kernel_name,
             cwd=str(root / "notebooks"),
             # the kernel's stdout/stderr go straight to this console, so the stages' progress bars and prints show
             # live (the executed notebook keeps its own copy of every output)
-            stdout_file=sys.stdout, stderr_file=sys.stderr, progress_bar=False,
+            stdout_file=sys.stdout,
+            stderr_file=sys.stderr,
+            progress_bar=False,
         )
     except BaseException as err:
         if tmp.exists():
@@ -175,8 +197,9 @@ def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_na
             runs.fail_stage(target, stage, message)
         if not isinstance(err, Exception):  # Ctrl-C: stop as the user asked
             raise
-        raise StageFailed(f"stage {stage!r} failed: {runs.first_line(message)} (executed notebook with the "
-                          f"traceback: {failed})") from err
+        raise StageFailed(
+            f"stage {stage!r} failed: {runs.first_line(message)} (executed notebook with the traceback: {failed})"
+        ) from err
     os.replace(tmp, final)
     failed.unlink(missing_ok=True)
     print(f"[pipeline] {stage}: done in {time.time() - start:.0f} s", flush=True)
@@ -185,8 +208,10 @@ def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_na
 def _run_in_process(target: Run, stage: str, parameters: dict[str, Any]) -> None:
     """The PPO notebook's calls, in this process (every process of an ``accelerate launch`` runs this)."""
     if stage != "ppo":
-        raise ConfigError(f"--in-process runs the ppo stage only (got {stage!r}); run the other stages as "
-                          f"notebooks (without --in-process)")
+        raise ConfigError(
+            f"--in-process runs the ppo stage only (got {stage!r}); run the other stages as "
+            f"notebooks (without --in-process)"
+        )
     from .ppo import PPOConfig, train_ppo
 
     cfg = validate(PPOConfig, parameters, "parameters of stage 'ppo'")
@@ -205,14 +230,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--params", default="params/default.yaml", help="params profile (YAML)")
     parser.add_argument("--run", default=None, help="run name (default: the profile's common.run)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    parser.add_argument("-p", "--set", dest="overrides", action="append", default=[],
-                        help="override one parameter: section.key=value (repeatable)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="redo stages this run already finished (replaced only when the new attempt finishes)")
-    parser.add_argument("--skip-done", action="store_true",
-                        help="skip finished stages; continue an interrupted or failed PPO stage from its last checkpoint")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run the ppo stage in this process, not as a notebook (for accelerate launch)")
+    parser.add_argument(
+        "-p",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="override one parameter: section.key=value (repeatable)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo stages this run already finished (replaced only when the new attempt finishes)",
+    )
+    parser.add_argument(
+        "--skip-done",
+        action="store_true",
+        help="skip finished stages; continue an interrupted or failed PPO stage from its last checkpoint",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the ppo stage in this process, not as a notebook (for accelerate launch)",
+    )
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -220,8 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        execute(args.params, args.run, stages, args.overrides, args.overwrite, args.skip_done,
-                in_process=args.in_process)
+        execute(
+            args.params, args.run, stages, args.overrides, args.overwrite, args.skip_done, in_process=args.in_process
+        )
     except (ConfigError, runs.StageError, runlock.RunBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

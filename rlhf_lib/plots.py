@@ -4,6 +4,7 @@
 Figures are closed in pyplot after saving, so a notebook shows each one once (as the cell's value), and tests and
 papermill runs never accumulate open figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,7 @@ def plot_ppo_curves(run: Run, metrics: Sequence[str] = tuple(PPO_CURVES), smooth
             ax.plot(x, y, color=TRAINED_COLOR, lw=1.5, marker="o" if len(y) < 30 else None, ms=3)
         ax.set_xlabel(x_name or "update")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
     fig.suptitle(f"PPO training ({run.name})")
     fig.tight_layout()
@@ -123,12 +124,14 @@ def plot_reward_distributions(result: Any, run: Run) -> Figure:
     df = result.samples
     has_gold = df["reference_gold"].notna().any()
     fig, axes = plt.subplots(1, 2 if has_gold else 1, figsize=(11 if has_gold else 5.5, 3.6), squeeze=False)
-    _histogram_pair(axes[0, 0], df["reference_rm"].to_numpy(float), df["trained_rm"].to_numpy(float),
-                    "reward-model score (proxy)")
+    _histogram_pair(
+        axes[0, 0], df["reference_rm"].to_numpy(float), df["trained_rm"].to_numpy(float), "reward-model score (proxy)"
+    )
     axes[0, 0].set_xlabel("RM score")
     if has_gold:
-        _histogram_pair(axes[0, 1], df["reference_gold"].to_numpy(float), df["trained_gold"].to_numpy(float),
-                        "gold score")
+        _histogram_pair(
+            axes[0, 1], df["reference_gold"].to_numpy(float), df["trained_gold"].to_numpy(float), "gold score"
+        )
         axes[0, 1].set_xlabel("gold score")
     fig.suptitle(f"held-out prompts, n={len(df)} ({run.name})")
     fig.tight_layout()
@@ -257,8 +260,11 @@ def plot_run_comparison(df: pd.DataFrame, run: Run) -> Figure:
 # ----------------------------------------------------------------------------------------------------------------
 # benchmark (make bench)
 
-BENCH_PHASES = (("generation_s", "generation", "tab:blue"), ("forward_s", "scoring / ref / value forwards", "tab:orange"),
-                ("optimization_s", "PPO optimisation", "tab:green"))
+BENCH_PHASES = (
+    ("generation_s", "generation", "tab:blue"),
+    ("forward_s", "scoring / ref / value forwards", "tab:orange"),
+    ("optimization_s", "PPO optimisation", "tab:green"),
+)
 
 
 def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target: float = 0.5) -> Figure:
@@ -273,8 +279,13 @@ def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target:
     trl_shown = int("episodes_per_s" in trl)  # TRL's row comes last when it finished
     colors = ["tab:purple"] * (len(rows) - trl_shown) + ["tab:red"] * trl_shown
     by_round = report.get("episodes_per_s_ratio_vs_trl_by_round") or []
-    fig, axes = plt.subplots(1, 3 if by_round else 2, figsize=(16 if by_round else 12, 2.4 + 0.45 * max(len(rows), 2)),
-                             squeeze=False, gridspec_kw={"width_ratios": [3, 2, 2][:3 if by_round else 2]})
+    fig, axes = plt.subplots(
+        1,
+        3 if by_round else 2,
+        figsize=(16 if by_round else 12, 2.4 + 0.45 * max(len(rows), 2)),
+        squeeze=False,
+        gridspec_kw={"width_ratios": [3, 2, 2][: 3 if by_round else 2]},
+    )
     axes = axes[0]
     names = [r["name"] for r in rows]
     y = np.arange(len(rows))
@@ -292,8 +303,12 @@ def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target:
         ax.barh(y, rest, left=left, color="lightgray", label="other")
         for yi, r in zip(y, rows):
             vs = r.get("episodes_per_s_vs_trl")
-            ax.annotate(f" {r['episodes_per_s']:.3f} ep/s" + (f" ({vs:.2f}x TRL)" if vs is not None else ""),
-                        (r.get("s_per_update") or 0.0, yi), va="center", fontsize=8)
+            ax.annotate(
+                f" {r['episodes_per_s']:.3f} ep/s" + (f" ({vs:.2f}x TRL)" if vs is not None else ""),
+                (r.get("s_per_update") or 0.0, yi),
+                va="center",
+                fontsize=8,
+            )
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("seconds per PPO update (lower is faster)")
@@ -307,8 +322,13 @@ def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target:
     else:
         ax.barh(y, [r.get("peak_rss_gib") or 0.0 for r in rows], color=colors)
         if trl.get("peak_rss_gib"):
-            ax.axvline(memory_target * trl["peak_rss_gib"], color="black", ls="--", lw=1,
-                       label=f"target: {memory_target:g}x TRL")
+            ax.axvline(
+                memory_target * trl["peak_rss_gib"],
+                color="black",
+                ls="--",
+                lw=1,
+                label=f"target: {memory_target:g}x TRL",
+            )
             ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3))
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
@@ -330,7 +350,10 @@ def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target:
         ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
         ax.set_title(f"{report.get('reference_config')} vs TRL", fontsize=9)
     device = report.get("device") or {}
-    fig.suptitle(f"make bench: {device.get('type', '?')}, {report.get('threads', '?')} threads, "
-                 f"OMP_WAIT_POLICY={report.get('omp_wait_policy', '?')}, {report.get('created', '')}", fontsize=10)
+    fig.suptitle(
+        f"make bench: {device.get('type', '?')}, {report.get('threads', '?')} threads, "
+        f"OMP_WAIT_POLICY={report.get('omp_wait_policy', '?')}, {report.get('created', '')}",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig

@@ -10,6 +10,7 @@
 - :func:`response_logits` is the policy forward of PPO: the LM head on the response positions only, and the prompt
   prefix all rows share computed once (:mod:`rlhf_lib.prefix`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,28 +47,36 @@ class ScalarHead(nn.Module):
         super().__init__()
         self.model = model  # a transformers *ForSequenceClassification, possibly wrapped by peft
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                context_length: int | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, context_length: int | None = None
+    ) -> Tensor:
         """(B, L) scalars. Given `context_length` (the prompt width), a prompt prefix all rows share is computed
         once (:mod:`rlhf_lib.prefix`); its columns then hold 0, as only response-side values are read."""
         base = models.peft_base(self.model)
         backbone = getattr(base, base.base_model_prefix)
         if not hasattr(base, "score"):
-            raise TypeError(f"{type(base).__name__} has no `score` head; value/reward models must be "
-                            "AutoModelForSequenceClassification models with num_labels=1")
-        layout = (prefix.find_shared_prefix(input_ids, attention_mask, position_ids, context_length)
-                  if context_length is not None else None)
+            raise TypeError(
+                f"{type(base).__name__} has no `score` head; value/reward models must be "
+                "AutoModelForSequenceClassification models with num_labels=1"
+            )
+        layout = (
+            prefix.find_shared_prefix(input_ids, attention_mask, position_ids, context_length)
+            if context_length is not None
+            else None
+        )
         if layout is None:
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # (B, L, H)
+            hidden = backbone(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state  # (B, L, H)
             return base.score(hidden).squeeze(-1).float()  # (B, L)
         with models.attention(self.model, prefix.ATTENTION):
             hidden = backbone(**layout.model_inputs(), use_cache=False).last_hidden_state  # (1, P + B * S, H)
         return layout.unpack(base.score(hidden).squeeze(-1).float(), input_ids.shape[1])  # (B, L)
 
 
-def scores_at_last_token(head: ScalarHead, input_ids: Tensor, attention_mask: Tensor,
-                         context_length: int | None = None) -> Tensor:
+def scores_at_last_token(
+    head: ScalarHead, input_ids: Tensor, attention_mask: Tensor, context_length: int | None = None
+) -> Tensor:
     """Score of each sequence read at its last real token, whatever the padding side (B,)."""
     values = head(input_ids, attention_mask, models.position_ids_from_mask(attention_mask), context_length)  # (B, L)
     last = ppo_core.last_valid_index(attention_mask)  # (B,)
@@ -90,8 +99,14 @@ class ModelReward:
         return (scores - self.mean) / self.std
 
 
-def response_logits(model: nn.Module, query_responses: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                    context_length: int, share_prefix: bool = True) -> Tensor:
+def response_logits(
+    model: nn.Module,
+    query_responses: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    context_length: int,
+    share_prefix: bool = True,
+) -> Tensor:
     """Logits predicting each response token, (B, T, V); the LM head runs on those T positions only.
 
     Position context_length - 1 predicts response token 0. The positions are passed as a tensor rather than
@@ -100,14 +115,23 @@ def response_logits(model: nn.Module, query_responses: Tensor, attention_mask: T
     same maths as the padded batch up to rounding, used whenever the rows share at least a few tokens).
     """
     keep = torch.arange(context_length - 1, query_responses.shape[1] - 1, device=query_responses.device)  # (T,)
-    layout = (prefix.find_shared_prefix(query_responses, attention_mask, position_ids, context_length)
-              if share_prefix else None)
+    layout = (
+        prefix.find_shared_prefix(query_responses, attention_mask, position_ids, context_length)
+        if share_prefix
+        else None
+    )
     if layout is None:
-        return model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
-                     logits_to_keep=keep, use_cache=False).logits
+        return model(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        ).logits
     with models.attention(model, prefix.ATTENTION):
-        logits = model(**layout.model_inputs(), logits_to_keep=layout.suffix_columns(keep),
-                       use_cache=False).logits  # (1, B * T, V): the LM head on the response positions only
+        logits = model(
+            **layout.model_inputs(), logits_to_keep=layout.suffix_columns(keep), use_cache=False
+        ).logits  # (1, B * T, V): the LM head on the response positions only
     return logits.view(layout.batch, keep.shape[0], -1)  # (B, T, V)
 
 
@@ -142,8 +166,14 @@ def lora_config(settings: Any, task_type: str, model: nn.Module):
             targets = models.linear_layer_names(model)
     if targets == ["all-linear"]:
         targets = "all-linear"
-    return LoraConfig(task_type=task_type, r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                      target_modules=targets, **extra)
+    return LoraConfig(
+        task_type=task_type,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=targets,
+        **extra,
+    )
 
 
 def build_models(cfg: Any, tokenizer, reward_model: str, reward_stats: dict[str, float] | None) -> PPOModels:
@@ -167,8 +197,10 @@ def reward_model_source(cfg, run) -> tuple[str, dict[str, float] | None]:
     """The reward model reference and its normalisation statistics (None = no normalisation)."""
     ref = cfg.reward_model or str(run.upstream("reward_model").reward_model_dir)  # the base run's with common.base_run
     if not cfg.reward_model and not (Path(ref) / "config.json").exists():
-        raise FileNotFoundError(f"{ref} holds no reward model: run the reward_model stage first, or set "
-                                "reward_model to a model reference (random score head; benchmarks only)")
+        raise FileNotFoundError(
+            f"{ref} holds no reward model: run the reward_model stage first, or set "
+            "reward_model to a model reference (random score head; benchmarks only)"
+        )
     stats_path = Path(ref) / "reward_stats.json"
     if not cfg.reward_normalization or not stats_path.exists():
         if cfg.reward_normalization:
@@ -201,8 +233,12 @@ def should_compile(requested: bool, device: torch.device, what: str) -> bool:
     """`requested` (a ``torch_compile`` setting) where a compiler is present; else False, with a log line."""
     device = torch.device(device)
     if requested and not compiler_available(device):
-        logger.warning("%s: no compiler for torch.compile on %s (a C++ compiler on CPU, Triton on CUDA); running "
-                       "eager, with the same maths", what, device.type)
+        logger.warning(
+            "%s: no compiler for torch.compile on %s (a C++ compiler on CPU, Triton on CUDA); running "
+            "eager, with the same maths",
+            what,
+            device.type,
+        )
         return False
     return requested
 
@@ -272,5 +308,8 @@ def make_accelerator(device: torch.device, dtype: torch.dtype, gradient_accumula
     shared = AcceleratorState._shared_state
     if shared and shared.get("_mixed_precision") != mixed_precision and PartialState().num_processes == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu",
-                       gradient_accumulation_steps=gradient_accumulation_steps)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=device.type == "cpu",
+        gradient_accumulation_steps=gradient_accumulation_steps,
+    )

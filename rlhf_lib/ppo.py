@@ -29,9 +29,11 @@ Speed-ups that are always on (exact: the same maths, fewer or cheaper operations
 The two switches that remain (``torch_compile``, ``compile_generation``, at the end of :class:`PPOConfig`) trade
 compile time for step time, so they pay only over long enough runs.
 
-Public API for notebooks/03_ppo: :func:`train_ppo`, :func:`sample_table` (curves: :func:`rlhf_lib.plots.plot_ppo_curves`);
+Public API for notebooks/03_ppo: :func:`train_ppo`, :func:`sample_table`
+(curves: :func:`rlhf_lib.plots.plot_ppo_curves`);
 tests and custom rewards use :class:`PPOTrainer` directly.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +51,16 @@ from . import checkpoints, generation, models, ppo_core, runtime
 from .config import CommonConfig, exact_div, to_dict
 from .logprobs import token_logprobs_and_entropy
 from .metrics import METRIC_GLOSSARY, JSONLWriter, MetricAccumulator, Reporter, read_jsonl
-from .policy_models import (RewardFn, ScalarHead, build_models, make_accelerator, prepare_model, response_logits,
-                            reward_model_source, should_compile)
+from .policy_models import (
+    RewardFn,
+    ScalarHead,
+    build_models,
+    make_accelerator,
+    prepare_model,
+    response_logits,
+    reward_model_source,
+    should_compile,
+)
 from .rollout import PromptStream, Rollout, left_pad, load_prompts, sample_rows
 
 logger = logging.getLogger(__name__)
@@ -68,19 +78,25 @@ class PPOConfig(CommonConfig):
     """PPO stage: sample from the policy, score with the reward model, update with a KL leash to the reference."""
 
     # models
-    reward_model: str = ""  # "": this run's reward_model/ folder (stage 2); or a model reference, whose score head is then random (benchmarks only)
-    use_lora: bool = True  # train LoRA adapters on policy and value; the reference / reward model are then the adapter-off bases (one copy each)
+    reward_model: str = ""  # "": this run's reward_model/ folder (stage 2); or a model reference, whose score head is
+    #   then random (benchmarks only)
+    use_lora: bool = True  # train LoRA adapters on policy and value; the reference / reward model are then the
+    #   adapter-off bases (one copy each)
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scale numerator (scale: lora_alpha / lora_r)
-    lora_target_modules: list[str] = field(default_factory=list)  # modules that get adapters; []: peft's default for the architecture (q_proj, v_proj for Llama; c_attn for GPT-2); ["all-linear"]: every linear layer but the head
-    trainable_top_layers: int = 0  # LoRA adapters only in the top N transformer blocks of policy and value (0: every block; as reward_model.trainable_top_layers); backward then stops at the lowest adapted block -- faster, but less capacity: a modelling choice, not a free speed-up
+    lora_target_modules: list[str] = field(default_factory=list)  # modules that get adapters; []: peft's default for
+    #   the architecture (q_proj, v_proj for Llama; c_attn for GPT-2); ["all-linear"]: every linear layer but the head
+    trainable_top_layers: int = 0  # LoRA adapters only in the top N transformer blocks of policy and value (0: every
+    #   block; as reward_model.trainable_top_layers); backward then stops at the lowest adapted block -- faster, but
+    #   less capacity: a modelling choice, not a free speed-up
     # rollout
     total_episodes: int = 320  # prompts answered over the whole run (TRL name); updates: total_episodes / batch_size
     batch_size: int = 16  # prompts per update, all processes together (the rollout batch)
     response_length: int = 48  # maximum new tokens per response (TRL name)
     temperature: float = 0.7  # sampling temperature; log-probs use logits / temperature too (N+ details)
     local_rollout_forward_batch_size: int = 64  # rows per generation / no-grad forward chunk (memory knob, TRL name)
-    missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at response_length without EOS (TRL name); None: no penalty
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at response_length without
+    #   EOS (TRL name); None: no penalty
     reward_normalization: bool = True  # standardise RM scores with the RM's reward_stats.json (mean / std) when present
     # reward shaping and advantages
     kl_coef: float = 0.05  # KL penalty coefficient beta (initial value when adap_kl_ctrl is on)
@@ -110,19 +126,32 @@ class PPOConfig(CommonConfig):
     resume: bool = False  # continue from the latest checkpoint of this run instead of starting over
     report_to: list[str] = field(default_factory=list)  # extra loggers: "tensorboard" and/or "wandb"
     # speed: same maths up to floating-point rounding; compiling costs time once per process, repaid per update
-    torch_compile: bool = False  # torch.compile each transformer block and the log-prob kernels for full-sequence passes (where a compiler is present: C++ on CPU, Triton on CUDA); pays from a few dozen updates on
-    compile_generation: bool = False  # decode with one torch.compile'd step over a static KV cache; its compile is far longer than torch_compile's, so it pays only over runs of hundreds of updates
+    torch_compile: bool = False  # torch.compile each transformer block and the log-prob kernels for full-sequence
+    #   passes (where a compiler is present: C++ on CPU, Triton on CUDA); pays from a few dozen updates on
+    compile_generation: bool = False  # decode with one torch.compile'd step over a static KV cache; its compile is far
+    #   longer than torch_compile's, so it pays only over runs of hundreds of updates
 
     def check(self) -> None:
         """Cross-field checks; raises ValueError naming the field and the fix."""
-        for name in ("batch_size", "total_episodes", "response_length", "num_ppo_epochs", "num_mini_batches",
-                     "gradient_accumulation_steps", "local_rollout_forward_batch_size", "lora_r", "kl_horizon"):
+        for name in (
+            "batch_size",
+            "total_episodes",
+            "response_length",
+            "num_ppo_epochs",
+            "num_mini_batches",
+            "gradient_accumulation_steps",
+            "local_rollout_forward_batch_size",
+            "lora_r",
+            "kl_horizon",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.trainable_top_layers < 0:
             raise ValueError(f"trainable_top_layers must be >= 0 (0: every block), got {self.trainable_top_layers}")
         if self.trainable_top_layers and not self.use_lora:
-            raise ValueError("trainable_top_layers > 0 places LoRA adapters: set use_lora: true (or trainable_top_layers: 0)")
+            raise ValueError(
+                "trainable_top_layers > 0 places LoRA adapters: set use_lora: true (or trainable_top_layers: 0)"
+            )
         for name in ("temperature", "learning_rate", "kl_target", "max_grad_norm", "cliprange", "cliprange_value"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -154,12 +183,21 @@ class BatchPlan:
 def batch_plan(cfg: PPOConfig, world_size: int) -> BatchPlan:
     """Split batch_size over processes, minibatches and micro-batches, refusing remainders."""
     local = exact_div(cfg.batch_size, world_size, f"batch_size ({cfg.batch_size}) over {world_size} processes")
-    mini = exact_div(local, cfg.num_mini_batches,
-                     f"per-process batch ({local}) into num_mini_batches ({cfg.num_mini_batches}) minibatches")
-    micro = exact_div(mini, cfg.gradient_accumulation_steps,
-                      f"minibatch ({mini}) into gradient_accumulation_steps ({cfg.gradient_accumulation_steps})")
-    updates = exact_div(cfg.total_episodes, cfg.batch_size,
-                        f"total_episodes ({cfg.total_episodes}) into updates of batch_size ({cfg.batch_size})")
+    mini = exact_div(
+        local,
+        cfg.num_mini_batches,
+        f"per-process batch ({local}) into num_mini_batches ({cfg.num_mini_batches}) minibatches",
+    )
+    micro = exact_div(
+        mini,
+        cfg.gradient_accumulation_steps,
+        f"minibatch ({mini}) into gradient_accumulation_steps ({cfg.gradient_accumulation_steps})",
+    )
+    updates = exact_div(
+        cfg.total_episodes,
+        cfg.batch_size,
+        f"total_episodes ({cfg.total_episodes}) into updates of batch_size ({cfg.batch_size})",
+    )
     return BatchPlan(world_size, local, mini, micro, updates)
 
 
@@ -174,8 +212,10 @@ class NonFiniteError(RuntimeError):
 def check_models(tokenizer, policy: nn.Module, ref_policy: nn.Module | None) -> None:
     """Refuse a tokenizer or model set PPOTrainer cannot train correctly, naming the fix."""
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError("the tokenizer needs a pad token distinct from EOS (rlhf_lib.models.load_tokenizer "
-                         "sets one); pad == eos hides the policy's own EOS from the masks")
+        raise ValueError(
+            "the tokenizer needs a pad token distinct from EOS (rlhf_lib.models.load_tokenizer "
+            "sets one); pad == eos hides the policy's own EOS from the masks"
+        )
     if ref_policy is None and not models.is_peft(policy):
         raise ValueError("ref_policy=None needs a peft (LoRA) policy whose disabled adapter is the reference")
 
@@ -188,9 +228,18 @@ class PPOTrainer:
     with its adapter disabled.
     """
 
-    def __init__(self, cfg: PPOConfig, tokenizer, policy: nn.Module, ref_policy: nn.Module | None,
-                 value: ScalarHead, reward_fn: RewardFn, prompts: list[list[int]], ppo_dir: str | Path,
-                 checkpoints_dir: str | Path) -> None:
+    def __init__(
+        self,
+        cfg: PPOConfig,
+        tokenizer,
+        policy: nn.Module,
+        ref_policy: nn.Module | None,
+        value: ScalarHead,
+        reward_fn: RewardFn,
+        prompts: list[list[int]],
+        ppo_dir: str | Path,
+        checkpoints_dir: str | Path,
+    ) -> None:
         cfg.check()
         check_models(tokenizer, policy, ref_policy)
         self.cfg, self.tokenizer, self.reward_fn = cfg, tokenizer, reward_fn
@@ -205,12 +254,20 @@ class PPOTrainer:
         self.ref_policy = self._prepare_models(policy, ref_policy, value)
         # N+ details: pure sampling -- no top-k / top-p / min length, which would bias the KL estimate
         self.sampler = generation.ResponseSampler(
-            policy, cfg.response_length, cfg.temperature, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            policy,
+            cfg.response_length,
+            cfg.temperature,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
             compile=should_compile(cfg.compile_generation, self.device, "ppo.compile_generation"),
-            cache_dtype=None if self.dtype == torch.float32 else self.dtype)
+            cache_dtype=None if self.dtype == torch.float32 else self.dtype,
+        )
         self._prepare_optimisation(policy, value)
-        self.kl_ctl = (ppo_core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-                       if cfg.adap_kl_ctrl else ppo_core.FixedKLController(cfg.kl_coef))
+        self.kl_ctl = (
+            ppo_core.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+            if cfg.adap_kl_ctrl
+            else ppo_core.FixedKLController(cfg.kl_coef)
+        )
         self.stream = PromptStream(prompts, cfg.seed, self.accelerator.process_index, self.plan.world_size)
         self.ppo_dir, self.checkpoints_dir = Path(ppo_dir), Path(checkpoints_dir)
         self.metrics_writer = JSONLWriter(self.ppo_dir / "metrics.jsonl")
@@ -241,8 +298,9 @@ class PPOTrainer:
             raise ValueError("neither the policy nor the value model has trainable parameters")
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         # TRL PPOTrainer: the schedule steps once per update and decays to 0 at the last one
-        self.scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=0,
-                                       num_training_steps=self.plan.num_updates)
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=self.plan.num_updates
+        )
         self.policy, self.value, self.optimizer = self.accelerator.prepare(policy, value, optimizer)
         # accelerate wraps a prepared model's forward in autocast plus a copy of every output to fp32. Every forward
         # here already runs inside accelerator.autocast(), and the log-prob pass upcasts the bf16 logits itself, so
@@ -270,9 +328,12 @@ class PPOTrainer:
         bad = int((~torch.isfinite(values)).sum().item())
         if not self._any_process(bad > 0):
             return
-        where = (f"the last good checkpoint is {self.last_good_checkpoint}; after fixing the cause, re-run with "
-                 f"resume: true to continue from it" if self.last_good_checkpoint else
-                 "no checkpoint was written yet (save_every controls how often)")
+        where = (
+            f"the last good checkpoint is {self.last_good_checkpoint}; after fixing the cause, re-run with "
+            f"resume: true to continue from it"
+            if self.last_good_checkpoint
+            else "no checkpoint was written yet (save_every controls how often)"
+        )
         raise NonFiniteError(
             f"PPO update {self.update}: {what} is not finite ({bad} of {values.numel()} values are nan/inf); "
             f"training stopped before the optimiser step. {where}. Usual causes: a reward model or reward "
@@ -306,16 +367,26 @@ class PPOTrainer:
 
     def _sample_rollout(self) -> Rollout:
         """Steps 1 and 2: responses to the next batch of prompts, truncated after the first EOS (N+ details)."""
-        queries, query_mask = left_pad(self.stream.next_batch(self.plan.local_batch), self.tokenizer.pad_token_id,
-                                       self.device)
+        queries, query_mask = left_pad(
+            self.stream.next_batch(self.plan.local_batch), self.tokenizer.pad_token_id, self.device
+        )
         raw_responses, gen_steps = self._generate(queries, query_mask)
         responses, response_mask, contains_eos = ppo_core.truncate_after_eos(
-            raw_responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+            raw_responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        )
         width = max(int(ppo_core.sequence_lengths(response_mask).max().item()), 1)  # columns padded in every row
         responses, response_mask = responses[:, :width], response_mask[:, :width]
         attention_mask = torch.cat([query_mask, response_mask.long()], dim=1)
-        return Rollout(queries, responses, response_mask, contains_eos, torch.cat([queries, responses], dim=1),
-                       attention_mask, models.position_ids_from_mask(attention_mask), gen_steps)
+        return Rollout(
+            queries,
+            responses,
+            response_mask,
+            contains_eos,
+            torch.cat([queries, responses], dim=1),
+            attention_mask,
+            models.position_ids_from_mask(attention_mask),
+            gen_steps,
+        )
 
     @torch.no_grad()
     def _ref_logprobs(self, roll: Rollout) -> Tensor:
@@ -324,8 +395,7 @@ class PPOTrainer:
             with self.accelerator.autocast():
                 if self.ref_policy is None:  # LoRA: the reference is the policy with its adapter off
                     with self._unwrapped_policy().disable_adapter():
-                        logits = response_logits(self._unwrapped_policy(), *self._rows(roll, rows),
-                                                 roll.context_length)
+                        logits = response_logits(self._unwrapped_policy(), *self._rows(roll, rows), roll.context_length)
                 else:
                     logits = response_logits(self.ref_policy, *self._rows(roll, rows), roll.context_length)
             out.append(self._logprobs(logits, roll.responses[rows])[0])
@@ -349,7 +419,9 @@ class PPOTrainer:
         ctx = roll.context_length
         with self.accelerator.autocast():
             logits = response_logits(self.policy, *self._rows(roll, rows), ctx)  # (b, T, V)
-            values = self.value(*self._rows(roll, rows), ctx)[:, ctx - 1:-1]  # (b, T) value of the state before each token
+            values = self.value(*self._rows(roll, rows), ctx)[
+                :, ctx - 1 : -1
+            ]  # (b, T) value of the state before each token
         logprobs, entropy = self._logprobs(logits, roll.responses[rows])
         return logprobs, values.float(), ppo_core.masked_mean(entropy, roll.response_mask[rows])
 
@@ -382,7 +454,8 @@ class PPOTrainer:
         cfg, mask = self.cfg, roll.response_mask
         # -beta * KL per token, plus the score at the last token (Ziegler et al. 2019)
         roll.rewards, roll.non_score_reward, roll.kl = ppo_core.compute_rewards(
-            roll.scores, roll.logprobs, roll.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator)
+            roll.scores, roll.logprobs, roll.ref_logprobs, mask, self.kl_ctl.value, cfg.kl_estimator
+        )
         self._check_finite("the per-token reward", roll.rewards, mask)
         if cfg.whiten_rewards:  # TRL PPOTrainer: whiten rewards without shifting their mean
             roll.rewards = ppo_core.masked_whiten(roll.rewards, mask, shift_mean=False)
@@ -398,12 +471,22 @@ class PPOTrainer:
 
         cfg, plan = self.cfg, self.plan
         start = self._resume() if cfg.resume else 0
-        reporter = (Reporter(cfg.report_to, self.ppo_dir / "logs", Path(self.ppo_dir).parent.name, to_dict(cfg))
-                    if self.is_main else None)
+        reporter = (
+            Reporter(cfg.report_to, self.ppo_dir / "logs", Path(self.ppo_dir).parent.name, to_dict(cfg))
+            if self.is_main
+            else None
+        )
         if self.is_main:
-            logger.info("PPO: %d updates x %d prompts, %s %s, LoRA=%s, compiled=%s, %d process(es)",
-                        plan.num_updates, cfg.batch_size, self.device, self.dtype, cfg.use_lora, self.compiled,
-                        plan.world_size)
+            logger.info(
+                "PPO: %d updates x %d prompts, %s %s, LoRA=%s, compiled=%s, %d process(es)",
+                plan.num_updates,
+                cfg.batch_size,
+                self.device,
+                self.dtype,
+                cfg.use_lora,
+                self.compiled,
+                plan.world_size,
+            )
         bar = tqdm(total=plan.num_updates, initial=start, desc="PPO", disable=not self.is_main)
         session_start = time.perf_counter()
         self.policy.train()
@@ -443,9 +526,9 @@ class PPOTrainer:
         for _epoch in range(cfg.num_ppo_epochs):
             order = torch.randperm(plan.local_batch, device=self.device)  # CleanRL: reshuffle every epoch
             for mb_start in range(0, plan.local_batch, plan.mini_batch):
-                minibatch = order[mb_start:mb_start + plan.mini_batch]
+                minibatch = order[mb_start : mb_start + plan.mini_batch]
                 for mc_start in range(0, plan.mini_batch, plan.micro_batch):
-                    rows = minibatch[mc_start:mc_start + plan.micro_batch]
+                    rows = minibatch[mc_start : mc_start + plan.micro_batch]
                     with acc.accumulate(self.policy, self.value):
                         if kept is not None:  # first step: the rollout forward, reordered (same parameters)
                             forward, kept = (kept[0][rows], kept[1][rows], kept[2]), None
@@ -454,8 +537,9 @@ class PPOTrainer:
                         self._step(roll, rows, forward, stats)
         return stats
 
-    def _step(self, roll: Rollout, rows: Tensor, forward: tuple[Tensor, Tensor, Tensor],
-              stats: MetricAccumulator) -> None:
+    def _step(
+        self, roll: Rollout, rows: Tensor, forward: tuple[Tensor, Tensor, Tensor], stats: MetricAccumulator
+    ) -> None:
         """One micro-batch: the PPO losses, backward, and (at a minibatch's end) clipping and the optimiser step."""
         cfg, acc, mask = self.cfg, self.accelerator, roll.response_mask[rows]
         new_logprobs, new_values, entropy = forward
@@ -469,10 +553,15 @@ class PPOTrainer:
             acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad()
-        for name, value in (("policy/approxkl_avg", pg["approxkl"]), ("policy/clipfrac_avg", pg["clipfrac"]),
-                            ("loss/policy_avg", pg["loss"].detach()), ("loss/value_avg", vf["loss"].detach()),
-                            ("val/clipfrac_avg", vf["clipfrac"]), ("val/ratio", pg["ratio"]),
-                            ("policy/entropy_avg", entropy)):
+        for name, value in (
+            ("policy/approxkl_avg", pg["approxkl"]),
+            ("policy/clipfrac_avg", pg["clipfrac"]),
+            ("loss/policy_avg", pg["loss"].detach()),
+            ("loss/value_avg", vf["loss"].detach()),
+            ("val/clipfrac_avg", vf["clipfrac"]),
+            ("val/ratio", pg["ratio"]),
+            ("policy/entropy_avg", entropy),
+        ):
             stats.add(name, value)
 
     # -- logging -----------------------------------------------------------------------------------------------
@@ -492,14 +581,23 @@ class PPOTrainer:
             self.metrics_writer.write(row)
             reporter.log(row, self.episode)
             if self.cfg.sample_every and self.update % self.cfg.sample_every == 0:
-                self.samples_writer.write_many(sample_rows(roll, self.tokenizer, self.cfg.num_sample_rows,
-                                                           self.update, self.episode))
+                self.samples_writer.write_many(
+                    sample_rows(roll, self.tokenizer, self.cfg.num_sample_rows, self.update, self.episode)
+                )
             bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}")
             bar.update(1)
         self.last_row = row
 
-    def _metrics_row(self, roll: Rollout, stats: MetricAccumulator, lr: float, t_gen: float, t_fwd: float,
-                     t_opt: float, t_total: float) -> dict[str, Any]:
+    def _metrics_row(
+        self,
+        roll: Rollout,
+        stats: MetricAccumulator,
+        lr: float,
+        t_gen: float,
+        t_fwd: float,
+        t_opt: float,
+        t_total: float,
+    ) -> dict[str, Any]:
         mask = roll.response_mask
         # TRL PPOTrainer: per-sequence sums averaged over the batch
         mean_kl = self._gather(roll.kl.sum(1).mean())
@@ -518,8 +616,15 @@ class PPOTrainer:
             "objective/rlhf_reward": mean_scores + mean_nsr,
             "objective/response_length": self._gather(ppo_core.sequence_lengths(mask).float().mean()),
         }
-        for name in ("policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
-                     "loss/value_avg", "val/clipfrac_avg", "val/ratio"):
+        for name in (
+            "policy/approxkl_avg",
+            "policy/clipfrac_avg",
+            "policy/entropy_avg",
+            "loss/policy_avg",
+            "loss/value_avg",
+            "val/clipfrac_avg",
+            "val/ratio",
+        ):
             row[name] = self._gather(stats.mean(name))
         row["val/ratio_var"] = self._gather(stats.var("val/ratio"))
         row["val/num_eos_tokens"] = int(self._gather((roll.responses == self.tokenizer.eos_token_id).sum(), "sum"))
@@ -549,15 +654,35 @@ class PPOTrainer:
         """Step 10: checkpoints/update_XXXX with the full training state (older ones keep only the policy)."""
         cfg, acc = self.cfg, self.accelerator
         policy = self._unwrapped_policy()
-        lora = ({"lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_target_modules": cfg.lora_target_modules,
-                 "trainable_top_layers": cfg.trainable_top_layers} if models.is_peft(policy) else None)
-        meta = {"update": self.update, "episode": self.episode, "model": cfg.model, "lora": lora,
-                "frozen_dtype": "bfloat16" if self.dtype == torch.bfloat16 else "float32", "config": to_dict(cfg)}
-        state = {"scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
-                 "stream": self.stream.state_dict(), "update": self.update, "episode": self.episode,
-                 "accelerate_step": acc.step}
+        lora = (
+            {
+                "lora_r": cfg.lora_r,
+                "lora_alpha": cfg.lora_alpha,
+                "lora_target_modules": cfg.lora_target_modules,
+                "trainable_top_layers": cfg.trainable_top_layers,
+            }
+            if models.is_peft(policy)
+            else None
+        )
+        meta = {
+            "update": self.update,
+            "episode": self.episode,
+            "model": cfg.model,
+            "lora": lora,
+            "frozen_dtype": "bfloat16" if self.dtype == torch.bfloat16 else "float32",
+            "config": to_dict(cfg),
+        }
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "stream": self.stream.state_dict(),
+            "update": self.update,
+            "episode": self.episode,
+            "accelerate_step": acc.step,
+        }
         self.last_good_checkpoint = checkpoints.save_checkpoint(
-            acc, self.checkpoints_dir, self.update, policy, acc.unwrap_model(self.value), self.optimizer, state, meta)
+            acc, self.checkpoints_dir, self.update, policy, acc.unwrap_model(self.value), self.optimizer, state, meta
+        )
 
     def _resume(self) -> int:
         """Restore the latest full checkpoint; returns its update number (0 when there is none)."""
@@ -565,8 +690,13 @@ class PPOTrainer:
         if folder is None:
             logger.warning("resume: no complete checkpoint under %s; starting from update 1", self.checkpoints_dir)
         else:
-            state = checkpoints.load_checkpoint(self.accelerator, folder, self._unwrapped_policy(),
-                                                self.accelerator.unwrap_model(self.value), self.optimizer)
+            state = checkpoints.load_checkpoint(
+                self.accelerator,
+                folder,
+                self._unwrapped_policy(),
+                self.accelerator.unwrap_model(self.value),
+                self.optimizer,
+            )
             self.scheduler.load_state_dict(state["scheduler"])
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.stream.load_state_dict(state["stream"])
@@ -592,8 +722,9 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return out_dir
-        return checkpoints.export_policy(self.accelerator.unwrap_model(self.policy, keep_fp32_wrapper=False),
-                                         self.tokenizer, out_dir)
+        return checkpoints.export_policy(
+            self.accelerator.unwrap_model(self.policy, keep_fp32_wrapper=False), self.tokenizer, out_dir
+        )
 
 
 def peak_rss_gib() -> float:
@@ -628,8 +759,17 @@ def train_ppo(cfg: PPOConfig, run) -> PPOResult:
     tokenizer = models.load_tokenizer(cfg.model)
     reward_ref, stats = reward_model_source(cfg, run)
     built = build_models(cfg, tokenizer, reward_ref, stats)
-    trainer = PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn, prompts,
-                         run.ppo_dir, run.checkpoints_dir)
+    trainer = PPOTrainer(
+        cfg,
+        tokenizer,
+        built.policy,
+        built.ref_policy,
+        built.value,
+        built.reward_fn,
+        prompts,
+        run.ppo_dir,
+        run.checkpoints_dir,
+    )
     summary = trainer.train()
     trainer.save_policy(run.policy_dir)
     return PPOResult(summary, metrics_frame(run), run.policy_dir)

@@ -88,9 +88,7 @@ def first_true_indices(bools: Tensor) -> Tensor:
     return candidates.min(dim=-1).values  # (B,)
 
 
-def truncate_after_eos(
-    responses: Tensor, eos_token_id: int, pad_token_id: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
     """Replace tokens after the first EOS with pad; return (truncated, response_mask, contains_eos)."""
     # N+ implementation details of RLHF with PPO (Huang et al. 2024): truncate after EOS, keep the EOS
     is_eos = responses == eos_token_id  # (B, T)
@@ -179,9 +177,7 @@ def compute_rewards(
     return rewards, non_score_reward, kl
 
 
-def compute_gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimates and returns over the valid tokens of each row."""
     # Schulman et al. 2016 GAE, backwards recursion as in TRL PPOTrainer / CleanRL.
     # Invalid positions are skipped (not treated as steps): this equals GAE on the compacted

@@ -19,6 +19,7 @@ Used by every full-sequence forward of the PPO trainer (policy, reference, value
 ``models.attention(model, ATTENTION)``, whenever the rows share at least ``min_length`` prompt tokens
 (:mod:`rlhf_lib.policy_models`); generation is unaffected.
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,8 +53,12 @@ class SharedPrefix:
 
     def model_inputs(self) -> dict[str, Tensor]:
         """Keyword arguments for a transformers model running with ``attn_implementation=ATTENTION``."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_bias, "position_ids": self.position_ids,
-                "prefix_bias": self.prefix_bias}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_bias,
+            "position_ids": self.position_ids,
+            "prefix_bias": self.prefix_bias,
+        }
 
     def suffix_columns(self, columns: Tensor) -> Tensor:
         """Packed-row positions of padded-batch `columns` (all >= offset) in every suffix, sequence-major:
@@ -63,13 +68,19 @@ class SharedPrefix:
 
     def unpack(self, packed: Tensor, width: int) -> Tensor:
         """(1, P + B * S, ...) per-token outputs -> (B, width, ...) in padded-batch columns; earlier columns hold 0."""
-        suffixes = packed[0, self.prefix_length:].reshape(self.batch, self.suffix_length, *packed.shape[2:])
+        suffixes = packed[0, self.prefix_length :].reshape(self.batch, self.suffix_length, *packed.shape[2:])
         lead = suffixes.new_zeros((self.batch, width - self.suffix_length, *suffixes.shape[2:]))
         return torch.cat([lead, suffixes], dim=1)  # (B, width, ...)
 
 
-def find_shared_prefix(input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, context_length: int,
-                       min_length: int = 8, dtype: torch.dtype = torch.float32) -> SharedPrefix | None:
+def find_shared_prefix(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    position_ids: Tensor,
+    context_length: int,
+    min_length: int = 8,
+    dtype: torch.dtype = torch.float32,
+) -> SharedPrefix | None:
     """Rearrange a left-padded (B, L) batch around the longest prompt prefix all rows share; None if that is
     shorter than `min_length` tokens or B < 2 (then the padded batch is as cheap).
 
@@ -99,19 +110,29 @@ def find_shared_prefix(input_ids: Tensor, attention_mask: Tensor, position_ids: 
     start0 = int(starts[0])
 
     def packed(values: Tensor) -> Tensor:  # (B, L) -> (1, P + B * S): row 0's prefix, then every suffix
-        return torch.cat([values[0, start0:start0 + P], values[:, offset:].reshape(-1)])[None]
+        return torch.cat([values[0, start0 : start0 + P], values[:, offset:].reshape(-1)])[None]
 
     causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()  # (S, S)
-    allowed = torch.cat([torch.ones(B, S, P, dtype=torch.bool, device=device),
-                         causal[None] & suffix_mask[:, None, :]], dim=2)  # (B, S, P + S)
+    allowed = torch.cat(
+        [torch.ones(B, S, P, dtype=torch.bool, device=device), causal[None] & suffix_mask[:, None, :]], dim=2
+    )  # (B, S, P + S)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     prefix_bias = torch.full((P, P), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
     return SharedPrefix(P, offset, S, packed(input_ids), packed(position_ids), bias[:, None], prefix_bias)
 
 
-def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                            attention_mask: Tensor, scaling: float, dropout: float = 0.0, *,
-                            prefix_bias: Tensor, **kwargs):
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    *,
+    prefix_bias: Tensor,
+    **kwargs,
+):
     """transformers attention function for a :class:`SharedPrefix` packed row: the model's own ``eager`` attention
     (matmuls, fp32 softmax for Llama) run on the prefix and on the B suffixes with the prefix's keys in front.
 
@@ -123,16 +144,18 @@ def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor,
     P, B, S = prefix_bias.shape[0], attention_mask.shape[0], attention_mask.shape[2]
     Hkv, D = key.shape[1], key.shape[3]
     prefix_key, prefix_value = key[:, :, :P], value[:, :, :P]  # (1, Hkv, P, D)
-    prefix_out, _ = eager_attention_forward(module, query[:, :, :P], prefix_key, prefix_value,
-                                            prefix_bias[None, None], scaling, dropout)  # (1, P, H, D)
+    prefix_out, _ = eager_attention_forward(
+        module, query[:, :, :P], prefix_key, prefix_value, prefix_bias[None, None], scaling, dropout
+    )  # (1, P, H, D)
 
     def rows(t: Tensor) -> Tensor:  # (1, h, P + B * S, D) -> (B, h, S, D): the suffixes as rows, a view
         return t[0, :, P:].unflatten(1, (B, S)).transpose(0, 1)
 
     keys = torch.cat([prefix_key.expand(B, Hkv, P, D), rows(key)], dim=2)  # (B, Hkv, P + S, D)
     values = torch.cat([prefix_value.expand(B, Hkv, P, D), rows(value)], dim=2)
-    suffix_out, _ = eager_attention_forward(module, rows(query), keys, values, attention_mask, scaling,
-                                            dropout)  # (B, S, H, D)
+    suffix_out, _ = eager_attention_forward(
+        module, rows(query), keys, values, attention_mask, scaling, dropout
+    )  # (B, S, H, D)
     return torch.cat([prefix_out, suffix_out.flatten(0, 1)[None]], dim=1), None  # (1, P + B * S, H, D)
 
 

@@ -19,6 +19,7 @@ Design notes:
 - Evaluation reloads the saved folder, so what is evaluated is what PPO gets (the original notebook saved an
   untrained copy). Accuracy counts ties as wrong; degenerate rewards (NaN, near-constant) stop the stage.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,10 +46,24 @@ from .runs import Run, read_json, write_json_atomic
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RewardModelConfig", "TrainResult", "EvalResult", "DegenerateRewardsError", "TokenizerMismatchError",
-    "read_pairs", "train_reward_model", "evaluate_reward_model", "load_reward_model", "score_sequences",
-    "score_pairs", "check_same_tokenizer", "pairwise_accuracy", "check_rewards", "calibration_table",
-    "strength_table", "length_predictions", "baseline_accuracy",
+    "RewardModelConfig",
+    "TrainResult",
+    "EvalResult",
+    "DegenerateRewardsError",
+    "TokenizerMismatchError",
+    "read_pairs",
+    "train_reward_model",
+    "evaluate_reward_model",
+    "load_reward_model",
+    "score_sequences",
+    "score_pairs",
+    "check_same_tokenizer",
+    "pairwise_accuracy",
+    "check_rewards",
+    "calibration_table",
+    "strength_table",
+    "length_predictions",
+    "baseline_accuracy",
 ]
 
 STATS_FILE = "reward_stats.json"
@@ -65,11 +80,16 @@ class RewardModelConfig(CommonConfig):
     use_lora: bool = True  # train LoRA adapters (+ the full score head) instead of every weight; merged before saving
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scaling numerator (the scale is lora_alpha / lora_r)
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # modules given adapters; ["all-linear"]: every linear layer but the head
-    num_hidden_layers: int = 0  # keep only the bottom N transformer blocks of base_model (0: all); a shallower RM trains and scores faster
-    trainable_top_layers: int = 0  # train only the top N transformer blocks (LoRA or full), freeze the rest; 0: all. Fewer: faster backward
-    learning_rate: float = 5e-4  # AdamW lr of the body (LoRA adapters, or all weights when use_lora is false: use ~2e-5 there)
-    head_learning_rate: float = 1e-3  # AdamW lr of the score head (its own group: a small lr leaves a fresh head at chance)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # modules given adapters;
+    #   ["all-linear"]: every linear layer but the head
+    num_hidden_layers: int = 0  # keep only the bottom N transformer blocks of base_model (0: all); a shallower RM
+    #   trains and scores faster
+    trainable_top_layers: int = 0  # train only the top N transformer blocks (LoRA or full), freeze the rest; 0: all.
+    #   Fewer: faster backward
+    learning_rate: float = 5e-4  # AdamW lr of the body (LoRA adapters, or all weights when use_lora is false: use ~2e-5
+    #   there)
+    head_learning_rate: float = 1e-3  # AdamW lr of the score head (its own group: a small lr leaves a fresh head at
+    #   chance)
     zero_init_head: bool = True  # start the score head at 0 so initial rewards are 0, not noise from a random head
     weight_decay: float = 0.0  # AdamW weight decay (all trainable weights)
     warmup_steps: float = 0.05  # lr warmup: below 1 a fraction of the total steps, from 1 up a number of steps
@@ -78,12 +98,17 @@ class RewardModelConfig(CommonConfig):
     gradient_accumulation_steps: int = 1  # steps whose gradients are summed before one optimiser update
     per_device_eval_batch_size: int = 16  # pairs per scoring batch in evaluation
     num_train_epochs: float = 1.0  # passes over the training pairs
-    torch_compile: bool = False  # speed, same maths: torch.compile each transformer block (one graph for all) where a compiler is present (C++ on CPU, Triton on CUDA); compiling costs time once, repaid per training step
-    group_by_length: bool = True  # batch pairs of similar length (transformers' LengthGroupedSampler): less padding, ~10 % faster on the default pairs
+    torch_compile: bool = False  # speed, same maths: torch.compile each transformer block (one graph for all) where a
+    #   compiler is present (C++ on CPU, Triton on CUDA); compiling costs time once, repaid per training step
+    group_by_length: bool = True  # batch pairs of similar length (transformers' LengthGroupedSampler): less padding,
+    #   ~10 % faster on the default pairs
     max_grad_norm: float = 1.0  # gradient clipping
-    max_length: int = 1024  # pairs whose prompt+response is longer than this many tokens are dropped (counted in the summary)
-    center_rewards_coefficient: float | None = None  # TRL's mean-zero reward penalty (Eisenstein et al. 2023, Eq. 2), e.g. 0.01; None: off
-    use_margin: bool = False  # subtract each pair's `margin` field inside the loss (Llama 2 margin loss); every pair needs a margin
+    max_length: int = 1024  # pairs whose prompt+response is longer than this many tokens are dropped (counted in the
+    #   summary)
+    center_rewards_coefficient: float | None = None  # TRL's mean-zero reward penalty (Eisenstein et al. 2023, Eq. 2),
+    #   e.g. 0.01; None: off
+    use_margin: bool = False  # subtract each pair's `margin` field inside the loss (Llama 2 margin loss); every pair
+    #   needs a margin
     logging_steps: int = 10  # log training loss/accuracy every N optimiser steps
     eval_steps: int = 0  # also evaluate on the held-out pairs every N steps during training (for the curve); 0: never
     calibration_bins: int = 10  # bins of predicted P(chosen) in the calibration plot
@@ -95,8 +120,15 @@ class RewardModelConfig(CommonConfig):
         for name in ("learning_rate", "head_learning_rate", "num_train_epochs", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "max_length", "calibration_bins", "strength_bins"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "max_length",
+            "calibration_bins",
+            "strength_bins",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.use_lora and (self.lora_r < 1 or not self.lora_target_modules):
@@ -133,8 +165,12 @@ class TrainResult:
 
     @property
     def summary(self) -> dict[str, Any]:
-        return {"train_seconds": round(self.seconds, 2), "train_pairs_per_s": round(self.pairs_per_s, 3),
-                "n_train_pairs": self.n_train_pairs, "n_train_dropped_too_long": self.n_dropped_too_long}
+        return {
+            "train_seconds": round(self.seconds, 2),
+            "train_pairs_per_s": round(self.pairs_per_s, 3),
+            "n_train_pairs": self.n_train_pairs,
+            "n_train_dropped_too_long": self.n_dropped_too_long,
+        }
 
 
 @dataclass
@@ -182,8 +218,10 @@ def _check_pair_row(row: dict[str, Any], path: Path, lineno: int) -> None:
         if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
             raise ValueError(f"{path}, line {lineno}: field {key!r} must be a list of token ids")
     if not row["chosen_ids"] or not row["rejected_ids"]:
-        raise ValueError(f"{path}, line {lineno} (id {row['id']}): empty chosen_ids/rejected_ids; "
-                         "the data stage must drop empty responses")
+        raise ValueError(
+            f"{path}, line {lineno} (id {row['id']}): empty chosen_ids/rejected_ids; "
+            "the data stage must drop empty responses"
+        )
 
 
 def _check_pad_free(rows: Sequence[dict[str, Any]], pad_id: int, path: Path) -> None:
@@ -202,8 +240,10 @@ def _margins(rows: Sequence[dict[str, Any]], path: Path) -> list[float]:
     for i, row in enumerate(rows, 1):
         margin = row.get("margin")
         if margin is None or not math.isfinite(float(margin)):
-            raise ValueError(f"{path}, line {i} (id {row['id']}): use_margin is set but `margin` is {margin!r}; "
-                             "set use_margin: false or give every pair a finite margin")
+            raise ValueError(
+                f"{path}, line {i} (id {row['id']}): use_margin is set but `margin` is {margin!r}; "
+                "set use_margin: false or give every pair a finite margin"
+            )
         out.append(float(margin))
     return out
 
@@ -227,8 +267,9 @@ def _pairs_dataset(rows: Sequence[dict[str, Any]], margins: list[float] | None =
 # tokenizer and model
 
 
-def check_same_tokenizer(rm_tokenizer: PreTrainedTokenizerBase, policy_tokenizer: PreTrainedTokenizerBase,
-                         what: str = "reward model") -> None:
+def check_same_tokenizer(
+    rm_tokenizer: PreTrainedTokenizerBase, policy_tokenizer: PreTrainedTokenizerBase, what: str = "reward model"
+) -> None:
     """Raise TokenizerMismatchError unless both tokenizers map the same strings to the same ids (and pad/eos agree)."""
     problems = []
     if len(rm_tokenizer) != len(policy_tokenizer):
@@ -262,9 +303,17 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = models.linear_layer_names(model) if cfg.lora_target_modules == ["all-linear"] else list(cfg.lora_target_modules)
+        targets = (
+            models.linear_layer_names(model)
+            if cfg.lora_target_modules == ["all-linear"]
+            else list(cfg.lora_target_modules)
+        )
         peft_config = LoraConfig(
-            task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+            task_type="SEQ_CLS",
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=targets,
             modules_to_save=["score"],  # TRL RewardTrainer docs: the head must be trained in full
             layers_to_transform=top,
         )
@@ -380,15 +429,27 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
 
     model = _build_model(cfg, tokenizer, device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info("reward model %s: %s trainable parameters (%s), %s, %s", cfg.rm_base, f"{n_trainable:,}",
-                "LoRA" if cfg.use_lora else "full", device, dtype)
-    print(f"training reward model from {cfg.rm_base}: {len(train_rows)} pairs, {n_trainable:,} trainable parameters "
-          f"({'LoRA r=%d' % cfg.lora_r if cfg.use_lora else 'full fine-tuning'}), {device}, {str(dtype).split('.')[-1]}")
+    logger.info(
+        "reward model %s: %s trainable parameters (%s), %s, %s",
+        cfg.rm_base,
+        f"{n_trainable:,}",
+        "LoRA" if cfg.use_lora else "full",
+        device,
+        dtype,
+    )
+    print(
+        f"training reward model from {cfg.rm_base}: {len(train_rows)} pairs, {n_trainable:,} trainable parameters "
+        f"({'LoRA r=%d' % cfg.lora_r if cfg.use_lora else 'full fine-tuning'}), {device}, {str(dtype).split('.')[-1]}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="rm-trainer-") as scratch:
         args = _reward_config(cfg, device, dtype, scratch, eval_ds is not None)
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
             optimizers=(_optimizer(cfg, model), None),  # the scheduler is built by Trainer over both groups
         )
         _text_progress_in_headless_runs(trainer)
@@ -408,10 +469,26 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     trained.eval()
     path = _save_model(trained, tokenizer, run.reward_model_dir)
     pairs_per_s = n_used * cfg.num_train_epochs / max(seconds, 1e-9)
-    result = TrainResult(model=trained, tokenizer=tokenizer, path=path, log_history=log_history, seconds=seconds,
-                         pairs_per_s=pairs_per_s, n_train_pairs=n_used, n_dropped_too_long=len(train_rows) - n_used)
-    write_json_atomic(path / TRAINING_FILE, {**result.summary, "rm_base": cfg.rm_base, "device": str(device),
-                                             "dtype": str(dtype), "log_history": log_history})
+    result = TrainResult(
+        model=trained,
+        tokenizer=tokenizer,
+        path=path,
+        log_history=log_history,
+        seconds=seconds,
+        pairs_per_s=pairs_per_s,
+        n_train_pairs=n_used,
+        n_dropped_too_long=len(train_rows) - n_used,
+    )
+    write_json_atomic(
+        path / TRAINING_FILE,
+        {
+            **result.summary,
+            "rm_base": cfg.rm_base,
+            "device": str(device),
+            "dtype": str(dtype),
+            "log_history": log_history,
+        },
+    )
     print(f"trained in {seconds:.0f} s ({pairs_per_s:.2f} pairs/s); saved to {path}")
     return result
 
@@ -452,21 +529,28 @@ def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-                         "must both be (B, T)")
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (B, T)"
+        )
     last = last_valid_index(attention_mask)  # (B,)
     if (last < 0).any():
         raise ValueError("score_sequences got a row with no real token (attention_mask all 0)")
     position_ids = models.position_ids_from_mask(attention_mask)  # (B, T)
-    hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = _backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     pooled = hidden[torch.arange(hidden.size(0), device=device), last]  # (B, H)
     with torch.autocast(device_type=device.type, enabled=False):  # head in fp32: bf16 rewards tie spuriously
         return _score_head(model)(pooled.float()).squeeze(-1).float()  # (B,)
 
 
-def score_pairs(model: torch.nn.Module, rows: Sequence[dict[str, Any]], pad_id: int, batch_size: int = 16,
-                dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, np.ndarray]:
+def score_pairs(
+    model: torch.nn.Module,
+    rows: Sequence[dict[str, Any]],
+    pad_id: int,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of prompt+chosen and prompt+rejected for each row, batched by length; returns two (N,) arrays."""
     from tqdm.auto import tqdm
 
@@ -499,8 +583,10 @@ def check_rewards(rewards: np.ndarray, min_std: float, where: str) -> None:
     rewards = np.asarray(rewards, float)
     bad = int(np.sum(~np.isfinite(rewards)))
     if bad:
-        raise DegenerateRewardsError(f"{where}: {bad} of {rewards.size} rewards are NaN/inf; the reward model is "
-                                     "broken (diverged training?). Lower learning_rate/head_learning_rate and retrain.")
+        raise DegenerateRewardsError(
+            f"{where}: {bad} of {rewards.size} rewards are NaN/inf; the reward model is "
+            "broken (diverged training?). Lower learning_rate/head_learning_rate and retrain."
+        )
     std = float(np.std(rewards))
     if std < min_std:
         raise DegenerateRewardsError(
@@ -533,9 +619,15 @@ def calibration_table(gap: np.ndarray, bins: int = 10) -> pd.DataFrame:
     rows = []
     for b in range(bins):
         sel = which == b
-        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "n": int(sel.sum()),
-                     "mean_predicted": float(p[sel].mean()) if sel.any() else float("nan"),
-                     "observed": float(outcome[sel].mean()) if sel.any() else float("nan")})
+        rows.append(
+            {
+                "bin_low": edges[b],
+                "bin_high": edges[b + 1],
+                "n": int(sel.sum()),
+                "mean_predicted": float(p[sel].mean()) if sel.any() else float("nan"),
+                "observed": float(outcome[sel].mean()) if sel.any() else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -554,9 +646,16 @@ def strength_table(pairs: pd.DataFrame, bins: int = 4) -> pd.DataFrame:
     rows = []
     for b, group in data.groupby(codes):
         vs_gold = group["correct_vs_gold"].dropna() if "correct_vs_gold" in group else pd.Series(dtype=float)
-        rows.append({"bin": int(b), "low": float(group["strength"].min()), "high": float(group["strength"].max()),
-                     "n": len(group), "accuracy": float(group["correct"].mean()),
-                     "accuracy_vs_gold": float(vs_gold.mean()) if len(vs_gold) else float("nan")})
+        rows.append(
+            {
+                "bin": int(b),
+                "low": float(group["strength"].min()),
+                "high": float(group["strength"].max()),
+                "n": len(group),
+                "accuracy": float(group["correct"].mean()),
+                "accuracy_vs_gold": float(vs_gold.mean()) if len(vs_gold) else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -565,6 +664,7 @@ def length_predictions(train_rows: Sequence[dict[str, Any]], rows: Sequence[dict
 
     Its direction (longer or shorter wins) is fitted on the training labels, so it sees no held-out label.
     """
+
     def sign(rs):
         return np.array([np.sign(len(r["chosen_ids"]) - len(r["rejected_ids"])) for r in rs], dtype=float)
 
@@ -588,19 +688,25 @@ def _num(row: dict[str, Any], key: str) -> float:
     return float(value) if value is not None else float("nan")
 
 
-def pairs_frame(rows: Sequence[dict[str, Any]], reward_chosen: np.ndarray, reward_rejected: np.ndarray,
-                eos_id: int | None) -> pd.DataFrame:
+def pairs_frame(
+    rows: Sequence[dict[str, Any]], reward_chosen: np.ndarray, reward_rejected: np.ndarray, eos_id: int | None
+) -> pd.DataFrame:
     """One row per held-out pair: rewards, gap, correctness (ties wrong), lengths, finish flags, gold/score gaps."""
-    df = pd.DataFrame({
-        "id": [r["id"] for r in rows],
-        "reward_chosen": reward_chosen, "reward_rejected": reward_rejected,
-        "len_chosen": [len(r["chosen_ids"]) for r in rows], "len_rejected": [len(r["rejected_ids"]) for r in rows],
-        "finished_chosen": [r["chosen_ids"][-1] == eos_id for r in rows],
-        "finished_rejected": [r["rejected_ids"][-1] == eos_id for r in rows],
-        "gold_chosen": [_num(r, "gold_chosen") for r in rows], "gold_rejected": [_num(r, "gold_rejected") for r in rows],
-        "score_chosen": [_num(r, "score_chosen") for r in rows],
-        "score_rejected": [_num(r, "score_rejected") for r in rows],
-    })
+    df = pd.DataFrame(
+        {
+            "id": [r["id"] for r in rows],
+            "reward_chosen": reward_chosen,
+            "reward_rejected": reward_rejected,
+            "len_chosen": [len(r["chosen_ids"]) for r in rows],
+            "len_rejected": [len(r["rejected_ids"]) for r in rows],
+            "finished_chosen": [r["chosen_ids"][-1] == eos_id for r in rows],
+            "finished_rejected": [r["rejected_ids"][-1] == eos_id for r in rows],
+            "gold_chosen": [_num(r, "gold_chosen") for r in rows],
+            "gold_rejected": [_num(r, "gold_rejected") for r in rows],
+            "score_chosen": [_num(r, "score_chosen") for r in rows],
+            "score_rejected": [_num(r, "score_rejected") for r in rows],
+        }
+    )
     df["gap"] = df["reward_chosen"] - df["reward_rejected"]
     df["p_chosen"] = _sigmoid(df["gap"].to_numpy())
     df["tie"] = df["gap"] == 0
@@ -635,22 +741,29 @@ def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
     train_rows = read_pairs(run.data_dir / "train_pairs.jsonl")
     _check_pad_free(rows, tokenizer.pad_token_id, eval_path)
 
-    reward_chosen, reward_rejected = score_pairs(model, rows, tokenizer.pad_token_id, cfg.per_device_eval_batch_size,
-                                                 dtype)
+    reward_chosen, reward_rejected = score_pairs(
+        model, rows, tokenizer.pad_token_id, cfg.per_device_eval_batch_size, dtype
+    )
     all_rewards = np.concatenate([reward_chosen, reward_rejected])
     check_rewards(all_rewards, cfg.min_reward_std, f"rewards on {eval_path}")
     pairs = pairs_frame(rows, reward_chosen, reward_rejected, tokenizer.eos_token_id)
     if pairs["tie"].mean() > 0.5:
-        raise DegenerateRewardsError(f"{int(pairs['tie'].sum())} of {len(pairs)} held-out pairs have tied rewards; "
-                                     "the reward model does not separate responses")
+        raise DegenerateRewardsError(
+            f"{int(pairs['tie'].sum())} of {len(pairs)} held-out pairs have tied rewards; "
+            "the reward model does not separate responses"
+        )
     pairs["length_prediction"], direction = length_predictions(train_rows, rows)
     length_vs_gold = baseline_accuracy(pairs["length_prediction"], np.sign(pairs["gold_gap"]))
     calibration = calibration_table(pairs["gap"].to_numpy(), cfg.calibration_bins)
     strength = strength_table(pairs, cfg.strength_bins)
     strength.attrs["strength_by"] = pairs.attrs.get("strength_by")
 
-    stats = {"mean": float(np.mean(all_rewards)), "std": float(np.std(all_rewards)), "n": int(all_rewards.size),
-             "source": f"held-out pairs {eval_path.name}: prompt + chosen and prompt + rejected"}
+    stats = {
+        "mean": float(np.mean(all_rewards)),
+        "std": float(np.std(all_rewards)),
+        "n": int(all_rewards.size),
+        "source": f"held-out pairs {eval_path.name}: prompt + chosen and prompt + rejected",
+    }
     write_json_atomic(run.reward_model_dir / STATS_FILE, stats)
     pairs.to_csv(run.reward_model_dir / EVAL_SCORES_FILE, index=False)
 
@@ -665,9 +778,12 @@ def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
         "eval_ties": int(pairs["tie"].sum()),
         "eval_ece": round(expected_calibration_error(calibration), 4),
         "eval_margin_mean": round(float(pairs["gap"].mean()), 4),
-        "reward_mean": round(stats["mean"], 4), "reward_std": round(stats["std"], 4),
-        "n_eval_pairs": len(pairs), "n_eval_pairs_gold_tied": int((pairs["gold_gap"] == 0).sum()),
-        "train_seconds": training.get("train_seconds"), "train_pairs_per_s": training.get("train_pairs_per_s"),
+        "reward_mean": round(stats["mean"], 4),
+        "reward_std": round(stats["std"], 4),
+        "n_eval_pairs": len(pairs),
+        "n_eval_pairs_gold_tied": int((pairs["gold_gap"] == 0).sum()),
+        "train_seconds": training.get("train_seconds"),
+        "train_pairs_per_s": training.get("train_pairs_per_s"),
         "n_train_pairs": training.get("n_train_pairs"),
         "eval_seconds": round(time.perf_counter() - start, 2),
     }
@@ -679,8 +795,12 @@ def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
 # loading (used by PPO and evaluation)
 
 
-def load_reward_model(path: str | Path, device: torch.device | str = "cpu", require_stats: bool = True,
-                      policy_tokenizer: PreTrainedTokenizerBase | None = None):
+def load_reward_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    require_stats: bool = True,
+    policy_tokenizer: PreTrainedTokenizerBase | None = None,
+):
     """Load a saved RM folder: (model in eval mode, its tokenizer, reward_stats dict or None).
 
     With ``policy_tokenizer`` the RM's tokenizer is checked against it (TokenizerMismatchError when they differ).
@@ -690,14 +810,18 @@ def load_reward_model(path: str | Path, device: torch.device | str = "cpu", requ
         raise FileNotFoundError(f"{path} holds no saved reward model (config.json missing); run the reward_model stage")
     stats = read_json(path / STATS_FILE)
     if stats is None and require_stats:
-        raise FileNotFoundError(f"{path / STATS_FILE} missing: the reward_model stage did not finish its evaluation "
-                                "(evaluate_reward_model writes it); re-run notebooks/02_reward_model")
+        raise FileNotFoundError(
+            f"{path / STATS_FILE} missing: the reward_model stage did not finish its evaluation "
+            "(evaluate_reward_model writes it); re-run notebooks/02_reward_model"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     if model.config.num_labels != 1:
         raise ValueError(f"{path}: a reward model has num_labels=1, this one has {model.config.num_labels}")
     if model.config.pad_token_id != tokenizer.pad_token_id:
-        raise ValueError(f"{path}: model pad_token_id {model.config.pad_token_id} != tokenizer's {tokenizer.pad_token_id}")
+        raise ValueError(
+            f"{path}: model pad_token_id {model.config.pad_token_id} != tokenizer's {tokenizer.pad_token_id}"
+        )
     if policy_tokenizer is not None:
         check_same_tokenizer(tokenizer, policy_tokenizer)
     model = models.disable_dropout(model).to(device).eval()

@@ -1,4 +1,5 @@
-"""Figures of the reward-model stage. Each returns a matplotlib Figure and, given a run, saves a PNG in run.plots_dir."""
+"""Figures of the reward-model stage. Each returns a matplotlib Figure and, given a run, saves a PNG in plots_dir."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,11 +59,21 @@ def plot_calibration(result: "EvalResult", run: "Run | None" = None) -> Figure:
     shown = table[table["n"] > 0]
     ax.plot(shown["mean_predicted"], shown["observed"], marker="o", label="reward model")
     for _, row in shown.iterrows():
-        ax.annotate(str(int(row["n"])), (row["mean_predicted"], row["observed"]), fontsize=7,
-                    textcoords="offset points", xytext=(3, -9))
+        ax.annotate(
+            str(int(row["n"])),
+            (row["mean_predicted"], row["observed"]),
+            fontsize=7,
+            textcoords="offset points",
+            xytext=(3, -9),
+        )
     ece = result.summary.get("eval_ece")
-    ax.set(xlabel="predicted P(preferred) = sigmoid(r_a - r_b)", ylabel="observed frequency (labels)",
-           title=f"Calibration on held-out pairs (ECE {ece})", xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        xlabel="predicted P(preferred) = sigmoid(r_a - r_b)",
+        ylabel="observed frequency (labels)",
+        title=f"Calibration on held-out pairs (ECE {ece})",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, run, "reward_calibration.png")
 
@@ -81,8 +92,11 @@ def plot_margins(result: "EvalResult", run: "Run | None" = None) -> Figure:
         ax.hist(gap, bins=bins, alpha=0.8, label="held-out pairs")
     ax.axvline(0, color="k", lw=1)
     acc = result.summary.get("eval_accuracy")
-    ax.set(xlabel="reward margin r_chosen - r_rejected", ylabel="pairs",
-           title=f"Reward margins (accuracy vs labels {acc}, mean {np.mean(gap):.2f})")
+    ax.set(
+        xlabel="reward margin r_chosen - r_rejected",
+        ylabel="pairs",
+        title=f"Reward margins (accuracy vs labels {acc}, mean {np.mean(gap):.2f})",
+    )
     ax.legend(fontsize=8)
     return _save(fig, run, "reward_margins.png")
 
@@ -93,8 +107,14 @@ def plot_accuracy_by_strength(result: "EvalResult", run: "Run | None" = None) ->
     fig, ax = plt.subplots(figsize=(6, 3.6))
     by = table.attrs.get("strength_by")
     if len(table) == 0:
-        ax.text(0.5, 0.5, "no preference strength in this data\n(no gold or dataset scores)", ha="center",
-                va="center", transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "no preference strength in this data\n(no gold or dataset scores)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     else:
         x = np.arange(len(table))
         has_gold = table["accuracy_vs_gold"].notna().any()
@@ -102,10 +122,15 @@ def plot_accuracy_by_strength(result: "EvalResult", run: "Run | None" = None) ->
         ax.bar(x - (width / 2 if has_gold else 0), table["accuracy"], width, label="vs labels")
         if has_gold:
             ax.bar(x + width / 2, table["accuracy_vs_gold"], width, label="vs gold")
-        ax.set_xticks(x, [f"{lo:.2f}–{hi:.2f}\n(n={n})" for lo, hi, n in zip(table["low"], table["high"], table["n"])],
-                      fontsize=7)
+        ax.set_xticks(
+            x, [f"{lo:.2f}–{hi:.2f}\n(n={n})" for lo, hi, n in zip(table["low"], table["high"], table["n"])], fontsize=7
+        )
         ax.legend(fontsize=8)
     ax.axhline(0.5, color="grey", ls="--", lw=1)
-    ax.set(xlabel=f"preference strength: {by}" if by else "preference strength", ylabel="accuracy (ties wrong)",
-           ylim=(0, 1), title="Accuracy by preference strength")
+    ax.set(
+        xlabel=f"preference strength: {by}" if by else "preference strength",
+        ylabel="accuracy (ties wrong)",
+        ylim=(0, 1),
+        title="Accuracy by preference strength",
+    )
     return _save(fig, run, "reward_accuracy_by_strength.png")

@@ -1,4 +1,5 @@
 """PPO's experience: prompts in (a reproducible stream of left-padded batches), one update's rollout out."""
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,10 @@ def load_prompts(path: str | Path) -> list[list[int]]:
             row = json.loads(line)
             ids = row.get("prompt_ids")
             if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
-                raise ValueError(f"{path} line {line_no}: 'prompt_ids' must be a non-empty list of token ids; "
-                                 "re-run the data stage to regenerate the file")
+                raise ValueError(
+                    f"{path} line {line_no}: 'prompt_ids' must be a non-empty list of token ids; "
+                    "re-run the data stage to regenerate the file"
+                )
             prompts.append(ids)
     if not prompts:
         raise ValueError(f"{path} holds no prompts; re-run the data stage")
@@ -38,8 +41,8 @@ def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device) -> 
     ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -63,7 +66,7 @@ class PromptStream:
                 order = self._order(self.data_epoch)
             picked.append(int(order[self.position]))
             self.position += 1
-        mine = picked[self.rank * local_batch:(self.rank + 1) * local_batch]
+        mine = picked[self.rank * local_batch : (self.rank + 1) * local_batch]
         return [self.prompts[i] for i in mine]
 
     def state_dict(self) -> dict[str, int]:
@@ -108,13 +111,18 @@ def sample_rows(roll: Rollout, tokenizer, n: int, update: int, episode: int) -> 
     """The first `n` (query, response, score) rows of a rollout, decoded, for the sample table."""
     rows = []
     for i in range(min(n, roll.queries.shape[0])):
-        query = roll.queries[i][roll.attention_mask[i, :roll.context_length].bool()]
+        query = roll.queries[i][roll.attention_mask[i, : roll.context_length].bool()]
         response = roll.responses[i][roll.response_mask[i]]
-        rows.append({
-            "update": update, "episode": episode,
-            "query": tokenizer.decode(query, skip_special_tokens=True),
-            "response": tokenizer.decode(response, skip_special_tokens=True),
-            "score": float(roll.scores[i]), "kl": float(roll.kl[i].sum()),
-            "length": int(roll.response_mask[i].sum()), "eos": bool(roll.contains_eos[i]),
-        })
+        rows.append(
+            {
+                "update": update,
+                "episode": episode,
+                "query": tokenizer.decode(query, skip_special_tokens=True),
+                "response": tokenizer.decode(response, skip_special_tokens=True),
+                "score": float(roll.scores[i]),
+                "kl": float(roll.kl[i].sum()),
+                "length": int(roll.response_mask[i].sum()),
+                "eos": bool(roll.contains_eos[i]),
+            }
+        )
     return rows

@@ -13,6 +13,7 @@ works under that holder. A token (rather than a parent-pid check) survives any l
 not inherit the variable; a token left in the environment after its holder ended matches nothing, since the lock
 is then free and is taken normally.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -127,13 +128,24 @@ def acquire(root: Path, hold: str, what: str = "") -> RunLock:
         who = describe_holder(info) if info.get("pid") else "another process (it has not written its details yet)"
         raise RunBusyError(
             f"run {root.name!r} ({root}) is being written by {who}; wait for it to finish, stop it, or choose "
-            f"another run name") from None
+            f"another run name"
+        ) from None
     previous = _read_holder(fd)
     if previous:
-        print(f"warning: run {root.name!r}: previous writer {describe_holder(previous)} is gone without releasing "
-              f"the run; taking over", file=sys.stderr, flush=True)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(), "what": what,
-            "command": " ".join(sys.argv)[:300], "token": uuid.uuid4().hex}
+        print(
+            f"warning: run {root.name!r}: previous writer {describe_holder(previous)} is gone without releasing "
+            f"the run; taking over",
+            file=sys.stderr,
+            flush=True,
+        )
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": _now(),
+        "what": what,
+        "command": " ".join(sys.argv)[:300],
+        "token": uuid.uuid4().hex,
+    }
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode("utf-8"))

@@ -5,7 +5,8 @@ A run is a safe unit of work:
 - one writer at a time: :func:`start_stage` takes the run's lock (:mod:`rlhf_lib.runlock`) until
   :func:`finish_stage` / :func:`fail_stage`; a second writer is refused with the holder's pid, host and start time;
 - a stage's status is ``running``, ``done``, ``failed`` (with the error's first line and time) or ``stale`` (a stage
-  it reads from was redone); a ``running`` stage whose writer is gone reads as ``interrupted`` (:meth:`Run.stage_state`);
+  it reads from was redone); a ``running`` stage whose writer is gone reads as ``interrupted``
+  (:meth:`Run.stage_state`);
 - ``overwrite`` writes the new attempt under ``.staging/<stage>/`` and swaps it in only when it finishes, so a failed
   or interrupted attempt leaves the finished stage (outputs, summary, status) as it was;
 - ``resume`` refuses parameters that change what the stage computes (:func:`check_resume`);
@@ -18,6 +19,7 @@ only get the run's paths.
 With ``common.base_run`` set, a run reads the data and reward_model stages of that base run (:func:`stage_source`)
 and never writes them; the manifest records which, with a content hash of each.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,12 +51,28 @@ STAGE_DIRS = {
 STAGING = ".staging"  # <run>/.staging/<stage>/: an overwrite attempt's outputs until it finishes
 # Parameters a resumed stage may change: logging / checkpoint cadence and bookkeeping, not what is computed
 # (total_episodes may grow: the run continues further).
-RESUME_MAY_CHANGE = frozenset({"sample_every", "num_sample_rows", "save_every", "report_to", "resume", "threads",
-                               "overwrite", "outputs_dir"})
-PREREQUISITES = {"data": [], "reward_model": ["data"], "ppo": ["data", "reward_model"], "eval": ["data", "reward_model", "ppo"]}
+RESUME_MAY_CHANGE = frozenset(
+    {"sample_every", "num_sample_rows", "save_every", "report_to", "resume", "threads", "overwrite", "outputs_dir"}
+)
+PREREQUISITES = {
+    "data": [],
+    "reward_model": ["data"],
+    "ppo": ["data", "reward_model"],
+    "eval": ["data", "reward_model", "ppo"],
+}
 # Stages a run may read from a base run (common.base_run) instead of producing them itself.
 SHARED_STAGES = ("data", "reward_model")
-TRACKED_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets", "papermill", "numpy", "vaderSentiment")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "accelerate",
+    "peft",
+    "datasets",
+    "papermill",
+    "numpy",
+    "vaderSentiment",
+)
 
 
 class StageError(RuntimeError):
@@ -230,7 +248,8 @@ def check_run_name(name: str) -> None:
     if not _RUN_NAME.fullmatch(name or "") or ".." in name:
         raise ConfigError(
             f"run name {name!r} is not a plain folder name: use letters, digits and . _ - + = (starting with a letter "
-            f"or digit, no '..', at most 100 characters), e.g. run: beta005 or --run beta005")
+            f"or digit, no '..', at most 100 characters), e.g. run: beta005 or --run beta005"
+        )
 
 
 def outputs_root(cfg: CommonConfig) -> Path:
@@ -265,8 +284,9 @@ def base_run_for(cfg: CommonConfig) -> Run | None:
         return None
     path = Path(ref).expanduser()
     if not path.is_absolute() and ("/" in ref or ref in (".", "..")):
-        raise StageError(f"common.base_run {ref!r} must be a run name under {outputs_root(cfg)} or an absolute "
-                         "run folder")
+        raise StageError(
+            f"common.base_run {ref!r} must be a run name under {outputs_root(cfg)} or an absolute run folder"
+        )
     return Run(path if path.is_absolute() else outputs_root(cfg) / ref)
 
 
@@ -283,9 +303,11 @@ def stage_source(run: Run, stage: str) -> Run:
 def shared_stage_refusal(cfg: CommonConfig, stage: str) -> str | None:
     """Why ``stage`` may not run in this run (it is read from the base run), or None when it may."""
     if cfg.base_run and stage in SHARED_STAGES:
-        return (f"run {cfg.run!r} reads stage {stage!r} from base run {cfg.base_run!r} (common.base_run), so it never "
-                f"runs that stage itself: run it in the base run, run only ppo,eval here (--stages ppo,eval), "
-                f"or set common.base_run: '' to build this run's own")
+        return (
+            f"run {cfg.run!r} reads stage {stage!r} from base run {cfg.base_run!r} (common.base_run), so it never "
+            f"runs that stage itself: run it in the base run, run only ppo,eval here (--stages ppo,eval), "
+            f"or set common.base_run: '' to build this run's own"
+        )
     return None
 
 
@@ -294,8 +316,10 @@ def check_upstream(cfg: CommonConfig, run: Run, stage: str) -> Run | None:
     base = base_run_for(cfg)
     recorded = run.manifest().get("base_run") or {}
     if recorded and (base is None or Path(recorded["root"]).resolve() != base.root.resolve()):
-        raise StageError(f"run {run.name!r} ({run.root}) already reads data + reward_model from base run "
-                         f"{recorded['name']!r} ({recorded['root']}); set common.base_run to it, or use a new run name")
+        raise StageError(
+            f"run {run.name!r} ({run.root}) already reads data + reward_model from base run "
+            f"{recorded['name']!r} ({recorded['root']}); set common.base_run to it, or use a new run name"
+        )
     if base is None:
         return None
     refusal = shared_stage_refusal(cfg, stage)
@@ -304,14 +328,18 @@ def check_upstream(cfg: CommonConfig, run: Run, stage: str) -> Run | None:
     if base.root.resolve() == run.root.resolve():
         raise StageError(f"common.base_run {cfg.base_run!r} names run {run.name!r} itself; name another run")
     if not base.manifest_path.exists():
-        raise StageError(f"base run {cfg.base_run!r} (common.base_run) does not exist: {base.root} has no "
-                         "manifest.json; build its data and reward_model stages first")
+        raise StageError(
+            f"base run {cfg.base_run!r} (common.base_run) does not exist: {base.root} has no "
+            "manifest.json; build its data and reward_model stages first"
+        )
     for before in PREREQUISITES[stage]:
         status = base.stage_status(before) if before in SHARED_STAGES else "done"
         if status != "done":
-            raise StageError(f"stage {stage!r} of run {run.name!r} reads stage {before!r} of base run {base.name!r} "
-                             f"({base.root}), which is {status or 'missing'} there, not done: finish it in the base "
-                             "run")
+            raise StageError(
+                f"stage {stage!r} of run {run.name!r} reads stage {before!r} of base run {base.name!r} "
+                f"({base.root}), which is {status or 'missing'} there, not done: finish it in the base "
+                "run"
+            )
     return base
 
 
@@ -344,8 +372,10 @@ def upstream_record(run: Run, base: Run | None, stage: str) -> dict[str, Any] | 
             continue
         ended = base_stages[before].get("ended")
         if before in used and used[before].get("ended") != ended:
-            raise StageError(f"stage {before!r} of base run {base.name!r} ({base.root}) was redone after run "
-                             f"{run.name!r} used it (manifest.json base_run); start a new run on the new base")
+            raise StageError(
+                f"stage {before!r} of base run {base.name!r} ({base.root}) was redone after run "
+                f"{run.name!r} used it (manifest.json base_run); start a new run on the new base"
+            )
         if before not in used:
             used[before] = {"ended": ended, "sha256": stage_hash(base, before)}
     return {"name": base.name, "root": str(base.root.resolve()), "stages": used}
@@ -385,7 +415,8 @@ def check_resume(run: Run, stage: str, params: dict[str, Any]) -> None:
             f"stage {stage!r} of run {run.name!r} cannot resume with changed parameters ({'; '.join(changed)}): the "
             f"updates already made used the recorded values. Put them back, start the stage over without resume "
             f"(--overwrite if it finished), or use another run name; on resume only "
-            f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} and a larger total_episodes may change")
+            f"{', '.join(sorted(RESUME_MAY_CHANGE - {'resume'}))} and a larger total_episodes may change"
+        )
 
 
 def _check_may_start(run: Run, cfg: CommonConfig, stage: str) -> Run | None:
@@ -414,14 +445,22 @@ def recover_interrupted(run: Run) -> list[str]:
     An overwrite attempt writes under ``.staging/``, so the finished outputs are intact: the stage is ``done`` again
     with ``last_attempt`` saying what happened. Call with the run's lock held.
     """
-    restored = [s for s, e in run.manifest().get("stages", {}).items()
-                if e.get("replaces") and run.stage_state(s) == "interrupted"]
+    restored = [
+        s
+        for s, e in run.manifest().get("stages", {}).items()
+        if e.get("replaces") and run.stage_state(s) == "interrupted"
+    ]
 
     def update(manifest: dict[str, Any]) -> None:
         for stage in restored:
             entry = manifest["stages"][stage]
-            attempt = {"status": "interrupted", "started": entry.get("started"), "pid": entry.get("pid"),
-                       "host": entry.get("host"), "staging": entry.get("staging")}
+            attempt = {
+                "status": "interrupted",
+                "started": entry.get("started"),
+                "pid": entry.get("pid"),
+                "host": entry.get("host"),
+                "staging": entry.get("staging"),
+            }
             manifest["stages"][stage] = {**entry["replaces"], "last_attempt": attempt}
 
     if restored:
@@ -464,9 +503,15 @@ def _record_start(run: Run, target: Run, cfg: CommonConfig, stage: str, upstream
         manifest["device"] = describe_device(pick_device(cfg.device), cfg.dtype)  # with the precision and why
         stages = manifest.setdefault("stages", {})
         previous = stages.get(stage) or {}
-        entry = {"status": "running", "started": now(), "seed": cfg.seed, "params": to_dict(cfg),
-                 "pid": os.getpid(), "host": socket.gethostname(),
-                 "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1)}
+        entry = {
+            "status": "running",
+            "started": now(),
+            "seed": cfg.seed,
+            "params": to_dict(cfg),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1") or 1),
+        }
         if target.staged is not None:
             entry["staging"] = f"{STAGING}/{stage}"
             replaces = previous if previous.get("status") == "done" else previous.get("replaces")

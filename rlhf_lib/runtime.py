@@ -1,4 +1,5 @@
 """Process-level settings: seeding, threads, device and dtype choice, mixed-precision context."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,14 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 # bf16 is taken on a CPU without bf16 instructions only when the probe measures at least this speed-up over fp32
 # (bf16 through AMX or AVX512-BF16 is several times faster; emulated bf16 is slower than fp32).
 PROBE_MIN_SPEEDUP = 1.5
@@ -129,8 +136,11 @@ def choose_cpu_precision(flags: frozenset[str], speedup: Callable[[], float | No
         return Precision(torch.float32, f"CPU lacks AMX and AVX512-BF16 and the bf16 probe is off ({PROBE_ENV})")
     if measured >= PROBE_MIN_SPEEDUP:
         return Precision(torch.bfloat16, f"bf16 matmuls measured {measured:.2f}x as fast as fp32 on this CPU")
-    return Precision(torch.float32, f"CPU lacks AMX and AVX512-BF16; bf16 matmuls measured {measured:.2f}x of "
-                                    f"fp32's speed (bf16 needs >= {PROBE_MIN_SPEEDUP}x)")
+    return Precision(
+        torch.float32,
+        f"CPU lacks AMX and AVX512-BF16; bf16 matmuls measured {measured:.2f}x of "
+        f"fp32's speed (bf16 needs >= {PROBE_MIN_SPEEDUP}x)",
+    )
 
 
 def choose_cuda_precision(device: torch.device) -> Precision:
@@ -140,8 +150,9 @@ def choose_cuda_precision(device: torch.device) -> Precision:
         return Precision(torch.bfloat16, f"{name} supports bf16")
     major, _minor = torch.cuda.get_device_capability(device)
     if major >= 7:
-        return Precision(torch.float16, f"{name} has no bf16; fp16 tensor cores (compute capability {major}.x), "
-                                        f"with loss scaling")
+        return Precision(
+            torch.float16, f"{name} has no bf16; fp16 tensor cores (compute capability {major}.x), with loss scaling"
+        )
     return Precision(torch.float32, f"{name} has neither bf16 nor fp16 tensor cores")
 
 
@@ -164,8 +175,11 @@ def choose_precision(dtype: str, device: torch.device) -> Precision:
 @lru_cache(maxsize=None)
 def _log_choice(device_type: str, choice: Precision) -> None:
     """One line per process and choice, so a run's log says which path it took and why."""
-    print(f"[runtime] dtype auto on {device_type}: {str(choice.dtype).replace('torch.', '')} ({choice.reason})",
-          file=sys.stderr, flush=True)
+    print(
+        f"[runtime] dtype auto on {device_type}: {str(choice.dtype).replace('torch.', '')} ({choice.reason})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def pick_device(device: str = "auto") -> torch.device:

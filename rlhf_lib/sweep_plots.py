@@ -2,6 +2,7 @@
 al. (2022)'s form, and per grid cell mean and 95 % interval of headline numbers. Each returns a matplotlib Figure and
 saves a PNG under ``<sweep>/plots/`` (closed in pyplot, as in rlhf_lib.plots).
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,18 @@ def _frontier_panel(ax, table: pd.DataFrame, column: str, title: str) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (cell, part) in enumerate(table.groupby("cell", sort=False)):
         part = part.sort_values("step")
-        ax.errorbar(part["kl_mean"], part[f"{column}_mean"], xerr=part["kl_std"].fillna(0),
-                    yerr=part[f"{column}_std"].fillna(0), marker="o", ms=4, capsize=2, lw=1,
-                    color=colors[i % len(colors)], label=cell)
+        ax.errorbar(
+            part["kl_mean"],
+            part[f"{column}_mean"],
+            xerr=part["kl_std"].fillna(0),
+            yerr=part[f"{column}_std"].fillna(0),
+            marker="o",
+            ms=4,
+            capsize=2,
+            lw=1,
+            color=colors[i % len(colors)],
+            label=cell,
+        )
         final = part[part["label"] == "final"]
         ax.plot(final["kl_mean"], final[f"{column}_mean"], marker="*", ms=11, ls="", color=colors[i % len(colors)])
     ax.plot([0.0], [0.0], marker="o", color="black", ls="", label="reference policy")  # zero of KL and gains
@@ -71,8 +81,14 @@ def plot_sweep_frontier(summary: dict[str, Any], folder: str | Path | None = Non
         label = f"fit: alpha={fit['alpha']:.3f}, beta={fit['beta']:.3f}"
         axes[0].plot(kl, gao_gold(kl, fit["alpha"], fit["beta"]), "--", color="black", lw=1.2, label=label)
         if fit.get("kl_at_peak") is not None and math.isfinite(fit["kl_at_peak"]):
-            axes[0].plot([fit["kl_at_peak"]], [fit["gold_at_peak"]], marker="X", ms=10, color="black",
-                         label=f"fitted peak: KL {fit['kl_at_peak']:.2f}, gold {fit['gold_at_peak']:+.3f}")
+            axes[0].plot(
+                [fit["kl_at_peak"]],
+                [fit["gold_at_peak"]],
+                marker="X",
+                ms=10,
+                color="black",
+                label=f"fitted peak: KL {fit['kl_at_peak']:.2f}, gold {fit['gold_at_peak']:+.3f}",
+            )
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

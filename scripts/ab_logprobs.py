@@ -8,6 +8,7 @@ shared machine's slow spells fall on all of them; prints the median milliseconds
 
     OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_logprobs.py
 """
+
 from __future__ import annotations
 
 import statistics

@@ -7,6 +7,7 @@ agreement of the two paths first (bf16: rounding-level), then the median seconds
 
     OMP_WAIT_POLICY=ACTIVE .venv/bin/python scripts/ab_prefix.py
 """
+
 from __future__ import annotations
 
 import statistics
@@ -30,15 +31,23 @@ def main() -> None:
 
 
 def measure(trainer: ppo.PPOTrainer, spec: bench.BenchSpec) -> None:
-    queries, query_mask = ppo.left_pad(bench.bench_prompts(trainer.tokenizer)[:spec.batch_size],
-                                       trainer.tokenizer.pad_token_id, trainer.device)
+    queries, query_mask = ppo.left_pad(
+        bench.bench_prompts(trainer.tokenizer)[: spec.batch_size], trainer.tokenizer.pad_token_id, trainer.device
+    )
     gen = torch.Generator().manual_seed(0)
     responses = torch.randint(0, 40000, (queries.shape[0], RESPONSE_LENGTH), generator=gen)
     response_mask = torch.ones_like(responses, dtype=torch.bool)
     mask = torch.cat([query_mask, response_mask.long()], 1)
-    roll = ppo.Rollout(queries, responses, response_mask, torch.zeros(len(queries), dtype=torch.bool),
-                       torch.cat([queries, responses], 1), mask, models.position_ids_from_mask(mask),
-                       RESPONSE_LENGTH)
+    roll = ppo.Rollout(
+        queries,
+        responses,
+        response_mask,
+        torch.zeros(len(queries), dtype=torch.bool),
+        torch.cat([queries, responses], 1),
+        mask,
+        models.position_ids_from_mask(mask),
+        RESPONSE_LENGTH,
+    )
 
     find = prefix.find_shared_prefix
 
@@ -59,18 +68,22 @@ def measure(trainer: ppo.PPOTrainer, spec: bench.BenchSpec) -> None:
         for _ in range(2):
             run(share)
     (_, padded), (_, shared) = run(False), run(True)
-    print(f"mean |log-prob difference| shared vs padded: {(shared[0] - padded[0]).abs().mean():.4f} nats/token; "
-          f"policy - reference at init: {(shared[0] - shared[1]).abs().max():.2g} (shared), "
-          f"{(padded[0] - padded[1]).abs().max():.2g} (padded); reward max |difference| "
-          f"{(shared[2] - padded[2]).abs().max():.4f}")
+    print(
+        f"mean |log-prob difference| shared vs padded: {(shared[0] - padded[0]).abs().mean():.4f} nats/token; "
+        f"policy - reference at init: {(shared[0] - shared[1]).abs().max():.2g} (shared), "
+        f"{(padded[0] - padded[1]).abs().max():.2g} (padded); reward max |difference| "
+        f"{(shared[2] - padded[2]).abs().max():.4f}"
+    )
     times: dict[bool, list[tuple[float, float, float]]] = {False: [], True: []}
     for _ in range(REPEATS):
         for share in (False, True):
             times[share].append(run(share)[0])
     for share, ts in times.items():
         fwd, bwd, ref = (statistics.median(t[i] for t in ts) for i in range(3))
-        print(f"{'shared prefix' if share else 'padded batch':14s} policy+value forward {fwd:.3f} s  backward "
-              f"{bwd:.3f} s  reference+reward forwards {ref:.3f} s")
+        print(
+            f"{'shared prefix' if share else 'padded batch':14s} policy+value forward {fwd:.3f} s  backward "
+            f"{bwd:.3f} s  reference+reward forwards {ref:.3f} s"
+        )
 
 
 if __name__ == "__main__":

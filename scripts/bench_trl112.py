@@ -14,6 +14,7 @@ Phase times are taken without changing TRL's code: ``batch_generation`` is wrapp
     .venv-trl112/bin/python scripts/bench_trl112.py --model-dir ~/.cache/rlhf-lab/smollm2-135m-instruct \
         --prompts prompts.json --warmup 2 --updates 3 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,17 +104,39 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = Dataset.from_dict({"input_ids": prompts})
     with tempfile.TemporaryDirectory(prefix="trl112-bench-") as out_dir:
         config = PPOConfig(
-            output_dir=out_dir, use_cpu=args.device == "cpu", bf16=False, fp16=False,  # fp32: TRL's bf16 default is True
-            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-            total_episodes=args.batch_size * n_updates, response_length=args.response_length,
-            num_ppo_epochs=args.num_ppo_epochs, num_mini_batches=args.num_mini_batches,
-            temperature=args.temperature, learning_rate=args.learning_rate, stop_token="eos",
-            kl_coef=0.05, num_sample_generations=0, save_strategy="no", report_to="none", logging_steps=1,
-            seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
+            output_dir=out_dir,
+            use_cpu=args.device == "cpu",
+            bf16=False,
+            fp16=False,  # fp32: TRL's bf16 default is True
+            per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1,
+            total_episodes=args.batch_size * n_updates,
+            response_length=args.response_length,
+            num_ppo_epochs=args.num_ppo_epochs,
+            num_mini_batches=args.num_mini_batches,
+            temperature=args.temperature,
+            learning_rate=args.learning_rate,
+            stop_token="eos",
+            kl_coef=0.05,
+            num_sample_generations=0,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=1,
+            seed=args.seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
         )
-        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy,
-                             reward_model=reward_model, value_model=value_model, train_dataset=dataset,
-                             eval_dataset=dataset, callbacks=[Clock()])
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref_policy,
+            reward_model=reward_model,
+            value_model=value_model,
+            train_dataset=dataset,
+            eval_dataset=dataset,
+            callbacks=[Clock()],
+        )
         trainer.train()
 
     starts = [marks["train_begin"][0], *marks["step_end"][:-1]]
@@ -121,17 +144,30 @@ def main(argv: list[str] | None = None) -> dict:
     for i, (start, end) in enumerate(zip(starts, marks["step_end"])):
         gen_t0, gen_t1, tokens = marks["gen"][i]
         rollout_end = max(t for t in marks["whiten"] if start <= t <= end)
-        rows.append({"update": i + 1, "time/update": end - start, "time/generation": gen_t1 - gen_t0,
-                     "time/forward": rollout_end - gen_t1, "time/optimization": end - rollout_end,
-                     "tokens": tokens})
-    timed = rows[args.warmup:]
+        rows.append(
+            {
+                "update": i + 1,
+                "time/update": end - start,
+                "time/generation": gen_t1 - gen_t0,
+                "time/forward": rollout_end - gen_t1,
+                "time/optimization": end - rollout_end,
+                "tokens": tokens,
+            }
+        )
+    timed = rows[args.warmup :]
     seconds = sum(r["time/update"] for r in timed)
     gen_seconds = sum(r["time/generation"] for r in timed)
     result = {
-        "name": "trl-1.12-full-fp32", "trl_version": trl.__version__, "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__, "device": "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
-        "torch_threads": torch.get_num_threads(), "use_lora": False, "dtype": "float32",
-        "warmup_updates": args.warmup, "timed_updates": len(timed),
+        "name": "trl-1.12-full-fp32",
+        "trl_version": trl.__version__,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "use_lora": False,
+        "dtype": "float32",
+        "warmup_updates": args.warmup,
+        "timed_updates": len(timed),
         "episodes_per_s": args.batch_size * len(timed) / seconds if seconds > 0 else None,
         "s_per_update": seconds / len(timed) if timed else None,
         "generation_s": gen_seconds / len(timed) if timed else None,

@@ -4,6 +4,7 @@ A thin notebook: a parameters cell of literals (papermill injects the command's 
 -- the comparison (restartable: trained settings are reused), the frontier figure, the table ranked by gold at
 matched KL, every method's numbers and cost, and side-by-side samples.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "notebooks" / "06_compare_methods.ipynb"
 
 CELLS = [
-    ("markdown", """\
+    (
+        "markdown",
+        """\
 # 06 · Beyond PPO: best-of-N, DPO, RLOO and GRPO on one KL–gold frontier
 
 Every method uses the **same base run**: its stage-1 data (DPO trains on the preference pairs; RLOO/GRPO/PPO on the
@@ -22,32 +25,51 @@ PPO prompts) and its stage-2 reward model (the proxy every method optimises or r
 evaluated by the evaluation stage's own code on the same held-out prompts with the same sampling seed: gold
 (hidden objective), RM score, KL to the reference measured on the samples, win rate vs the reference's sample.
 Best-of-N is plotted at its analytic KL, log N − (N − 1)/N (Stiennon et al. 2020; Gao et al. 2022); its measured KL
-is in the table. Run with `make compare BASE_RUN=<run>`."""),
-    ("code", """\
+is in the table. Run with `make compare BASE_RUN=<run>`.""",
+    ),
+    (
+        "code",
+        """\
 # Parameters (papermill injects the command's values after this cell). Defaults: the smoke profile.
 params = "../params/compare/smoke.yaml"  # comparison profile
 base_run = ""  # run whose data/ and reward_model/ are used; "": the profile's compare.base_run
 run = ""  # output run name; "": the profile's common.run
-outputs_dir = ""  # outputs folder; "": the profile's, else the repo's outputs/"""),
-    ("code", """\
+outputs_dir = ""  # outputs folder; "": the profile's, else the repo's outputs/""",
+    ),
+    (
+        "code",
+        """\
 from pathlib import Path
 from rlhf_lib import compare
 from rlhf_lib.methods import report
 
 profile = compare.load_profile(params, base_run=base_run or None, run=run or None, outputs_dir=outputs_dir or None)
 summary = compare.run_comparison(profile)
-out_dir = compare.outputs_root(profile.compare) / profile.compare.run"""),
-    ("markdown", "## The frontier\nLeft: gold vs KL, one curve per method (± 1 standard error over prompts). "
-                 "Right: proxy (RM) vs gold — where a method's RM score rises and gold does not, it over-optimises."),
+out_dir = compare.outputs_root(profile.compare) / profile.compare.run""",
+    ),
+    (
+        "markdown",
+        "## The frontier\nLeft: gold vs KL, one curve per method (± 1 standard error over prompts). "
+        "Right: proxy (RM) vs gold — where a method's RM score rises and gold does not, it over-optimises.",
+    ),
     ("code", 'fig = report.plot_frontier(summary, out_dir / "plots" / "compare_frontier.png")'),
-    ("markdown", "## Gold at matched KL\nGold linearly interpolated along each curve (which starts at the reference); "
-                 "empty outside a curve's KL range."),
+    (
+        "markdown",
+        "## Gold at matched KL\nGold linearly interpolated along each curve (which starts at the reference); "
+        "empty outside a curve's KL range.",
+    ),
     ("code", "report.kl_table(summary)"),
-    ("markdown", "## Every method: numbers and cost\n`train_seconds` (wall, this machine) and `generated_tokens` "
-                 "(sampled during training; for best-of-N, at inference: N responses per prompt)."),
+    (
+        "markdown",
+        "## Every method: numbers and cost\n`train_seconds` (wall, this machine) and `generated_tokens` "
+        "(sampled during training; for best-of-N, at inference: N responses per prompt).",
+    ),
     ("code", "report.results_table(summary)"),
-    ("markdown", "## Side-by-side samples\nThe first prompts of the eval set (file order, not cherry-picked); "
-                 "best-of-N shows the RM's pick among the first N pool samples."),
+    (
+        "markdown",
+        "## Side-by-side samples\nThe first prompts of the eval set (file order, not cherry-picked); "
+        "best-of-N shows the RM's pick among the first N pool samples.",
+    ),
     ("code", 'report.samples_table(out_dir / "samples.jsonl", profile.compare.n_sample_rows)'),
 ]
 

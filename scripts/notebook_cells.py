@@ -3,6 +3,7 @@
 House rules: one parameters cell of literals, a resolve cell, then short cells that each call one rlhf_lib function
 and show its result, and a final summary cell whose rounded output nbval checks (NBVAL_CHECK_OUTPUT).
 """
+
 import nbformat
 
 
@@ -36,15 +37,22 @@ DATA = (
     "annotator (VADER sentiment gold score + Bradley–Terry noise); online: ultrafeedback / hh-rlhf / plain files.",
     [
         code(RESOLVE.format(modules="data", stage="data")),
-        md("## Build the datasets\nPairs are split by prompt (no prompt is shared between reward-model, PPO and "
-           "evaluation sets). Dropped and truncated items are counted with their reason."),
+        md(
+            "## Build the datasets\nPairs are split by prompt (no prompt is shared between reward-model, PPO and "
+            "evaluation sets). Dropped and truncated items are counted with their reason."
+        ),
         code("report = data.prepare_data(cfg, run)\nreport"),
-        md("## What the data looks like\nLeft: gold (or dataset) scores of chosen vs rejected. Middle: response lengths. "
-           "Right: how often the annotator agreed with the gold ordering as the gold gap grows (Bradley–Terry)."),
+        md(
+            "## What the data looks like\nLeft: gold (or dataset) scores of chosen vs rejected. "
+            "Middle: response lengths. "
+            "Right: how often the annotator agreed with the gold ordering as the gold gap grows (Bradley–Terry)."
+        ),
         code("data.plot_data_overview(run)"),
         code("data.sample_pairs(run, n=3)"),
-        md("## Summary\n`label_gold_agreement`: share of held-out pairs whose label matches the gold ordering (the "
-           "annotator's noise). `length_baseline_accuracy`: a predictor that always prefers the longer response."),
+        md(
+            "## Summary\n`label_gold_agreement`: share of held-out pairs whose label matches the gold ordering (the "
+            "annotator's noise). `length_baseline_accuracy`: a predictor that always prefers the longer response."
+        ),
         code(SUMMARY.format(stage="data", expr="report.summary", digits=3)),
     ],
 )
@@ -55,12 +63,16 @@ REWARD = (
     "held-out pairs.\nThe saved model (and its reward statistics for normalisation) is what PPO optimises against.",
     [
         code(RESOLVE.format(modules="reward, reward_plots", stage="reward_model")),
-        md("## Train\nThe score head starts at zero with its own learning rate (a fresh random head leaves a small "
-           "model at chance, see the README). The model that is saved is the model that was trained."),
+        md(
+            "## Train\nThe score head starts at zero with its own learning rate (a fresh random head leaves a small "
+            "model at chance, see the README). The model that is saved is the model that was trained."
+        ),
         code("trained = reward.train_reward_model(cfg, run)\ntrained.summary"),
         code("reward_plots.plot_training_curve(trained.log_history, run)"),
-        md("## Evaluate on held-out pairs\nTies count as wrong. `eval_accuracy_vs_gold` compares with the hidden gold "
-           "ordering (simulated data); the length-only baseline shows how much is just length."),
+        md(
+            "## Evaluate on held-out pairs\nTies count as wrong. `eval_accuracy_vs_gold` compares with the hidden gold "
+            "ordering (simulated data); the length-only baseline shows how much is just length."
+        ),
         code("evaluation = reward.evaluate_reward_model(cfg, run)\nevaluation"),
         code("reward_plots.plot_calibration(evaluation, run)"),
         code("reward_plots.plot_accuracy_by_strength(evaluation, run)"),
@@ -78,11 +90,16 @@ PPO = (
     "TRL's (`objective/kl`, `objective/scores`, ...); the README explains each one and what healthy values look like.",
     [
         code(RESOLVE.format(modules="ppo, plots", stage="ppo")),
-        md("## Train\nA progress bar shows updates, score and KL. Metrics go to `ppo/metrics.jsonl`, sample completions "
-           "to `ppo/samples.jsonl`, checkpoints to `checkpoints/`."),
+        md(
+            "## Train\nA progress bar shows updates, score and KL. Metrics go to `ppo/metrics.jsonl`, "
+            "sample completions "
+            "to `ppo/samples.jsonl`, checkpoints to `checkpoints/`."
+        ),
         code("result = ppo.train_ppo(cfg, run)\nresult.metrics.tail(3)"),
-        md("## Training curves\n`objective/scores` should rise while `objective/kl` stays moderate; a collapsing "
-           "entropy or a clip fraction near 1 are warning signs."),
+        md(
+            "## Training curves\n`objective/scores` should rise while `objective/kl` stays moderate; a collapsing "
+            "entropy or a clip fraction near 1 are warning signs."
+        ),
         code("plots.plot_ppo_curves(run)"),
         md("## Sample completions along training"),
         code("ppo.sample_table(run).tail(8)"),
@@ -98,18 +115,26 @@ EVAL = (
     "along training), side-by-side samples and a comparison with other runs.",
     [
         code("import pandas as pd\n" + RESOLVE.format(modules="evaluate, plots", stage="eval")),
-        md("## Before vs after on held-out prompts\n`kl` is measured on these samples (sum over response tokens of "
-           "log π − log π_ref), not read from training logs."),
-        code("result = evaluate.evaluate_policies(cfg, run)\npd.DataFrame({k: result.summary[k] for k in (\"before\", \"after\")})"),
-        code("{k: result.summary[k] for k in (\"win_rate_vs_ref\", \"win_rate_ci\", \"win_rate_ties\", \"win_rate_judge\")}"),
+        md(
+            "## Before vs after on held-out prompts\n`kl` is measured on these samples (sum over response tokens of "
+            "log π − log π_ref), not read from training logs."
+        ),
+        code(
+            "result = evaluate.evaluate_policies(cfg, run)\n"
+            'pd.DataFrame({k: result.summary[k] for k in ("before", "after")})'
+        ),
+        code('{k: result.summary[k] for k in ("win_rate_vs_ref", "win_rate_ci", "win_rate_ties", "win_rate_judge")}'),
         code("plots.plot_reward_distributions(result, run)"),
         md("## Side by side"),
         code("evaluate.sample_table(result)"),
         md("## Training curves (from stage 3)"),
         code("plots.plot_ppo_curves(run)"),
-        md("## Over-optimisation: proxy (RM) vs gold along training\nEach point is a saved PPO checkpoint, evaluated on "
-           "held-out prompts. Where the RM score keeps rising but the gold score flattens or falls, the policy is "
-           "exploiting the reward model (Gao et al. 2022)."),
+        md(
+            "## Over-optimisation: proxy (RM) vs gold along training\n"
+            "Each point is a saved PPO checkpoint, evaluated on "
+            "held-out prompts. Where the RM score keeps rising but the gold score flattens or falls, the policy is "
+            "exploiting the reward model (Gao et al. 2022)."
+        ),
         code("curve = evaluate.overoptimisation_curve(cfg, run)\ncurve"),
         code("plots.plot_frontier(curve, run)"),
         md("## Compare runs\nAdd other run names to `compare_runs` (e.g. two `kl_coef` values, LoRA vs full)."),

@@ -13,6 +13,7 @@ no kernel's cost depends on the values.
     # tiny:llama and tiny:gpt2 into $RLHF_LAB_CACHE from SmolLM2's tokenizer folder (no GGUF needed)
     RLHF_LAB_CACHE=/tmp/rlhf-cache python scripts/random_init_model.py --tiny-refs --tokenizer /path/to/smollm2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,10 @@ def copy_with_fresh_weights(source: Path, dest: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
     model.save_pretrained(dest)
-    print(f"{dest}: random-initialised {type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (seed {seed})")
+    print(
+        f"{dest}: random-initialised {type(model).__name__}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters (seed {seed})"
+    )
 
 
 def build_tiny_refs(tokenizer_dir: str) -> None:
@@ -68,8 +71,10 @@ def main() -> None:
             raise SystemExit("--gpt2 takes one path: the new model folder")
         dest = bench_shapes.build_gpt2_random(args.paths[0], args.tokenizer, args.seed, tiny=args.tiny)
         config = AutoConfig.from_pretrained(dest)
-        print(f"{dest}: random-initialised GPT-2, {config.n_layer} layers x {config.n_embd}, vocabulary "
-              f"{config.vocab_size} (seed {args.seed})")
+        print(
+            f"{dest}: random-initialised GPT-2, {config.n_layer} layers x {config.n_embd}, vocabulary "
+            f"{config.vocab_size} (seed {args.seed})"
+        )
     elif len(args.paths) == 2:
         copy_with_fresh_weights(*args.paths, args.seed)
     else:

@@ -3,6 +3,7 @@
 Executes each notebook with its own (smoke) parameters, in order, and stores the outputs of the NBVAL_CHECK_OUTPUT
 cells — and only those — in the committed notebooks.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,18 +24,28 @@ def main() -> None:
         for name in NOTEBOOKS.values():
             src = ROOT / "notebooks" / name
             out = Path(tmp) / name
-            papermill.execute_notebook(str(src), str(out), cwd=str(ROOT / "notebooks"), progress_bar=False,
-                                       kernel_name="python3", parameters={"outputs_dir": str(Path(tmp) / "outputs")})
+            papermill.execute_notebook(
+                str(src),
+                str(out),
+                cwd=str(ROOT / "notebooks"),
+                progress_bar=False,
+                kernel_name="python3",
+                parameters={"outputs_dir": str(Path(tmp) / "outputs")},
+            )
             executed = nbformat.read(out, as_version=4)
             nb = nbformat.read(src, as_version=4)
-            for cell, done in zip(nb.cells, [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]):
+            for cell, done in zip(
+                nb.cells, [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+            ):
                 if cell.cell_type != "code":
                     continue
                 cell.execution_count = None
                 cell.outputs = []
                 if "NBVAL_CHECK_OUTPUT" in cell.source:
                     assert done.source == cell.source
-                    cell.outputs = [o for o in done.outputs if o.output_type in ("execute_result", "display_data", "stream")]
+                    cell.outputs = [
+                        o for o in done.outputs if o.output_type in ("execute_result", "display_data", "stream")
+                    ]
                     cell.execution_count = 1  # nbval treats a cell with outputs but no count as never run
                     for o in cell.outputs:
                         if "execution_count" in o:

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests run offline on CPU with one thread (the machine has two cores and CI shares them)."""
+
 from __future__ import annotations
 
 import os

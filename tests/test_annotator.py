@@ -1,4 +1,5 @@
 """Tests for rlhf_lib.annotator: prompt set, gold score, Bradley–Terry labels, sampling, the shipped responses."""
+
 from __future__ import annotations
 
 import gzip
@@ -130,13 +131,25 @@ def tiny_llama():
 
 def _prompts(tokenizer, n):
     prompts = annotator.select_prompts(annotator.load_prompt_set(), "rm", n)
-    return [tokenizer.apply_chat_template(annotator.prompt_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    return [
+        tokenizer.apply_chat_template(annotator.prompt_messages(p), tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
 
 
 def _generate(model, tokenizer, texts, seed, batch_size=3, samples=2, new=12):
     return annotator.generate_responses(
-        model, tokenizer, texts, samples_per_prompt=samples, max_new_tokens=new, temperature=1.0,
-        batch_size=batch_size, seed=seed, device=torch.device("cpu"), dtype=torch.float32, progress=False,
+        model,
+        tokenizer,
+        texts,
+        samples_per_prompt=samples,
+        max_new_tokens=new,
+        temperature=1.0,
+        batch_size=batch_size,
+        seed=seed,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        progress=False,
     )
 
 
@@ -160,14 +173,34 @@ def test_resume_reuses_done_batches(tiny_llama):
     texts = _prompts(tokenizer, 5)
     seen = []
     full = annotator.generate_responses(
-        model, tokenizer, texts, samples_per_prompt=2, max_new_tokens=8, temperature=1.0, batch_size=2, seed=0,
-        device=torch.device("cpu"), dtype=torch.float32, progress=False, on_batch=lambda b, start, s: seen.append(b),
+        model,
+        tokenizer,
+        texts,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        temperature=1.0,
+        batch_size=2,
+        seed=0,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        progress=False,
+        on_batch=lambda b, start, s: seen.append(b),
     )
     assert seen == [0, 1, 2]
     seen.clear()
     resumed = annotator.generate_responses(
-        model, tokenizer, texts, samples_per_prompt=2, max_new_tokens=8, temperature=1.0, batch_size=2, seed=0,
-        device=torch.device("cpu"), dtype=torch.float32, progress=False, done={0: full[:2]},
+        model,
+        tokenizer,
+        texts,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        temperature=1.0,
+        batch_size=2,
+        seed=0,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        progress=False,
+        done={0: full[:2]},
         on_batch=lambda b, start, s: seen.append(b),
     )
     assert seen == [1, 2]  # batch 0 came from `done`; batches are seeded by index, so the rest match
@@ -230,7 +263,13 @@ def test_responses_file_checksum_is_enforced(tmp_path):
 
 
 def test_shipped_compatibility_names_the_setting():
-    header = {"prompt_set": "v1", "model": "bundled:smollm2-135m-instruct", "max_new_tokens": 128, "temperature": 0.8, "samples_per_prompt": 2}
+    header = {
+        "prompt_set": "v1",
+        "model": "bundled:smollm2-135m-instruct",
+        "max_new_tokens": 128,
+        "temperature": 0.8,
+        "samples_per_prompt": 2,
+    }
     ok = {**header}
     annotator.check_shipped_compatible(header, ok, annotator.SHIPPED_RESPONSES_PATH)
     with pytest.raises(ValueError, match="max_new_tokens: file 128 vs config 64.*use_shipped_responses: false"):

@@ -1,5 +1,6 @@
 """`make bench` (rlhf_lib.bench): pure helpers (ratios, steady-state summary, result parsing, table, JSON keys) and a
 tiny end-to-end run of our side on tiny:llama, each configuration in its own subprocess."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,15 +13,32 @@ from rlhf_lib.runs import repo_root
 
 
 def _row(update, t_update, t_gen=1.0, t_fwd=0.5, t_opt=2.0, tok_s=100.0):
-    return {"update": update, "time/update": t_update, "time/generation": t_gen, "time/forward": t_fwd,
-            "time/optimization": t_opt, "tokens_per_s": tok_s, "objective/response_length": 10.0}
+    return {
+        "update": update,
+        "time/update": t_update,
+        "time/generation": t_gen,
+        "time/forward": t_fwd,
+        "time/optimization": t_opt,
+        "tokens_per_s": tok_s,
+        "objective/response_length": 10.0,
+    }
 
 
 def _report(configs, trl=None, **workload):
-    base = {"model": "bundled:smollm2-135m-instruct", "batch_size": 8, "response_length": 48, "num_ppo_epochs": 4,
-            "num_mini_batches": 1}
-    return {"configs": configs, "trl": trl, "reference_config": bench.REFERENCE_CONFIG,
-            "published_trl": bench.PUBLISHED_TRL, "workload": {**base, **workload}}
+    base = {
+        "model": "bundled:smollm2-135m-instruct",
+        "batch_size": 8,
+        "response_length": 48,
+        "num_ppo_epochs": 4,
+        "num_mini_batches": 1,
+    }
+    return {
+        "configs": configs,
+        "trl": trl,
+        "reference_config": bench.REFERENCE_CONFIG,
+        "published_trl": bench.PUBLISHED_TRL,
+        "workload": {**base, **workload},
+    }
 
 
 def test_ratio_is_ours_over_theirs_and_none_when_missing():
@@ -43,10 +61,18 @@ def test_summarize_updates_drops_warmup_and_weights_by_time():
 
 
 def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
-    ours = [{"updates": [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0)], "peak_rss_gib": 2.0,
-             "host_probe_before": {"bf16_matmul": {"ms_median": 11.0}}},
-            {"updates": [_row(1, 90.0), _row(2, 12.0, t_gen=3.0, tok_s=100.0)], "peak_rss_gib": 2.5,
-             "host_probe_before": {"bf16_matmul": {"ms_median": 26.0}}}]
+    ours = [
+        {
+            "updates": [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0)],
+            "peak_rss_gib": 2.0,
+            "host_probe_before": {"bf16_matmul": {"ms_median": 11.0}},
+        },
+        {
+            "updates": [_row(1, 90.0), _row(2, 12.0, t_gen=3.0, tok_s=100.0)],
+            "peak_rss_gib": 2.5,
+            "host_probe_before": {"bf16_matmul": {"ms_median": 26.0}},
+        },
+    ]
     for r in ours:
         r.update(bench.summarize_updates(r["updates"], 1, 8))
     merged = bench.merge_rounds(ours, warmup=1, batch_size=8)
@@ -56,13 +82,34 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
     assert merged["peak_rss_gib"] == 2.5
     assert [r["episodes_per_s"] for r in merged["rounds"]] == pytest.approx([2.0, 8 / 12])
     assert [r["host_probe_before"]["bf16_matmul"]["ms_median"] for r in merged["rounds"]] == [11.0, 26.0]  # own probe
-    trl_rows = [{"update": 1, "time/update": 9.0, "time/generation": 1.0, "time/forward": 1.0,
-                 "time/optimization": 7.0, "tokens": 400}, {"update": 2, "time/update": 8.0, "time/generation": 2.0,
-                 "time/forward": 1.0, "time/optimization": 5.0, "tokens": 384}]
+    trl_rows = [
+        {
+            "update": 1,
+            "time/update": 9.0,
+            "time/generation": 1.0,
+            "time/forward": 1.0,
+            "time/optimization": 7.0,
+            "tokens": 400,
+        },
+        {
+            "update": 2,
+            "time/update": 8.0,
+            "time/generation": 2.0,
+            "time/forward": 1.0,
+            "time/optimization": 5.0,
+            "tokens": 384,
+        },
+    ]
     trl = bench.merge_rounds([{"updates": trl_rows, "peak_rss_gib": 7.0}] * 2, warmup=1, batch_size=8)
     assert trl["s_per_update"] == pytest.approx(8.0) and trl["tokens_per_s"] == pytest.approx(192.0)
-    rm = bench.merge_rounds([{"pairs_per_step": 8, "s_per_step": 2.0, "pairs_per_s": 4.0, "peak_rss_gib": 1.0},
-                             {"pairs_per_step": 8, "s_per_step": 6.0, "pairs_per_s": 8 / 6, "peak_rss_gib": 1.5}], 1, 8)
+    rm = bench.merge_rounds(
+        [
+            {"pairs_per_step": 8, "s_per_step": 2.0, "pairs_per_s": 4.0, "peak_rss_gib": 1.0},
+            {"pairs_per_step": 8, "s_per_step": 6.0, "pairs_per_s": 8 / 6, "peak_rss_gib": 1.5},
+        ],
+        1,
+        8,
+    )
     assert rm["pairs_per_s"] == pytest.approx(2.0) and rm["peak_rss_gib"] == 1.5
     failed = bench.merge_rounds([ours[0], {"error": "exit status 1"}], warmup=1, batch_size=8)
     assert failed["error"] == "exit status 1"
@@ -70,8 +117,9 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
 
 
 def test_summarize_probe_reports_fastest_median_and_their_ratio_per_dtype():
-    p = bench.summarize_probe({"bf16": [10.0, 30.0, 12.0, 25.0, 11.0], "fp32": [8.0, 8.0, 9.0]}, read_gib=0.25,
-                              read_s=[0.05, 0.02, 0.04])
+    p = bench.summarize_probe(
+        {"bf16": [10.0, 30.0, 12.0, 25.0, 11.0], "fp32": [8.0, 8.0, 9.0]}, read_gib=0.25, read_s=[0.05, 0.02, 0.04]
+    )
     bf16, fp32 = p["bf16_matmul"], p["fp32_matmul"]
     assert bf16["ms_min"] == 10.0 and bf16["ms_median"] == 12.0 and bf16["repeats"] == 5
     assert bf16["slowdown"] == pytest.approx(1.2) and fp32["slowdown"] == pytest.approx(1.0)
@@ -86,20 +134,31 @@ def test_probe_line_lists_each_run_and_round_in_order():
     def probe(bf16: float, fp32: float) -> dict:
         return {"bf16_matmul": {"ms_median": bf16, "ms_min": 10.0}, "fp32_matmul": {"ms_median": fp32, "ms_min": 8.0}}
 
-    ours = {"kind": "ppo", "name": "ours", "rounds": [{"host_probe_before": probe(11.0, 8.0)},
-                                                      {"host_probe_before": probe(24.0, 9.5)}]}
+    ours = {
+        "kind": "ppo",
+        "name": "ours",
+        "rounds": [{"host_probe_before": probe(11.0, 8.0)}, {"host_probe_before": probe(24.0, 9.5)}],
+    }
     trl = {"name": "trl", "host_probe_before": probe(15.0, 8.2)}
     line = bench.probe_line({"configs": {"ours": ours, "rm": {"kind": "reward_model"}}, "trl": trl})
-    assert line.endswith("ours r1 11.0 (10.0) / 8.0 (8.0); ours r2 24.0 (10.0) / 9.5 (8.0); trl 15.0 (10.0) / 8.2 (8.0)")
+    assert line.endswith(
+        "ours r1 11.0 (10.0) / 8.0 (8.0); ours r2 24.0 (10.0) / 9.5 (8.0); trl 15.0 (10.0) / 8.2 (8.0)"
+    )
     failed = {"kind": "ppo", "name": "x", "host_probe_before": {"error": "exit status 1"}}
     assert bench.probe_line({"configs": {"x": failed}, "trl": None}) == ""
 
 
 def test_ratios_by_round_pair_each_round_of_ours_with_trls():
-    report = _report({bench.REFERENCE_CONFIG: {"episodes_per_s": 1.0, "peak_rss_gib": 2.0,
-                                                "rounds": [{"episodes_per_s": 1.2}, {"episodes_per_s": 0.8}]}},
-                     trl={"episodes_per_s": 0.25, "peak_rss_gib": 8.0,
-                          "rounds": [{"episodes_per_s": 0.3}, {"episodes_per_s": 0.2}]})
+    report = _report(
+        {
+            bench.REFERENCE_CONFIG: {
+                "episodes_per_s": 1.0,
+                "peak_rss_gib": 2.0,
+                "rounds": [{"episodes_per_s": 1.2}, {"episodes_per_s": 0.8}],
+            }
+        },
+        trl={"episodes_per_s": 0.25, "peak_rss_gib": 8.0, "rounds": [{"episodes_per_s": 0.3}, {"episodes_per_s": 0.2}]},
+    )
     bench.add_ratios(report)
     assert report["episodes_per_s_ratio_vs_trl_by_round"] == pytest.approx([4.0, 4.0])
     assert "x4.00, x4.00" in bench.format_table(report)
@@ -110,12 +169,29 @@ def test_reference_configuration_is_exactly_the_default_profiles_ppo():
     the ppo stage, apart from the workload's (model, batch, lengths, run length) and the run's bookkeeping."""
     spec = bench.BenchSpec()
     profile = config.stage_parameters(config.load_params_file(repo_root() / "params" / "default.yaml"), "ppo")
-    workload = {"model", "reward_model", "device", "threads", "seed", "batch_size", "total_episodes", "response_length",
-                "num_ppo_epochs", "num_mini_batches", "temperature", "save_every", "sample_every", "run", "outputs_dir",
-                "overwrite", "resume"}
+    workload = {
+        "model",
+        "reward_model",
+        "device",
+        "threads",
+        "seed",
+        "batch_size",
+        "total_episodes",
+        "response_length",
+        "num_ppo_epochs",
+        "num_mini_batches",
+        "temperature",
+        "save_every",
+        "sample_every",
+        "run",
+        "outputs_dir",
+        "overwrite",
+        "resume",
+    }
     reference = dataclasses.asdict(bench.ppo_config(bench.REFERENCE_CONFIG, spec))
     assert {k: v for k, v in reference.items() if k not in workload} == {
-        k: v for k, v in profile.items() if k not in workload}
+        k: v for k, v in profile.items() if k not in workload
+    }
     assert reference["torch_compile"] is True and reference["use_lora"] is True and reference["dtype"] == "auto"
     assert reference["total_episodes"] == spec.batch_size * (spec.warmup + spec.updates)
     for name, changes in bench.PPO_CONFIGS.items():  # the others differ from it by exactly what the table says
@@ -142,8 +218,11 @@ def test_ratios_vs_measured_trl_and_published_figures():
     assert rep["episodes_per_s_ratio_vs_published_trl"] == pytest.approx(1.2 / bench.PUBLISHED_TRL["episodes_per_s"])
     assert rep["configs"][REF]["episodes_per_s_vs_trl"] == pytest.approx(4.0)
     assert rep["peak_gpu_ratio_vs_trl"] is None  # CPU run: no device memory on either side
-    gpu = bench.add_ratios(_report({REF: dict(ours, peak_gpu_gib=1.5)},
-                                   trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5, "peak_gpu_gib": 6.0}))
+    gpu = bench.add_ratios(
+        _report(
+            {REF: dict(ours, peak_gpu_gib=1.5)}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5, "peak_gpu_gib": 6.0}
+        )
+    )
     assert gpu["peak_gpu_ratio_vs_trl"] == pytest.approx(0.25)
     assert "peak GPU memory x0.25" in bench.format_table(gpu)
 
@@ -158,12 +237,28 @@ def test_ratios_vs_measured_trl_and_published_figures():
 
 def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
     configs = {
-        bench.REFERENCE_CONFIG: {"name": bench.REFERENCE_CONFIG, "kind": "ppo", "episodes_per_s": 1.234, "s_per_update": 6.5,
-                           "generation_s": 2.0, "forward_s": 1.0, "optimization_s": 3.5, "tokens_per_s": 150.0,
-                           "peak_rss_gib": 2.5},
+        bench.REFERENCE_CONFIG: {
+            "name": bench.REFERENCE_CONFIG,
+            "kind": "ppo",
+            "episodes_per_s": 1.234,
+            "s_per_update": 6.5,
+            "generation_s": 2.0,
+            "forward_s": 1.0,
+            "optimization_s": 3.5,
+            "tokens_per_s": 150.0,
+            "peak_rss_gib": 2.5,
+        },
         "ours-full-fp32": {"name": "ours-full-fp32", "kind": "ppo", "error": "exit status 1"},
-        "rm": {"name": "rm", "kind": "reward_model", "pairs_per_s": 3.21, "s_per_step": 2.5, "pairs_per_step": 8,
-               "mean_sequence_tokens": 150, "peak_rss_gib": 1.5, "setup": "default"},
+        "rm": {
+            "name": "rm",
+            "kind": "reward_model",
+            "pairs_per_s": 3.21,
+            "s_per_step": 2.5,
+            "pairs_per_step": 8,
+            "mean_sequence_tokens": 150,
+            "peak_rss_gib": 1.5,
+            "setup": "default",
+        },
     }
     table = bench.format_table(bench.add_ratios(_report(configs)))
     lines = table.splitlines()
@@ -175,8 +270,17 @@ def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
 
 
 def _ppo(name, ep_s, s_update, gen, fwd, opt, rss, **extra):
-    return {"name": name, "kind": "ppo", "episodes_per_s": ep_s, "s_per_update": s_update, "generation_s": gen,
-            "forward_s": fwd, "optimization_s": opt, "peak_rss_gib": rss, **extra}
+    return {
+        "name": name,
+        "kind": "ppo",
+        "episodes_per_s": ep_s,
+        "s_per_update": s_update,
+        "generation_s": gen,
+        "forward_s": fwd,
+        "optimization_s": opt,
+        "peak_rss_gib": rss,
+        **extra,
+    }
 
 
 def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
@@ -186,15 +290,22 @@ def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
 
     REF = bench.REFERENCE_CONFIG
     ours = _ppo(REF, 1.2, 6.0, 2.0, 1.0, 2.5, 3.0, rounds=[{"episodes_per_s": 1.0}, {"episodes_per_s": 1.4}])
-    trl = _ppo(bench.TRL_CONFIG_NAME, 0.3, 24.0, 4.0, 2.0, 18.0, 8.0,
-               rounds=[{"episodes_per_s": 0.3}, {"episodes_per_s": 0.3}])
+    trl = _ppo(
+        bench.TRL_CONFIG_NAME, 0.3, 24.0, 4.0, 2.0, 18.0, 8.0, rounds=[{"episodes_per_s": 0.3}, {"episodes_per_s": 0.3}]
+    )
     fig = plots.plot_bench(bench.add_ratios(_report({REF: ours}, trl=trl)))
     phases, memory, by_round = fig.axes[:3]
-    def segments(row):  # (start, width) of each bar segment of one row, left to right
-        return [v for p in phases.patches if round(p.get_y() + p.get_height() / 2) == row
-                for v in (p.get_x(), p.get_width())]
 
-    # row 0 = ours, row 1 = TRL; segments generation | forwards | optimisation | other, each starting where the last ended
+    def segments(row):  # (start, width) of each bar segment of one row, left to right
+        return [
+            v
+            for p in phases.patches
+            if round(p.get_y() + p.get_height() / 2) == row
+            for v in (p.get_x(), p.get_width())
+        ]
+
+    # row 0 = ours, row 1 = TRL; segments generation | forwards | optimisation | other, each starting where the last
+    # ended
     assert segments(0) == pytest.approx([0, 2.0, 2.0, 1.0, 3.0, 2.5, 5.5, 0.5])
     assert segments(1) == pytest.approx([0, 4.0, 4.0, 2.0, 6.0, 18.0, 24.0, 0.0])
     labels = [t.get_text() for t in phases.texts]
@@ -239,16 +350,45 @@ def test_synthetic_pairs_have_realistic_length_and_no_pad():
 
 @pytest.mark.slow
 def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
-    report = bench.main(["--model", "tiny:llama", "--configs", "ours-lora-bf16,rm", "--updates", "1", "--warmup", "1",
-                         "--threads", "1", "--response-length", "6", "--out", str(tmp_path),
-                         "--omp-wait-policy", "PASSIVE", "--probe-repeats", "3"])
+    report = bench.main(
+        [
+            "--model",
+            "tiny:llama",
+            "--configs",
+            "ours-lora-bf16,rm",
+            "--updates",
+            "1",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--response-length",
+            "6",
+            "--out",
+            str(tmp_path),
+            "--omp-wait-policy",
+            "PASSIVE",
+            "--probe-repeats",
+            "3",
+        ]
+    )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["configs"].keys() == report["configs"].keys() == {"ours-lora-bf16", "rm"}
     ours = saved["configs"]["ours-lora-bf16"]
     assert "error" not in ours, ours.get("error")
-    for key in ("episodes_per_s", "s_per_update", "generation_s", "forward_s", "optimization_s", "tokens_per_s",
-                "peak_rss_gib", "child_peak_rss_gib", "load_average_before", "child_cpu_sys_s",
-                "child_minor_page_faults"):
+    for key in (
+        "episodes_per_s",
+        "s_per_update",
+        "generation_s",
+        "forward_s",
+        "optimization_s",
+        "tokens_per_s",
+        "peak_rss_gib",
+        "child_peak_rss_gib",
+        "load_average_before",
+        "child_cpu_sys_s",
+        "child_minor_page_faults",
+    ):
         assert ours[key] is not None and ours[key] == ours[key], key
     assert ours["timed_updates"] == 1 and len(ours["updates"]) == 2
     assert ours["child_cpu_user_s"] > 0 and ours["child_minor_page_faults"] > 0  # the worker's own rusage
@@ -322,8 +462,9 @@ def test_gpu_section_has_the_keys_per_configuration_and_the_seed_targets():
     assert set(gpu["configs"]) == {ref, "ours-full-fp32", bench.TRL_CONFIG_NAME}
     ours = gpu["configs"][ref]
     assert ours["episodes_per_s"] == 3.3 and ours["peak_gpu_gib"] == 3.0
-    assert ours["seconds_per_update"] == pytest.approx({"total": 64 / 3.3, "generation": 0.2, "forward": 0.3,
-                                                         "optimization": 0.5})
+    assert ours["seconds_per_update"] == pytest.approx(
+        {"total": 64 / 3.3, "generation": 0.2, "forward": 0.3, "optimization": 0.5}
+    )
     assert gpu["configs"]["ours-full-fp32"] == {"error": "exit status -9"}  # a killed configuration stays visible
     assert gpu["episodes_per_s_ratio_vs_trl"] == pytest.approx(3.3)
     assert gpu["peak_gpu_ratio_vs_trl"] == pytest.approx(3.0 / 8.0)

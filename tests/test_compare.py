@@ -1,5 +1,6 @@
 """Tests for rlhf_lib.compare: gold at matched KL on hand-made points, profile validation, PPO cost accounting, the
 notebook being in step with its generator, and (slow) a whole comparison on the toy task with injected scorers."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def test_gold_at_kl_per_curve_with_the_reference_as_anchor():
 
 def fake_run(root: Path, stages: dict[str, str], model: str = "tiny:llama") -> Run:
     run = Run(root)
-    write_json_atomic(run.manifest_path, {"stages": {s: {"status": st, "params": {"model": model}}
-                                                     for s, st in stages.items()}})
+    write_json_atomic(
+        run.manifest_path, {"stages": {s: {"status": st, "params": {"model": model}} for s, st in stages.items()}}
+    )
     return run
 
 
@@ -84,8 +86,9 @@ def test_profile_validation_names_the_problem(tmp_path):
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()
-    rows = [{"update": u, "episode": 8 * u, "time/update": 2.0, "objective/response_length": 10.0 + u}
-            for u in (1, 2, 3)]
+    rows = [
+        {"update": u, "episode": 8 * u, "time/update": 2.0, "objective/response_length": 10.0 + u} for u in (1, 2, 3)
+    ]
     (run.ppo_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert compare.ppo_cost(run, 2) == (4.0, 8 * 11 + 8 * 12)
     assert compare.ppo_cost(run, None) == (6.0, 8 * 11 + 8 * 12 + 8 * 13)
@@ -96,7 +99,9 @@ def test_notebook_is_in_step_with_its_generator():
 
     import nbformat
 
-    spec = importlib.util.spec_from_file_location("build_compare_notebook", ROOT / "scripts" / "build_compare_notebook.py")
+    spec = importlib.util.spec_from_file_location(
+        "build_compare_notebook", ROOT / "scripts" / "build_compare_notebook.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     stored = nbformat.read(str(ROOT / "notebooks" / "06_compare_methods.ipynb"), as_version=4)
@@ -114,24 +119,60 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
     toy_task.write_data(base.data_dir, tokenizer)
     shutil.copytree(model, base.policy_dir)  # a 'PPO' final policy: the reference itself
     (base.ppo_dir).mkdir()
-    (base.ppo_dir / "metrics.jsonl").write_text(json.dumps({"update": 1, "episode": 4, "time/update": 1.5,
-                                                            "objective/response_length": 4.0}) + "\n")
-    small = {"betas": [0.05], "max_steps": 2, "per_device_train_batch_size": 8, "num_generations": 4, "lora_r": 2,
-             "lora_alpha": 4}
-    path = write_profile(tmp_path, common={"run": "cmp", "outputs_dir": str(outputs), "device": "cpu",
-                                           "dtype": "float32"},
-                         eval={"response_length": 4, "temperature": 1.0, "batch_size": 16},
-                         best_of_n={"ns": [1, 2, 4], "n_samples": 4},
-                         dpo={"betas": [0.1], "max_steps": 2, "lora_r": 2, "lora_alpha": 4}, rloo=small, grpo=small)
+    (base.ppo_dir / "metrics.jsonl").write_text(
+        json.dumps({"update": 1, "episode": 4, "time/update": 1.5, "objective/response_length": 4.0}) + "\n"
+    )
+    small = {
+        "betas": [0.05],
+        "max_steps": 2,
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "lora_r": 2,
+        "lora_alpha": 4,
+    }
+    path = write_profile(
+        tmp_path,
+        common={"run": "cmp", "outputs_dir": str(outputs), "device": "cpu", "dtype": "float32"},
+        eval={"response_length": 4, "temperature": 1.0, "batch_size": 16},
+        best_of_n={"ns": [1, 2, 4], "n_samples": 4},
+        dpo={"betas": [0.1], "max_steps": 2, "lora_r": 2, "lora_alpha": 4},
+        rloo=small,
+        grpo=small,
+    )
     profile = compare.load_profile(path, base_run="base")
-    score = lambda seqs: toy_task.target_fraction(seqs, 4)
-    gold = lambda texts: [t.count("k") / 4 for t in texts]
+
+    def score(seqs):
+        return toy_task.target_fraction(seqs, 4)
+
+    def gold(texts):
+        return [t.count("k") / 4 for t in texts]
+
     summary = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
-    keys = {"method", "setting", "kl", "kl_analytic", "gold_score", "gold_score_se", "rm_score", "win_rate_vs_ref",
-            "win_rate_ci", "length", "eos_fraction", "train_seconds", "generated_tokens"}
+    keys = {
+        "method",
+        "setting",
+        "kl",
+        "kl_analytic",
+        "gold_score",
+        "gold_score_se",
+        "rm_score",
+        "win_rate_vs_ref",
+        "win_rate_ci",
+        "length",
+        "eos_fraction",
+        "train_seconds",
+        "generated_tokens",
+    }
     found = {(e["method"], e["setting"]) for e in summary["methods"]}
-    assert {("reference", ""), ("ppo", "final"), ("best_of_n", "N=4"), ("best_of_n_oracle", "N=2"),
-            ("dpo", "beta=0.1"), ("rloo", "beta=0.05"), ("grpo", "beta=0.05")} <= found
+    assert {
+        ("reference", ""),
+        ("ppo", "final"),
+        ("best_of_n", "N=4"),
+        ("best_of_n_oracle", "N=2"),
+        ("dpo", "beta=0.1"),
+        ("rloo", "beta=0.05"),
+        ("grpo", "beta=0.05"),
+    } <= found
     for e in summary["methods"]:
         assert keys <= set(e), e["method"]
     by = {(e["method"], e["setting"]): e for e in summary["methods"]}

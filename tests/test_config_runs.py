@@ -1,4 +1,5 @@
 """Params validation, run-directory safety, manifest/summary provenance."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -2,6 +2,7 @@
 packed shared-prefix forward. Tests marked ``cuda`` skip cleanly without a CUDA device (``pytest -m cuda`` selects
 them on a GPU machine: scripts/device_check.sh); the CPU cases run the same mechanism where it exists on CPU
 (``reduce-overhead`` compiles without graphs there) and the cache/mask logic that needs no compiler at all."""
+
 from __future__ import annotations
 
 import copy
@@ -82,11 +83,15 @@ def test_graph_mode_keeps_one_bucketed_cache_and_pads_the_mask():
 # decoding: the compiled step (CUDA graphs on a GPU) samples exactly what eager decoding samples
 
 
-@pytest.mark.parametrize("device, mode", [
-    pytest.param("cpu", "reduce-overhead", marks=pytest.mark.slow),
-    pytest.param("cuda", "reduce-overhead", marks=ON_CUDA),
-    pytest.param("cuda", True, marks=ON_CUDA),  # compile=True: the device chooses CUDA graphs
-], ids=["cpu-reduce-overhead", "cuda-graphs", "cuda-auto"])
+@pytest.mark.parametrize(
+    "device, mode",
+    [
+        pytest.param("cpu", "reduce-overhead", marks=pytest.mark.slow),
+        pytest.param("cuda", "reduce-overhead", marks=ON_CUDA),
+        pytest.param("cuda", True, marks=ON_CUDA),  # compile=True: the device chooses CUDA graphs
+    ],
+    ids=["cpu-reduce-overhead", "cuda-graphs", "cuda-auto"],
+)
 def test_compiled_decode_samples_what_eager_decoding_samples(device, mode, monkeypatch):
     """Same seed, same tokens: fp32, two calls of different prompt widths (the second reuses the graph's cache)."""
     torch._dynamo.reset()
@@ -94,8 +99,9 @@ def test_compiled_decode_samples_what_eager_decoding_samples(device, mode, monke
     model = models.load_causal_lm("tiny:llama", tokenizer, device).eval()
     seen = _recording(monkeypatch)
     eager = generation.ResponseSampler(model, 6, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
-    compiled = generation.ResponseSampler(model, 6, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
-                                          compile=mode)
+    compiled = generation.ResponseSampler(
+        model, 6, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id, compile=mode
+    )
     for call, width in enumerate((0, 3)):
         queries, mask = _queries(tokenizer, device, width)
         results = {}
@@ -123,8 +129,9 @@ def test_cuda_graph_decode_under_bf16_autocast_matches_teacher_forcing(ref, monk
     model = models.load_causal_lm(ref, tokenizer, "cuda").eval()
     queries, mask = _queries(tokenizer, "cuda")
     seen = _recording(monkeypatch)
-    sampler = generation.ResponseSampler(model, 5, 1.0, -1, tokenizer.pad_token_id, compile=True,
-                                         cache_dtype=torch.bfloat16)
+    sampler = generation.ResponseSampler(
+        model, 5, 1.0, -1, tokenizer.pad_token_id, compile=True, cache_dtype=torch.bfloat16
+    )
     with torch.autocast("cuda", torch.bfloat16):
         for _ in range(2):  # the second call replays the recorded graph
             seen.clear()
@@ -132,9 +139,10 @@ def test_cuda_graph_decode_under_bf16_autocast_matches_teacher_forcing(ref, monk
         ids = torch.cat([queries, responses], 1)
         full_mask = torch.cat([mask, torch.ones_like(responses)], 1)
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=full_mask,
-                           position_ids=models.position_ids_from_mask(full_mask)).logits
-    expected = logits[:, queries.shape[1] - 1:-1].float()
+            logits = model(
+                input_ids=ids, attention_mask=full_mask, position_ids=models.position_ids_from_mask(full_mask)
+            ).logits
+    expected = logits[:, queries.shape[1] - 1 : -1].float()
     assert steps == 5 and sampler._step.graphs
     torch.testing.assert_close(torch.stack(seen, 1), expected, atol=0.05, rtol=0.02)
 
@@ -223,12 +231,31 @@ def test_autocast_ppo_update_on_cuda_is_finite_and_moves_the_policy(dtype, tmp_p
     torch._dynamo.reset()
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer("tiny:llama")
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Say something about {t}."}],
-                                             add_generation_prompt=True, tokenize=True, return_dict=False)
-               for t in "apples pears cats dogs rain snow music books".split()]
-    cfg = ppo.PPOConfig(model="tiny:llama", dtype=dtype, device="cuda", use_lora=False, total_episodes=8,
-                        batch_size=8, response_length=8, learning_rate=1e-4, save_every=0, sample_every=0,
-                        torch_compile=True, compile_generation=True, share_prompt_prefix=True, seed=0)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Say something about {t}."}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for t in "apples pears cats dogs rain snow music books".split()
+    ]
+    cfg = ppo.PPOConfig(
+        model="tiny:llama",
+        dtype=dtype,
+        device="cuda",
+        use_lora=False,
+        total_episodes=8,
+        batch_size=8,
+        response_length=8,
+        learning_rate=1e-4,
+        save_every=0,
+        sample_every=0,
+        torch_compile=True,
+        compile_generation=True,
+        share_prompt_prefix=True,
+        seed=0,
+    )
     policy = models.load_causal_lm(cfg.model, tokenizer)
     value = ppo.ScalarHead(models.load_sequence_classifier(cfg.model, tokenizer), cfg.share_prompt_prefix)
     target = prompts[0][-1]
@@ -238,13 +265,23 @@ def test_autocast_ppo_update_on_cuda_is_finite_and_moves_the_policy(dtype, tmp_p
         return ((response == target) & mask).float().sum(1)
 
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    trainer = ppo.PPOTrainer(cfg, tokenizer, policy, copy.deepcopy(policy), value, reward, prompts,
-                             tmp_path / "ppo", tmp_path / "checkpoints")
+    trainer = ppo.PPOTrainer(
+        cfg,
+        tokenizer,
+        policy,
+        copy.deepcopy(policy),
+        value,
+        reward,
+        prompts,
+        tmp_path / "ppo",
+        tmp_path / "checkpoints",
+    )
     trainer.train()
     assert trainer.sampler._step.graphs  # the GPU path: CUDA-graph decoding
     row = read_jsonl(tmp_path / "ppo" / "metrics.jsonl")[-1]
     for key in ("loss/policy_avg", "loss/value_avg", "objective/kl", "objective/entropy"):
         assert key in row and row[key] == row[key] and abs(row[key]) < float("inf"), (key, row.get(key))
-    moved = max((p.detach().cpu() - before[n]).abs().max().item()
-                for n, p in trainer._unwrapped_policy().named_parameters())
+    moved = max(
+        (p.detach().cpu() - before[n]).abs().max().item() for n, p in trainer._unwrapped_policy().named_parameters()
+    )
     assert moved > 0, "the optimiser step changed no policy weight"

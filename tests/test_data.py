@@ -1,4 +1,5 @@
 """Tests for rlhf_lib.data: formats, prompt/response splitting, chat templating, splits, bad input, end to end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,19 @@ from rlhf_lib.data import DataConfig, DataError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PAIR_KEYS = {
-    "id", "prompt", "prompt_text", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids",
-    "score_chosen", "score_rejected", "gold_chosen", "gold_rejected", "margin",
+    "id",
+    "prompt",
+    "prompt_text",
+    "chosen",
+    "rejected",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "score_chosen",
+    "score_rejected",
+    "gold_chosen",
+    "gold_rejected",
+    "margin",
 }
 PROMPT_KEYS = {"id", "prompt", "prompt_text", "prompt_ids"}
 
@@ -30,7 +42,15 @@ def tok_gpt2():
 
 
 def real_cfg(tmp_path, dataset, **kw) -> DataConfig:
-    base = dict(model="tiny:llama", dataset=str(dataset), outputs_dir=str(tmp_path), run="r", n_ppo_prompts=3, n_eval_prompts=2, overwrite=True)
+    base = dict(
+        model="tiny:llama",
+        dataset=str(dataset),
+        outputs_dir=str(tmp_path),
+        run="r",
+        n_ppo_prompts=3,
+        n_eval_prompts=2,
+        overwrite=True,
+    )
     return DataConfig(**{**base, **kw})
 
 
@@ -60,10 +80,14 @@ def test_config_fields_documented_and_valid():
 @pytest.mark.parametrize(
     "kw, msg",
     [
-        ({"dataset_format": "csv"}, "dataset_format"), ({"eval_fraction": 1.0}, "eval_fraction"),
-        ({"max_response_length": 0}, "max_response_length"), ({"samples_per_prompt": 1}, "samples_per_prompt"),
-        ({"generation_temperature": 0.0}, "generation_temperature"), ({"on_bad_row": "skip"}, "on_bad_row"),
-        ({"n_ppo_prompts": -1}, "n_ppo_prompts"), ({"annotator_beta": -1.0}, "annotator_beta"),
+        ({"dataset_format": "csv"}, "dataset_format"),
+        ({"eval_fraction": 1.0}, "eval_fraction"),
+        ({"max_response_length": 0}, "max_response_length"),
+        ({"samples_per_prompt": 1}, "samples_per_prompt"),
+        ({"generation_temperature": 0.0}, "generation_temperature"),
+        ({"on_bad_row": "skip"}, "on_bad_row"),
+        ({"n_ppo_prompts": -1}, "n_ppo_prompts"),
+        ({"annotator_beta": -1.0}, "annotator_beta"),
     ],
 )
 def test_config_check_rejects(kw, msg):
@@ -76,7 +100,13 @@ def test_config_check_rejects(kw, msg):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, fmt",
-    [("ultrafeedback.jsonl", "ultrafeedback"), ("hh.jsonl", "hh"), ("plain.jsonl", "plain"), ("plain.csv", "plain"), ("plain.parquet", "plain")],
+    [
+        ("ultrafeedback.jsonl", "ultrafeedback"),
+        ("hh.jsonl", "hh"),
+        ("plain.jsonl", "plain"),
+        ("plain.csv", "plain"),
+        ("plain.parquet", "plain"),
+    ],
 )
 def test_each_format_normalises_to_the_same_pairs(name, fmt):
     raw = data.load_raw(str(FIXTURES / name))
@@ -95,8 +125,15 @@ def test_each_format_normalises_to_the_same_pairs(name, fmt):
 def test_h4_ultrafeedback_layout_with_prompt_column_is_conversational(tmp_path):
     """HuggingFaceH4/ultrafeedback_binarized also has a `prompt` string; chosen/rejected are whole conversations."""
     user = {"role": "user", "content": "Hi?"}
-    rows = [{"prompt": "Hi?", "chosen": [user, {"role": "assistant", "content": "Hello!"}],
-             "rejected": [user, {"role": "assistant", "content": "No."}], "score_chosen": 9.0, "score_rejected": 2.0}]
+    rows = [
+        {
+            "prompt": "Hi?",
+            "chosen": [user, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [user, {"role": "assistant", "content": "No."}],
+            "score_chosen": 9.0,
+            "score_rejected": 2.0,
+        }
+    ]
     raw = data.load_raw(str(write_jsonl(tmp_path / "h4.jsonl", rows)))
     assert data.detect_format(raw) == "ultrafeedback"
     ex = data.normalise(raw, "ultrafeedback", "error")[0][0]
@@ -126,7 +163,8 @@ def test_parse_hh_rejects_non_hh_text(text, msg):
 def test_plain_with_conversational_prompt_and_completions():
     row = {
         "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
-        "chosen": [{"role": "assistant", "content": "Hello."}], "rejected": [{"role": "assistant", "content": "Go away."}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
     }
     ex = data.normalise_row(row, "plain", "x")
     assert ex.prompt[0]["role"] == "system" and (ex.chosen, ex.rejected) == ("Hello.", "Go away.")
@@ -203,7 +241,12 @@ def test_no_prompt_overlap_between_rm_ppo_eval(tmp_path, name):
     train, held, ppo, ev = (_texts(run, n) for n in ("train_pairs", "eval_pairs", "ppo_prompts", "eval_prompts"))
     assert train and held and ppo and ev
     assert not train & held and not ev & (train | held | ppo) and not ppo & (train | held)
-    assert report.report["overlap"] == {"rm_train_and_rm_eval": 0, "ppo_and_rm": 0, "eval_prompts_and_rm": 0, "eval_prompts_and_ppo": 0}
+    assert report.report["overlap"] == {
+        "rm_train_and_rm_eval": 0,
+        "ppo_and_rm": 0,
+        "eval_prompts_and_rm": 0,
+        "eval_prompts_and_ppo": 0,
+    }
     assert report.summary["n_train_pairs"] + report.summary["n_eval_pairs"] + 3 + 2 == 12
 
 
@@ -212,7 +255,9 @@ def test_ppo_prompts_top_up_from_rm_train_when_data_is_small(tmp_path):
     assert report.summary["n_ppo_prompts"] == 6
     # 12 prompts: 2 eval, 4 PPO (half stay for RM pairs), 6 RM; the other 2 PPO prompts are RM training prompts
     assert report.report["ppo_prompts_shared_with_rm_train"] == 2 == report.report["overlap"]["ppo_and_rm"]
-    assert report.report["overlap"]["eval_prompts_and_rm"] == 0 and report.report["overlap"]["rm_train_and_rm_eval"] == 0
+    assert (
+        report.report["overlap"]["eval_prompts_and_rm"] == 0 and report.report["overlap"]["rm_train_and_rm_eval"] == 0
+    )
 
 
 def test_splits_deterministic_under_seed(tmp_path):
@@ -232,7 +277,8 @@ def test_seeded_order_ignores_input_order():
 
 
 @pytest.mark.parametrize(
-    "n, want, expected", [(12, (2, 3), (2, 3)), (12, (128, 256), (3, 3)), (1000, (128, 256), (128, 256)), (3, (2, 2), (0, 1))]
+    "n, want, expected",
+    [(12, (2, 3), (2, 3)), (12, (128, 256), (3, 3)), (1000, (128, 256), (128, 256)), (3, (2, 2), (0, 1))],
 )
 def test_prompt_split_sizes_keep_half_for_rm(n, want, expected):
     assert data.prompt_split_sizes(n, *want) == expected
@@ -251,7 +297,9 @@ def test_long_responses_are_truncated_without_eos_and_counted(tmp_path, tok_llam
     report = prepare(real_cfg(tmp_path, FIXTURES / "plain.jsonl", max_response_length=5))
     pairs = data.load_split(runs.run_for(real_cfg(tmp_path, "x")), "train_pairs")
     assert report.truncated["chosen"] > 0
-    assert sum(report.truncated.values()) == report.report["truncated_responses"]["chosen"] + report.report["truncated_responses"].get("rejected", 0)
+    assert sum(report.truncated.values()) == report.report["truncated_responses"]["chosen"] + report.report[
+        "truncated_responses"
+    ].get("rejected", 0)
     for p in pairs:
         for side in ("chosen", "rejected"):
             ids = p[f"{side}_ids"]
@@ -271,7 +319,9 @@ def test_long_prompts_dropped_and_counted(tmp_path, tok_llama):
     rows = plain_rows()
     rows[0]["prompt"] = rows[1]["prompt"] = "word " * 300
     report = prepare(real_cfg(tmp_path, write_jsonl(tmp_path / "long.jsonl", rows), max_prompt_length=64))
-    total_prompt_drops = report.dropped.get("prompt_too_long", 0) + report.report["dropped_prompts"].get("prompt_too_long", 0)
+    total_prompt_drops = report.dropped.get("prompt_too_long", 0) + report.report["dropped_prompts"].get(
+        "prompt_too_long", 0
+    )
     assert total_prompt_drops == 2
 
 
@@ -279,7 +329,9 @@ def test_everything_filtered_is_a_clear_error(tmp_path):
     cfg = real_cfg(tmp_path, FIXTURES / "plain.jsonl", max_prompt_length=5)
     with pytest.raises(DataError, match="no training pairs left after filtering.*prompt_too_long"):
         prepare(cfg)
-    assert not runs.run_for(cfg).data_dir.exists() or not any(runs.run_for(cfg).data_dir.iterdir())  # nothing half-written
+    assert not runs.run_for(cfg).data_dir.exists() or not any(
+        runs.run_for(cfg).data_dir.iterdir()
+    )  # nothing half-written
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,9 +520,19 @@ def test_conversation_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def sim_cfg(tmp_path, **kw) -> DataConfig:
     base = dict(
-        model="tiny:llama", dataset="simulated", use_shipped_responses=False, outputs_dir=str(tmp_path), run="sim",
-        n_rm_prompts=20, samples_per_prompt=2, generation_max_new_tokens=10, generation_batch_size=10,
-        n_ppo_prompts=8, n_eval_prompts=4, eval_fraction=0.25, dtype="float32",
+        model="tiny:llama",
+        dataset="simulated",
+        use_shipped_responses=False,
+        outputs_dir=str(tmp_path),
+        run="sim",
+        n_rm_prompts=20,
+        samples_per_prompt=2,
+        generation_max_new_tokens=10,
+        generation_batch_size=10,
+        n_ppo_prompts=8,
+        n_eval_prompts=4,
+        eval_fraction=0.25,
+        dtype="float32",
     )
     return DataConfig(**{**base, **kw})
 
@@ -480,7 +542,15 @@ def test_prepare_data_simulated_end_to_end(tmp_path):
     run = runs.start_stage(cfg, "data")
     report = data.prepare_data(cfg, run)
     s = report.summary
-    assert set(s) == {"n_train_pairs", "n_eval_pairs", "n_ppo_prompts", "n_eval_prompts", "n_dropped", "label_gold_agreement", "length_baseline_accuracy"}
+    assert set(s) == {
+        "n_train_pairs",
+        "n_eval_pairs",
+        "n_ppo_prompts",
+        "n_eval_prompts",
+        "n_dropped",
+        "label_gold_agreement",
+        "length_baseline_accuracy",
+    }
     assert s["n_train_pairs"] + s["n_eval_pairs"] + s["n_dropped"] == 20
     assert s["n_eval_pairs"] == 5 and (s["n_ppo_prompts"], s["n_eval_prompts"]) == (8, 4)
     assert report.report["gold_scorer"] == "vader" and report.report["annotator_beta"] == 4.0
@@ -519,7 +589,10 @@ def test_simulated_is_deterministic_under_seed(tmp_path):
 def test_shipped_responses_refuse_another_model(tmp_path):
     if not annotator.SHIPPED_RESPONSES_PATH.exists():
         pytest.skip("shipped responses not generated yet")
-    with pytest.raises(ValueError, match="model: file 'bundled:smollm2-135m-instruct' vs config 'tiny:llama'.*use_shipped_responses: false"):
+    with pytest.raises(
+        ValueError,
+        match="model: file 'bundled:smollm2-135m-instruct' vs config 'tiny:llama'.*use_shipped_responses: false",
+    ):
         prepare(sim_cfg(tmp_path, use_shipped_responses=True, generation_max_new_tokens=128))
 
 
@@ -549,7 +622,9 @@ def test_long_response_tokenised_from_a_prefix_equals_whole_then_cut(tok_llama):
         assert len(text) > data.CHARS_PER_TOKEN_CAP * (max_len + data.CUT_MARGIN_TOKENS)  # the prefix path runs
         capped = fmt.response_ids(text, max_len)
         assert len(capped) > max_len and capped[:max_len] == whole[:max_len]
-        assert data._fit_response(fmt, capped, text, max_len, True) == data._fit_response(fmt, whole, text, max_len, True)
+        assert data._fit_response(fmt, capped, text, max_len, True) == data._fit_response(
+            fmt, whole, text, max_len, True
+        )
         assert data._fit_response(fmt, capped, text, max_len, False) is None
     short = "A short answer."
     assert fmt.response_ids(short, 64) == fmt.response_ids(short) == fmt.ids(fmt.response_prefix + short) + [fmt.eos_id]

@@ -5,6 +5,7 @@ it teaches the policy to end its answers.
 Tiny random model at temperature 0.1: its most frequent token is sampled about once in 25 tokens, so with that
 token declared EOS about a quarter of 8-token responses end on their own -- a learnable signal with a known answer.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,17 +30,31 @@ def setup():
     """A tokenizer whose EOS is the tiny policy's most frequent token at T = 0.1, and the prompts."""
     tok = models.load_tokenizer(MODEL)
     topics = "apples pears cats dogs rain snow music books trees rivers cars bikes".split()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Say something about {t}."}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=False)
-               for t in topics]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"Say something about {t}."}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for t in topics
+    ]
     torch.manual_seed(0)
     model = models.load_causal_lm(MODEL, tok)
     ids, mask = ppo.left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
     counts: collections.Counter = collections.Counter()
     for _ in range(3):
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.1, top_k=0,
-                             top_p=1.0, max_new_tokens=8, pad_token_id=tok.pad_token_id)
-        counts.update(out[:, ids.shape[1]:].flatten().tolist())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.1,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=8,
+            pad_token_id=tok.pad_token_id,
+        )
+        counts.update(out[:, ids.shape[1] :].flatten().tolist())
     for special in (tok.pad_token_id, tok.eos_token_id):
         counts.pop(special, None)
     tok = copy.deepcopy(tok)
@@ -54,15 +69,29 @@ def zero_reward(query_responses, attention_mask, context_length):
 
 def train(setup, tmp_path, penalty: float | None, updates: int, seed: int = 0, kl_coef: float = 0.01) -> list[dict]:
     tok, prompts = setup
-    cfg = ppo.PPOConfig(model=MODEL, dtype="float32", device="cpu", use_lora=False, total_episodes=8 * updates,
-                        batch_size=8, response_length=8, temperature=0.1, learning_rate=2e-4, kl_coef=kl_coef,
-                        save_every=0, sample_every=0, lr_scheduler_type="constant", seed=seed,
-                        missing_eos_penalty=penalty)
+    cfg = ppo.PPOConfig(
+        model=MODEL,
+        dtype="float32",
+        device="cpu",
+        use_lora=False,
+        total_episodes=8 * updates,
+        batch_size=8,
+        response_length=8,
+        temperature=0.1,
+        learning_rate=2e-4,
+        kl_coef=kl_coef,
+        save_every=0,
+        sample_every=0,
+        lr_scheduler_type="constant",
+        seed=seed,
+        missing_eos_penalty=penalty,
+    )
     torch.manual_seed(seed)
     policy = models.load_causal_lm(MODEL, tok)
     value = ppo.ScalarHead(models.load_sequence_classifier(MODEL, tok))
-    trainer = ppo.PPOTrainer(cfg, tok, policy, copy.deepcopy(policy), value, zero_reward, prompts,
-                             tmp_path / "ppo", tmp_path / "checkpoints")
+    trainer = ppo.PPOTrainer(
+        cfg, tok, policy, copy.deepcopy(policy), value, zero_reward, prompts, tmp_path / "ppo", tmp_path / "checkpoints"
+    )
     trainer.train()
     return read_jsonl(tmp_path / "ppo" / "metrics.jsonl")
 

@@ -1,4 +1,5 @@
 """Bad params and bad model references: one `error:` line naming the file, the field or value, and the fix."""
+
 from __future__ import annotations
 
 import re
@@ -27,16 +28,22 @@ def pipeline_error(path: Path, capsys, *extra: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("text, pattern", [
-    ("common:\n  run: x\n  seed: [1, 2\n", r"p.yaml line \d+ column \d+: invalid YAML \(.*\); check the indentation"),
-    ("common: {run: x}\n\tppo: {}\n", r"p.yaml line 2 column 1: invalid YAML"),
-    ("", r"p.yaml is empty; a params file needs at least a common section"),
-    ("# only a comment\n", r"p.yaml is empty"),
-    ("{}\n", r"p.yaml is empty"),
-    ("- common\n", r"p.yaml: expected a mapping of sections \(common, data, .*\), got list"),
-    ("common: {run: x}\nppo: 5\n", r"p.yaml: section 'ppo' must be a mapping of key: value lines .* got int 5"),
-    ("common: cpu\n", r"p.yaml: section 'common' must be a mapping .* got str 'cpu'"),
-])
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        (
+            "common:\n  run: x\n  seed: [1, 2\n",
+            r"p.yaml line \d+ column \d+: invalid YAML \(.*\); check the indentation",
+        ),
+        ("common: {run: x}\n\tppo: {}\n", r"p.yaml line 2 column 1: invalid YAML"),
+        ("", r"p.yaml is empty; a params file needs at least a common section"),
+        ("# only a comment\n", r"p.yaml is empty"),
+        ("{}\n", r"p.yaml is empty"),
+        ("- common\n", r"p.yaml: expected a mapping of sections \(common, data, .*\), got list"),
+        ("common: {run: x}\nppo: 5\n", r"p.yaml: section 'ppo' must be a mapping of key: value lines .* got int 5"),
+        ("common: cpu\n", r"p.yaml: section 'common' must be a mapping .* got str 'cpu'"),
+    ],
+)
 def test_unreadable_params_files(tmp_path, capsys, text, pattern):
     path = params_file(tmp_path, text)
     with pytest.raises(ConfigError, match=pattern):
@@ -52,12 +59,15 @@ def test_params_file_that_is_not_utf8(tmp_path, capsys):
     pipeline_error(path, capsys)
 
 
-@pytest.mark.parametrize("key, value, pattern", [
-    ("device", "tpu", r"\[common\]: device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
-    ("device", "cuda:x", r"device must be .* got 'cuda:x'"),
-    ("threads", -3, r"\[common\]: threads must be >= 0 \(0: torch's default\), got -3"),
-    ("dtype", "half", r"\[common\]: dtype must be auto, float32, bfloat16 or float16, got 'half'"),
-])
+@pytest.mark.parametrize(
+    "key, value, pattern",
+    [
+        ("device", "tpu", r"\[common\]: device must be auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        ("device", "cuda:x", r"device must be .* got 'cuda:x'"),
+        ("threads", -3, r"\[common\]: threads must be >= 0 \(0: torch's default\), got -3"),
+        ("dtype", "half", r"\[common\]: dtype must be auto, float32, bfloat16 or float16, got 'half'"),
+    ],
+)
 def test_common_values_are_checked(capsys, key, value, pattern):
     with pytest.raises(ConfigError, match=pattern):
         config.validate(CommonConfig, {key: value}, "p.yaml [common]")
@@ -65,8 +75,9 @@ def test_common_values_are_checked(capsys, key, value, pattern):
     assert key in err
 
 
-@pytest.mark.parametrize("key, value", [("device", "cuda:1"), ("device", "mps"), ("device", "auto"),
-                                        ("threads", 0), ("dtype", "bf16")])
+@pytest.mark.parametrize(
+    "key, value", [("device", "cuda:1"), ("device", "mps"), ("device", "auto"), ("threads", 0), ("dtype", "bf16")]
+)
 def test_valid_common_values_pass(key, value):
     assert getattr(config.validate(CommonConfig, {key: value}, "x"), key) == value
 
@@ -78,7 +89,9 @@ def test_stage_configs_get_the_common_checks_too():
 
 def test_missing_model_folder_is_named_not_taken_for_a_hub_id(tmp_path, capsys):
     for ref in (str(tmp_path / "no" / "such" / "model"), "./models/mine", "~/no-such-model-dir", "a/b/c"):
-        with pytest.raises(ConfigError, match=rf"model folder '{re.escape(ref)}' does not exist .* tried from .* hub id"):
+        with pytest.raises(
+            ConfigError, match=rf"model folder '{re.escape(ref)}' does not exist .* tried from .* hub id"
+        ):
             config.validate(CommonConfig, {"model": ref}, "p.yaml [common]")
         with pytest.raises(ConfigError, match="does not exist"):
             models.load_tokenizer(ref)
@@ -96,8 +109,11 @@ def test_model_folder_without_config_or_tokenizer(tmp_path):
         config.validate(CommonConfig, {"model": str(folder)}, "p.yaml [common]")
     for name in ("config.json", "model.safetensors", "tokenizer_config.json"):  # weights, but no tokenizer files
         shutil.copy(built / name, folder / name)
-    with pytest.raises(ConfigError, match=r"model folder .*policy has no tokenizer \(none of tokenizer.json, .*\); "
-                                          r"save one there with tokenizer.save_pretrained"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model folder .*policy has no tokenizer \(none of tokenizer.json, .*\); "
+        r"save one there with tokenizer.save_pretrained",
+    ):
         config.validate(CommonConfig, {"model": str(folder)}, "p.yaml [common]")
     with pytest.raises(ConfigError, match="has no tokenizer"):
         models.load_tokenizer(str(folder))

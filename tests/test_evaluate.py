@@ -3,6 +3,7 @@
 Scorers are injected (simple functions of the tokens / text), so these tests need neither a trained reward model nor
 the annotator; policies are tiny:llama copies written as Hugging Face folders, as the PPO stage writes them.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,13 @@ from rlhf_lib.evaluate import (
 from rlhf_lib.runs import Run, run_for, write_json_atomic
 
 TINY = "tiny:llama"
-USER_PROMPTS = ["Write a short review of a film.", "Review a cafe.", "Write a short review of a pair of running shoes "
-                "you bought last month.", "Hi", "Write a short review of a book about the sea and its old sailors."]
+USER_PROMPTS = [
+    "Write a short review of a film.",
+    "Review a cafe.",
+    "Write a short review of a pair of running shoes you bought last month.",
+    "Hi",
+    "Write a short review of a book about the sea and its old sailors.",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,8 +175,20 @@ def tokenizer():
 
 
 def make_cfg(outputs: str, **overrides) -> EvalConfig:
-    values = dict(run="ev", outputs_dir=outputs, model=TINY, device="cpu", dtype="float32", threads=1, seed=3,
-                  response_length=6, temperature=1.0, batch_size=2, max_checkpoints=2, overopt_prompts=3)
+    values = dict(
+        run="ev",
+        outputs_dir=outputs,
+        model=TINY,
+        device="cpu",
+        dtype="float32",
+        threads=1,
+        seed=3,
+        response_length=6,
+        temperature=1.0,
+        batch_size=2,
+        max_checkpoints=2,
+        overopt_prompts=3,
+    )
     values.update(overrides)
     cfg = EvalConfig(**values)
     cfg.check()
@@ -204,8 +222,15 @@ def make_run(outputs: str, tokenizer, gold: str | None = "vader", policy_noise: 
             f.write(json.dumps(row) + "\n")
     write_json_atomic(run.data_dir / "report.json", {"gold_scorer": gold})
     save_policy(run.policy_dir, tokenizer, noise=policy_noise)
-    write_json_atomic(run.manifest_path, {"run": run.name, "stages": {
-        s: {"status": "done", "params": {"model": TINY, "seed": 3}} for s in ("data", "reward_model", "ppo")}})
+    write_json_atomic(
+        run.manifest_path,
+        {
+            "run": run.name,
+            "stages": {
+                s: {"status": "done", "params": {"model": TINY, "seed": 3}} for s in ("data", "reward_model", "ppo")
+            },
+        },
+    )
     return cfg, run
 
 
@@ -217,8 +242,9 @@ def same_policy(tmp_path_factory, tokenizer):
 
 
 def settings(**overrides) -> GenerationSettings:
-    values = dict(response_length=5, temperature=0.9, batch_size=3, seed=0, device=torch.device("cpu"),
-                  dtype=torch.float32)
+    values = dict(
+        response_length=5, temperature=0.9, batch_size=3, seed=0, device=torch.device("cpu"), dtype=torch.float32
+    )
     values.update(overrides)
     return GenerationSettings(**values)
 
@@ -234,7 +260,7 @@ def test_response_logprobs_batched_with_left_padding_match_unpadded_rows(tokeniz
         n = int(rmask[b].sum())
         ids = torch.tensor([prompt + responses[b, :n].tolist()])
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]  # (n, V)
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # (n, V)
         expected = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, responses[b, :n, None]).squeeze(-1)
         assert torch.allclose(batched[b, :n], expected, atol=1e-4), b
 
@@ -258,8 +284,15 @@ def test_sampling_is_paired_by_seed_and_truncated_after_eos(tokenizer):
 def test_identical_policy_gives_zero_kl_and_half_win_rate_with_all_ties(same_policy):
     cfg, run, result = same_policy
     s = result.summary
-    assert set(s) == {"before", "after", "win_rate_vs_ref", "win_rate_ci", "n_eval_prompts", "win_rate_judge",
-                      "win_rate_ties"}
+    assert set(s) == {
+        "before",
+        "after",
+        "win_rate_vs_ref",
+        "win_rate_ci",
+        "n_eval_prompts",
+        "win_rate_judge",
+        "win_rate_ties",
+    }
     keys = ["rm_score", "rm_score_std", "gold_score", "gold_score_std", "kl", "length", "eos_fraction"]
     assert list(s["before"]) == keys and list(s["after"]) == keys
     assert s["after"]["kl"] == 0.0 and (result.samples["trained_kl"] == 0.0).all()  # exact: same weights, same inputs
@@ -369,16 +402,43 @@ def test_overoptimisation_curve_over_checkpoints(tmp_path, tokenizer):
 def fake_run(outputs: Path, name: str, kl_coef: float, gold_after: float, eval_done: bool = True) -> Path:
     run = Run(outputs / name)
     params = {"run": name, "model": TINY, "seed": 0}
-    write_json_atomic(run.manifest_path, {"run": name, "stages": {
-        "data": {"status": "done", "params": {**params, "n_prompts": 64}},
-        "ppo": {"status": "done", "params": {**params, "kl_coef": kl_coef}},
-        "eval": {"status": "done" if eval_done else "running", "params": params}}})
-    ev = {"before": {"rm_score": 0.1, "rm_score_std": 1.0, "gold_score": 0.4, "gold_score_std": 0.5, "kl": 0.0,
-                     "length": 40.0, "eos_fraction": 0.3},
-          "after": {"rm_score": 0.9, "rm_score_std": 1.0, "gold_score": gold_after, "gold_score_std": 0.4,
-                    "kl": 1 / kl_coef, "length": 42.0, "eos_fraction": 0.4},
-          "win_rate_vs_ref": 0.6, "win_rate_ci": [0.5, 0.7], "n_eval_prompts": 64, "win_rate_judge": "gold",
-          "win_rate_ties": 0.02, "overoptimisation": [{"label": "reference", "kl": 0.0}]}
+    write_json_atomic(
+        run.manifest_path,
+        {
+            "run": name,
+            "stages": {
+                "data": {"status": "done", "params": {**params, "n_prompts": 64}},
+                "ppo": {"status": "done", "params": {**params, "kl_coef": kl_coef}},
+                "eval": {"status": "done" if eval_done else "running", "params": params},
+            },
+        },
+    )
+    ev = {
+        "before": {
+            "rm_score": 0.1,
+            "rm_score_std": 1.0,
+            "gold_score": 0.4,
+            "gold_score_std": 0.5,
+            "kl": 0.0,
+            "length": 40.0,
+            "eos_fraction": 0.3,
+        },
+        "after": {
+            "rm_score": 0.9,
+            "rm_score_std": 1.0,
+            "gold_score": gold_after,
+            "gold_score_std": 0.4,
+            "kl": 1 / kl_coef,
+            "length": 42.0,
+            "eos_fraction": 0.4,
+        },
+        "win_rate_vs_ref": 0.6,
+        "win_rate_ci": [0.5, 0.7],
+        "n_eval_prompts": 64,
+        "win_rate_judge": "gold",
+        "win_rate_ties": 0.02,
+        "overoptimisation": [{"label": "reference", "kl": 0.0}],
+    }
     summary = {"data": {"n_train_pairs": 100}, "ppo": {"objective/scores": 0.5}}
     if eval_done:
         summary["eval"] = ev
@@ -412,8 +472,18 @@ def axes_with_data(fig) -> int:
 def test_plot_ppo_curves(tmp_path):
     run = Run(tmp_path / "r")
     run.ppo_dir.mkdir(parents=True)
-    rows = [{"episode": 8 * i, "objective/scores": 0.1 * i, "objective/kl": 0.05 * i, "objective/entropy": 30 - i,
-             "loss/value_avg": 1 / (i + 1), "policy/clipfrac_avg": 0.1, "val/clipfrac_avg": 0.2} for i in range(40)]
+    rows = [
+        {
+            "episode": 8 * i,
+            "objective/scores": 0.1 * i,
+            "objective/kl": 0.05 * i,
+            "objective/entropy": 30 - i,
+            "loss/value_avg": 1 / (i + 1),
+            "policy/clipfrac_avg": 0.1,
+            "val/clipfrac_avg": 0.2,
+        }
+        for i in range(40)
+    ]
     rows[3].pop("val/clipfrac_avg")
     (run.ppo_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     fig = plots.plot_ppo_curves(run)
@@ -433,17 +503,27 @@ def test_plot_reward_distributions(same_policy, tmp_path):
     fig = plots.plot_reward_distributions(result, run)
     assert (run.plots_dir / "reward_distributions.png").stat().st_size > 1000
     assert len(fig.axes) == 2 and axes_with_data(fig) == 2
-    no_gold = EvalResult(result.summary, result.samples.assign(reference_gold=np.nan, trained_gold=np.nan),
-                         result.win, result.generation)
+    no_gold = EvalResult(
+        result.summary, result.samples.assign(reference_gold=np.nan, trained_gold=np.nan), result.win, result.generation
+    )
     assert len(plots.plot_reward_distributions(no_gold, run).axes) == 1
 
 
 def test_plot_frontier(tmp_path):
     run = Run(tmp_path / "r")
-    curve = pd.DataFrame({"label": ["reference", "update 2", "update 4", "final"], "step": [0, 2, 4, 6],
-                          "kl": [0.0, 1.0, 3.0, 6.0], "kl_std": [0.0, 0.5, 1.0, 2.0],
-                          "rm_score": [0.0, 0.5, 1.0, 1.4], "rm_score_std": [1.0] * 4,
-                          "gold_score": [0.4, 0.55, 0.6, 0.58], "gold_score_std": [0.5] * 4, "n_prompts": [16] * 4})
+    curve = pd.DataFrame(
+        {
+            "label": ["reference", "update 2", "update 4", "final"],
+            "step": [0, 2, 4, 6],
+            "kl": [0.0, 1.0, 3.0, 6.0],
+            "kl_std": [0.0, 0.5, 1.0, 2.0],
+            "rm_score": [0.0, 0.5, 1.0, 1.4],
+            "rm_score_std": [1.0] * 4,
+            "gold_score": [0.4, 0.55, 0.6, 0.58],
+            "gold_score_std": [0.5] * 4,
+            "n_prompts": [16] * 4,
+        }
+    )
     fig = plots.plot_frontier(curve, run)
     assert (run.plots_dir / "kl_reward_frontier.png").stat().st_size > 1000
     assert axes_with_data(fig) == 3

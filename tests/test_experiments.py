@@ -1,5 +1,6 @@
 """Sweeps and shared upstream stages: base-run sharing and its refusals, sweep files and point commands, the
 aggregation (mean / Student-t CI) and the Gao et al. frontier fit, then tiny-model sweeps end to end (papermill)."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ SMOKE_SWEEP = ROOT / "params" / "sweeps" / "smoke.yaml"
 
 def _files(root: Path) -> dict[str, tuple[int, bytes]]:
     """Every file under root: (mtime_ns, bytes), to show a folder was not written."""
-    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _base(outputs: str, name: str = "base", finish_rm: bool = True) -> runs.Run:
@@ -74,7 +76,9 @@ def test_a_run_on_a_base_never_runs_or_writes_the_shared_stages(outputs, tmp_pat
     record = run.manifest()["base_run"]
     assert record["name"] == "base" and Path(record["root"]) == base.root.resolve()
     assert {s: v["sha256"] for s, v in record["stages"].items()} == {
-        "data": real_hash(base, "data"), "reward_model": real_hash(base, "reward_model")}
+        "data": real_hash(base, "data"),
+        "reward_model": real_hash(base, "reward_model"),
+    }
     # later stages read the base's outputs through one function; the run's own stages stay its own
     assert run.upstream("data").data_dir == base.root.resolve() / "data"
     assert runs.stage_source(run, "reward_model").reward_model_dir == base.root.resolve() / "reward_model"
@@ -117,15 +121,18 @@ def _sweep_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("changes,match", [
-    ({"grdi": {}}, "unknown keys \\['grdi'\\]"),
-    ({"grid": {"ppo.kl_coeff": [0.1]}}, "unknown key 'kl_coeff'"),
-    ({"grid": {"ppo.kl_coef": ["high"]}}, "key 'kl_coef' must be float"),
-    ({"grid": {"common.outputs_dir": ["/x"]}}, "set by the sweep for each point"),
-    ({"grid": {"data.n_rm_prompts": [8, 16]}}, "varies a stage read from the base run"),
-    ({"stages": ["data", "ppo"]}, "include a stage read from the base run"),
-    ({"grid": {"common.seed": []}}, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"grdi": {}}, "unknown keys \\['grdi'\\]"),
+        ({"grid": {"ppo.kl_coeff": [0.1]}}, "unknown key 'kl_coeff'"),
+        ({"grid": {"ppo.kl_coef": ["high"]}}, "key 'kl_coef' must be float"),
+        ({"grid": {"common.outputs_dir": ["/x"]}}, "set by the sweep for each point"),
+        ({"grid": {"data.n_rm_prompts": [8, 16]}}, "varies a stage read from the base run"),
+        ({"stages": ["data", "ppo"]}, "include a stage read from the base run"),
+        ({"grid": {"common.seed": []}}, "non-empty list"),
+    ],
+)
 def test_sweep_file_errors_name_the_key(tmp_path, changes, match):
     with pytest.raises((SweepError, ConfigError), match=match):
         experiments.load_sweep(_sweep_file(tmp_path, **changes), str(tmp_path / "out"))
@@ -156,8 +163,10 @@ def test_printed_commands_are_pipeline_runs_of_each_point(tmp_path, capsys, monk
             assert [s for s, _ in todo] == ["ppo", "eval"] and params["base_run"] == "base"
             ppo_params = dict(todo)["ppo"]
             seen.add((ppo_params["seed"], ppo_params["kl_coef"]))
-            assert (ppo_params["seed"], ppo_params["kl_coef"]) == (point.overrides["common.seed"],
-                                                                 point.overrides["ppo.kl_coef"])
+            assert (ppo_params["seed"], ppo_params["kl_coef"]) == (
+                point.overrides["common.seed"],
+                point.overrides["ppo.kl_coef"],
+            )
     assert seen == {(0, 0.05), (0, 0.5), (1, 0.05), (1, 0.5)}
     assert experiments.main([str(SMOKE_SWEEP), "--outputs-dir", str(out), "--point", "9"]) == 2
 
@@ -175,18 +184,32 @@ def _fake_point(root: Path, name: str, summary: dict, done: bool = True) -> None
 
 
 def _eval_summary(gold_after: float, gold_before: float = 0.1, kl: float = 2.0) -> dict:
-    curve = [{"label": "reference", "step": 0.0, "kl": 0.0, "rm_score": 0.0, "gold_score": gold_before},
-             {"label": "final", "step": 4.0, "kl": kl, "rm_score": 1.0, "gold_score": gold_after}]
-    return {"ppo": {"final_kl": kl, "train_seconds": 3.0},
-            "eval": {"before": {"gold_score": gold_before, "rm_score": 0.0, "kl": 0.0},
-                     "after": {"gold_score": gold_after, "rm_score": 1.0, "kl": kl},
-                     "win_rate_vs_ref": 0.5, "win_rate_ci": [0.4, 0.6], "win_rate_judge": "gold",
-                     "overoptimisation": curve}}
+    curve = [
+        {"label": "reference", "step": 0.0, "kl": 0.0, "rm_score": 0.0, "gold_score": gold_before},
+        {"label": "final", "step": 4.0, "kl": kl, "rm_score": 1.0, "gold_score": gold_after},
+    ]
+    return {
+        "ppo": {"final_kl": kl, "train_seconds": 3.0},
+        "eval": {
+            "before": {"gold_score": gold_before, "rm_score": 0.0, "kl": 0.0},
+            "after": {"gold_score": gold_after, "rm_score": 1.0, "kl": kl},
+            "win_rate_vs_ref": 0.5,
+            "win_rate_ci": [0.4, 0.6],
+            "win_rate_judge": "gold",
+            "overoptimisation": curve,
+        },
+    }
 
 
 def test_aggregation_mean_std_and_t_interval_match_a_hand_computation(tmp_path):
-    sweep = Sweep("s", "params/smoke.yaml", tmp_path / "s", base_run="", stages=("ppo", "eval"),
-                  grid={"common.seed": [0, 1, 2, 3], "ppo.kl_coef": [0.1, 0.2]})
+    sweep = Sweep(
+        "s",
+        "params/smoke.yaml",
+        tmp_path / "s",
+        base_run="",
+        stages=("ppo", "eval"),
+        grid={"common.seed": [0, 1, 2, 3], "ppo.kl_coef": [0.1, 0.2]},
+    )
     gold = {0.1: [1.0, 2.0, 4.0], 0.2: [0.5, 0.5, 2.0]}
     for point in sweep.grid_points():
         seed, coef = point.overrides["common.seed"], point.overrides["ppo.kl_coef"]
@@ -235,10 +258,10 @@ def test_frontier_fit_recovers_gao_coefficients(alpha, beta):
     exact = experiments.fit_frontier(kl, gain)
     assert exact["alpha"] == pytest.approx(alpha, rel=1e-9) and exact["beta"] == pytest.approx(beta, rel=1e-9)
     d_star = math.exp(alpha / beta - 1)
-    assert exact["kl_at_peak"] == pytest.approx(d_star ** 2) and exact["gold_at_peak"] == pytest.approx(beta * d_star)
+    assert exact["kl_at_peak"] == pytest.approx(d_star**2) and exact["gold_at_peak"] == pytest.approx(beta * d_star)
     # the peak is where the formula is largest
-    grid = np.linspace(0.01, 4 * d_star ** 2, 20000)
-    assert grid[np.argmax(experiments.gao_gold(grid, alpha, beta))] == pytest.approx(d_star ** 2, rel=1e-2)
+    grid = np.linspace(0.01, 4 * d_star**2, 20000)
+    assert grid[np.argmax(experiments.gao_gold(grid, alpha, beta))] == pytest.approx(d_star**2, rel=1e-2)
     noisy = experiments.fit_frontier(kl, gain + rng.normal(0, 0.01, size=kl.size))
     assert noisy["alpha"] == pytest.approx(alpha, abs=0.02) and noisy["beta"] == pytest.approx(beta, abs=0.01)
 
@@ -262,8 +285,13 @@ def _numbers(summary: dict) -> dict[str, float]:
 
 
 def _group_numbers(group: dict) -> dict[str, float]:
-    return {f"{k}.{stat}": v for k, m in group["metrics"].items() if not any(t in k for t in TIMING)
-            for stat, v in m.items() if v is not None}
+    return {
+        f"{k}.{stat}": v
+        for k, m in group["metrics"].items()
+        if not any(t in k for t in TIMING)
+        for stat, v in m.items()
+        if v is not None
+    }
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +314,8 @@ def test_smoke_sweep_end_to_end_through_papermill(smoke_sweep, capsys):
         record = run.manifest()["base_run"]
         assert Path(record["root"]) == base.root.resolve()
         assert {s: v["sha256"] for s, v in record["stages"].items()} == {
-            s: runs.stage_hash(base, s) for s in ("data", "reward_model")}
+            s: runs.stage_hash(base, s) for s in ("data", "reward_model")
+        }
         assert entry["summary"]["eval"]["n_eval_prompts"] > 0
     for group in summary["groups"]:  # a group's mean is the mean of its points' values
         members = [p for p in summary["points"] if p["name"] in group["points"]]

@@ -1,4 +1,5 @@
 """PPO's own decode loop: the sampling distribution, and teacher forcing as the reference for the cache handling."""
+
 from __future__ import annotations
 
 import pytest
@@ -52,7 +53,7 @@ def _teacher_forced_logits(model, queries, query_mask, responses):
     mask = torch.cat([query_mask, torch.ones_like(responses)], dim=1)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=models.position_ids_from_mask(mask)).logits
-    return logits[:, queries.shape[1] - 1:-1].float()
+    return logits[:, queries.shape[1] - 1 : -1].float()
 
 
 @pytest.mark.parametrize("ref", ["tiny:llama", "tiny:gpt2"])
@@ -63,8 +64,9 @@ def test_decode_loop_samples_from_the_teacher_forced_distribution(ref, monkeypat
     model = models.load_causal_lm(ref, tokenizer).eval()
     queries, query_mask = _queries(tokenizer)
     seen = _recording(monkeypatch)
-    sampler = generation.ResponseSampler(model, max_new_tokens=6, temperature=1.0, eos_token_id=-1,
-                                         pad_token_id=tokenizer.pad_token_id)
+    sampler = generation.ResponseSampler(
+        model, max_new_tokens=6, temperature=1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id
+    )
     responses, steps = sampler(queries, query_mask)
     assert responses.shape == (3, 6) and steps == 6 and len(seen) == 6
     expected = _teacher_forced_logits(model, queries, query_mask, responses)
@@ -109,13 +111,16 @@ def test_compiled_decode_over_static_cache_matches_teacher_forcing_under_bf16_au
     counters.clear()
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer("tiny:llama")
-    model = get_peft_model(models.load_causal_lm("tiny:llama", tokenizer),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        models.load_causal_lm("tiny:llama", tokenizer),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     policy_models.store_frozen_weights_in(model, torch.bfloat16)
     queries, query_mask = _queries(tokenizer)
     seen = _recording(monkeypatch)
-    sampler = generation.ResponseSampler(model, 5, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id,
-                                         compile=True, cache_dtype=torch.bfloat16)
+    sampler = generation.ResponseSampler(
+        model, 5, 1.0, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id, compile=True, cache_dtype=torch.bfloat16
+    )
     from transformers import AttentionInterface
 
     # the compiled step's attention is decode_attention: a tensor counter (a Python list would be guarded on and
@@ -131,8 +136,10 @@ def test_compiled_decode_over_static_cache_matches_teacher_forcing_under_bf16_au
         with torch.autocast("cpu", torch.bfloat16):
             for width in (0, 3):  # a wider prompt batch reuses the graph (symbolic cache length)
                 seen.clear()
-                queries, query_mask = (torch.nn.functional.pad(t, (width, 0), value=v)
-                                       for t, v in ((queries, tokenizer.pad_token_id), (query_mask, 0)))
+                queries, query_mask = (
+                    torch.nn.functional.pad(t, (width, 0), value=v)
+                    for t, v in ((queries, tokenizer.pad_token_id), (query_mask, 0))
+                )
                 responses, steps = sampler(queries, query_mask)
             expected = _teacher_forced_logits(model, queries, query_mask, responses)
     finally:
@@ -150,8 +157,10 @@ def test_lora_factors_as_reductions_compute_the_same_and_restore_the_modules():
 
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer("tiny:llama")
-    model = get_peft_model(models.load_causal_lm("tiny:llama", tokenizer),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        models.load_causal_lm("tiny:llama", tokenizer),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     queries, query_mask = _queries(tokenizer)
     positions = models.position_ids_from_mask(query_mask)
     for autocast in (False, True):
@@ -191,10 +200,14 @@ def test_decode_attention_equals_sdpa_with_grouped_heads_and_masks(dtype):
     # masked slots really are ignored: changing them changes nothing
     noisy = value.clone()
     noisy[0, :, :3] = 100.0
-    torch.testing.assert_close(generation.decode_attention(module, query, key, noisy, allowed, scaling=0.3)[0],
-                               generation.decode_attention(module, query, key, value, allowed, scaling=0.3)[0])
+    torch.testing.assert_close(
+        generation.decode_attention(module, query, key, noisy, allowed, scaling=0.3)[0],
+        generation.decode_attention(module, query, key, value, allowed, scaling=0.3)[0],
+    )
     # several query tokens (prefill) go to SDPA itself
     queries = torch.randn(B, H, 4, D).to(dtype)
     causal = torch.ones(B, 1, 4, L, dtype=torch.bool).tril(L - 4)
-    torch.testing.assert_close(generation.decode_attention(module, queries, key, value, causal, scaling=0.3)[0],
-                               sdpa_attention_forward(module, queries, key, value, causal, scaling=0.3)[0])
+    torch.testing.assert_close(
+        generation.decode_attention(module, queries, key, value, causal, scaling=0.3)[0],
+        sdpa_attention_forward(module, queries, key, value, causal, scaling=0.3)[0],
+    )

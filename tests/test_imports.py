@@ -4,6 +4,7 @@ Every import statement counts, wherever it sits: module level, inside a function
 modules together) and under ``if TYPE_CHECKING:``. Scripts are modules by file name, as they import each other with
 scripts/ on sys.path. Check it alone with ``python -m pytest -q tests/test_imports.py``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -66,7 +67,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
                 state[path.pop()] = 2
                 stack.pop()
             elif state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             elif not state.get(nxt):
                 state[nxt] = 1
                 path.append(nxt)
@@ -84,7 +85,9 @@ def test_import_graph_sees_relative_lazy_and_type_checking_imports(tmp_path):
     src = tmp_path / "a.py"
     src.write_text(
         "from typing import TYPE_CHECKING\nfrom . import b\nif TYPE_CHECKING:\n    from .c import Thing\n"
-        "def f():\n    from pkg import text_progress\n", encoding="utf-8")
+        "def f():\n    from pkg import text_progress\n",
+        encoding="utf-8",
+    )
     assert imported_modules("pkg.a", src, known) == {"pkg", "pkg.b", "pkg.c"}
 
 

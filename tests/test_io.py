@@ -1,4 +1,5 @@
 """Tests for rlhf_lib.io: the JSONL error rule, atomic writes and padding."""
+
 from __future__ import annotations
 
 import json
@@ -21,11 +22,14 @@ def test_jsonl_round_trip_keeps_unicode_and_skips_blank_lines(tmp_path):
     assert [n for n, _ in io.iter_jsonl(path)] == [1, 2]
 
 
-@pytest.mark.parametrize("line, kind, detail", [
-    (b'{"a": 1', "malformed_json", "malformed JSON"),
-    (b"[1, 2]", "not_an_object", "expected a JSON object, got list"),
-    (b'{"a": "caf\xe9"}', "not_utf8", r"not UTF-8 text \(byte 0xe9 at column 11\)"),
-])
+@pytest.mark.parametrize(
+    "line, kind, detail",
+    [
+        (b'{"a": 1', "malformed_json", "malformed JSON"),
+        (b"[1, 2]", "not_an_object", "expected a JSON object, got list"),
+        (b'{"a": "caf\xe9"}', "not_utf8", r"not UTF-8 text \(byte 0xe9 at column 11\)"),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, line, kind, detail):
     path = tmp_path / "x.jsonl"
     path.write_bytes(b'{"ok": 1}\n\n' + line + b'\n{"ok": 2}\n')

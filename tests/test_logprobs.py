@@ -1,4 +1,5 @@
 """The fused log-prob / entropy op (rlhf_lib.logprobs): the same values and gradients as ppo_core's plain maths."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,7 +21,9 @@ def test_fused_logprobs_match_ppo_core_values_and_gradients(dtype, fused):
     grad_fused, full.grad = full.grad.clone(), None
     lp_ref = ppo_core.logprobs_from_logits(logits, tokens, 0.7)
     (lp_ref * weights).sum().backward()
-    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)  # fp32 rounding: the compiled kernel sums in another order
+    torch.testing.assert_close(
+        lp, lp_ref, rtol=1e-6, atol=1e-6
+    )  # fp32 rounding: the compiled kernel sums in another order
     torch.testing.assert_close(ent, ppo_core.entropy_from_logits(logits, 0.7), rtol=0, atol=1e-4)
     torch.testing.assert_close(grad_fused.float(), full.grad.float(), rtol=0, atol=1e-6)
     assert not ent.requires_grad

@@ -1,6 +1,7 @@
 """Tests for rlhf_lib.methods: best-of-N maths (estimator vs brute force, analytic KL vs exact and Monte-Carlo),
 the policy-folder contract, and -- slow -- DPO / RLOO / GRPO raising their objective on a toy task with a known
 answer (tests/toy_task.py), each trained policy going through the comparison's evaluation code."""
+
 from __future__ import annotations
 
 import itertools
@@ -87,8 +88,13 @@ def test_monte_carlo_best_of_n_matches_the_exact_distribution_and_kl(n):
 
 def make_pool(rm: np.ndarray, gold: np.ndarray) -> bon.Pool:
     p, m = rm.shape
-    return bon.Pool(rm=rm, gold=gold, lengths=np.full((p, m), 3.0), eos=np.ones((p, m)),
-                    texts=[[f"p{i}s{j}" for j in range(m)] for i in range(p)])
+    return bon.Pool(
+        rm=rm,
+        gold=gold,
+        lengths=np.full((p, m), 3.0),
+        eos=np.ones((p, m)),
+        texts=[[f"p{i}s{j}" for j in range(m)] for i in range(p)],
+    )
 
 
 def test_pool_entries_n1_is_the_pool_mean_and_the_oracle_dominates():
@@ -161,8 +167,10 @@ def test_saved_policy_loads_through_the_evaluation_loader_and_adapters_merge(toy
     root, model_ref, tokenizer = toy
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(models.load_causal_lm(model_ref, tokenizer),
-                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        models.load_causal_lm(model_ref, tokenizer),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     ids = torch.tensor([[2, 3, 4, 5]])
     with torch.no_grad():
         expected = model(input_ids=ids).logits
@@ -195,9 +203,19 @@ def toy_context(root: Path, model_ref: str, tokenizer):
 
     run = Run(root)
     write_json_atomic(run.manifest_path, {"stages": {}})
-    ev = evaluate.EvalConfig(model=model_ref, device="cpu", dtype="float32", seed=1, response_length=RESPONSE_LENGTH,
-                             temperature=1.0, batch_size=16)
-    scorer = lambda seqs: toy_task.target_fraction(seqs, RESPONSE_LENGTH)
+    ev = evaluate.EvalConfig(
+        model=model_ref,
+        device="cpu",
+        dtype="float32",
+        seed=1,
+        response_length=RESPONSE_LENGTH,
+        temperature=1.0,
+        batch_size=16,
+    )
+
+    def scorer(seqs):
+        return toy_task.target_fraction(seqs, RESPONSE_LENGTH)
+
     return compare.make_context(ev, run, rm_scorer=scorer, gold_scorer=None), scorer
 
 
@@ -215,8 +233,15 @@ def test_dpo_learns_to_prefer_the_chosen_word(toy):
     root, model_ref, tokenizer = toy
     ctx, _ = toy_context(root, model_ref, tokenizer)
     inputs = MethodInputs(model_ref, root / "data", root / "no_rm")
-    cfg = DPOMethodConfig(betas=[0.1], learning_rate=3e-2, num_train_epochs=4.0, per_device_train_batch_size=8,
-                          lora_r=8, lora_alpha=16, lora_target_modules=["all-linear"])
+    cfg = DPOMethodConfig(
+        betas=[0.1],
+        learning_rate=3e-2,
+        num_train_epochs=4.0,
+        per_device_train_batch_size=8,
+        lora_r=8,
+        lora_alpha=16,
+        lora_target_modules=["all-linear"],
+    )
     record = train_dpo(cfg, inputs, 0.1, root / "dpo")
     margins = [r["rewards/margins"] for r in record["log_history"] if "rewards/margins" in r]
     assert margins[-1] > margins[0]  # TRL's own metric: the implicit reward margin grew
@@ -232,8 +257,16 @@ def test_rloo_and_grpo_raise_the_reward(toy, kind):
     ctx, scorer = toy_context(root, model_ref, tokenizer)
     inputs = MethodInputs(model_ref, root / "data", root / "no_rm")
     cls = RLOOMethodConfig if kind == "rloo" else GRPOMethodConfig
-    cfg = cls(betas=[0.01], learning_rate=3e-2, max_steps=12, per_device_train_batch_size=32, num_generations=8,
-              lora_r=8, lora_alpha=16, lora_target_modules=["all-linear"])
+    cfg = cls(
+        betas=[0.01],
+        learning_rate=3e-2,
+        max_steps=12,
+        per_device_train_batch_size=32,
+        num_generations=8,
+        lora_r=8,
+        lora_alpha=16,
+        lora_target_modules=["all-linear"],
+    )
     record = train_online(kind, cfg, inputs, 0.01, root / kind, RESPONSE_LENGTH, 1.0, scorer=scorer)
     assert record["generated_responses"] == 12 * 32 and record["generated_tokens"] > 0
     before = float(ctx.ref_rm.mean())

@@ -1,4 +1,5 @@
 """Model resolution: bundled GGUF -> cached safetensors, tiny models, local folders; tokenizer fix-ups."""
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,7 @@ def test_bundled_model_cached_and_answers_sensibly():
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
 
@@ -41,7 +42,9 @@ def test_tiny_gpt2_gets_pad_token_and_simple_template():
     tokenizer = models.load_tokenizer("tiny:gpt2")
     assert tokenizer.pad_token == models.PAD_TOKEN_FALLBACK
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "User: Hi\n\nAssistant:"
     model = models.load_causal_lm("tiny:gpt2", tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)  # resized for the added pad token
@@ -98,7 +101,10 @@ def test_compile_dynamic_sets_the_inductor_settings_our_compiles_need():
     import torch._inductor.config as inductor_config
 
     # config.patch restores the settings afterwards (pytest's monkeypatch would delete them from the config module)
-    with torch._dynamo.config.patch(recompile_limit=8), inductor_config.patch({"triton.coalesce_tiling_analysis": True}):
+    with (
+        torch._dynamo.config.patch(recompile_limit=8),
+        inductor_config.patch({"triton.coalesce_tiling_analysis": True}),
+    ):
         doubled = models.compile_dynamic(lambda x: 2 * x + 1)
         assert torch._dynamo.config.recompile_limit == 16
         assert inductor_config.triton.coalesce_tiling_analysis is False
@@ -137,10 +143,14 @@ def test_compile_blocks_same_outputs_and_grads_generation_stays_eager(ref):
         torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # every block, both lengths: one graph
     with torch.no_grad():  # generation passes a KV cache: eager path, same tokens as the eager model
-        out = model.generate(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     models.uncompile_blocks(model)
     assert all("forward" not in vars(b) for b in models.transformer_blocks(model))
     with torch.no_grad():
-        again = model.generate(input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        again = model.generate(
+            input_ids=ids[:, :4], max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
     assert torch.equal(out, again)
     assert counters["stats"]["unique_graphs"] == 1, "generation must not have compiled anything"

@@ -1,4 +1,5 @@
 """Notebook hygiene and params/notebook consistency (papermill only warns on unknown parameters)."""
+
 from __future__ import annotations
 
 import ast
@@ -97,15 +98,26 @@ def test_nbval_fails_on_a_planted_regression(tmp_path):
     cell = [c for c in nb.cells if c.source == params.source][0]
 
     def write(name: str) -> None:  # each copy in a run folder of its own: the notebooks never overwrite a run
-        cell.source = params.source.replace("outputs_dir: str = ''", f"outputs_dir: str = {str(tmp_path / name / 'outputs')!r}")
+        cell.source = params.source.replace(
+            "outputs_dir: str = ''", f"outputs_dir: str = {str(tmp_path / name / 'outputs')!r}"
+        )
         assert cell.source != params.source
         nbformat.write(nb, tmp_path / f"{name}.ipynb")
 
     write("same")
     checked.outputs[0]["data"]["text/plain"] = text.replace("'n_train_pairs': ", "'n_train_pairs': 1")
     write("planted")
-    args = [sys.executable, "-m", "pytest", "-q", "--nbval-lax", "-p", "no:cacheprovider",
-            "--nbval-sanitize-with", str(ROOT / "notebooks" / "nbval_sanitize.cfg")]
+    args = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "--nbval-lax",
+        "-p",
+        "no:cacheprovider",
+        "--nbval-sanitize-with",
+        str(ROOT / "notebooks" / "nbval_sanitize.cfg"),
+    ]
     same = subprocess.run(args + [str(tmp_path / "same.ipynb")], cwd=tmp_path, capture_output=True, text=True)
     planted = subprocess.run(args + [str(tmp_path / "planted.ipynb")], cwd=tmp_path, capture_output=True, text=True)
     assert same.returncode == 0, same.stdout[-2000:]

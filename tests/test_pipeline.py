@@ -1,4 +1,5 @@
 """The pipeline runner: validation before anything runs, then the smoke profile end to end through papermill."""
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ def test_plan_refuses_to_redo_a_finished_run(tmp_path, outputs):
     runs.finish_stage(run, "data", {})
     with pytest.raises(ConfigError, match="already finished stage 'data'"):
         pipeline.plan(str(profile), "r", ["data", "reward_model"], [], False, False)
-    assert [s for s, _ in pipeline.plan(str(profile), "r", ["data", "reward_model"], [], False, True)] == ["reward_model"]
+    assert [s for s, _ in pipeline.plan(str(profile), "r", ["data", "reward_model"], [], False, True)] == [
+        "reward_model"
+    ]
     assert todo and pipeline.plan(str(profile), "r", ["data"], [], True, False)[0][1]["overwrite"] is True
 
 
@@ -82,6 +85,6 @@ def test_injected_parameters_are_complete_so_notebook_smoke_defaults_never_leak(
     params = yaml.safe_load(profile.read_text())
     params["data"] = {"dataset": "simulated"}
     profile.write_text(yaml.safe_dump(params))
-    (_, injected), = pipeline.plan(str(profile), None, ["data"], [], False, False)
+    ((_, injected),) = pipeline.plan(str(profile), None, ["data"], [], False, False)
     assert injected["generation_max_new_tokens"] == DataConfig().generation_max_new_tokens
     assert set(injected) == set(DataConfig.__dataclass_fields__)

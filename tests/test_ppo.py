@@ -4,6 +4,7 @@ Tiny models only (tiny:llama, random weights). The learning tests sample at temp
 model's next-token distribution peaky like a real LM's (~5 nats/token instead of a uniform 10.8), so a
 programmatic reward -- +1 per occurrence of one token -- has a learnable signal.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,15 @@ from rlhf_lib.metrics import METRIC_GLOSSARY, read_jsonl
 
 MODEL = "tiny:llama"
 # throughput / timing / memory columns differ between runs by nature; everything else must match on resume
-NONDETERMINISTIC = {"episodes_per_s", "tokens_per_s", "time/generation", "time/forward", "time/optimization",
-                    "time/update", "memory/peak_rss_gib"}
+NONDETERMINISTIC = {
+    "episodes_per_s",
+    "tokens_per_s",
+    "time/generation",
+    "time/forward",
+    "time/optimization",
+    "time/update",
+    "memory/peak_rss_gib",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -39,16 +47,35 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     topics = "apples pears cats dogs rain snow music books trees rivers cars bikes".split()
-    return [tokenizer.apply_chat_template([{"role": "user", "content": f"Say something about {t}."}],
-                                          add_generation_prompt=True, tokenize=True, return_dict=False)
-            for t in topics]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Say something about {t}."}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for t in topics
+    ]
 
 
 def tiny_cfg(**overrides) -> ppo.PPOConfig:
     """A tiny, fast, deterministic configuration (full fine-tuning, fp32, 8-token responses)."""
-    base = dict(model=MODEL, dtype="float32", device="cpu", use_lora=False, total_episodes=16, batch_size=8,
-                response_length=8, temperature=0.1, learning_rate=1e-4, kl_coef=0.01, save_every=0,
-                sample_every=0, lr_scheduler_type="constant", seed=0)
+    base = dict(
+        model=MODEL,
+        dtype="float32",
+        device="cpu",
+        use_lora=False,
+        total_episodes=16,
+        batch_size=8,
+        response_length=8,
+        temperature=0.1,
+        learning_rate=1e-4,
+        kl_coef=0.01,
+        save_every=0,
+        sample_every=0,
+        lr_scheduler_type="constant",
+        seed=0,
+    )
     base.update(overrides)
     return ppo.PPOConfig(**base)
 
@@ -101,9 +128,17 @@ def target_token(tokenizer, prompts):
     ids, mask = ppo.left_pad(prompts, tokenizer.pad_token_id, torch.device("cpu"))
     counts = collections.Counter()
     for _ in range(3):
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.1, top_k=0,
-                             top_p=1.0, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
-        counts.update(out[:, ids.shape[1]:].flatten().tolist())
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.1,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=8,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        counts.update(out[:, ids.shape[1] :].flatten().tolist())
     counts.pop(tokenizer.pad_token_id, None)
     counts.pop(tokenizer.eos_token_id, None)
     return counts.most_common(1)[0][0]
@@ -113,28 +148,55 @@ def target_token(tokenizer, prompts):
 def short_run(tokenizer, prompts, target_token, tmp_path_factory):
     """Three LoRA updates with samples and checkpoints: rows and folders inspected by several tests."""
     out = tmp_path_factory.mktemp("short")
-    cfg = tiny_cfg(use_lora=True, total_episodes=24, learning_rate=3e-3, sample_every=1, save_every=2,
-                   lora_target_modules=["all-linear"])
+    cfg = tiny_cfg(
+        use_lora=True,
+        total_episodes=24,
+        learning_rate=3e-3,
+        sample_every=1,
+        save_every=2,
+        lora_target_modules=["all-linear"],
+    )
     trainer = make_trainer(cfg, tokenizer, prompts, out, token_count_reward(target_token))
     summary = trainer.train()
     policy_dir = trainer.save_policy(out / "policy")
-    return {"cfg": cfg, "out": out, "summary": summary, "rows": read_jsonl(out / "ppo" / "metrics.jsonl"),
-            "policy_dir": policy_dir, "trainer": trainer}
+    return {
+        "cfg": cfg,
+        "out": out,
+        "summary": summary,
+        "rows": read_jsonl(out / "ppo" / "metrics.jsonl"),
+        "policy_dir": policy_dir,
+        "trainer": trainer,
+    }
 
 
 def test_trainable_top_layers_adapts_and_trains_only_the_top_blocks(tokenizer, prompts, target_token, tmp_path):
     """trainable_top_layers=1 on the 2-block model: adapters (and so gradients) only in block 1 of policy and value, the
     bottom block and embeddings untouched by training, and the checkpoint rebuilds the same adapters."""
-    cfg = tiny_cfg(use_lora=True, trainable_top_layers=1, total_episodes=16, learning_rate=3e-3, save_every=2,
-                   lora_target_modules=["all-linear"])
+    cfg = tiny_cfg(
+        use_lora=True,
+        trainable_top_layers=1,
+        total_episodes=16,
+        learning_rate=3e-3,
+        save_every=2,
+        lora_target_modules=["all-linear"],
+    )
     built = policy_models.build_models(cfg, tokenizer, MODEL, None)
     for model in (built.policy, built.value.model):
         blocks = models.transformer_blocks(model)
         adapted = [i for i, b in enumerate(blocks) if any("lora_A" in n for n, _ in b.named_modules())]
         assert adapted == [len(blocks) - 1]
     bottom_before = {n: p.detach().clone() for n, p in models.transformer_blocks(built.policy)[0].named_parameters()}
-    trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value,
-                             token_count_reward(target_token), prompts, tmp_path / "ppo", tmp_path / "checkpoints")
+    trainer = ppo.PPOTrainer(
+        cfg,
+        tokenizer,
+        built.policy,
+        built.ref_policy,
+        built.value,
+        token_count_reward(target_token),
+        prompts,
+        tmp_path / "ppo",
+        tmp_path / "checkpoints",
+    )
     trainer.train()
     trained = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
     assert trained and all(".layers.1." in n for n in trained), trained
@@ -145,8 +207,12 @@ def test_trainable_top_layers_adapts_and_trains_only_the_top_blocks(tokenizer, p
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         merged = copy.deepcopy(trainer.policy).merge_and_unload().eval()
-        torch.testing.assert_close(checkpoints.load_policy_checkpoint(latest, cfg, tokenizer)(ids).logits, merged(ids).logits,
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            checkpoints.load_policy_checkpoint(latest, cfg, tokenizer)(ids).logits,
+            merged(ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
     with pytest.raises(ValueError, match="trainable_top_layers=3, but .* has 2 transformer blocks"):
         policy_models.build_models(dataclasses.replace(cfg, trainable_top_layers=3), tokenizer, MODEL, None)
     with pytest.raises(ValueError, match="trainable_top_layers must be >= 0"):
@@ -166,16 +232,19 @@ def test_config_fields_have_comments_and_valid_defaults():
     ppo.PPOConfig().check()  # the real defaults are consistent
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"batch_size": 8, "num_mini_batches": 3}, "num_mini_batches"),
-    ({"batch_size": 8, "gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
-    ({"total_episodes": 20, "batch_size": 8}, "total_episodes"),
-    ({"kl_estimator": "k2"}, "kl_estimator"),
-    ({"lr_scheduler_type": "step"}, "lr_scheduler_type"),
-    ({"report_to": ["mlflow"]}, "report_to"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"gamma": 1.5}, "gamma"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"batch_size": 8, "num_mini_batches": 3}, "num_mini_batches"),
+        ({"batch_size": 8, "gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
+        ({"total_episodes": 20, "batch_size": 8}, "total_episodes"),
+        ({"kl_estimator": "k2"}, "kl_estimator"),
+        ({"lr_scheduler_type": "step"}, "lr_scheduler_type"),
+        ({"report_to": ["mlflow"]}, "report_to"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"gamma": 1.5}, "gamma"),
+    ],
+)
 def test_config_check_errors_name_the_field(overrides, message):
     with pytest.raises(config.ConfigError, match=message):
         config.validate(ppo.PPOConfig, overrides, "params/test.yaml [ppo]")
@@ -187,8 +256,9 @@ def test_speed_switches_come_last_and_compile_only_where_a_compiler_is(tokenizer
     names = [f.name for f in dataclasses.fields(ppo.PPOConfig)]
     assert names[-2:] == ["torch_compile", "compile_generation"]
     monkeypatch.setattr(policy_models, "compiler_available", lambda device: False)
-    trainer = make_trainer(tiny_cfg(torch_compile=True, compile_generation=True), tokenizer, prompts, tmp_path,
-                           token_count_reward(0))
+    trainer = make_trainer(
+        tiny_cfg(torch_compile=True, compile_generation=True), tokenizer, prompts, tmp_path, token_count_reward(0)
+    )
     assert not trainer.compiled and not trainer.sampler.compile
     assert not any("forward" in vars(block) for block in models.transformer_blocks(trainer.policy))
     monkeypatch.setattr(policy_models, "compiler_available", lambda device: True)
@@ -215,8 +285,11 @@ def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path
     trainer = make_trainer(tiny_cfg(temperature=0.7), tokenizer, prompts, tmp_path, token_count_reward(0))
     draws: list[tuple[torch.Tensor, float]] = []
     real = generation.sample_from_logits
-    monkeypatch.setattr(generation, "sample_from_logits",
-                        lambda logits, t, g=None: draws.append((logits.float().clone(), t)) or real(logits, t, g))
+    monkeypatch.setattr(
+        generation,
+        "sample_from_logits",
+        lambda logits, t, g=None: draws.append((logits.float().clone(), t)) or real(logits, t, g),
+    )
     ids, mask = ppo.left_pad(prompts[:4], tokenizer.pad_token_id, trainer.device)
     responses, steps = trainer._generate(ids, mask)
     assert responses.shape == (4, trainer.cfg.response_length) and len(draws) == steps
@@ -225,10 +298,12 @@ def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path
     full = torch.cat([ids, responses[:, :steps]], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(responses[:, :steps])], dim=1)
     with torch.no_grad():
-        logits = trainer._unwrapped_policy()(input_ids=full, attention_mask=full_mask,
-                                             position_ids=models.position_ids_from_mask(full_mask)).logits
-    torch.testing.assert_close(torch.stack([d for d, _ in draws], 1), logits[:, ids.shape[1] - 1:-1].float(),
-                               atol=1e-4, rtol=1e-4)
+        logits = trainer._unwrapped_policy()(
+            input_ids=full, attention_mask=full_mask, position_ids=models.position_ids_from_mask(full_mask)
+        ).logits
+    torch.testing.assert_close(
+        torch.stack([d for d, _ in draws], 1), logits[:, ids.shape[1] - 1 : -1].float(), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_prompt_stream_is_reproducible_and_covers_every_prompt():
@@ -380,8 +455,14 @@ def test_lora_in_the_top_block_only_still_learns(tokenizer, prompts, target_toke
     in both blocks: 0.71 -> 1.82)."""
     curves = []
     for seed in (0, 1, 2):
-        cfg = tiny_cfg(use_lora=True, lora_target_modules=["all-linear"], trainable_top_layers=1, total_episodes=160,
-                       learning_rate=3e-3, seed=seed)
+        cfg = tiny_cfg(
+            use_lora=True,
+            lora_target_modules=["all-linear"],
+            trainable_top_layers=1,
+            total_episodes=160,
+            learning_rate=3e-3,
+            seed=seed,
+        )
         make_trainer(cfg, tokenizer, prompts, tmp_path / str(seed), token_count_reward(target_token)).train()
         curves.append([r["objective/scores"] for r in read_jsonl(tmp_path / str(seed) / "ppo" / "metrics.jsonl")])
     scores = np.array(curves)  # (seeds, updates)
@@ -394,8 +475,10 @@ def test_bf16_reward_curve_agrees_with_fp32_within_seed_noise(learning_runs):
     shared prompt prefix the tiny task's reward curve stays within seed-to-seed noise of fp32's (3 seeds each:
     sampling, shuffles, value-head init)."""
     seeds = (0, 1, 2)
-    curves = {name: np.array([[r["objective/scores"] for r in learning_runs(dtype, compiled, seed)] for seed in seeds])
-              for name, (dtype, compiled) in {"fp32": ("float32", False), "bf16": ("bfloat16", True)}.items()}
+    curves = {
+        name: np.array([[r["objective/scores"] for r in learning_runs(dtype, compiled, seed)] for seed in seeds])
+        for name, (dtype, compiled) in {"fp32": ("float32", False), "bf16": ("bfloat16", True)}.items()
+    }
     fp32, bf16 = curves["fp32"], curves["bf16"]  # (seeds, updates) mean score per update
     gap = np.abs(bf16.mean(0) - fp32.mean(0))  # (updates,) the two dtypes' mean curves apart
     noise = np.sqrt((bf16.var(0, ddof=1) + fp32.var(0, ddof=1)) / len(seeds))  # (updates,) standard error of that gap
@@ -408,8 +491,16 @@ def test_bf16_reward_curve_agrees_with_fp32_within_seed_noise(learning_runs):
 
 
 def test_resume_reproduces_an_uninterrupted_run(tokenizer, prompts, target_token, tmp_path):
-    cfg = tiny_cfg(total_episodes=16, batch_size=4, save_every=2, sample_every=1, lr_scheduler_type="linear",
-                   adap_kl_ctrl=True, kl_target=0.5, kl_horizon=100)
+    cfg = tiny_cfg(
+        total_episodes=16,
+        batch_size=4,
+        save_every=2,
+        sample_every=1,
+        lr_scheduler_type="linear",
+        adap_kl_ctrl=True,
+        kl_target=0.5,
+        kl_horizon=100,
+    )
     straight = make_trainer(cfg, tokenizer, prompts, tmp_path / "straight", token_count_reward(target_token))
     straight.train()
 
@@ -426,14 +517,18 @@ def test_resume_reproduces_an_uninterrupted_run(tokenizer, prompts, target_token
     with pytest.raises(KeyboardInterrupt):
         killed.train()
     assert len(read_jsonl(tmp_path / "resumed" / "ppo" / "metrics.jsonl")) == 3  # update 3 logged, not saved
-    resumed = make_trainer(tiny_cfg(**{**config.to_dict(cfg), "resume": True}), tokenizer, prompts,
-                           tmp_path / "resumed", reward)
+    resumed = make_trainer(
+        tiny_cfg(**{**config.to_dict(cfg), "resume": True}), tokenizer, prompts, tmp_path / "resumed", reward
+    )
     summary = resumed.train()
     assert summary["updates"] == 4 and summary["episodes"] == 16
-    assert_rows_close(read_jsonl(tmp_path / "resumed" / "ppo" / "metrics.jsonl"),
-                      read_jsonl(tmp_path / "straight" / "ppo" / "metrics.jsonl"))
-    assert comparable(read_jsonl(tmp_path / "resumed" / "ppo" / "samples.jsonl")) == \
-        comparable(read_jsonl(tmp_path / "straight" / "ppo" / "samples.jsonl"))
+    assert_rows_close(
+        read_jsonl(tmp_path / "resumed" / "ppo" / "metrics.jsonl"),
+        read_jsonl(tmp_path / "straight" / "ppo" / "metrics.jsonl"),
+    )
+    assert comparable(read_jsonl(tmp_path / "resumed" / "ppo" / "samples.jsonl")) == comparable(
+        read_jsonl(tmp_path / "straight" / "ppo" / "samples.jsonl")
+    )
 
 
 def test_reusing_the_rollout_forward_is_exact(tokenizer, prompts, target_token, tmp_path):
@@ -444,8 +539,9 @@ def test_reusing_the_rollout_forward_is_exact(tokenizer, prompts, target_token, 
     """
     runs_ = {}
     for reuse in (True, False):
-        trainer = make_trainer(tiny_cfg(total_episodes=24), tokenizer, prompts, tmp_path / str(reuse),
-                               token_count_reward(target_token))
+        trainer = make_trainer(
+            tiny_cfg(total_episodes=24), tokenizer, prompts, tmp_path / str(reuse), token_count_reward(target_token)
+        )
         assert trainer.reuse_forward  # one minibatch, one micro-batch: on by itself
         trainer.reuse_forward = reuse
         trainer.train()
@@ -456,8 +552,9 @@ def test_reusing_the_rollout_forward_is_exact(tokenizer, prompts, target_token, 
 def test_bf16_training_forward_keeps_logits_in_bf16(tokenizer, prompts, tmp_path):
     """accelerate's fp32 output wrapper is dropped: no (B, T, V) fp32 copy of the logits, and it is still the
     trainer's own autocast that makes the forward bf16 (outside it, the frozen bf16 weights would meet fp32 inputs)."""
-    trainer = make_trainer(tiny_cfg(dtype="bfloat16", use_lora=True), tokenizer, prompts, tmp_path,
-                           token_count_reward(0))
+    trainer = make_trainer(
+        tiny_cfg(dtype="bfloat16", use_lora=True), tokenizer, prompts, tmp_path, token_count_reward(0)
+    )
     queries, mask = ppo.left_pad(prompts[:2], tokenizer.pad_token_id, trainer.device)
     positions = models.position_ids_from_mask(mask)
     with trainer.accelerator.autocast():
@@ -502,8 +599,9 @@ def test_train_ppo_on_a_run_folder(tokenizer, prompts, tmp_path):
     run.data_dir.mkdir(parents=True)
     with open(run.data_dir / "ppo_prompts.jsonl", "w") as f:
         for i, ids in enumerate(prompts):
-            f.write(json.dumps({"id": str(i), "prompt": [], "prompt_text": tokenizer.decode(ids),
-                                "prompt_ids": ids}) + "\n")
+            f.write(
+                json.dumps({"id": str(i), "prompt": [], "prompt_text": tokenizer.decode(ids), "prompt_ids": ids}) + "\n"
+            )
     torch.manual_seed(0)
     rm = models.load_sequence_classifier(MODEL, tokenizer)
     rm.save_pretrained(run.reward_model_dir)

@@ -143,7 +143,9 @@ def naive_gae(rewards, values, mask, gamma, lam):
 
 def naive_policy_loss(new, old, adv, mask, clip):
     losses, clipped, kls, ratios = [], [], [], []
-    for n, o, a, m in zip(new.flatten().tolist(), old.flatten().tolist(), adv.flatten().tolist(), mask.flatten().tolist()):
+    for n, o, a, m in zip(
+        new.flatten().tolist(), old.flatten().tolist(), adv.flatten().tolist(), mask.flatten().tolist()
+    ):
         if not m:
             continue
         ratio = math.exp(n - o)
@@ -159,7 +161,9 @@ def naive_policy_loss(new, old, adv, mask, clip):
 
 def naive_value_loss(new, old, ret, mask, clip):
     losses, clipped = [], []
-    for n, o, r, m in zip(new.flatten().tolist(), old.flatten().tolist(), ret.flatten().tolist(), mask.flatten().tolist()):
+    for n, o, r, m in zip(
+        new.flatten().tolist(), old.flatten().tolist(), ret.flatten().tolist(), mask.flatten().tolist()
+    ):
         if not m:
             continue
         vc = o + min(max(n - o, -clip), clip)
@@ -245,7 +249,12 @@ def test_masked_whiten_statistics_and_padding():
 
 def test_first_true_indices_hand_and_random():
     bools = torch.tensor(
-        [[False, True, False, True], [False, False, False, False], [True, True, True, True], [False, False, False, True]]
+        [
+            [False, True, False, True],
+            [False, False, False, False],
+            [True, True, True, True],
+            [False, False, False, True],
+        ]
     )
     assert first_true_indices(bools).tolist() == [1, 4, 0, 3]
     rnd = torch.rand(20, 9, generator=gen(5)) < 0.15
@@ -437,7 +446,9 @@ def test_compute_gae_matches_naive(gamma, lam):
     torch.testing.assert_close(ret, torch.where(mask, adv + values, 0.0))
     assert torch.all(adv[~mask] == 0) and torch.all(ret[~mask] == 0)
     # garbage in padding never leaks into valid positions
-    adv2, ret2 = compute_gae(poison(rewards, mask, float("nan")), poison(values, mask, float("inf")), mask.float(), gamma, lam)
+    adv2, ret2 = compute_gae(
+        poison(rewards, mask, float("nan")), poison(values, mask, float("inf")), mask.float(), gamma, lam
+    )
     torch.testing.assert_close(adv2, adv)
     torch.testing.assert_close(ret2, ret)
 

@@ -1,4 +1,5 @@
-"""Shared prompt prefixes (rlhf_lib.prefix, used by every PPO forward): the layout, and the same maths as the padded batch."""
+"""Shared prompt prefixes (rlhf_lib.prefix, used by every PPO forward): the layout, and the same maths as padding."""
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,8 @@ def padded_batch(prompts: list[list[int]], responses: list[list[int]], width: in
     resp = torch.full((len(responses), width), PAD)
     rmask = torch.zeros(len(responses), width, dtype=torch.long)
     for i, r in enumerate(responses):
-        resp[i, :len(r)] = torch.tensor(r)
-        rmask[i, :len(r)] = 1
+        resp[i, : len(r)] = torch.tensor(r)
+        rmask[i, : len(r)] = 1
     mask = torch.cat([qmask, rmask], 1)
     return torch.cat([queries, resp], 1), mask, models.position_ids_from_mask(mask), queries.shape[1]
 
@@ -81,11 +82,14 @@ def test_layout_packed_row_positions_and_masks():
     assert back.shape == (3, 15) and back[:, :10].eq(0).all() and back[2, 10:].tolist() == list(range(20, 25))
 
 
-@pytest.mark.parametrize("prompts, why", [
-    ([SHARED + [30]], "one row"),
-    ([[1] + SHARED, [2] + SHARED], "first tokens differ"),
-    ([SHARED[:5] + [30, 31, 32, 33, 34, 35], SHARED[:5] + [40, 41, 42, 43, 44, 45]], "prefix under min_length"),
-])
+@pytest.mark.parametrize(
+    "prompts, why",
+    [
+        ([SHARED + [30]], "one row"),
+        ([[1] + SHARED, [2] + SHARED], "first tokens differ"),
+        ([SHARED[:5] + [30, 31, 32, 33, 34, 35], SHARED[:5] + [40, 41, 42, 43, 44, 45]], "prefix under min_length"),
+    ],
+)
 def test_no_layout_when_it_would_not_pay(prompts, why):
     ids, mask, pos, ctx = padded_batch(prompts, [[60]] * len(prompts), width=1)
     assert prefix.find_shared_prefix(ids, mask, pos, ctx, min_length=8) is None, why
@@ -95,7 +99,9 @@ def test_the_prefix_leaves_every_prompt_a_token_to_predict_from():
     prompts = [SHARED, SHARED]  # identical prompts: the last prompt token must stay in the suffixes
     ids, mask, pos, ctx = padded_batch(prompts, [[60] * 6, [70] * 6], width=6)
     layout = prefix.find_shared_prefix(ids, mask, pos, ctx, min_length=4)
-    assert layout.prefix_length == 9 and layout.input_ids[0, 9].item() == layout.input_ids[0, 9 + 7].item() == SHARED[-1]
+    assert (
+        layout.prefix_length == 9 and layout.input_ids[0, 9].item() == layout.input_ids[0, 9 + 7].item() == SHARED[-1]
+    )
 
 
 def forwards_and_grads(policy, head, ids, mask, pos, ctx, share: bool):
@@ -103,18 +109,24 @@ def forwards_and_grads(policy, head, ids, mask, pos, ctx, share: bool):
     policy.zero_grad()
     head.zero_grad()
     logits = policy_models.response_logits(policy, ids, mask, pos, ctx, share_prefix=share)  # (B, T, V)
-    values = head(ids, mask, pos, ctx if share else None)[:, ctx - 1:-1]  # (B, T); no context: the padded batch
+    values = head(ids, mask, pos, ctx if share else None)[:, ctx - 1 : -1]  # (B, T); no context: the padded batch
     real = mask[:, ctx:].bool()
-    loss = (logits.float().logsumexp(-1)[real].sum() + values[real].sum())
+    loss = logits.float().logsumexp(-1)[real].sum() + values[real].sum()
     loss.backward()
-    grads = {f"{what}.{n}": p.grad.clone() for what, m in (("policy", policy), ("value", head))
-             for n, p in m.named_parameters() if p.grad is not None}
+    grads = {
+        f"{what}.{n}": p.grad.clone()
+        for what, m in (("policy", policy), ("value", head))
+        for n, p in m.named_parameters()
+        if p.grad is not None
+    }
     return logits.detach()[real], values.detach()[real], grads
 
 
-@pytest.mark.parametrize("ref, compiled", [(MODEL, False), ("tiny:gpt2", False),
-                                           pytest.param(MODEL, True, marks=pytest.mark.slow)],
-                         ids=["llama-eager", "gpt2-eager", "llama-compiled"])
+@pytest.mark.parametrize(
+    "ref, compiled",
+    [(MODEL, False), ("tiny:gpt2", False), pytest.param(MODEL, True, marks=pytest.mark.slow)],
+    ids=["llama-eager", "gpt2-eager", "llama-compiled"],
+)
 def test_same_logits_values_and_gradients_as_the_padded_batch(ref, compiled, used_layouts):
     torch.manual_seed(0)
     tokenizer = models.load_tokenizer(ref)
@@ -155,7 +167,8 @@ def test_the_lm_head_runs_on_the_response_positions_only(used_layouts):
     batch = padded_batch([SHARED + [30, 31], SHARED + [40], SHARED + [50]], [[60] * 4, [70] * 2, [80] * 3], width=4)
     head_inputs = []
     handle = policy.get_output_embeddings().register_forward_hook(
-        lambda _m, args, _out: head_inputs.append(tuple(args[0].shape[:-1])))
+        lambda _m, args, _out: head_inputs.append(tuple(args[0].shape[:-1]))
+    )
     logits = policy_models.response_logits(policy, *batch)
     handle.remove()
     assert len(used_layouts) == 1 and head_inputs == [(1, 3 * 4)] and logits.shape[:2] == (3, 4)
@@ -178,7 +191,7 @@ def test_shared_prefix_through_distributed_data_parallel(tmp_path, used_layouts)
     finally:
         dist.destroy_process_group()
     assert len(used_layouts) == 1
-    real = batch[1][:, batch[3]:].bool()
+    real = batch[1][:, batch[3] :].bool()
     torch.testing.assert_close(shared[real], padded[real], atol=1e-4, rtol=1e-4)
 
 
@@ -187,22 +200,49 @@ def test_ppo_with_a_shared_prefix_trains_like_the_padded_batch(tmp_path, used_la
     """Three LoRA updates with the reward model as the value model's adapter-off base: the same metrics (fp32) as
     with every forward on the padded batch (no prefix found)."""
     tokenizer = models.load_tokenizer(MODEL)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Say something about {t}."}],
-                                             add_generation_prompt=True, tokenize=True, return_dict=False)
-               for t in "apples pears cats dogs rain snow music books".split()]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Say something about {t}."}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for t in "apples pears cats dogs rain snow music books".split()
+    ]
     rows = {}
     spy = prefix.find_shared_prefix
     for share in (False, True):
         used_layouts.clear()
         monkeypatch.setattr(prefix, "find_shared_prefix", spy if share else lambda *args, **kwargs: None)
-        cfg = ppo.PPOConfig(model=MODEL, dtype="float32", device="cpu", use_lora=True, total_episodes=24,
-                            batch_size=8, response_length=8, temperature=0.7, learning_rate=3e-3, save_every=0,
-                            sample_every=0, seed=0, lora_target_modules=["all-linear"])
+        cfg = ppo.PPOConfig(
+            model=MODEL,
+            dtype="float32",
+            device="cpu",
+            use_lora=True,
+            total_episodes=24,
+            batch_size=8,
+            response_length=8,
+            temperature=0.7,
+            learning_rate=3e-3,
+            save_every=0,
+            sample_every=0,
+            seed=0,
+            lora_target_modules=["all-linear"],
+        )
         torch.manual_seed(0)
         built = policy_models.build_models(cfg, tokenizer, MODEL, None)
         assert built.reward_fn.head is built.value
-        trainer = ppo.PPOTrainer(cfg, tokenizer, built.policy, built.ref_policy, built.value, built.reward_fn,
-                                 copy.deepcopy(prompts), tmp_path / str(share) / "ppo", tmp_path / str(share) / "ck")
+        trainer = ppo.PPOTrainer(
+            cfg,
+            tokenizer,
+            built.policy,
+            built.ref_policy,
+            built.value,
+            built.reward_fn,
+            copy.deepcopy(prompts),
+            tmp_path / str(share) / "ppo",
+            tmp_path / str(share) / "ck",
+        )
         trainer.train()
         rows[share] = read_jsonl(tmp_path / str(share) / "ppo" / "metrics.jsonl")
         # per update: reference, reward, rollout policy + value, then 3 more epochs of policy + value
@@ -210,6 +250,13 @@ def test_ppo_with_a_shared_prefix_trains_like_the_padded_batch(tmp_path, used_la
     assert min(layout.prefix_length for layout in used_layouts) >= 8  # the chat template + "Say something about"
     assert len(rows[True]) == len(rows[False]) == 3
     for a, b in zip(rows[False], rows[True]):
-        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "policy/entropy_avg",
-                    "val/ratio", "objective/rlhf_reward"):
+        for key in (
+            "objective/scores",
+            "objective/kl",
+            "loss/policy_avg",
+            "loss/value_avg",
+            "policy/entropy_avg",
+            "val/ratio",
+            "objective/rlhf_reward",
+        ):
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["update"], key)

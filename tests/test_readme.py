@@ -4,12 +4,13 @@ Checked in code (fenced blocks and `inline code`) and in link targets, where com
 parsed. After a change of ``rlhf_lib.metrics.METRIC_GLOSSARY`` regenerate the metric tables with
 ``python tests/test_readme.py --write``.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import glob
-import os
 import importlib
+import os
 import re
 import sys
 import typing
@@ -23,8 +24,16 @@ README = ROOT / "README.md"
 DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 250
 # The README's short metric table (a subset, in this order); docs/metrics.md holds the whole glossary.
-KEY_METRICS = ("objective/scores", "objective/kl", "objective/rlhf_reward", "objective/entropy",
-               "policy/approxkl_avg", "policy/clipfrac_avg", "val/ratio", "val/num_eos_tokens")
+KEY_METRICS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/rlhf_reward",
+    "objective/entropy",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "val/ratio",
+    "val/num_eos_tokens",
+)
 GENERATED = {  # file -> (marker, metric names or None for all)
     README: ("key-metrics", KEY_METRICS),
     ROOT / "docs" / "metrics.md": ("metrics", None),
@@ -36,8 +45,10 @@ PENDING = {
 }
 
 SECTIONS = ("common", "data", "reward_model", "ppo", "eval")
-PATH_RE = re.compile(r"(?<![\w./~-])((?:params|notebooks|rlhf_lib|scripts|tests|docs|\.ci)/[\w.*/-]*"
-                     r"|Makefile|pyproject\.toml|environment\.yml)")
+PATH_RE = re.compile(
+    r"(?<![\w./~-])((?:params|notebooks|rlhf_lib|scripts|tests|docs|\.ci)/[\w.*/-]*"
+    r"|Makefile|pyproject\.toml|environment\.yml)"
+)
 MODULE_RE = re.compile(r"(?<![\w./-])rlhf_lib\.([a-z_]+)((?:\.[A-Za-z_]\w*)*)")
 MAKE_RE = re.compile(r"\bmake ([a-z][\w-]*)")
 OVERRIDE_RE = re.compile(r"-p ([a-z_]+)\.([a-z_][\w.]*)=(\S*?)[\"']?(?=\s|$)")
@@ -59,7 +70,7 @@ def mentioned_paths(text: str, folder: str = "") -> set[str]:
     """Repo paths in code (relative to the root) and link targets (relative to the document's folder)."""
     paths = {os.path.normpath(os.path.join(folder, t)) for t in link_targets(text)}
     for chunk in code_text(text):  # a path running into a <placeholder> (params/<yours>.yaml) is a pattern, not a path
-        paths.update(m.group(1).rstrip(".,:;") for m in PATH_RE.finditer(chunk) if chunk[m.end():m.end() + 1] != "<")
+        paths.update(m.group(1).rstrip(".,:;") for m in PATH_RE.finditer(chunk) if chunk[m.end() : m.end() + 1] != "<")
     return {p for p in paths if p and not p.endswith("/.")}
 
 
@@ -92,7 +103,7 @@ def field_error(section: str, dotted: str, value: str | None) -> str | None:
     for i, key in enumerate(keys):
         hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
         if key not in hints:
-            return f"{'.'.join(keys[:i + 1])!r} is not a field of {getattr(cls, '__name__', cls)}"
+            return f"{'.'.join(keys[: i + 1])!r} is not a field of {getattr(cls, '__name__', cls)}"
         cls = hints[key]
     if value is not None and len(keys) == 1 and "<" not in value:
         try:
@@ -121,7 +132,9 @@ def test_readme_fits_in_250_lines():
 
 def test_mentioned_repo_paths_exist(doc):
     name, text = doc
-    missing = sorted(p for p in mentioned_paths(text, os.path.dirname(name)) if not path_exists(p) and not is_pending(p))
+    missing = sorted(
+        p for p in mentioned_paths(text, os.path.dirname(name)) if not path_exists(p) and not is_pending(p)
+    )
     assert not missing, f"{name} mentions {missing}, which do not exist: fix the path or add the file"
 
 
@@ -132,8 +145,9 @@ def test_mentioned_modules_and_attributes_exist(doc):
             assert (ROOT / "rlhf_lib" / f"{module}.py").exists(), f"{name} mentions rlhf_lib.{module}: no such module"
             if attrs:
                 first = attrs.split(".")[1]
-                assert hasattr(importlib.import_module(f"rlhf_lib.{module}"), first), \
+                assert hasattr(importlib.import_module(f"rlhf_lib.{module}"), first), (
                     f"{name} mentions rlhf_lib.{module}.{first}, which rlhf_lib/{module}.py does not define"
+                )
 
 
 def test_make_targets_exist(doc):
@@ -171,8 +185,9 @@ def test_markdown_tables_are_well_formed(doc):
     for block in re.findall(r"(?:^\|.*\n?)+", text, re.M):
         rows = block.strip("\n").split("\n")
         widths = [len(re.findall(r"(?<!\\)\|", row)) for row in rows]
-        assert len(rows) >= 2 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip()), \
+        assert len(rows) >= 2 and re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", rows[1].strip()), (
             f"{name}: table starting {rows[0][:60]!r} lacks a |---| delimiter row"
+        )
         bad = [row[:60] for row, w in zip(rows, widths) if w != widths[0]]
         assert not bad, f"{name}: table rows with a different number of cells than the header (escape | as \\|): {bad}"
 
@@ -187,21 +202,25 @@ def test_repo_map_names_every_module_and_script():
 
 @pytest.mark.parametrize("path", list(GENERATED), ids=lambda p: str(p.relative_to(ROOT)))
 def test_metric_tables_match_the_glossary(path):
-    assert generated_block(path) in path.read_text(encoding="utf-8"), \
+    assert generated_block(path) in path.read_text(encoding="utf-8"), (
         f"{path.relative_to(ROOT)}: metric table is stale; regenerate with `python tests/test_readme.py --write`"
+    )
 
 
 def test_pending_items_have_not_landed():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    landed = [p for p in PENDING if (re.search(rf"^{p[5:]}\s*:", makefile, re.M) if p.startswith("make ")
-                                     else path_exists(p))]
+    landed = [
+        p for p in PENDING if (re.search(rf"^{p[5:]}\s*:", makefile, re.M) if p.startswith("make ") else path_exists(p))
+    ]
     assert not landed, f"{sorted(landed)} now exist: remove them from PENDING in tests/test_readme.py"
 
 
 def test_the_scanners_find_what_the_docs_write():
-    text = ("run `make pipeline PARAMS=params/x.yaml` and see [perf](docs/p.md), `rlhf_lib/ppo.py:PPOConfig`,\n"
-            "[web](https://x.org/a), `params/<yours>.yaml`.\n"
-            "```bash\nmake bench ARGS=\"-p ppo.kl_coef=0.1\"\npython scripts/a.py\n```\n")
+    text = (
+        "run `make pipeline PARAMS=params/x.yaml` and see [perf](docs/p.md), `rlhf_lib/ppo.py:PPOConfig`,\n"
+        "[web](https://x.org/a), `params/<yours>.yaml`.\n"
+        '```bash\nmake bench ARGS="-p ppo.kl_coef=0.1"\npython scripts/a.py\n```\n'
+    )
     assert mentioned_paths(text) == {"params/x.yaml", "docs/p.md", "rlhf_lib/ppo.py", "scripts/a.py"}
     assert "docs/p.md" in mentioned_paths("![fig](p.md)", "docs")
     assert {t for c in code_text(text) for t in MAKE_RE.findall(c)} == {"pipeline", "bench"}

@@ -70,13 +70,23 @@ def make_pairs(tok, n: int, seed: int) -> list[dict]:
             return body, ids + ([tok.eos_token_id] if rng.random() < 0.5 else [])
 
         (chosen, chosen_ids), (rejected, rejected_ids) = response("excellent"), response("terrible")
-        rows.append({
-            "id": f"s{seed}-{i}", "prompt": msgs, "prompt_text": text, "chosen": chosen, "rejected": rejected,
-            "prompt_ids": tok(text, add_special_tokens=False)["input_ids"],
-            "chosen_ids": chosen_ids, "rejected_ids": rejected_ids,
-            "score_chosen": None, "score_rejected": None,
-            "gold_chosen": 0.5 + rng.random(), "gold_rejected": -0.5 - rng.random(), "margin": 0.0,
-        })
+        rows.append(
+            {
+                "id": f"s{seed}-{i}",
+                "prompt": msgs,
+                "prompt_text": text,
+                "chosen": chosen,
+                "rejected": rejected,
+                "prompt_ids": tok(text, add_special_tokens=False)["input_ids"],
+                "chosen_ids": chosen_ids,
+                "rejected_ids": rejected_ids,
+                "score_chosen": None,
+                "score_rejected": None,
+                "gold_chosen": 0.5 + rng.random(),
+                "gold_rejected": -0.5 - rng.random(),
+                "margin": 0.0,
+            }
+        )
     return rows
 
 
@@ -87,11 +97,22 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def make_run(tmp_path: Path, tok, n_train: int = 160, n_eval: int = 40, **overrides) -> tuple[RewardModelConfig, runs.Run]:
+def make_run(
+    tmp_path: Path, tok, n_train: int = 160, n_eval: int = 40, **overrides
+) -> tuple[RewardModelConfig, runs.Run]:
     """A run whose data stage is done (pair files written here), and a fast tiny-model RM config."""
-    values = dict(run="rm", outputs_dir=str(tmp_path), model="tiny:llama", use_lora=False, learning_rate=1e-3,
-                  head_learning_rate=1e-2, num_train_epochs=3.0, per_device_train_batch_size=8, logging_steps=5,
-                  warmup_steps=0.0)
+    values = dict(
+        run="rm",
+        outputs_dir=str(tmp_path),
+        model="tiny:llama",
+        use_lora=False,
+        learning_rate=1e-3,
+        head_learning_rate=1e-2,
+        num_train_epochs=3.0,
+        per_device_train_batch_size=8,
+        logging_steps=5,
+        warmup_steps=0.0,
+    )
     values.update(overrides)
     cfg = config.validate(RewardModelConfig, values, "test")
     run = runs.run_for(cfg)
@@ -127,8 +148,15 @@ def test_bt_loss_values():
     assert math.isfinite(bt_loss(np.array([-1000.0, 1000.0])))  # stable at extreme gaps
 
 
-@pytest.mark.parametrize("rewards", [np.array([0.1, float("nan"), 0.3]), np.array([1.0, float("inf")]),
-                                     np.zeros(8), np.full(8, 3.25) + 1e-7 * np.arange(8)])
+@pytest.mark.parametrize(
+    "rewards",
+    [
+        np.array([0.1, float("nan"), 0.3]),
+        np.array([1.0, float("inf")]),
+        np.zeros(8),
+        np.full(8, 3.25) + 1e-7 * np.arange(8),
+    ],
+)
 def test_degenerate_rewards_fail_loudly(rewards):
     with pytest.raises(DegenerateRewardsError):
         check_rewards(rewards, min_std=1e-4, where="test")
@@ -162,8 +190,13 @@ def test_length_baseline_fits_direction_on_train_and_halves_ties():
 def test_strength_table_bins_by_strength():
     import pandas as pd
 
-    pairs = pd.DataFrame({"strength": [0.1, 0.2, 0.9, 1.0], "correct": [False, True, True, True],
-                          "correct_vs_gold": [0.0, 1.0, 1.0, 1.0]})
+    pairs = pd.DataFrame(
+        {
+            "strength": [0.1, 0.2, 0.9, 1.0],
+            "correct": [False, True, True, True],
+            "correct_vs_gold": [0.0, 1.0, 1.0, 1.0],
+        }
+    )
     table = strength_table(pairs, bins=2)
     assert table["n"].tolist() == [2, 2]
     assert table["accuracy"].tolist() == [0.5, 1.0]
@@ -177,8 +210,9 @@ def test_strength_table_bins_by_strength():
 def test_score_sequences_padding_invariant(ref):
     model, tokenizer = random_head_classifier(ref)
     seqs = [[5, 17, 230, 99, 12, tokenizer.eos_token_id], [44, 45], [7, 8, 9, 10]]
-    single = torch.cat([score_sequences(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))
-                        for s in seqs])
+    single = torch.cat(
+        [score_sequences(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
+    )
     width = max(map(len, seqs)) + 2  # extra padding on every row
     for side in ("left", "right", "both"):  # "both": PPO's left-padded query + right-padded response
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
@@ -261,7 +295,9 @@ def test_config_fields_documented_and_checked():
 
     missing = [f.name for f in dataclasses.fields(RewardModelConfig) if not comments.get(f.name)]
     assert not missing, f"fields without a trailing # comment: {missing}"
-    own = {f.name for f in dataclasses.fields(RewardModelConfig)} - {f.name for f in dataclasses.fields(config.CommonConfig)}
+    own = {f.name for f in dataclasses.fields(RewardModelConfig)} - {
+        f.name for f in dataclasses.fields(config.CommonConfig)
+    }
     assert not [n for n in own if "=" in comments[n]], "papermill cannot parse a parameter line with '=' in its comment"
     RewardModelConfig().check()
     with pytest.raises(config.ConfigError, match="learning_rate"):
@@ -301,7 +337,10 @@ def test_group_by_length_pads_less_and_keeps_every_pair(tmp_path, tok, group_by_
     rng = random.Random(0)
     for r in rows:  # widely varying lengths, as real responses (some cut at the limit, some short)
         extra = rng.randint(0, 80)
-        r["chosen_ids"], r["rejected_ids"] = r["chosen_ids"] + [5] * extra, r["rejected_ids"] + [6] * (extra + rng.randint(0, 4))
+        r["chosen_ids"], r["rejected_ids"] = (
+            r["chosen_ids"] + [5] * extra,
+            r["rejected_ids"] + [6] * (extra + rng.randint(0, 4)),
+        )
     cfg = RewardModelConfig(model="tiny:llama", use_lora=False, group_by_length=group_by_length)
     args = _reward_config(cfg, torch.device("cpu"), torch.float32, str(tmp_path), has_eval=False)
     model = models.load_sequence_classifier("tiny:llama", tok)
@@ -331,10 +370,15 @@ def test_headless_runs_swap_the_notebook_progress_table_for_a_text_bar(tmp_path,
     from rlhf_lib.reward import _text_progress_in_headless_runs
 
     monkeypatch.setenv(rlhf_lib.TEXT_PROGRESS_ENV, "1" if headless else "0")
-    args = _reward_config(RewardModelConfig(model="tiny:llama"), torch.device("cpu"), torch.float32, str(tmp_path),
-                          has_eval=False)
-    trainer = RewardTrainer(model=models.load_sequence_classifier("tiny:llama", tok), args=args,
-                            train_dataset=_pairs_dataset(make_pairs(tok, 4, seed=0)), processing_class=tok)
+    args = _reward_config(
+        RewardModelConfig(model="tiny:llama"), torch.device("cpu"), torch.float32, str(tmp_path), has_eval=False
+    )
+    trainer = RewardTrainer(
+        model=models.load_sequence_classifier("tiny:llama", tok),
+        args=args,
+        train_dataset=_pairs_dataset(make_pairs(tok, 4, seed=0)),
+        processing_class=tok,
+    )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(NotebookProgressCallback)  # what Trainer picks inside a Jupyter kernel
     _text_progress_in_headless_runs(trainer)
@@ -349,8 +393,9 @@ def test_headless_runs_swap_the_notebook_progress_table_for_a_text_bar(tmp_path,
 @pytest.mark.parametrize("use_lora,torch_compile", [(False, False), (True, False), (True, True)])
 def test_saved_model_is_the_trained_one(tmp_path, tok, use_lora, torch_compile):
     lr = dict(learning_rate=5e-3) if use_lora else {}
-    cfg, run = make_run(tmp_path, tok, n_train=32, n_eval=8, num_train_epochs=1.0, use_lora=use_lora,
-                        torch_compile=torch_compile, **lr)
+    cfg, run = make_run(
+        tmp_path, tok, n_train=32, n_eval=8, num_train_epochs=1.0, use_lora=use_lora, torch_compile=torch_compile, **lr
+    )
     initial = models.load_sequence_classifier(cfg.model, tok).state_dict()
     trained = train_reward_model(cfg, run)
     assert trained.n_train_pairs == 32 and trained.seconds > 0 and trained.pairs_per_s > 0
@@ -389,7 +434,9 @@ def test_load_reward_model_checks_policy_tokenizer(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="reward_stats.json"):
         load_reward_model(run.reward_model_dir)
     with pytest.raises(TokenizerMismatchError):
-        load_reward_model(run.reward_model_dir, require_stats=False, policy_tokenizer=models.load_tokenizer("tiny:gpt2"))
+        load_reward_model(
+            run.reward_model_dir, require_stats=False, policy_tokenizer=models.load_tokenizer("tiny:gpt2")
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -418,7 +465,11 @@ def test_reward_model_learns_synthetic_task(tmp_path, tok, use_lora):
 
     from rlhf_lib.reward_plots import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
 
-    for fig in (plot_training_curve(trained.log_history, run), plot_calibration(result, run),
-                plot_margins(result, run), plot_accuracy_by_strength(result, run)):
+    for fig in (
+        plot_training_curve(trained.log_history, run),
+        plot_calibration(result, run),
+        plot_margins(result, run),
+        plot_accuracy_by_strength(result, run),
+    ):
         assert fig.axes
     assert len(list(run.plots_dir.glob("reward_*.png"))) == 4

@@ -2,6 +2,7 @@
 
 Concurrency and kill tests use real processes and real signals (SIGKILL), not mocks.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,14 @@ HOLDER = textwrap.dedent("""
 
 
 def _holder(outputs: str, stage: str = "data", overwrite: bool = False, env=None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, outputs, stage, "1" if overwrite else "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or ENV, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, outputs, stage, "1" if overwrite else "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or ENV,
+        cwd=ROOT,
+    )
     line = proc.stdout.readline()
     assert line.strip() == "ready", proc.stderr.read()
     return proc
@@ -78,9 +85,26 @@ def test_second_writer_is_refused_at_once_naming_the_holder(tmp_path, outputs):
     try:
         profile = _profile(tmp_path, outputs)
         start = time.time()
-        second = subprocess.run([sys.executable, "-m", "rlhf_lib.pipeline", "--params", str(profile), "--run", "r",
-                                 "--stages", "data", "-p", "data.n_rm_prompts=20"],
-                                capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rlhf_lib.pipeline",
+                "--params",
+                str(profile),
+                "--run",
+                "r",
+                "--stages",
+                "data",
+                "-p",
+                "data.n_rm_prompts=20",
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         assert time.time() - start < 60  # refused before any notebook ran
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
@@ -100,8 +124,14 @@ def test_children_of_the_holder_work_under_its_lock_and_others_do_not(outputs):
     try:
         child = _holder(outputs, env={**ENV, runlock.LOCK_ENV: lock.info["token"]})
         _kill(child)
-        stranger = subprocess.run([sys.executable, "-c", HOLDER, outputs, "data", "0"], capture_output=True,
-                                  text=True, env={**ENV, runlock.LOCK_ENV: "not-the-token"}, cwd=ROOT, timeout=120)
+        stranger = subprocess.run(
+            [sys.executable, "-c", HOLDER, outputs, "data", "0"],
+            capture_output=True,
+            text=True,
+            env={**ENV, runlock.LOCK_ENV: "not-the-token"},
+            cwd=ROOT,
+            timeout=120,
+        )
         assert stranger.returncode != 0 and f"pid {os.getpid()}" in stranger.stderr
     finally:
         lock.release("pipeline")
@@ -206,8 +236,10 @@ def test_crashing_cell_marks_the_stage_failed(outputs):
 
     shell = InteractiveShell.instance()
     try:
-        shell.run_cell(f"from rlhf_lib import runs, config\n"
-                       f"run = runs.start_stage(config.CommonConfig(run='r', outputs_dir={outputs!r}), 'data')")
+        shell.run_cell(
+            f"from rlhf_lib import runs, config\n"
+            f"run = runs.start_stage(config.CommonConfig(run='r', outputs_dir={outputs!r}), 'data')"
+        )
         shell.run_cell("x = 1")
         assert runs.run_for(CommonConfig(run="r", outputs_dir=outputs)).stage_status("data") == "running"
         shell.run_cell("raise ValueError('bad row 3')")
@@ -228,9 +260,25 @@ def test_pipeline_overwrite_with_bad_input_keeps_the_finished_stage_and_its_note
     bad = tmp_path / "pairs.jsonl"
     bad.write_text('{"prompt": "hi"}\n')  # no chosen / rejected columns: fails inside the stage
     profile = _profile(tmp_path, outputs, data={"dataset": str(bad)})
-    proc = subprocess.run([sys.executable, "-m", "rlhf_lib.pipeline", "--params", str(profile), "--run", "r",
-                           "--stages", "data", "--overwrite"], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlhf_lib.pipeline",
+            "--params",
+            str(profile),
+            "--run",
+            "r",
+            "--stages",
+            "data",
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "stage 'data' failed" in errors[0] and ".failed.ipynb" in errors[0]
@@ -247,7 +295,7 @@ def test_pipeline_overwrite_with_bad_input_keeps_the_finished_stage_and_its_note
 def test_relative_outputs_dir_resolves_against_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     profile = _profile(tmp_path, "rel-out")
-    (_, injected), = pipeline.plan(str(profile), "r", ["data"], [], False, False)
+    ((_, injected),) = pipeline.plan(str(profile), "r", ["data"], [], False, False)
     assert injected["outputs_dir"] == str(tmp_path / "rel-out")  # the kernels (cwd notebooks/) get this path
     assert runs.outputs_root(CommonConfig(outputs_dir="rel-out")) == tmp_path / "rel-out"
 
@@ -328,16 +376,38 @@ def test_ppo_stage_with_two_processes(tmp_path, outputs):
     run = _ppo_ready_run(outputs)
     profile = _profile(tmp_path, outputs)
     launcher = Path(sys.executable).with_name("accelerate")
-    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlhf_lib.pipeline",
-                           "--params", str(profile), *PPO_ARGS], env=ENV, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            str(launcher),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "rlhf_lib.pipeline",
+            "--params",
+            str(profile),
+            *PPO_ARGS,
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     entry = run.stage_entry("ppo")
     assert entry["status"] == "done" and entry["world_size"] == 2
     last = sorted(run.checkpoints_dir.glob("update_*"))[-1]
     assert (last / "rng_0.pt").exists() and (last / "rng_1.pt").exists()  # both ranks saved their sampling state
     rows = [json.loads(line) for line in (run.ppo_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy_avg"])
-                                  for r in rows)
+    assert len(rows) == 2 and all(
+        math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy_avg"]) for r in rows
+    )
     assert (run.policy_dir / "config.json").exists() and proc.stdout.count("[pipeline] outputs in") == 1

@@ -1,4 +1,5 @@
 """Device and dtype choice: the one code path that sends a run to CUDA + bf16 on a GPU, checked without one."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,14 @@ from rlhf_lib import runtime
 def fake_host(monkeypatch):
     """Pretend the host has (or lacks) CUDA, CUDA bf16 and AMX."""
 
-    def set_host(cuda: bool, cuda_bf16: bool = True, amx: bool = False, flags: tuple[str, ...] = (),
-                 capability: tuple[int, int] = (8, 0), speedup: float | None = 0.1) -> None:
+    def set_host(
+        cuda: bool,
+        cuda_bf16: bool = True,
+        amx: bool = False,
+        flags: tuple[str, ...] = (),
+        capability: tuple[int, int] = (8, 0),
+        speedup: float | None = 0.1,
+    ) -> None:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
@@ -45,13 +52,16 @@ def test_auto_falls_back_to_fp32_on_a_gpu_without_tensor_cores(fake_host):
     assert runtime.pick_dtype("auto", runtime.pick_device("auto")) == torch.float32
 
 
-@pytest.mark.parametrize("flags, speedup, expected, reason", [
-    (("avx512f", "amx_bf16", "amx_tile"), 0.1, torch.bfloat16, "AMX"),  # Intel Sapphire Rapids and newer
-    (("avx512f", "avx512_bf16", "avx512_vnni"), 0.1, torch.bfloat16, "AVX512-BF16"),  # AMD EPYC Zen 4, Cooper Lake
-    (("avx2", "fma"), 0.07, torch.float32, "0.07x"),  # AVX2 only: bf16 is emulated, far slower than fp32
-    (("asimd", "bf16"), 2.5, torch.bfloat16, "2.50x"),  # e.g. an Arm CPU whose probe finds bf16 faster
-    (("avx2",), None, torch.float32, "probe is off"),
-])
+@pytest.mark.parametrize(
+    "flags, speedup, expected, reason",
+    [
+        (("avx512f", "amx_bf16", "amx_tile"), 0.1, torch.bfloat16, "AMX"),  # Intel Sapphire Rapids and newer
+        (("avx512f", "avx512_bf16", "avx512_vnni"), 0.1, torch.bfloat16, "AVX512-BF16"),  # AMD EPYC Zen 4, Cooper Lake
+        (("avx2", "fma"), 0.07, torch.float32, "0.07x"),  # AVX2 only: bf16 is emulated, far slower than fp32
+        (("asimd", "bf16"), 2.5, torch.bfloat16, "2.50x"),  # e.g. an Arm CPU whose probe finds bf16 faster
+        (("avx2",), None, torch.float32, "probe is off"),
+    ],
+)
 def test_auto_on_cpu_uses_bf16_where_the_cpu_has_it(fake_host, flags, speedup, expected, reason):
     fake_host(cuda=False, flags=flags, speedup=speedup)
     device = runtime.pick_device("auto")
@@ -102,8 +112,11 @@ def test_cpu_info_reads_the_flags_of_this_machine():
 def test_describe_device_records_the_choice_and_its_reason(fake_host):
     fake_host(cuda=False, flags=("avx512_bf16",))
     info = runtime.describe_device(torch.device("cpu"), "auto")
-    assert info["precision"] == {"setting": "auto", "dtype": "bfloat16",
-                                 "reason": "CPU has AVX512-BF16 instructions (avx512_bf16)"}
+    assert info["precision"] == {
+        "setting": "auto",
+        "dtype": "bfloat16",
+        "reason": "CPU has AVX512-BF16 instructions (avx512_bf16)",
+    }
     assert info["cpu_bf16_flags"] == ["avx512_bf16"]
 
 

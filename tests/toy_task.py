@@ -1,6 +1,7 @@
 """A toy task with a known answer for the method tests: a 16-word vocabulary, a tiny random Llama policy, and a
 reward that counts one target word. Small vocabulary, so the untrained policy samples the target often enough
 (about 1 token in 16) for the group-baseline methods to get a signal within a few steps on a CPU."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,24 @@ import torch
 WORDS = ["<pad>", "<eos>", "<unk>"] + [chr(ord("a") + i) for i in range(13)]
 TARGET = WORDS.index("k")  # the word the reward prefers
 OTHER = WORDS.index("c")
-PROMPTS = ["a b c", "d e", "f g h i", "j", "b d f", "m l", "a a", "e f g", "h", "i j k l", "c b", "g", "d", "l m",
-           "a c e", "f"]
+PROMPTS = [
+    "a b c",
+    "d e",
+    "f g h i",
+    "j",
+    "b d f",
+    "m l",
+    "a a",
+    "e f g",
+    "h",
+    "i j k l",
+    "c b",
+    "g",
+    "d",
+    "l m",
+    "a c e",
+    "f",
+]
 
 
 def build_model(folder: Path, seed: int = 0) -> Path:
@@ -27,10 +44,20 @@ def build_model(folder: Path, seed: int = 0) -> Path:
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         tie_word_embeddings=False, initializer_range=0.15, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        initializer_range=0.15,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+    )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
@@ -48,12 +75,18 @@ def write_data(data_dir: Path, tokenizer, n_pairs: int = 32, response_length: in
 
     def prompt(i: int) -> dict:
         text = PROMPTS[i % len(PROMPTS)]
-        return {"id": f"p{i}", "prompt": [{"role": "user", "content": text}], "prompt_text": text,
-                "prompt_ids": tokenizer(text)["input_ids"]}
+        return {
+            "id": f"p{i}",
+            "prompt": [{"role": "user", "content": text}],
+            "prompt_text": text,
+            "prompt_ids": tokenizer(text)["input_ids"],
+        }
 
     rows = {"ppo_prompts": [prompt(i) for i in range(16)], "eval_prompts": [prompt(i) for i in range(16)]}
-    rows["train_pairs"] = [{**prompt(i), "chosen_ids": [TARGET] * response_length + [1],
-                            "rejected_ids": [OTHER] * response_length + [1]} for i in range(n_pairs)]
+    rows["train_pairs"] = [
+        {**prompt(i), "chosen_ids": [TARGET] * response_length + [1], "rejected_ids": [OTHER] * response_length + [1]}
+        for i in range(n_pairs)
+    ]
     for name, items in rows.items():
         with open(data_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in items)

@@ -5,10 +5,20 @@ Each trained method reads a finished run's stage-1 data and stage-2 reward model
 final policy, plus ``<folder>/train.json`` (train_seconds, generated_tokens, TRL's log history).
 :mod:`rlhf_lib.compare` evaluates them all with the evaluation stage's code.
 """
+
 from .best_of_n import BestOfNConfig
 from .common import MethodInputs, load_policy_folder, save_policy
 from .dpo import DPOMethodConfig, train_dpo
 from .online import GRPOMethodConfig, RLOOMethodConfig, train_online
 
-__all__ = ["BestOfNConfig", "DPOMethodConfig", "GRPOMethodConfig", "MethodInputs", "RLOOMethodConfig",
-           "load_policy_folder", "save_policy", "train_dpo", "train_online"]
+__all__ = [
+    "BestOfNConfig",
+    "DPOMethodConfig",
+    "GRPOMethodConfig",
+    "MethodInputs",
+    "RLOOMethodConfig",
+    "load_policy_folder",
+    "save_policy",
+    "train_dpo",
+    "train_online",
+]

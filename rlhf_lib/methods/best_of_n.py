@@ -12,6 +12,7 @@ et al. 2024, "Theoretical guarantees on the best-of-n alignment policy"). Beside
 best-of-N KL of the pool's empirical distribution (:func:`best_of_n_kl`, equal RM scores as one tie class), which
 shows where ties (repeated responses) pull the true KL below the formula.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,8 +44,10 @@ class BestOfNConfig:
             raise ValueError(f"best_of_n.n_samples={self.n_samples} must be >= 1")
         bad = [n for n in self.ns if n < 1 or n > self.n_samples]
         if bad:
-            raise ValueError(f"best_of_n.ns has {bad}: every N must lie in 1..n_samples={self.n_samples}; "
-                             "raise n_samples or drop those N")
+            raise ValueError(
+                f"best_of_n.ns has {bad}: every N must lie in 1..n_samples={self.n_samples}; "
+                "raise n_samples or drop those N"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def best_of_n_distribution(probs: Sequence[float], rewards: Sequence[float], n: 
     values, inverse = np.unique(r, return_inverse=True)  # tie classes, ascending reward
     mass = np.bincount(inverse, weights=p, minlength=values.size)  # P(reward = value)
     upper = np.cumsum(mass)  # F(value)
-    share = upper ** n - (upper - mass) ** n  # P(best of n has reward = value)
+    share = upper**n - (upper - mass) ** n  # P(best of n has reward = value)
     safe = np.where(mass > 0, mass, 1.0)
     return np.where(mass[inverse] > 0, p / safe[inverse] * share[inverse], 0.0)
 
@@ -127,8 +130,15 @@ class Pool:
         return self.rm.shape[0]
 
 
-def sample_pool(reference, tokenizer, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings,
-                n_samples: int, rm_scorer, gold_scorer) -> Pool:
+def sample_pool(
+    reference,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    n_samples: int,
+    rm_scorer,
+    gold_scorer,
+) -> Pool:
     """Draw n_samples reference responses per prompt with seeds settings.seed + 1 ... + n_samples (seed itself is
     the reference sample every method's win rate is judged against, so the pool is independent of it)."""
     import time
@@ -142,10 +152,14 @@ def sample_pool(reference, tokenizer, prompt_ids: Sequence[Sequence[int]], setti
         scores.append(evaluate.score_samples(draws[-1], rm_scorer, gold_scorer))
     rm = np.stack([r for r, _ in scores], axis=1)  # (P, M)
     gold = None if gold_scorer is None else np.stack([g for _, g in scores], axis=1)
-    return Pool(rm=rm, gold=gold, lengths=np.stack([d.lengths for d in draws], axis=1).astype(np.float64),
-                eos=np.stack([d.contains_eos for d in draws], axis=1).astype(np.float64),
-                texts=[[d.texts[p] for d in draws] for p in range(rm.shape[0])],
-                sample_seconds=time.perf_counter() - start)
+    return Pool(
+        rm=rm,
+        gold=gold,
+        lengths=np.stack([d.lengths for d in draws], axis=1).astype(np.float64),
+        eos=np.stack([d.contains_eos for d in draws], axis=1).astype(np.float64),
+        texts=[[d.texts[p] for d in draws] for p in range(rm.shape[0])],
+        sample_seconds=time.perf_counter() - start,
+    )
 
 
 def _weights(pool: Pool, n: int, by_gold: bool) -> np.ndarray:
@@ -153,9 +167,17 @@ def _weights(pool: Pool, n: int, by_gold: bool) -> np.ndarray:
     return np.stack([selection_weights(row, n) for row in ranking])  # (P, M)
 
 
-def pool_entry(pool: Pool, n: int, judged_reference: np.ndarray, judge: str, oracle: bool = False,
-               tie_tolerance: float = 0.0, ci_method: str = "wilson", n_bootstrap: int = 2000,
-               seed: int = 0) -> dict[str, Any]:
+def pool_entry(
+    pool: Pool,
+    n: int,
+    judged_reference: np.ndarray,
+    judge: str,
+    oracle: bool = False,
+    tie_tolerance: float = 0.0,
+    ci_method: str = "wilson",
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """One comparison entry (summary keys) for best-of-n over the pool; per-prompt values are exact expectations."""
     if oracle and pool.gold is None:
         raise ValueError("oracle best-of-N ranks by gold, but this run has no gold scorer; set best_of_n.oracle: false")
@@ -202,8 +224,9 @@ def _se(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
 
 
-def best_of_n_entries(cfg: BestOfNConfig, pool: Pool, judged_reference: np.ndarray, judge: str,
-                      **win_kwargs: Any) -> list[dict[str, Any]]:
+def best_of_n_entries(
+    cfg: BestOfNConfig, pool: Pool, judged_reference: np.ndarray, judge: str, **win_kwargs: Any
+) -> list[dict[str, Any]]:
     """Entries for every N (RM-ranked), then every N oracle-ranked when cfg.oracle and gold exists."""
     out = [pool_entry(pool, n, judged_reference, judge, **win_kwargs) for n in cfg.ns]
     if cfg.oracle and pool.gold is not None:

@@ -4,6 +4,7 @@ training arguments for a small CPU run, the reward-model reward on token ids, an
 A trained policy is saved the way the PPO stage saves its final policy (a merged, fp32 Hugging Face causal-LM folder
 with the tokenizer), so :func:`rlhf_lib.evaluate.default_policy_loader` loads it unchanged.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,8 @@ class LoraFields:
     use_lora: bool = True  # train LoRA adapters (peft); the reference is then the adapter-off base, one copy held
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA scale numerator (scale: lora_alpha / lora_r)
-    lora_target_modules: list[str] = field(default_factory=list)  # []: peft's default for the architecture; ["all-linear"]: every linear layer but the head
+    lora_target_modules: list[str] = field(default_factory=list)  # []: peft's default for the architecture;
+    #   ["all-linear"]: every linear layer but the head
 
 
 def lora_config(cfg: LoraFields):
@@ -61,8 +63,9 @@ def lora_config(cfg: LoraFields):
     targets: Any = list(cfg.lora_target_modules) or None
     if targets == ["all-linear"]:
         targets = "all-linear"
-    return LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=targets)
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets
+    )
 
 
 def training_arguments(inputs: MethodInputs, output_dir: Path, **values: Any) -> dict[str, Any]:
@@ -105,8 +108,12 @@ def reward_stats(reward_model_dir: Path) -> tuple[float, float]:
     return float(stats["mean"]), float(stats["std"]) or 1.0
 
 
-def token_id_reward(score: Callable[[list[list[int]]], np.ndarray], prompt_column: str = "query_ids",
-                    mean: float = 0.0, std: float = 1.0) -> Callable[..., list[float]]:
+def token_id_reward(
+    score: Callable[[list[list[int]]], np.ndarray],
+    prompt_column: str = "query_ids",
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> Callable[..., list[float]]:
     """A TRL reward function (``reward_funcs`` entry) scoring prompt + completion *token ids* with `score`.
 
     TRL's own path for a sequence-classification reward model re-tokenizes decoded text without special tokens, so

@@ -6,6 +6,7 @@ included, while re-tokenizing their decoded text would not round-trip. So the on
 ``_prepare_dataset`` (tokenization); the loss, the reference log-probs and the metrics (``rewards/margins``,
 ``rewards/accuracies``, ...) are TRL's own. With LoRA the reference is the adapter-off base (TRL's PEFT path).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ class DPOMethodConfig(LoraFields):
     """DPO on the train pairs, one run per beta (TRL DPOConfig names)."""
 
     enabled: bool = True  # train DPO at all
-    betas: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])  # DPOConfig.beta values, one policy each (higher: closer to the reference)
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # DPOConfig.loss_type; sigmoid: the DPO paper's loss
+    betas: list[float] = field(default_factory=lambda: [0.03, 0.1, 0.3])  # DPOConfig.beta values, one policy each
+    #   (higher: closer to the reference)
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])  # DPOConfig.loss_type; sigmoid: the DPO paper's
+    #   loss
     learning_rate: float = 5.0e-4  # AdamW learning rate (LoRA scale; TRL's default 1e-6 is for full fine-tuning)
     num_train_epochs: float = 1.0  # passes over the train pairs
     max_steps: int = -1  # optimiser steps; -1: num_train_epochs decides
@@ -66,8 +69,9 @@ def pairs_dataset(data_dir: Path, max_pairs: int = 0, max_length: int | None = N
     if max_length is not None:  # as TRL's own preparation: a prompt that fills max_length leaves no completion
         rows = [r for r in rows if len(r["prompt_ids"]) < max_length]
     if not rows:
-        raise ValueError(f"{data_dir}/train_pairs.jsonl has no usable pairs (max_pairs={max_pairs}, "
-                         f"max_length={max_length})")
+        raise ValueError(
+            f"{data_dir}/train_pairs.jsonl has no usable pairs (max_pairs={max_pairs}, max_length={max_length})"
+        )
     return Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt_ids", "chosen_ids", "rejected_ids")})
 
 
@@ -91,24 +95,37 @@ def train_dpo(cfg: DPOMethodConfig, inputs: MethodInputs, beta: float, out_dir: 
     tokenizer = models.load_tokenizer(inputs.model)
     dataset = pairs_dataset(inputs.data_dir, cfg.max_pairs, cfg.max_length)
     model = models.load_causal_lm(inputs.model, tokenizer)
-    args = DPOConfig(**training_arguments(
-        inputs, out_dir / "trainer",
-        beta=beta, loss_type=list(cfg.loss_type), learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps, max_length=cfg.max_length, logging_steps=cfg.logging_steps,
-    ))
-    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                               peft_config=lora_config(cfg))
+    args = DPOConfig(
+        **training_arguments(
+            inputs,
+            out_dir / "trainer",
+            beta=beta,
+            loss_type=list(cfg.loss_type),
+            learning_rate=cfg.learning_rate,
+            num_train_epochs=cfg.num_train_epochs,
+            max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            lr_scheduler_type=cfg.lr_scheduler_type,
+            warmup_steps=cfg.warmup_steps,
+            max_length=cfg.max_length,
+            logging_steps=cfg.logging_steps,
+        )
+    )
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora_config(cfg)
+    )
     with Stopwatch() as clock:
         trainer.train()
     save_policy(trainer.model, tokenizer, out_dir / "policy")
     record = {
-        "method": METHOD, "beta": beta, "train_seconds": clock.seconds,
+        "method": METHOD,
+        "beta": beta,
+        "train_seconds": clock.seconds,
         "generated_tokens": 0,  # offline: DPO trains on the fixed pairs, it samples nothing
         "n_pairs": len(dataset),
-        "steps": trainer.state.global_step, "log_history": trainer.state.log_history,
+        "steps": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
     }
     write_train_record(out_dir, record)
     return record

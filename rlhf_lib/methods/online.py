@@ -10,6 +10,7 @@ completion's token ids (EOS kept), standardised with reward_stats.json like PPO'
 evaluation reports as ``rm_score``. Losses, advantages and metrics (``reward``, ``kl``, ``completions/mean_length``,
 ``rewards/reward_model/mean``) are TRL's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class OnlineMethodConfig(LoraFields):
     """Shared settings of RLOO and GRPO (TRL names), one run per KL coefficient."""
 
     enabled: bool = True  # train this method at all
-    betas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # TRL `beta` (KL coefficient) values, one policy each
+    betas: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # TRL `beta` (KL coefficient) values, one
+    #   policy each
     learning_rate: float = 5.0e-4  # AdamW learning rate (LoRA scale)
     max_steps: int = 20  # optimiser steps (each samples per_device_train_batch_size responses)
     per_device_train_batch_size: int = 16  # responses per optimiser step: prompts x num_generations
@@ -61,15 +63,23 @@ class OnlineMethodConfig(LoraFields):
         name = type(self).__name__
         if not self.betas or any(b < 0 for b in self.betas):
             raise ValueError(f"{name}.betas={self.betas} must be a non-empty list of values >= 0")
-        for key in ("max_steps", "per_device_train_batch_size", "num_generations", "gradient_accumulation_steps",
-                    "num_iterations", "logging_steps"):
+        for key in (
+            "max_steps",
+            "per_device_train_batch_size",
+            "num_generations",
+            "gradient_accumulation_steps",
+            "num_iterations",
+            "logging_steps",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{name}.{key}={getattr(self, key)} must be >= 1")
         if self.num_generations < 2:
             raise ValueError(f"{name}.num_generations={self.num_generations} must be >= 2 (the group baseline)")
         if self.per_device_train_batch_size % self.num_generations:
-            raise ValueError(f"{name}.per_device_train_batch_size={self.per_device_train_batch_size} must be a "
-                             f"multiple of num_generations={self.num_generations}")
+            raise ValueError(
+                f"{name}.per_device_train_batch_size={self.per_device_train_batch_size} must be a "
+                f"multiple of num_generations={self.num_generations}"
+            )
         if self.learning_rate <= 0 or (self.temperature is not None and self.temperature <= 0):
             raise ValueError(f"{name}.learning_rate and temperature must be > 0")
 
@@ -97,24 +107,41 @@ def prompts_dataset(data_dir: Path, tokenizer, max_prompts: int = 0):
     rows = rows[:max_prompts] if max_prompts else rows
     for row in rows[:8]:  # TRL tokenizes the text itself; it must give the data stage's ids back
         if tokenizer(row["prompt_text"])["input_ids"] != row["prompt_ids"]:
-            raise ValueError(f"{data_dir}/ppo_prompts.jsonl id {row.get('id')}: the tokenizer does not map "
-                             "prompt_text back to prompt_ids (special tokens added?); rebuild the data with this "
-                             "tokenizer or use a tokenizer that adds no special tokens")
-    return Dataset.from_dict({"prompt": [r["prompt_text"] for r in rows],
-                              PROMPT_COLUMN: [r["prompt_ids"] for r in rows]})
+            raise ValueError(
+                f"{data_dir}/ppo_prompts.jsonl id {row.get('id')}: the tokenizer does not map "
+                "prompt_text back to prompt_ids (special tokens added?); rebuild the data with this "
+                "tokenizer or use a tokenizer that adds no special tokens"
+            )
+    return Dataset.from_dict(
+        {"prompt": [r["prompt_text"] for r in rows], PROMPT_COLUMN: [r["prompt_ids"] for r in rows]}
+    )
 
 
 def default_scorer(inputs: MethodInputs, tokenizer, batch_size: int = 16) -> Scorer:
     """The stage-2 reward model scoring token ids, exactly as the evaluation stage does."""
     from ..evaluate import GenerationSettings, reward_model_scorer
 
-    settings = GenerationSettings(response_length=1, temperature=1.0, batch_size=batch_size, seed=inputs.seed,
-                                  device=inputs.torch_device(), dtype=inputs.torch_dtype())
+    settings = GenerationSettings(
+        response_length=1,
+        temperature=1.0,
+        batch_size=batch_size,
+        seed=inputs.seed,
+        device=inputs.torch_device(),
+        dtype=inputs.torch_dtype(),
+    )
     return reward_model_scorer(inputs.reward_model_dir, settings, tokenizer)
 
 
-def train_online(kind: str, cfg: OnlineMethodConfig, inputs: MethodInputs, beta: float, out_dir: Path,
-                 response_length: int, temperature: float, scorer: Scorer | None = None) -> dict[str, Any]:
+def train_online(
+    kind: str,
+    cfg: OnlineMethodConfig,
+    inputs: MethodInputs,
+    beta: float,
+    out_dir: Path,
+    response_length: int,
+    temperature: float,
+    scorer: Scorer | None = None,
+) -> dict[str, Any]:
     """Train one RLOO or GRPO policy (kind 'rloo' / 'grpo') at KL coefficient `beta`; saves out_dir/policy and
     out_dir/train.json. `scorer` (token ids -> scores) replaces the reward model (tests)."""
     if kind not in ("rloo", "grpo"):
@@ -127,29 +154,59 @@ def train_online(kind: str, cfg: OnlineMethodConfig, inputs: MethodInputs, beta:
     args = _config(kind, cfg, inputs, beta, out_dir / "trainer", response_length, temperature)
     trainer_cls = _trainer(kind)
     model = models.load_causal_lm(inputs.model, tokenizer)
-    trainer = trainer_cls(model=model, reward_funcs=[reward], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, peft_config=lora_config(cfg))
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+    )
     with Stopwatch() as clock:
         trainer.train()
     save_policy(trainer.model, tokenizer, out_dir / "policy")
-    record = {"method": kind, "beta": beta, "train_seconds": clock.seconds,
-              "generated_tokens": reward.generated_tokens, "generated_responses": reward.generated_responses,
-              "steps": trainer.state.global_step, "log_history": trainer.state.log_history}
+    record = {
+        "method": kind,
+        "beta": beta,
+        "train_seconds": clock.seconds,
+        "generated_tokens": reward.generated_tokens,
+        "generated_responses": reward.generated_responses,
+        "steps": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+    }
     write_train_record(out_dir, record)
     return record
 
 
-def _config(kind: str, cfg: OnlineMethodConfig, inputs: MethodInputs, beta: float, output_dir: Path,
-            response_length: int, temperature: float):
+def _config(
+    kind: str,
+    cfg: OnlineMethodConfig,
+    inputs: MethodInputs,
+    beta: float,
+    output_dir: Path,
+    response_length: int,
+    temperature: float,
+):
     from trl import GRPOConfig, RLOOConfig
 
     values = training_arguments(
-        inputs, output_dir, beta=beta, learning_rate=cfg.learning_rate, max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size, num_generations=cfg.num_generations,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, num_iterations=cfg.num_iterations,
-        epsilon=cfg.epsilon, max_completion_length=response_length, temperature=temperature,
-        top_p=1.0, top_k=0,  # pure sampling, as PPO and the evaluation sample
-        lr_scheduler_type=cfg.lr_scheduler_type, logging_steps=cfg.logging_steps, disable_dropout=True,
+        inputs,
+        output_dir,
+        beta=beta,
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        num_generations=cfg.num_generations,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_iterations=cfg.num_iterations,
+        epsilon=cfg.epsilon,
+        max_completion_length=response_length,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,  # pure sampling, as PPO and the evaluation sample
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        logging_steps=cfg.logging_steps,
+        disable_dropout=True,
     )
     if kind == "rloo":
         return RLOOConfig(**values, normalize_advantages=cfg.normalize_advantages)

@@ -1,5 +1,6 @@
 """What notebook 06 shows of a comparison's summary.json: the KL–gold frontier with every method, the proxy-vs-gold
 panel, the table ranked by gold at matched KL, and side-by-side samples."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,20 @@ STYLE = {  # curve -> (label, marker)
     "rloo": ("RLOO (per beta)", "v"),
     "grpo": ("GRPO (per beta)", "P"),
 }
-TABLE_COLUMNS = ["method", "setting", "kl", "kl_analytic", "gold_score", "gold_score_se", "rm_score",
-                 "win_rate_vs_ref", "length", "eos_fraction", "train_seconds", "generated_tokens"]
+TABLE_COLUMNS = [
+    "method",
+    "setting",
+    "kl",
+    "kl_analytic",
+    "gold_score",
+    "gold_score_se",
+    "rm_score",
+    "win_rate_vs_ref",
+    "length",
+    "eos_fraction",
+    "train_seconds",
+    "generated_tokens",
+]
 
 
 def methods_frame(summary: dict[str, Any]) -> pd.DataFrame:
@@ -45,13 +58,25 @@ def plot_frontier(summary: dict[str, Any], path: str | Path | None = None):
     for curve, group in df[df["method"] != "reference"].groupby("curve", sort=False):
         label, marker = STYLE.get(curve, (curve, "o"))
         group = group.assign(x=_x(group)).sort_values("x")
-        ax.errorbar(group["x"], group["gold_score"], yerr=group["gold_score_se"], marker=marker, capsize=3,
-                    label=label, linestyle="--" if curve == "best_of_n_oracle" else "-")
+        ax.errorbar(
+            group["x"],
+            group["gold_score"],
+            yerr=group["gold_score_se"],
+            marker=marker,
+            capsize=3,
+            label=label,
+            linestyle="--" if curve == "best_of_n_oracle" else "-",
+        )
         ax2.plot(group["rm_score"], group["gold_score"], marker=marker, label=label, linestyle="none")
     for axis, x in ((ax, 0.0), (ax2, None)):
         if len(ref) and ref["gold_score"].notna().all():
-            axis.plot([x if x is not None else ref["rm_score"].iloc[0]], ref["gold_score"], "k*", markersize=12,
-                      label="reference")
+            axis.plot(
+                [x if x is not None else ref["rm_score"].iloc[0]],
+                ref["gold_score"],
+                "k*",
+                markersize=12,
+                label="reference",
+            )
     ax.set_xlabel("KL(policy || reference), nats per sequence (best-of-N: log N - (N-1)/N)")
     ax.set_ylabel("gold score (mean ± s.e. over eval prompts)")
     ax.set_title("KL–gold frontier: every method")
@@ -90,8 +115,9 @@ def samples_table(samples_path: str | Path, n_prompts: int = 2) -> pd.DataFrame:
     """Side by side: one row per (method, setting), one column per prompt (the first n_prompts)."""
     rows = pd.read_json(samples_path, lines=True)
     rows = rows[rows["prompt_index"] < n_prompts]
-    table = rows.pivot_table(index=["curve", "setting"], columns="prompt_index", values="response",
-                             aggfunc="first", sort=False)
+    table = rows.pivot_table(
+        index=["curve", "setting"], columns="prompt_index", values="response", aggfunc="first", sort=False
+    )
     prompts = rows.drop_duplicates("prompt_index").set_index("prompt_index")["prompt"]
     table.columns = [f"prompt {i}: {prompts[i][:60]}" for i in table.columns]
     return table
