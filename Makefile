@@ -77,7 +77,7 @@ format: $(STAMP)
 	$(PYTHON) -m ruff check --fix rlhf_lib scripts tests
 
 test: lint
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --durations=15 $(PYTEST_ARGS) tests
 	rm -rf outputs/notebook-smoke   # the notebooks' own run: they never overwrite, so nbval starts it afresh
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider $(NBVAL_IGNORE) notebooks
 

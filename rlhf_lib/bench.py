@@ -207,7 +207,15 @@ def summarize_updates(rows: Sequence[dict[str, Any]], warmup: int, batch_size: i
 
 
 # the host probe's matmuls: label -> (torch dtype, n of an (n x n) @ (n x n) product); milliseconds each
-PROBE_MATMULS = {"bf16": ("bfloat16", 2048), "fp32": ("float32", 1024)}
+def _bf16_probe_size() -> int:
+    """The bf16 probe matmul's size: 2048 where the CPU has bf16 matrix instructions; 512 where bf16 is emulated
+    (an order of magnitude slower than fp32 there, so a 2048^3 product would take most of a minute)."""
+    from .runtime import cpu_info
+
+    return 2048 if cpu_info()[1] & {"amx_bf16", "avx512_bf16"} else 512
+
+
+PROBE_MATMULS = {"bf16": ("bfloat16", _bf16_probe_size()), "fp32": ("float32", 1024)}
 
 
 def summarize_probe(matmul_ms: dict[str, Sequence[float]], read_gib: float, read_s: Sequence[float]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import evaluate, models
+from . import checkpoints, evaluate, models
 from .config import CommonConfig, ConfigError, validate
 from .evaluate import EvalConfig
 from .methods import best_of_n as bon
@@ -267,11 +267,11 @@ def _say(e: dict[str, Any]) -> None:
 def ppo_points(run: Run, max_checkpoints: int) -> list[tuple[str, int | None, Path]]:
     """(setting, update, folder) of a PPO run: evenly spaced checkpoints, then the final policy."""
     last = evaluate.final_update(run)
-    chosen = evaluate.select_evenly(evaluate.list_checkpoints(run), max_checkpoints)
+    chosen = evaluate.select_evenly(checkpoints.list_checkpoints(run.checkpoints_dir), max_checkpoints)
     points = [
-        (f"update {evaluate.checkpoint_step(p)}", evaluate.checkpoint_step(p), p)
+        (f"update {checkpoints.checkpoint_update(p)}", checkpoints.checkpoint_update(p), p)
         for p in chosen
-        if last is None or evaluate.checkpoint_step(p) != last
+        if last is None or checkpoints.checkpoint_update(p) != last
     ]
     if (run.policy_dir / "config.json").exists():
         points.append(("final", last, run.policy_dir))
@@ -472,7 +472,7 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
 
 
 def _write_samples(out: Run, ctx: Context, texts: dict, entries: list[dict[str, Any]], n_rows: int) -> None:
-    from .data import write_jsonl_atomic
+    from .io import write_jsonl
 
     rows = []
     for (curve, setting), responses in texts.items():
@@ -486,7 +486,7 @@ def _write_samples(out: Run, ctx: Context, texts: dict, entries: list[dict[str, 
                     "response": text,
                 }
             )
-    write_jsonl_atomic(out.root / "samples.jsonl", rows)
+    write_jsonl(out.root / "samples.jsonl", rows)
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def _plan_resume(target: Run, stage: str, parameters: dict[str, Any], skip_done:
     """--skip-done continues an interrupted or failed PPO stage from its last checkpoint; resume params are checked."""
     state = target.stage_state(stage)
     if stage == "ppo" and state in ("interrupted", "failed"):
-        from .ppo import latest_checkpoint
+        from .checkpoints import latest_checkpoint
 
         checkpoint = latest_checkpoint(target.checkpoints_dir)
         if checkpoint is not None and skip_done and not parameters.get("resume"):
