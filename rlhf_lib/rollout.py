@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .io import pad
+
 
 def load_prompts(path: str | Path) -> list[list[int]]:
     """Token ids of each prompt in a ``ppo_prompts.jsonl`` (field ``prompt_ids``)."""
@@ -36,14 +38,8 @@ def load_prompts(path: str | Path) -> list[list[int]]:
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists into (ids, mask), both (B, P): generation appends on the right."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+    """Left-pad token lists into (ids, mask), both (B, P): generation appends on the right (:func:`rlhf_lib.io.pad`)."""
+    return pad(seqs, pad_token_id, "left", device)
 
 
 class PromptStream:
