@@ -39,6 +39,7 @@ import yaml
 
 from .config import STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
 from .runs import SHARED_STAGES, Run, outputs_root, read_json, repo_root, write_json_atomic
+from .sweep_stats import finite, fit_frontier, frontier_rows, group_points, select_default
 
 SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key")
 MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.overwrite")  # set per point
@@ -46,15 +47,6 @@ MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.o
 UNCHECKED_KEYS = ("outputs_dir", "overwrite", "threads", "device")
 BASE_NAME = "base"
 NOTEBOOK = "05_sweep.ipynb"
-# Numbers computed from a point's summary: key -> (minuend, subtrahend); gains paired on the same prompts and seed.
-DERIVED = {
-    "derived.gold_gain": ("eval.after.gold_score", "eval.before.gold_score"),
-    "derived.rm_gain": ("eval.after.rm_score", "eval.before.rm_score"),
-}
-GAIN_TARGET = (
-    "gold gain over the reference policy: gold score of a checkpoint minus that of the reference, both on "
-    "the same run's over-optimisation prompts"
-)
 
 
 class SweepError(ValueError):
@@ -360,168 +352,6 @@ def point_seconds(sweep: Sweep, point: Point) -> float | None:
     return (max(ends) - min(starts)).total_seconds() if starts and ends else None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# aggregation
-
-
-def numeric_leaves(summary: dict[str, Any]) -> dict[str, float]:
-    """Every int/float leaf of a run summary as a dotted key (short numeric lists as key.0, key.1), plus DERIVED."""
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, obj: Any) -> None:
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        elif isinstance(obj, (list, tuple)) and 0 < len(obj) <= 4:
-            for i, value in enumerate(obj):
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    walk(f"{prefix}.{i}", value)
-        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-            out[prefix] = float(obj)
-
-    walk("", summary)
-    for key, (left, right) in DERIVED.items():
-        if left in out and right in out:
-            out[key] = out[left] - out[right]
-    return out
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float | int | None]:
-    """mean, sample std (ddof 1), n and the Student-t interval mean +- t_{n-1} std / sqrt(n); None where undefined."""
-    from scipy import stats
-
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95_low": None, "ci95_high": None, "n": 0}
-    mean = float(x.mean())
-    if n == 1:
-        return {"mean": mean, "std": None, "ci95_low": None, "ci95_high": None, "n": 1}
-    std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
-
-
-def cell_of(entry: dict[str, Any], seed_key: str) -> tuple:
-    """The grid cell of a point: its overrides without the seed key, as a hashable tuple."""
-    return tuple((k, v) for k, v in entry["overrides"].items() if k != seed_key)
-
-
-def group_points(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[str, Any]]:
-    """One group per grid cell (all overrides but the seed key): n_seeds and per numeric key mean/std/CI."""
-    cells: dict[tuple, list[dict[str, Any]]] = {}
-    for entry in entries:
-        cells.setdefault(cell_of(entry, seed_key), []).append(entry)
-    groups = []
-    for cell, members in cells.items():
-        done = [m for m in members if m["status"] == "done"]
-        values: dict[str, list[float]] = {}
-        for m in done:
-            for key, value in numeric_leaves(m["summary"]).items():
-                values.setdefault(key, []).append(value)
-        groups.append(
-            {
-                "overrides": dict(cell),
-                "n_seeds": len(done),
-                "points": [m["name"] for m in done],
-                "metrics": {key: mean_ci(v) for key, v in sorted(values.items())},
-            }
-        )
-    return groups
-
-
-def frontier_rows(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[str, Any]]:
-    """KL, RM and gold (and their gains over the reference) per point and checkpoint, from eval.overoptimisation
-    (the reference row of the same run is the zero of the gains); the final before/after when a run has no curve."""
-    rows = []
-    for entry in entries:
-        ev = (entry.get("summary") or {}).get("eval") or {}
-        curve = ev.get("overoptimisation") or []
-        ref = next((r for r in curve if r.get("label") == "reference"), None)
-        if ref is None and "before" in ev and "after" in ev:
-            ref, curve = ev["before"], [{**ev["after"], "label": "final", "step": None}]
-        for r in curve:
-            if r is ref:
-                continue
-            row = {
-                "point": entry["name"],
-                "cell": dict(cell_of(entry, seed_key)),
-                "seed": entry["overrides"].get(seed_key),
-                "label": r.get("label"),
-                "step": r.get("step"),
-                "kl": r.get("kl"),
-            }
-            for name in ("rm_score", "gold_score"):
-                if r.get(name) is not None and ref.get(name) is not None:
-                    row[name] = r[name]
-                    row[name.replace("_score", "_gain")] = r[name] - ref[name]
-            rows.append(row)
-    return rows
-
-
-def fit_frontier(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
-    """Least-squares fit of Gao et al. (2022)'s RL form gain(d) = d (alpha - beta ln d), d = sqrt(KL).
-
-    Linear in (alpha, beta), so closed form. The fitted gain peaks at d* = exp(alpha / beta - 1) when beta > 0
-    (there gain = beta d*); KL <= 0 points carry no information about the curve's shape and are left out.
-    """
-    kl_arr, y = np.asarray(kl, dtype=np.float64), np.asarray(gain, dtype=np.float64)
-    keep = np.isfinite(kl_arr) & np.isfinite(y) & (kl_arr > 0)
-    d, y = np.sqrt(kl_arr[keep]), y[keep]
-    out: dict[str, Any] = {
-        "alpha": None,
-        "beta": None,
-        "kl_at_peak": None,
-        "gold_at_peak": None,
-        "n_points": int(d.size),
-        "form": "gold_gain(d) = d (alpha - beta ln d), d = sqrt(KL)",
-        "target": GAIN_TARGET,
-    }
-    if d.size < 2 or np.ptp(d) == 0:
-        return out
-    design = np.stack([d, -d * np.log(d)], axis=1)
-    (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
-    resid = y - design @ np.array([alpha, beta])
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid**2).sum()) / ss_tot if ss_tot else None)
-    if beta > 0:
-        d_star = math.exp(alpha / beta - 1)
-        out.update(kl_at_peak=d_star**2, gold_at_peak=float(beta) * d_star)
-    return out
-
-
-def gao_gold(kl: np.ndarray | float, alpha: float, beta: float) -> np.ndarray:
-    """The fitted form at KL (0 at KL = 0)."""
-    d = np.sqrt(np.maximum(np.asarray(kl, dtype=np.float64), 1e-12))
-    return d * (alpha - beta * np.log(d))
-
-
-def select_default(
-    groups: Sequence[dict[str, Any]],
-    kl_budget: float = 6.0,
-    key: str = "eval.after.gold_score",
-    kl_key: str = "eval.after.kl",
-) -> dict[str, Any] | None:
-    """The grid cell with the largest seed-mean ``key`` among those whose seed-mean KL is within ``kl_budget``."""
-
-    def mean(group, name):
-        return (group["metrics"].get(name) or {}).get("mean")
-
-    ok = [
-        g for g in groups if mean(g, key) is not None and mean(g, kl_key) is not None and mean(g, kl_key) <= kl_budget
-    ]
-    if not ok:
-        return None
-    best = max(ok, key=lambda g: mean(g, key))
-    return {
-        "rule": f"largest seed-mean {key} with seed-mean {kl_key} <= {kl_budget}",
-        "overrides": best["overrides"],
-        "n_seeds": best["n_seeds"],
-        key: best["metrics"][key],
-        kl_key: best["metrics"][kl_key],
-    }
-
-
 def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
     run = point_run(sweep, point)
     status = point_status(sweep, point)
@@ -560,94 +390,14 @@ def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
         "groups": groups,
         "frontier": rows,
         "frontier_fit": fit_frontier(*zip(*gains)) if gains else fit_frontier([], []),
-        "selection": select_default(groups),
+        "complete": not unfinished,
+        "selection": select_default(groups, min_seeds=len(sweep.grid.get(sweep.seed_key, [None]))),
         "wall_seconds": float(sum(seconds)),
         "wall_seconds_note": "sum over the finished base and points of the time each took (run one after another)",
     }
     if write:
-        write_json_atomic(sweep.root / "summary.json", _finite(summary))
+        write_json_atomic(sweep.root / "summary.json", finite(summary))
     return summary
-
-
-def _finite(obj: Any) -> Any:
-    """A copy with NaN / inf as None (JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading a finished sweep (the sweep notebook)
-
-
-def sweep_dir(sweep: str, outputs_dir: str = "") -> Path:
-    """<outputs_dir>/<sweep> ("" = the repo's outputs/ folder)."""
-    return (Path(outputs_dir).expanduser() if outputs_dir else repo_root() / "outputs") / sweep
-
-
-def load_summary(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / "summary.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} does not exist: run the sweep first (make sweep SWEEP=params/sweeps/<name>.yaml)"
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-HEADLINE_KEYS = (
-    "eval.after.gold_score",
-    "derived.gold_gain",
-    "eval.after.rm_score",
-    "eval.after.kl",
-    "eval.win_rate_vs_ref",
-    "reward_model.eval_accuracy_vs_gold",
-    "reward_model.eval_accuracy",
-)
-
-
-def group_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS, digits: int = 3):
-    """One row per grid cell: its overrides, n_seeds and "mean ± half-width [low, high]" of the headline keys."""
-    import pandas as pd
-
-    rows = []
-    for group in summary["groups"]:
-        row = {k.rsplit(".", 1)[-1]: v for k, v in group["overrides"].items()}
-        row["n_seeds"] = group["n_seeds"]
-        for key in keys:
-            m = group["metrics"].get(key)
-            if m is None or m["mean"] is None:
-                continue
-            if m["ci95_low"] is None:
-                row[key] = f"{m['mean']:.{digits}f}"
-            else:
-                half = (m["ci95_high"] - m["ci95_low"]) / 2
-                low, high = m["ci95_low"], m["ci95_high"]
-                row[key] = f"{m['mean']:.{digits}f} ± {half:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def points_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS):
-    """One row per point: index, name, status, overrides, seconds and its headline numbers."""
-    import pandas as pd
-
-    rows = []
-    for entry in summary["points"]:
-        flat = numeric_leaves(entry.get("summary") or {})
-        row = {
-            "index": entry["index"],
-            "point": entry["name"],
-            "status": entry["status"],
-            **entry["overrides"],
-            "seconds": entry.get("wall_seconds"),
-        }
-        row.update({key: flat[key] for key in keys if key in flat})
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("index")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .experiments import gao_gold, numeric_leaves
 from .plots import _no_data, save_figure_in
+from .sweep_stats import gao_gold, numeric_leaves
 
 
 def cell_label(overrides: dict[str, Any]) -> str:

@@ -30,9 +30,9 @@ CELLS = [
     ("parameters", PARAMETERS),
     (
         "code",
-        "from rlhf_lib import experiments, sweep_plots\n"
-        "folder = experiments.sweep_dir(sweep, outputs_dir)\n"
-        "summary = experiments.load_summary(folder)\n"
+        "from rlhf_lib import sweep_plots, sweep_stats\n"
+        "folder = sweep_stats.sweep_dir(sweep, outputs_dir)\n"
+        "summary = sweep_stats.load_summary(folder)\n"
         "print(f\"{folder}: {len(summary['points'])} points in {len(summary['groups'])} grid cells; \"\n"
         "      f\"{summary['wall_seconds'] / 60:.1f} min of runs; seeds over {summary['seed_key']}\")",
     ),
@@ -41,15 +41,15 @@ CELLS = [
         "## Points\nEach point is an ordinary run folder (`outputs/<sweep>/<point>/`); `status` is `done` when "
         "all its stages finished.",
     ),
-    ("code", "experiments.points_table(summary)"),
+    ("code", "sweep_stats.points_table(summary)"),
     (
         "md",
         "## Per grid cell: mean ± 95 % confidence interval over seeds\nStudent t interval: "
         "mean ± t(0.975, n − 1) · sd / √n, sd with n − 1 (`summary.json` `groups` has every numeric key). "
         "`derived.gold_gain` is the trained policy's gold score minus the reference's on the same prompts and seed.",
     ),
-    ("code", "experiments.group_table(summary)"),
-    ("code", "sweep_plots.plot_group_metrics(summary, experiments.HEADLINE_KEYS[:4], folder)"),
+    ("code", "sweep_stats.group_table(summary)"),
+    ("code", "sweep_plots.plot_group_metrics(summary, sweep_stats.HEADLINE_KEYS[:4], folder)"),
     (
         "md",
         "## KL–gold frontier: proxy (RM) beside gold\nOne line per grid cell through its evaluated checkpoints "

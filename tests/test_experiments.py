@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf_lib import experiments, pipeline, runs
+from rlhf_lib import experiments, pipeline, runs, sweep_stats
 from rlhf_lib.config import CommonConfig, ConfigError
 from rlhf_lib.experiments import Sweep, SweepError
 
@@ -239,6 +239,46 @@ def test_aggregation_mean_std_and_t_interval_match_a_hand_computation(tmp_path):
     assert gains == pytest.approx(sorted(g - 0.1 for v in gold.values() for g in v))
 
 
+def test_selection_takes_the_best_gold_within_the_kl_budget_only_among_cells_with_every_seed(tmp_path):
+    sweep = Sweep(
+        "s",
+        "params/smoke.yaml",
+        tmp_path / "s",
+        base_run="",
+        stages=("ppo", "eval"),
+        grid={"common.seed": [0, 1], "ppo.kl_coef": [0.05, 0.1, 0.2]},
+    )
+    # 0.05: best gold but over the KL budget; 0.1: one lucky seed only; 0.2: both seeds, within budget
+    cells = {0.05: ([0.9, 0.9], 7.0), 0.1: ([0.95, None], 3.0), 0.2: ([0.6, 0.7], 2.0)}
+    for point in sweep.grid_points():
+        seed, coef = point.overrides["common.seed"], point.overrides["ppo.kl_coef"]
+        gold, kl = cells[coef][0][seed], cells[coef][1]
+        if gold is None:
+            _fake_point(sweep.root, point.name, {"ppo": {}}, done=False)
+        else:
+            _fake_point(sweep.root, point.name, _eval_summary(gold, kl=kl))
+    summary = experiments.aggregate(sweep)
+    assert summary["complete"] is False
+    chosen = summary["selection"]
+    assert chosen["overrides"] == {"ppo.kl_coef": 0.2} and chosen["n_seeds"] == 2
+    assert chosen["eval.after.gold_score"]["mean"] == pytest.approx(0.65)
+    assert sweep_stats.select_default(summary["groups"], min_seeds=1)["overrides"] == {"ppo.kl_coef": 0.1}
+    assert sweep_stats.select_default(summary["groups"], kl_budget=1.0, min_seeds=2) is None
+
+
+def test_headline_table_reports_reference_policy_and_paired_gain_as_mean_and_t_half_width(tmp_path):
+    sweep = Sweep("s", "params/smoke.yaml", tmp_path / "s", base_run="", grid={"common.seed": [0, 1, 2]})
+    for point, gold in zip(sweep.grid_points(), (0.5, 0.6, 0.7)):
+        _fake_point(sweep.root, point.name, _eval_summary(gold, gold_before=0.2))
+    table = sweep_stats.headline_markdown(experiments.aggregate(sweep, write=False), {})
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n), std of (0.5, 0.6, 0.7) = 0.1
+    row = next(line for line in table.splitlines() if line.startswith("| gold score"))
+    assert row.split(" | ")[1:] == ["0.200 ± 0.000", f"0.600 ± {half:.3f}", f"0.400 ± {half:.3f} |"]
+    assert "3 seeds, mean ± 95 % CI" in table.splitlines()[0]
+    with pytest.raises(KeyError, match="no cell"):
+        sweep_stats.headline_markdown(experiments.aggregate(sweep, write=False), {"ppo.kl_coef": 9})
+
+
 def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
     sweep = Sweep("s", "params/smoke.yaml", tmp_path / "s", base_run="", grid={"common.seed": [0]})
     _fake_point(sweep.root, "seed0", {"eval": {"x": float("nan"), "y": 1.5}})
@@ -254,23 +294,23 @@ def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
 def test_frontier_fit_recovers_gao_coefficients(alpha, beta):
     rng = np.random.default_rng(0)
     kl = rng.uniform(0.05, 40.0, size=60)
-    gain = experiments.gao_gold(kl, alpha, beta)
-    exact = experiments.fit_frontier(kl, gain)
+    gain = sweep_stats.gao_gold(kl, alpha, beta)
+    exact = sweep_stats.fit_frontier(kl, gain)
     assert exact["alpha"] == pytest.approx(alpha, rel=1e-9) and exact["beta"] == pytest.approx(beta, rel=1e-9)
     d_star = math.exp(alpha / beta - 1)
     assert exact["kl_at_peak"] == pytest.approx(d_star**2) and exact["gold_at_peak"] == pytest.approx(beta * d_star)
     # the peak is where the formula is largest
     grid = np.linspace(0.01, 4 * d_star**2, 20000)
-    assert grid[np.argmax(experiments.gao_gold(grid, alpha, beta))] == pytest.approx(d_star**2, rel=1e-2)
-    noisy = experiments.fit_frontier(kl, gain + rng.normal(0, 0.01, size=kl.size))
+    assert grid[np.argmax(sweep_stats.gao_gold(grid, alpha, beta))] == pytest.approx(d_star**2, rel=1e-2)
+    noisy = sweep_stats.fit_frontier(kl, gain + rng.normal(0, 0.01, size=kl.size))
     assert noisy["alpha"] == pytest.approx(alpha, abs=0.02) and noisy["beta"] == pytest.approx(beta, abs=0.01)
 
 
 def test_frontier_fit_without_a_peak_or_points():
     kl = np.linspace(0.5, 5, 10)
-    rising = experiments.fit_frontier(kl, np.sqrt(kl) * 0.2)  # gain = 0.2 d: beta = 0, no bend
+    rising = sweep_stats.fit_frontier(kl, np.sqrt(kl) * 0.2)  # gain = 0.2 d: beta = 0, no bend
     assert rising["beta"] == pytest.approx(0.0, abs=1e-9) and rising["kl_at_peak"] is None
-    empty = experiments.fit_frontier([0.0, -0.1], [0.0, 0.1])  # KL <= 0 points carry no shape
+    empty = sweep_stats.fit_frontier([0.0, -0.1], [0.0, 0.1])  # KL <= 0 points carry no shape
     assert empty["alpha"] is None and empty["n_points"] == 0
 
 
@@ -281,7 +321,7 @@ TIMING = ("seconds", "_per_s")
 
 
 def _numbers(summary: dict) -> dict[str, float]:
-    return {k: v for k, v in experiments.numeric_leaves(summary).items() if not any(t in k for t in TIMING)}
+    return {k: v for k, v in sweep_stats.numeric_leaves(summary).items() if not any(t in k for t in TIMING)}
 
 
 def _group_numbers(group: dict) -> dict[str, float]:
