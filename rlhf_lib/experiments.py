@@ -76,6 +76,7 @@ class Sweep:
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     seed_key: str = "common.seed"
+    threads: int | None = None  # common.threads of every point, from --threads (where it runs, not what it computes)
 
     @property
     def params_path(self) -> Path:
@@ -191,6 +192,8 @@ def point_overrides(sweep: Sweep, point: Point) -> list[str]:
     values = {**sweep.overrides, **point.overrides, "common.outputs_dir": str(sweep.root)}
     if not point.is_base and sweep.base_ref:
         values["common.base_run"] = sweep.base_ref
+    if sweep.threads:
+        values["common.threads"] = sweep.threads
     return [f"{k}={_yaml_text(v)}" for k, v in values.items()]
 
 
@@ -448,11 +451,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--print-commands", action="store_true", help="print one pipeline command per point and exit")
     parser.add_argument("--point", type=int, default=None, help="run only the point of this index (job arrays)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="common.threads of the points run (e.g. 1 for two points at a time on two cores: xargs -P 2)",
+    )
     parser.add_argument("--aggregate", action="store_true", help="only aggregate finished points (and the notebook)")
     parser.add_argument("--no-notebook", action="store_true", help="do not execute notebooks/05_sweep.ipynb")
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, args.outputs_dir)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise SweepError(f"--threads {args.threads}: give a positive number of threads per point")
+            sweep.threads = args.threads
         if args.print_commands:
             print_commands(sweep)
             return 0

@@ -169,6 +169,11 @@ def test_printed_commands_are_pipeline_runs_of_each_point(tmp_path, capsys, monk
             )
     assert seen == {(0, 0.05), (0, 0.5), (1, 0.05), (1, 0.5)}
     assert experiments.main([str(SMOKE_SWEEP), "--outputs-dir", str(out), "--point", "9"]) == 2
+    # --threads sets where the points run (common.threads), nothing they compute
+    assert experiments.main([str(SMOKE_SWEEP), "--outputs-dir", str(out), "--print-commands", "--threads", "1"]) == 0
+    threaded = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python -m")]
+    assert threaded == [f"{line} -p common.threads=1" for line in lines]
+    assert experiments.main([str(SMOKE_SWEEP), "--outputs-dir", str(out), "--threads", "0"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
