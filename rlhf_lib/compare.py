@@ -58,6 +58,7 @@ class CompareConfig(CommonConfig):
     run: str = "compare"  # output folder name under outputs_dir
     model: str = ""  # "": the base run's model (the policy its data and reward model were built for)
     base_run: str = ""  # run whose data/ and reward_model/ every method uses: a name under outputs_dir, or a folder
+    #   (a sweep point, e.g. default_beta/seed0-kl_coef0.1: its base run's data and reward model, its own PPO)
     ppo_base: bool = True  # put the base run's own PPO (checkpoints + final policy) on the frontier
     ppo_runs: list[str] = field(default_factory=list)  # more PPO runs on the same data + RM (names or folders), one
     #   curve each
@@ -132,19 +133,21 @@ def resolve_base_run(cfg: CompareConfig) -> Run:
     """The base run, checked: its data and reward_model stages finished."""
     base = resolve_run(cfg.base_run, outputs_root(cfg))
     for stage in ("data", "reward_model"):
-        if base.stage_status(stage) != "done":
+        source = base.upstream(stage)  # the run's own stage, or its base run's (a sweep point's, e.g.)
+        if source.stage_status(stage) != "done":
             raise ConfigError(
-                f"base run {base.root}: stage {stage!r} has not finished (status "
-                f"{base.stage_status(stage)!r}); run it first (make pipeline RUN={base.name})"
+                f"base run {source.root}: stage {stage!r} has not finished (status "
+                f"{source.stage_status(stage)!r}); run it first (make pipeline RUN={source.name})"
             )
     return base
 
 
 def base_model(base: Run) -> str:
     """The model reference the base run's data stage used."""
-    params = base.manifest().get("stages", {}).get("data", {}).get("params", {})
+    source = base.upstream("data")
+    params = source.manifest().get("stages", {}).get("data", {}).get("params", {})
     if not params.get("model"):
-        raise ConfigError(f"{base.manifest_path}: the data stage records no model; set common.model in the profile")
+        raise ConfigError(f"{source.manifest_path}: the data stage records no model; set common.model in the profile")
     return params["model"]
 
 
@@ -183,7 +186,9 @@ def make_context(ev: EvalConfig, base: Run, rm_scorer=None, gold_scorer=None) ->
     rows = evaluate.load_eval_prompts(base, ev.n_eval_prompts)
     tokenizer = models.load_tokenizer(ev.model)
     reference = models.load_causal_lm(ev.model, tokenizer, settings.device).eval()
-    rm_scorer = rm_scorer or evaluate.reward_model_scorer(base.reward_model_dir, settings, tokenizer)
+    rm_scorer = rm_scorer or evaluate.reward_model_scorer(
+        base.upstream("reward_model").reward_model_dir, settings, tokenizer
+    )
     gold_scorer = gold_scorer if gold_scorer is not None else evaluate.default_gold_scorer(base)
     ref = evaluate.sample_policy(reference, tokenizer, [r["prompt_ids"] for r in rows], settings, desc="reference")
     rm, gold = evaluate.score_samples(ref, rm_scorer, gold_scorer)
@@ -452,7 +457,14 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
     entries = [reference]
     entries += ppo_entries(ctx, cfg, base, texts)
     entries += best_of_n_entries(ctx, profile.best_of_n, texts)
-    inputs = MethodInputs(cfg.model, base.data_dir, base.reward_model_dir, cfg.seed, cfg.device, cfg.dtype)
+    inputs = MethodInputs(
+        cfg.model,
+        base.upstream("data").data_dir,
+        base.upstream("reward_model").reward_model_dir,
+        cfg.seed,
+        cfg.device,
+        cfg.dtype,
+    )
     entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer)
     anchor = reference if cfg.anchor_reference else None
     summary = {

@@ -83,6 +83,22 @@ def test_profile_validation_names_the_problem(tmp_path):
     assert profile.dpo.betas == [0.2]
 
 
+def test_a_run_on_a_base_run_compares_on_the_base_runs_data_and_reward_model(tmp_path):
+    outputs = tmp_path / "outputs"
+    base = fake_run(outputs / "sweep" / "base", {"data": "done", "reward_model": "running"}, model="tiny:gpt2")
+    point = fake_run(outputs / "sweep" / "seed1", {"ppo": "done", "eval": "done"}, model="tiny:gpt2")
+    manifest = json.loads(point.manifest_path.read_text())
+    write_json_atomic(point.manifest_path, {**manifest, "base_run": {"name": "base", "root": str(base.root)}})
+    path = write_profile(tmp_path, common={"outputs_dir": str(outputs)})
+    with pytest.raises(ConfigError, match=f"base run {base.root}: stage 'reward_model' has not finished"):
+        compare.load_profile(path, base_run="sweep/seed1")
+    fake_run(base.root, {"data": "done", "reward_model": "done"}, model="tiny:gpt2")
+    profile = compare.load_profile(path, base_run="sweep/seed1")
+    assert profile.compare.model == "tiny:gpt2"  # recorded by the base's data stage, not by the point
+    resolved = compare.resolve_base_run(profile.compare)
+    assert resolved.root == point.root and resolved.upstream("reward_model").root == base.root
+
+
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()
