@@ -420,11 +420,11 @@ def default_gold_scorer(run: Run) -> GoldScorer | None:
 
 def reward_model_scorer(path: Path, settings: GenerationSettings, policy_tokenizer=None) -> RMScorer:
     """Score prompt + response token ids with the stage-2 reward model (right padding, batched)."""
-    from .reward import load_reward_model, score_sequences
+    from .reward_scoring import load_reward_model, score_sequences
 
     if not Path(path).exists():
         raise FileNotFoundError(f"reward model folder {path} does not exist: run the reward_model stage first")
-    # the RM reads the policy's token ids directly, so their tokenizers must agree (checked by reward.py)
+    # the RM reads the policy's token ids directly, so their tokenizers must agree (checked by reward_scoring.py)
     model, tokenizer, _stats = load_reward_model(path, settings.device, policy_tokenizer=policy_tokenizer)
     model.eval()
     pad_id = tokenizer.pad_token_id
