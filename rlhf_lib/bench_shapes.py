@@ -38,7 +38,7 @@ TINY_GPT2_SIZES = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512} 
 PAD_TOKEN = "<|pad|>"
 
 # seed-shape PPO configurations: name -> PPOConfig fields changed from the default profile's (the layout of
-# rlhf_lib.bench.PPO_CONFIGS, merged into it there)
+# rlhf_lib.bench_configs.PPO_CONFIGS, merged into it there)
 SEED_PPO_CONFIGS: dict[str, dict[str, Any]] = {
     "ours-seed": {"use_lora": False, "learning_rate": 1e-5, "compile_generation": True},
 }
@@ -79,7 +79,7 @@ def gpu_section(report: dict[str, Any]) -> dict[str, Any]:
 
     Per PPO configuration (TRL's under its own name): ``episodes_per_s``, ``seconds_per_update`` by phase,
     ``peak_gpu_gib`` (or its ``error``); then the reference configuration's ``episodes_per_s_ratio_vs_trl`` and
-    ``peak_gpu_ratio_vs_trl`` (from :func:`rlhf_lib.bench.add_ratios`), and for a shape with targets whether they
+    ``peak_gpu_ratio_vs_trl`` (from :func:`rlhf_lib.bench_report.add_ratios`), and for a shape with targets whether they
     were met (None while a figure is missing).
     """
     shape = report["workload"].get("shape", "default")

@@ -6,9 +6,10 @@ profile's methods on top of a finished run (its data/ and reward_model/ are read
 ``<method>/<setting>/policy`` + ``train.json`` per trained setting (a finished one is skipped on a re-run),
 ``summary.json``, ``samples.jsonl``, ``plots/``.
 
-One evaluation path for every policy: the evaluation stage's own functions (:func:`rlhf_lib.evaluate.sample_policy`,
-``score_samples``, ``win_rate``, ``policy_block``) on the same held-out prompts with the same sampling seed, so
-the reference sample of each prompt -- what win rates are judged against -- is the same for all methods.
+One evaluation path for every policy: the evaluation stage's own functions
+(:func:`rlhf_lib.eval_sampling.sample_policy`, ``eval_sampling.score_samples``, ``eval_stats.win_rate``,
+``evaluate.policy_block``) on the same held-out prompts with the same sampling seed, so the reference sample of each
+prompt -- what win rates are judged against -- is the same for all methods.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import checkpoints, evaluate, models
+from . import checkpoints, eval_sampling, eval_stats, evaluate, models
 from .config import CommonConfig, ConfigError, validate
 from .evaluate import EvalConfig
 from .methods import best_of_n as bon
@@ -159,11 +160,11 @@ def base_model(base: Run) -> str:
 class Context:
     """Everything shared by the evaluation of every policy: prompts, settings, reference, its samples, scorers."""
 
-    settings: evaluate.GenerationSettings
+    settings: eval_sampling.GenerationSettings
     tokenizer: Any
     rows: list[dict[str, Any]]
     reference: Any
-    ref_samples: evaluate.Samples
+    ref_samples: eval_sampling.Samples
     ref_rm: np.ndarray
     ref_gold: np.ndarray | None
     rm_scorer: Any
@@ -186,12 +187,12 @@ def make_context(ev: EvalConfig, base: Run, rm_scorer=None, gold_scorer=None) ->
     rows = evaluate.load_eval_prompts(base, ev.n_eval_prompts)
     tokenizer = models.load_tokenizer(ev.model)
     reference = models.load_causal_lm(ev.model, tokenizer, settings.device).eval()
-    rm_scorer = rm_scorer or evaluate.reward_model_scorer(
+    rm_scorer = rm_scorer or eval_sampling.reward_model_scorer(
         base.upstream("reward_model").reward_model_dir, settings, tokenizer
     )
     gold_scorer = gold_scorer if gold_scorer is not None else evaluate.default_gold_scorer(base)
-    ref = evaluate.sample_policy(reference, tokenizer, [r["prompt_ids"] for r in rows], settings, desc="reference")
-    rm, gold = evaluate.score_samples(ref, rm_scorer, gold_scorer)
+    ref = eval_sampling.sample_policy(reference, tokenizer, [r["prompt_ids"] for r in rows], settings, desc="reference")
+    rm, gold = eval_sampling.score_samples(ref, rm_scorer, gold_scorer)
     judge = evaluate.judge_name(ev, gold_scorer is not None)
     return Context(settings, tokenizer, rows, reference, ref, rm, gold, rm_scorer, gold_scorer, judge, ev)
 
@@ -205,7 +206,7 @@ def _se(values: np.ndarray | None) -> float | None:
 
 def entry_from_samples(
     ctx: Context,
-    samples: evaluate.Samples,
+    samples: eval_sampling.Samples,
     rm: np.ndarray,
     gold: np.ndarray | None,
     method: str,
@@ -215,7 +216,7 @@ def entry_from_samples(
     """A summary entry from one policy's samples: the evaluation stage's policy_block and win_rate."""
     block = evaluate.policy_block(samples, rm, gold)
     ev = ctx.eval_cfg
-    win = evaluate.win_rate(
+    win = eval_stats.win_rate(
         ctx.judged(rm, gold),
         ctx.judged(ctx.ref_rm, ctx.ref_gold),
         ev.tie_tolerance,
@@ -247,10 +248,10 @@ def entry_from_samples(
 
 def evaluate_policy(ctx: Context, policy, method: str, setting: str, **extra: Any) -> tuple[dict[str, Any], list[str]]:
     """Sample `policy` on the eval prompts (evaluation seed), score it, measure KL to the reference: one entry."""
-    samples = evaluate.sample_policy(
+    samples = eval_sampling.sample_policy(
         policy, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference, desc=f"{method} {setting}"
     )
-    rm, gold = evaluate.score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
+    rm, gold = eval_sampling.score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
     entry = entry_from_samples(ctx, samples, rm, gold, method, setting, **extra)
     _say(entry)
     return entry, samples.texts

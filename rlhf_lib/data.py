@@ -6,22 +6,10 @@ Two sources, one output schema (see the data contract in the README / ``report.j
   shipped samples of the bundled SmolLM2) and labels from a simulated Bradley–Terry annotator on a hidden gold score
   (:mod:`rlhf_lib.annotator`).
 - a real dataset, by hub id or local file (``.jsonl``/``.json``/``.csv``/``.parquet`` or a dataset folder), in one of
-  three formats (``dataset_format: auto`` detects them from the columns):
+  three formats, ``ultrafeedback``, ``hh`` or ``plain`` (read and checked by :mod:`rlhf_lib.data_formats`).
 
-  * ``ultrafeedback`` (``trl-lib/ultrafeedback_binarized``): ``chosen``/``rejected`` are whole conversations (lists of
-    ``{"role", "content"}``); the prompt is their shared prefix, the completion their last (assistant) message;
-    optional ``score_chosen``/``score_rejected``.
-  * ``hh`` (``Anthropic/hh-rlhf``): ``chosen``/``rejected`` are plain text with ``"\\n\\nHuman: "`` /
-    ``"\\n\\nAssistant: "`` turns; the prompt is every turn before the last assistant turn (multi-turn prompts are
-    kept as chat messages).
-  * ``plain``: ``prompt`` (string or messages) + ``chosen``/``rejected`` (strings, or message lists whose last
-    message is the completion), optional scores.
-
-Prompts are rendered with the tokenizer's chat template (``add_generation_prompt=True``; GPT-2-like tokenizers get
-``models.SIMPLE_CHAT_TEMPLATE``): ``prompt_text``/``prompt_ids`` are exactly what PPO conditions on. A response's
-ids are what the policy would generate after it: the template's assistant prefix (e.g. the space after
-``"Assistant:"``), the text, then EOS — EOS only if the response is complete, so a response cut at
-``max_response_length`` looks unfinished, as PPO will see cut responses.
+Prompts and responses are tokenised exactly as PPO sees them (:mod:`rlhf_lib.data_records`). The overview figure of
+the written data is :func:`rlhf_lib.data_plots.plot_data_overview`.
 
 Splits are by prompt, never by row: the PPO and evaluation prompts are prompts with no pair in the reward-model
 data (where the dataset is large enough), and the RM eval pairs' prompts are disjoint from the RM train pairs'.
@@ -31,13 +19,9 @@ Everything is deterministic under ``seed``. Every dropped or truncated pair is c
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -45,11 +29,10 @@ import numpy as np
 
 from . import annotator, io
 from .config import CommonConfig
+from .data_formats import FORMATS, DataError, Example, detect_format, load_raw, normalise
+from .data_records import ChatFormatter, fit_response, pair_record, prompt_id, prompt_record
 
-FORMATS = ("auto", "ultrafeedback", "hh", "plain")
-ROLES = ("system", "user", "assistant")
 OUTPUT_FILES = ("train_pairs.jsonl", "eval_pairs.jsonl", "ppo_prompts.jsonl", "eval_prompts.jsonl")
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 @dataclass
@@ -59,8 +42,8 @@ class DataConfig(CommonConfig):
     dataset: str = "simulated"  # "simulated": offline annotator on the shipped prompt set; else a hub id
     #   (trl-lib/ultrafeedback_binarized, Anthropic/hh-rlhf) or a local .jsonl/.json/.csv/.parquet file or dataset
     #   folder
-    dataset_format: str = "auto"  # auto | ultrafeedback | hh | plain (see rlhf_lib/data.py); auto detects it from the
-    #   columns
+    dataset_format: str = "auto"  # auto | ultrafeedback | hh | plain (see rlhf_lib/data_formats.py); auto detects it
+    #   from the columns
     dataset_split: str = "train"  # split of a hub dataset or dataset folder to read (a single local file is split
     #   "train")
     max_pairs: int = 0  # cap on preference pairs kept (train + eval), taken prompt by prompt in seeded order; 0: no cap
@@ -112,429 +95,8 @@ class DataConfig(CommonConfig):
             raise ValueError("dataset must be 'simulated', a hub id or a local path")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, the row and the field, and the fix."""
-
-
-class RowError(ValueError):
-    """A problem with one row (turned into a DataError with the row's location, or counted when dropping)."""
-
-    def __init__(self, kind: str, field_name: str, message: str):
-        super().__init__(message)
-        self.kind, self.field_name = kind, field_name
-
-
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading raw rows
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class RawRows:
-    """Rows of a dataset as dicts, with where they came from (for error messages)."""
-
-    source: str
-    rows: list[dict[str, Any]]
-    labels: list[str]  # "line 7" / "row 3": where each row is in the source
-    columns: list[str]
-    dropped: Counter = field(default_factory=Counter)
-
-
-def _read_jsonl(path: Path, on_bad_row: str) -> RawRows:
-    """Read a .jsonl file line by line so a bad line (not UTF-8, not a JSON object) is reported with its number."""
-    dropped: Counter = Counter()
-
-    def bad_line(err: io.JSONLError) -> None:
-        if on_bad_row != "drop":
-            raise DataError(f"{err}. Fix or remove the line, or set on_bad_row: drop to skip such lines") from None
-        dropped[err.kind] += 1
-
-    rows, labels = [], []
-    for line_no, row in io.iter_jsonl(path, on_bad_line=bad_line):
-        rows.append(row)
-        labels.append(f"line {line_no}")
-    columns = list(rows[0]) if rows else []
-    return RawRows(str(path), rows, labels, columns, dropped)
-
-
-def _read_json(path: Path) -> RawRows:
-    """A .json file holding a list of objects."""
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno} ({err.msg})") from None
-    if not isinstance(items, list) or not all(isinstance(r, dict) for r in items):
-        raise DataError(f"{path}: expected a JSON list of objects (one per pair); for one object per line use .jsonl")
-    return RawRows(str(path), items, [f"item {i}" for i in range(len(items))], list(items[0]) if items else [])
-
-
-def _from_hf(ds, source: str) -> RawRows:
-    rows = ds.to_list()
-    return RawRows(source, rows, [f"row {i}" for i in range(len(rows))], list(ds.column_names))
-
-
-def _read_csv(path: Path) -> RawRows:
-    """A .csv file with a header row; a parse error names the file and what pandas found wrong (with its line)."""
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); re-save the file as UTF-8") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the file is empty; a .csv needs a header row (prompt,chosen,rejected)") from None
-    except pd.errors.ParserError as err:
-        raise DataError(
-            f"{path}: not a valid CSV file ({str(err).strip()}); quote fields that hold commas, quotes "
-            f"or line breaks, or convert the file to .jsonl"
-        ) from None
-    # an empty cell reads as NaN: None for the row checks (a number column keeps its numbers)
-    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
-    return RawRows(str(path), rows, [f"row {i}" for i in range(len(rows))], list(frame.columns))
-
-
-def load_raw(dataset: str, split: str = "train", on_bad_row: str = "error") -> RawRows:
-    """Rows of a local file / dataset folder / hub dataset (``datasets.load_dataset``)."""
-    import datasets
-
-    path = io.local_path(dataset)
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _read_jsonl(path, on_bad_row)
-        if suffix == ".json":
-            return _read_json(path)
-        if suffix == ".csv":
-            return _read_csv(path)
-        if suffix == ".parquet":
-            try:
-                ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-            except Exception as err:  # noqa: BLE001 - re-raised with the file named
-                raise DataError(f"{path}: could not be read as parquet ({type(err).__name__}: {err})") from err
-            return _from_hf(ds, str(path))
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
-    if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(str(path), split=split)
-        return _from_hf(ds, f"{path} [{split}]")
-    if path.suffix.lower() in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
-        raise DataError(
-            f"dataset file {path} does not exist (relative paths are tried from {os.getcwd()} and the repo root)"
-        )
-    try:
-        ds = datasets.load_dataset(dataset, split=split)
-    except Exception as err:  # noqa: BLE001
-        raise DataError(
-            f"could not load hub dataset {dataset!r} split {split!r} ({type(err).__name__}: {err}). Offline? Use "
-            f"dataset: simulated, or a local file in one of the formats of rlhf_lib/data.py"
-        ) from err
-    return _from_hf(ds, f"{dataset} [{split}]")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Normalising rows to (prompt messages, chosen text, rejected text, scores)
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class Example:
-    """One normalised preference pair before tokenisation."""
-
-    prompt: list[dict[str, str]]
-    chosen: str
-    rejected: str
-    score_chosen: float | None
-    score_rejected: float | None
-    where: str  # source + row, for messages
-
-
-REQUIRED_COLUMNS = {
-    "ultrafeedback": ("chosen", "rejected"),
-    "hh": ("chosen", "rejected"),
-    "plain": ("prompt", "chosen", "rejected"),
-}
-
-
-def detect_format(raw: RawRows) -> str:
-    """Guess the format from the columns and the first row."""
-    cols = set(raw.columns)
-    first = raw.rows[0] if raw.rows else {}
-    if {"chosen", "rejected"} <= cols:
-        if "prompt" in cols and not (isinstance(first.get("chosen"), list) and len(first["chosen"]) > 1):
-            return "plain"
-        if isinstance(first.get("chosen"), list):
-            return "ultrafeedback"
-        if isinstance(first.get("chosen"), str) and "\n\nAssistant:" in first["chosen"]:
-            return "hh"
-    raise DataError(
-        f"{raw.source}: cannot detect the dataset format from columns {sorted(cols)}. Expected chosen + rejected "
-        f"(ultrafeedback: message lists; hh: '\\n\\nHuman: ... \\n\\nAssistant: ...' text) or prompt + chosen + "
-        f"rejected (plain); set dataset_format to force one"
-    )
-
-
-def _text(value: Any, field_name: str, allow_empty: bool = False) -> str:
-    """A string field; ``allow_empty`` for a completion, whose emptiness normalise counts instead of refusing."""
-    if not isinstance(value, str):
-        raise RowError(
-            "non_string_text", field_name, f"field {field_name!r} must be a string, got {type(value).__name__}"
-        )
-    if not allow_empty and not value.strip():
-        raise RowError("empty_text", field_name, f"field {field_name!r} is empty")
-    return value
-
-
-def _messages(value: Any, field_name: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise RowError(
-            "bad_messages", field_name, f"field {field_name!r} must be a non-empty list of {{role, content}} messages"
-        )
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise RowError(
-                "bad_messages", field_name, f"field {field_name!r} message {i} must have 'role' and 'content'"
-            )
-        if m["role"] not in ROLES:
-            raise RowError(
-                "bad_messages",
-                field_name,
-                f"field {field_name!r} message {i} has role {m['role']!r}, not one of {ROLES}",
-            )
-        completion = i == len(value) - 1 and m["role"] == "assistant"
-        out.append({"role": m["role"], "content": _text(m["content"], f"{field_name}[{i}].content", completion)})
-    return out
-
-
-def _score(row: dict[str, Any], name: str) -> float | None:
-    value = row.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RowError("bad_score", name, f"field {name!r} must be a number or null, got {type(value).__name__}")
-    return None if math.isnan(value) else float(value)
-
-
-def _split_conversation(chosen: list, rejected: list) -> tuple[list, str, str]:
-    """(shared prompt messages, chosen completion, rejected completion) of two whole conversations."""
-    for name, conv in (("chosen", chosen), ("rejected", rejected)):
-        if conv[-1]["role"] != "assistant":
-            raise RowError("bad_messages", name, f"the last message of {name!r} must be the assistant's completion")
-        if len(conv) < 2:
-            raise RowError("bad_messages", name, f"{name!r} has no prompt before its completion")
-    if chosen[:-1] != rejected[:-1]:
-        raise RowError("prompt_mismatch", "chosen/rejected", "chosen and rejected differ before their last message")
-    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
-
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-
-
-def parse_hh(text: str, field_name: str) -> list[dict[str, str]]:
-    """Anthropic hh-rlhf text ('\\n\\nHuman: ...\\n\\nAssistant: ...') to chat messages."""
-    parts = _HH_TURN.split(text)
-    if len(parts) < 3:
-        raise RowError("bad_hh", field_name, f"field {field_name!r} has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
-    if parts[0].strip():
-        raise RowError("bad_hh", field_name, f"field {field_name!r} has text before its first '\\n\\nHuman:' turn")
-    messages = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
-    for i, m in enumerate(messages[:-1]):
-        if not m["content"]:
-            raise RowError("empty_text", field_name, f"field {field_name!r} turn {i} is empty")
-    return messages
-
-
-def normalise_row(row: dict[str, Any], fmt: str, where: str) -> Example:
-    """One raw row to an Example (raises RowError)."""
-    for name in REQUIRED_COLUMNS[fmt]:
-        if name not in row:
-            raise RowError("missing_field", name, f"field {name!r} is missing")
-    if fmt == "ultrafeedback":
-        prompt, chosen, rejected = _split_conversation(
-            _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
-        )
-    elif fmt == "hh":
-        c = parse_hh(_text(row["chosen"], "chosen"), "chosen")
-        r = parse_hh(_text(row["rejected"], "rejected"), "rejected")
-        prompt, chosen, rejected = _split_conversation(c, r)
-    else:
-        p = row["prompt"]
-        prompt = (
-            [{"role": "user", "content": _text(p, "prompt")}]
-            if isinstance(p, str) or p is None
-            else _messages(p, "prompt")
-        )
-        completions = []
-        for name in ("chosen", "rejected"):
-            value = row[name]
-            if isinstance(value, list):
-                conv = _messages(value, name)
-                if conv[-1]["role"] != "assistant":
-                    raise RowError(
-                        "bad_messages", name, f"the last message of {name!r} must be the assistant's completion"
-                    )
-                if len(conv) > 1 and conv[:-1] != prompt:
-                    raise RowError(
-                        "prompt_mismatch", name, f"{name!r} conversation does not start with the row's prompt"
-                    )
-                completions.append(conv[-1]["content"])
-            else:
-                completions.append(_text(value, name, allow_empty=True))
-        chosen, rejected = completions
-    return Example(prompt, chosen, rejected, _score(row, "score_chosen"), _score(row, "score_rejected"), where)
-
-
-def normalise(raw: RawRows, fmt: str, on_bad_row: str) -> tuple[list[Example], Counter]:
-    """All rows to Examples. Structural faults (missing fields, wrong types, malformed turns) raise DataError, or
-    are counted with on_bad_row: drop; data-quality drops (an empty or whitespace-only completion, identical
-    completions, prompts that differ between chosen and rejected) are always counted, never fatal."""
-    if not raw.rows:
-        raise DataError(f"{raw.source}: the dataset has no rows")
-    missing = [c for c in REQUIRED_COLUMNS[fmt] if c not in raw.columns]
-    if missing:
-        raise DataError(
-            f"{raw.source}: missing column(s) {missing} for format {fmt!r} (found {sorted(raw.columns)}); "
-            f"{fmt} needs {list(REQUIRED_COLUMNS[fmt])}"
-        )
-    examples, dropped = [], Counter(raw.dropped)
-    for row, label in zip(raw.rows, raw.labels):
-        try:
-            ex = normalise_row(row, fmt, f"{raw.source} {label}")
-        except RowError as err:
-            if err.kind == "prompt_mismatch":
-                dropped["prompt_mismatch"] += 1
-                continue
-            if on_bad_row == "drop":
-                dropped[f"bad_row:{err.kind}"] += 1
-                continue
-            raise DataError(
-                f"{raw.source} {label}, field {err.field_name!r}: {err} (fix the row, or set on_bad_row: drop)"
-            ) from None
-        if not ex.chosen.strip() or not ex.rejected.strip():  # e.g. hh-rlhf's empty last assistant turns
-            dropped["empty_response"] += 1
-            continue
-        if ex.chosen.strip() == ex.rejected.strip():
-            dropped["identical_responses"] += 1
-            continue
-        examples.append(ex)
-    return examples, dropped
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Chat templating and tokenisation, exactly as PPO sees it
-# ----------------------------------------------------------------------------------------------------------------
-_PROBE = "RLHFLAB_RESPONSE_PROBE"
-# Tokenising a response over max_response_length: first a prefix of CHARS_PER_TOKEN_CAP characters per token wanted
-# (well above what tokenizers average on prose; the prefix grows when it is not enough), keeping CUT_MARGIN_TOKENS
-# tokens beyond the limit so the tokens at the cut, which may merge differently, are never among those kept.
-CHARS_PER_TOKEN_CAP = 8
-CUT_MARGIN_TOKENS = 16
-
-
-class ChatFormatter:
-    """Prompt text/ids with the chat template, response ids as the policy would generate them."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eos_token_id
-        self.response_prefix = self._probe_prefix()
-
-    def _probe_prefix(self) -> str:
-        """What the template writes between the generation prompt and an assistant message's text."""
-        msgs = [{"role": "user", "content": "hi"}]
-        gen = self.prompt_text(msgs)
-        full = self.tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": _PROBE}], tokenize=False)
-        if full.startswith(gen) and _PROBE in full[len(gen) :]:
-            return full[len(gen) : full.index(_PROBE, len(gen))]
-        return ""
-
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def response_ids(self, text: str, max_len: int | None = None) -> list[int]:
-        """Template prefix + text + EOS (a complete response).
-
-        With ``max_len``, a text far longer than that is tokenised from a character prefix only, so a huge response
-        costs bounded memory. The prefix holds more than ``max_len`` + ``CUT_MARGIN_TOKENS`` tokens (it grows until
-        it does, or is the whole text); tokenisation is local, so its first ``max_len`` ids are those of the whole
-        text, and the result (no EOS) is still over ``max_len``: truncated or dropped as the whole text would be.
-        """
-        budget = CHARS_PER_TOKEN_CAP * (max_len + CUT_MARGIN_TOKENS) if max_len else len(text)
-        while budget < len(text):
-            ids = self.ids(self.response_prefix + text[:budget])
-            if len(ids) > max_len + CUT_MARGIN_TOKENS:
-                return ids
-            budget *= 4
-        return self.ids(self.response_prefix + text) + [self.eos_id]
-
-    def decode_response(self, ids: Sequence[int]) -> str:
-        """Text of response ids (EOS and the template prefix removed)."""
-        text = self.tokenizer.decode([t for t in ids if t != self.eos_id], skip_special_tokens=True)
-        return (
-            text[len(self.response_prefix) :]
-            if self.response_prefix and text.startswith(self.response_prefix)
-            else text
-        )
-
-
-def prompt_id(messages: list[dict[str, str]]) -> str:
-    """Stable id of a prompt (hash of its messages)."""
-    return "p-" + hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _fit_response(
-    fmt: ChatFormatter, ids: list[int], text: str, max_len: int, truncate: bool
-) -> tuple[list[int], str, bool] | None:
-    """(ids, text, was_truncated) within max_len tokens, or None if the pair must be dropped."""
-    if len(ids) <= max_len:
-        return ids, text, False
-    if not truncate:
-        return None
-    cut = ids[:max_len]  # no EOS: an unfinished response, as PPO sees a response cut at its length limit
-    return cut, fmt.decode_response(cut), True
-
-
-def prompt_record(pid: str, messages: list[dict[str, str]], fmt: ChatFormatter) -> dict[str, Any]:
-    text = fmt.prompt_text(messages)
-    return {"id": pid, "prompt": messages, "prompt_text": text, "prompt_ids": fmt.ids(text)}
-
-
-def pair_record(
-    pair_id: str,
-    prompt: dict[str, Any],
-    chosen: tuple[list[int], str],
-    rejected: tuple[list[int], str],
-    score_chosen: float | None = None,
-    score_rejected: float | None = None,
-    gold_chosen: float | None = None,
-    gold_rejected: float | None = None,
-) -> dict[str, Any]:
-    """One line of train_pairs.jsonl / eval_pairs.jsonl (the data contract)."""
-    margin = score_chosen - score_rejected if score_chosen is not None and score_rejected is not None else None
-    return {
-        "id": pair_id,
-        "prompt_id": prompt["id"],
-        "prompt": prompt["prompt"],
-        "prompt_text": prompt["prompt_text"],
-        "chosen": chosen[1],
-        "rejected": rejected[1],
-        "prompt_ids": prompt["prompt_ids"],
-        "chosen_ids": chosen[0],
-        "rejected_ids": rejected[0],
-        "score_chosen": score_chosen,
-        "score_rejected": score_rejected,
-        "gold_chosen": gold_chosen,
-        "gold_rejected": gold_rejected,
-        "margin": margin,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -628,7 +190,7 @@ def build_real(cfg: DataConfig, tokenizer) -> Built:
             sides = []
             for side, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
                 ids = fmt.response_ids(text, cfg.max_response_length)
-                fitted = _fit_response(fmt, ids, text, cfg.max_response_length, cfg.truncate_responses)
+                fitted = fit_response(fmt, ids, text, cfg.max_response_length, cfg.truncate_responses)
                 sides.append(fitted)
             if any(s is None for s in sides):
                 dropped["response_too_long"] += 1
@@ -775,7 +337,7 @@ def build_simulated(cfg: DataConfig, tokenizer) -> Built:
             continue
         for k in range(0, len(row) - 1, 2):
             fitted = [
-                _fit_response(fmt, s.ids, s.text, cfg.max_response_length, cfg.truncate_responses)
+                fit_response(fmt, s.ids, s.text, cfg.max_response_length, cfg.truncate_responses)
                 for s in row[k : k + 2]
             ]
             if any(f is None for f in fitted):
@@ -1025,65 +587,3 @@ def _overlap(built: Built) -> dict[str, int]:
 def sample_pairs(run, n: int = 5, split: str = "train_pairs", seed: int = 0) -> "pandas.DataFrame":  # noqa: F821
     """A DataFrame of ``n`` random pairs of a written split (for a look at the data)."""
     return pairs_frame(load_split(run, split), n=n, seed=seed)
-
-
-def plot_data_overview(run) -> "matplotlib.figure.Figure":  # noqa: F821
-    """Gold/score distributions, response lengths and (simulated) label agreement vs gold gap; saved as PNG."""
-    import matplotlib.pyplot as plt
-
-    pairs = load_split(run, "train_pairs") + load_split(run, "eval_pairs")
-    report = json.loads((Path(run.data_dir) / "report.json").read_text(encoding="utf-8"))
-    simulated = report.get("gold_scorer") is not None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    key = "gold" if simulated else "score"
-    c = [p[f"{key}_chosen"] for p in pairs if p[f"{key}_chosen"] is not None]
-    r = [p[f"{key}_rejected"] for p in pairs if p[f"{key}_rejected"] is not None]
-    ax = axes[0]
-    if c and r:
-        bins = np.histogram_bin_edges(c + r, bins=30)
-        ax.hist(c, bins=bins, alpha=0.6, label="chosen")
-        ax.hist(r, bins=bins, alpha=0.6, label="rejected")
-        ax.set_xlabel("gold score (VADER compound)" if simulated else "dataset score")
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no scores in this dataset", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{key} scores of pairs")
-    ax = axes[1]
-    lc, lr = [len(p["chosen_ids"]) for p in pairs], [len(p["rejected_ids"]) for p in pairs]
-    bins = np.histogram_bin_edges(lc + lr, bins=30)
-    ax.hist(lc, bins=bins, alpha=0.6, label="chosen")
-    ax.hist(lr, bins=bins, alpha=0.6, label="rejected")
-    ax.axvline(report["limits"]["max_response_length"], color="k", ls="--", lw=1, label="max_response_length")
-    ax.set_xlabel("response tokens (incl. EOS)")
-    ax.set_title("response lengths")
-    ax.legend()
-    ax = axes[2]
-    if simulated:
-        gap = np.array([abs(p["gold_chosen"] - p["gold_rejected"]) for p in pairs])
-        agree = np.array([p["gold_chosen"] > p["gold_rejected"] for p in pairs], float)
-        keep = gap > 0
-        edges = np.linspace(0, max(gap.max(), 1e-6), 9)
-        idx = np.clip(np.digitize(gap[keep], edges) - 1, 0, len(edges) - 2)
-        centres = (edges[:-1] + edges[1:]) / 2
-        frac = [agree[keep][idx == i].mean() if np.any(idx == i) else np.nan for i in range(len(centres))]
-        ax.plot(centres, frac, "o-", label="labels agreeing with gold")
-        xs = np.linspace(0, edges[-1], 100)
-        ax.plot(
-            xs,
-            annotator.bt_probability(xs, 0 * xs, report["annotator_beta"]),
-            "--",
-            label=f"Bradley–Terry, beta={report['annotator_beta']}",
-        )
-        ax.set_xlabel("|gold gap| of the pair")
-        ax.set_ylim(0.4, 1.02)
-        ax.set_title("annotator noise")
-        ax.legend()
-    else:
-        ax.hist([len(p["prompt_ids"]) for p in pairs], bins=30)
-        ax.axvline(report["limits"]["max_prompt_length"], color="k", ls="--", lw=1)
-        ax.set_xlabel("prompt tokens (chat template applied)")
-        ax.set_title("prompt lengths")
-    fig.tight_layout()
-    Path(run.plots_dir).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(run.plots_dir) / "data_overview.png", dpi=100)
-    return fig

@@ -6,7 +6,8 @@ Public steps (notebook 04_evaluate calls them in this order):
     overoptimisation_curve(cfg, run) -> DataFrame   RM and gold score vs KL for PPO checkpoints (Gao et al. 2022)
     compare_runs(run_dirs)           -> DataFrame   headline numbers of several runs, one row each
     stage_summary(result, curve)     -> dict        what goes into summary.json["eval"]
-Figures are in rlhf_lib.plots.
+Sampling and scoring are in rlhf_lib.eval_sampling, the statistics (KL estimate, win rate and its interval) in
+rlhf_lib.eval_stats, figures in rlhf_lib.plots.
 
 Metric definitions (also the README glossary):
 - kl: KL(policy || reference) per sequence, estimated on responses sampled from the policy as the sum over the
@@ -25,27 +26,31 @@ import gc
 import json
 import math
 import os
-import statistics
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
 
-from . import generation, io, models, runtime
+from . import io, models, runtime
 from .checkpoints import checkpoint_update, list_checkpoints, load_policy_checkpoint
 from .config import CommonConfig, ConfigError, validate
-from .io import JSONLError, iter_jsonl, pad, read_jsonl
-from .ppo_core import logprobs_from_logits, truncate_after_eos
+from .eval_sampling import (
+    GenerationSettings,
+    GoldScorer,
+    RMScorer,
+    Samples,
+    reward_model_scorer,
+    sample_policy,
+    score_samples,
+)
+from .eval_stats import WinRate, mean_std, pair_outcomes, win_rate
+from .io import JSONLError, iter_jsonl, read_jsonl
 from .runs import Run, read_json, write_json_atomic
 
-# Scorers are plain functions so tests (and users) can swap them in.
-RMScorer = Callable[[list[list[int]]], np.ndarray]  # token ids of prompt + response -> (N,) reward-model scores
-GoldScorer = Callable[[list[str]], Sequence[float]]  # response texts -> (N,) gold scores
 PolicyLoader = Callable[[Path], torch.nn.Module]  # checkpoint folder -> causal LM (on the eval device)
 
 # Used only when neither this stage nor the PPO stage's recorded params give a value.
@@ -96,141 +101,7 @@ class EvalConfig(CommonConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# pure metrics
-
-
-def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """(B,) per-sequence KL(policy || ref) estimate: sum over valid tokens of logp - logp_ref (k1, Schulman 2020)."""
-    mask = mask.bool()  # (B, T)
-    diff = torch.where(mask, logprobs.float() - ref_logprobs.float(), 0.0)  # (B, T); padding never leaks
-    return diff.sum(dim=1)  # (B,)
-
-
-def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0.0 for a single value; nan for none)."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    if arr.size == 0:
-        return math.nan, math.nan
-    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-    return float(arr.mean()), std
-
-
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion (successes may be fractional: ties as half)."""
-    # Wilson 1927; Agresti & Coull 1998 recommend it over the normal interval for small n or extreme p
-    if n <= 0:
-        return 0.0, 1.0
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap_interval(
-    outcomes: np.ndarray, confidence: float = 0.95, n_bootstrap: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss)."""
-    outcomes = np.asarray(outcomes, dtype=np.float64)
-    if outcomes.size == 0:
-        return 0.0, 1.0
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, outcomes.size, size=(n_bootstrap, outcomes.size))  # prompts resampled, pairs kept
-    means = outcomes[idx].mean(axis=1)
-    alpha = 1 - confidence
-    return float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))
-
-
-@dataclass
-class WinRate:
-    """Win rate of A over B on paired scores; rate counts ties as half."""
-
-    rate: float
-    ci_low: float
-    ci_high: float
-    wins: int
-    ties: int
-    losses: int
-    n: int
-    method: str
-
-    @property
-    def tie_fraction(self) -> float:
-        return self.ties / self.n if self.n else math.nan
-
-
-def pair_outcomes(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance: float = 0.0) -> np.ndarray:
-    """Per-pair outcome for A: 1 (A higher), 0.5 (|A - B| <= tolerance), 0 (B higher)."""
-    a, b = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"win rate needs paired scores, got {a.shape} and {b.shape}")
-    diff = a - b
-    return np.where(np.abs(diff) <= tie_tolerance, 0.5, np.where(diff > 0, 1.0, 0.0))
-
-
-def win_rate(
-    scores_a: Sequence[float],
-    scores_b: Sequence[float],
-    tie_tolerance: float = 0.0,
-    ci_method: str = "wilson",
-    confidence: float = 0.95,
-    n_bootstrap: int = 2000,
-    seed: int = 0,
-) -> WinRate:
-    """Win rate of A vs B over paired scores, ties as half, with a Wilson or bootstrap confidence interval."""
-    outcomes = pair_outcomes(scores_a, scores_b, tie_tolerance)
-    n = int(outcomes.size)
-    wins, ties = int((outcomes == 1.0).sum()), int((outcomes == 0.5).sum())
-    rate = float(outcomes.mean()) if n else math.nan
-    if ci_method == "wilson":
-        lo, hi = wilson_interval(wins + 0.5 * ties, n, confidence)
-    elif ci_method == "bootstrap":
-        lo, hi = bootstrap_interval(outcomes, confidence, n_bootstrap, seed)
-    else:
-        raise ValueError(f"ci_method={ci_method!r} must be wilson or bootstrap")
-    return WinRate(rate, lo, hi, wins, ties, n - wins - ties, n, ci_method)
-
-
-def select_evenly(items: Sequence[Any], k: int) -> list[Any]:
-    """Up to k items evenly spaced through the sequence, always ending with the last one."""
-    n = len(items)
-    if k <= 0 or n == 0:
-        return []
-    if k >= n:
-        return list(items)
-    return [items[math.ceil((i + 1) * n / k) - 1] for i in range(k)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# batching, sampling, log-probs
-
-
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, side: str = "left") -> tuple[Tensor, Tensor]:
-    """(B, L) token ids and attention mask of variable-length sequences, padded on `side` (:func:`rlhf_lib.io.pad`)."""
-    return pad(sequences, pad_id, side)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Sampling settings shared by every policy in one evaluation (so comparisons are paired)."""
-
-    response_length: int
-    temperature: float
-    batch_size: int
-    seed: int
-    device: torch.device
-    dtype: torch.dtype
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "response_length": self.response_length,
-            "temperature": self.temperature,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "device": str(self.device),
-            "dtype": str(self.dtype),
-        }
+# inputs: sampling settings, prompts, models, scorers
 
 
 def generation_settings(cfg: EvalConfig, run: Run) -> GenerationSettings:
@@ -255,118 +126,6 @@ def generation_settings(cfg: EvalConfig, run: Run) -> GenerationSettings:
         device=device,
         dtype=runtime.pick_dtype(cfg.dtype, device),
     )
-
-
-def _forward_kwargs(model: torch.nn.Module) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
-
-
-@torch.no_grad()
-def response_logprobs(
-    model: torch.nn.Module,
-    query: Tensor,
-    query_mask: Tensor,
-    responses: Tensor,
-    response_mask: Tensor,
-    temperature: float,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """(B, R) log-probs of `responses` given left-padded `query`, at the sampling temperature (float32)."""
-    R = responses.size(1)
-    input_ids = torch.cat([query, responses], dim=1)  # (B, P + R)
-    attention = torch.cat([query_mask.long(), response_mask.long()], dim=1)  # (B, P + R)
-    # TRL PPOTrainer forward(): positions count real tokens only, so left padding does not shift them
-    position_ids = models.position_ids_from_mask(attention)  # (B, P + R)
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids}
-    keep = "logits_to_keep" in _forward_kwargs(model)
-    if keep:
-        kwargs["logits_to_keep"] = R + 1  # only the positions that predict response tokens (saves a (B, P, V) tensor)
-    with runtime.autocast(input_ids.device, dtype):
-        logits = model(**kwargs).logits  # (B, R + 1, V) or (B, P + R, V)
-    logits = logits[:, -(R + 1) : -1]  # (B, R, V): position t predicts response token t
-    return logprobs_from_logits(logits, responses, temperature)  # (B, R)
-
-
-@dataclass
-class Samples:
-    """Responses of one policy to a list of prompts, truncated after the first EOS."""
-
-    prompt_ids: list[list[int]]
-    response_ids: list[list[int]]  # valid tokens only, EOS included when the response finished
-    texts: list[str]  # decoded responses, special tokens skipped
-    contains_eos: np.ndarray  # (N,) bool
-    kl: np.ndarray  # (N,) per-sequence KL(policy || reference) estimate
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(r) for r in self.response_ids], dtype=np.int64)
-
-    @property
-    def sequences(self) -> list[list[int]]:
-        """Prompt + response token ids, as the reward model scores them."""
-        return [p + r for p, r in zip(self.prompt_ids, self.response_ids)]
-
-
-@torch.no_grad()
-def sample_policy(
-    policy: torch.nn.Module,
-    tokenizer,
-    prompt_ids: Sequence[Sequence[int]],
-    settings: GenerationSettings,
-    reference: torch.nn.Module | None = None,
-    desc: str = "sampling",
-) -> Samples:
-    """Sample one response per prompt (seed reset first, so policies are paired) and measure KL vs `reference`.
-
-    With `reference` None or the policy itself, KL is 0 by definition and not computed.
-    """
-    from tqdm.auto import tqdm
-
-    runtime.seed_everything(settings.seed)  # same seed for every policy: same random stream, paired samples
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    # pure sampling from softmax(logits / T), no top-k / top-p (TRL PPOTrainer; the KL estimate needs it), with the
-    # same decode loop PPO samples with
-    sampler = generation.ResponseSampler(policy, settings.response_length, settings.temperature, eos_id, pad_id)
-    measure_kl = reference is not None and reference is not policy
-    policy.eval()
-    out_ids: list[list[int]] = []
-    has_eos: list[np.ndarray] = []
-    kls: list[np.ndarray] = []
-    bs = settings.batch_size
-    for start in tqdm(range(0, len(prompt_ids), bs), desc=desc, leave=False):
-        chunk = [list(p) for p in prompt_ids[start : start + bs]]
-        query, query_mask = pad_batch(chunk, pad_id, side="left")  # (B, P)
-        query, query_mask = query.to(settings.device), query_mask.to(settings.device)
-        with runtime.autocast(settings.device, settings.dtype):
-            responses, steps = sampler(query, query_mask)
-        responses = responses[:, :steps]  # (B, R') with R' <= response_length
-        # N+ implementation details (Huang et al. 2024): truncate after the first EOS, keep the EOS
-        responses, mask, contains_eos = truncate_after_eos(responses, eos_id, pad_id)  # (B, R'), (B, R'), (B,)
-        if measure_kl:
-            logp = response_logprobs(policy, query, query_mask, responses, mask, settings.temperature, settings.dtype)
-            ref_logp = response_logprobs(
-                reference, query, query_mask, responses, mask, settings.temperature, settings.dtype
-            )
-            kls.append(sequence_kl(logp, ref_logp, mask).cpu().numpy())
-        else:
-            kls.append(np.zeros(len(chunk)))
-        responses, mask = responses.cpu(), mask.cpu()
-        out_ids.extend(row[m].tolist() for row, m in zip(responses, mask))
-        has_eos.append(contains_eos.cpu().numpy())
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in out_ids]
-    return Samples(
-        prompt_ids=[list(p) for p in prompt_ids],
-        response_ids=out_ids,
-        texts=texts,
-        contains_eos=np.concatenate(has_eos) if has_eos else np.zeros(0, dtype=bool),
-        kl=np.concatenate(kls).astype(np.float64) if kls else np.zeros(0),
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inputs: prompts, models, scorers
 
 
 def load_eval_prompts(run: Run, limit: int = 0) -> list[dict[str, Any]]:
@@ -416,30 +175,6 @@ def default_gold_scorer(run: Run) -> GoldScorer | None:
     from .annotator import gold_scores
 
     return gold_scores
-
-
-def reward_model_scorer(path: Path, settings: GenerationSettings, policy_tokenizer=None) -> RMScorer:
-    """Score prompt + response token ids with the stage-2 reward model (right padding, batched)."""
-    from .reward import load_reward_model, score_sequences
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"reward model folder {path} does not exist: run the reward_model stage first")
-    # the RM reads the policy's token ids directly, so their tokenizers must agree (checked by reward.py)
-    model, tokenizer, _stats = load_reward_model(path, settings.device, policy_tokenizer=policy_tokenizer)
-    model.eval()
-    pad_id = tokenizer.pad_token_id
-
-    @torch.no_grad()
-    def score(sequences: list[list[int]]) -> np.ndarray:
-        out: list[np.ndarray] = []
-        for start in range(0, len(sequences), settings.batch_size):
-            ids, mask = pad_batch(sequences[start : start + settings.batch_size], pad_id, side="right")  # (B, L)
-            with runtime.autocast(settings.device, settings.dtype):
-                scores = score_sequences(model, ids.to(settings.device), mask.to(settings.device))  # (B,)
-            out.append(scores.float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
-
-    return score
 
 
 def _ppo_config_for(run: Run, cfg: CommonConfig) -> Any:
@@ -493,18 +228,6 @@ def policy_block(samples: Samples, rm: np.ndarray, gold: np.ndarray | None) -> d
     block["length"] = float(np.mean(samples.lengths)) if samples.kl.size else math.nan
     block["eos_fraction"] = float(np.mean(samples.contains_eos)) if samples.kl.size else math.nan
     return block
-
-
-def score_samples(
-    samples: Samples, rm_scorer: RMScorer, gold_scorer: GoldScorer | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(N,) reward-model scores of prompt + response and (N,) gold scores of the response text (or None)."""
-    rm = np.asarray(rm_scorer(samples.sequences), dtype=np.float64)
-    gold = None if gold_scorer is None else np.asarray(list(gold_scorer(samples.texts)), dtype=np.float64)
-    for name, arr in (("reward model", rm), ("gold scorer", gold)):
-        if arr is not None and arr.shape != (len(samples.texts),):
-            raise ValueError(f"the {name} returned {arr.shape} scores for {len(samples.texts)} responses")
-    return rm, gold
 
 
 @dataclass
@@ -663,6 +386,16 @@ def sample_table(result: EvalResult, n: int | None = None) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------------------------------------------
 # over-optimisation curve
+
+
+def select_evenly(items: Sequence[Any], k: int) -> list[Any]:
+    """Up to k items evenly spaced through the sequence, always ending with the last one."""
+    n = len(items)
+    if k <= 0 or n == 0:
+        return []
+    if k >= n:
+        return list(items)
+    return [items[math.ceil((i + 1) * n / k) - 1] for i in range(k)]
 
 
 def final_update(run: Run) -> int | None:

@@ -18,6 +18,9 @@ Design notes:
   of norm ~45 gives noisy initial rewards, and at lr 1e-5 the RM stayed at chance.
 - Evaluation reloads the saved folder, so what is evaluated is what PPO gets (the original notebook saved an
   untrained copy). Accuracy counts ties as wrong; degenerate rewards (NaN, near-constant) stop the stage.
+
+Loading and scoring a saved reward model: :mod:`rlhf_lib.reward_scoring`; the evaluation's numbers (accuracy,
+calibration, strength, length baseline): :mod:`rlhf_lib.reward_metrics`; figures: :mod:`rlhf_lib.reward_plots`.
 """
 
 from __future__ import annotations
@@ -35,12 +38,24 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import models, runtime
 from .config import CommonConfig
-from .io import JSONLError, iter_jsonl, pad
-from .ppo_core import last_valid_index
+from .io import JSONLError, iter_jsonl
+from .reward_metrics import (
+    DegenerateRewardsError,
+    baseline_accuracy,
+    bt_loss,
+    calibration_table,
+    check_rewards,
+    expected_calibration_error,
+    length_predictions,
+    pairs_frame,
+    pairwise_accuracy,
+    strength_table,
+)
+from .reward_scoring import STATS_FILE, backbone, check_same_tokenizer, load_reward_model, score_head, score_pairs
 from .runs import Run, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -49,24 +64,11 @@ __all__ = [
     "RewardModelConfig",
     "TrainResult",
     "EvalResult",
-    "DegenerateRewardsError",
-    "TokenizerMismatchError",
     "read_pairs",
     "train_reward_model",
     "evaluate_reward_model",
-    "load_reward_model",
-    "score_sequences",
-    "score_pairs",
-    "check_same_tokenizer",
-    "pairwise_accuracy",
-    "check_rewards",
-    "calibration_table",
-    "strength_table",
-    "length_predictions",
-    "baseline_accuracy",
 ]
 
-STATS_FILE = "reward_stats.json"
 TRAINING_FILE = "training.json"
 EVAL_SCORES_FILE = "eval_scores.csv"
 PAIR_FIELDS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
@@ -140,14 +142,6 @@ class RewardModelConfig(CommonConfig):
     def rm_base(self) -> str:
         """The reference the reward model starts from."""
         return self.base_model or self.model
-
-
-class DegenerateRewardsError(RuntimeError):
-    """The reward model's outputs are NaN/inf or (nearly) constant: it cannot rank anything."""
-
-
-class TokenizerMismatchError(ValueError):
-    """The reward model's tokenizer differs from the policy's, so it would misread the policy's token ids."""
 
 
 @dataclass
@@ -264,28 +258,7 @@ def _pairs_dataset(rows: Sequence[dict[str, Any]], margins: list[float] | None =
 
 
 # ----------------------------------------------------------------------------
-# tokenizer and model
-
-
-def check_same_tokenizer(
-    rm_tokenizer: PreTrainedTokenizerBase, policy_tokenizer: PreTrainedTokenizerBase, what: str = "reward model"
-) -> None:
-    """Raise TokenizerMismatchError unless both tokenizers map the same strings to the same ids (and pad/eos agree)."""
-    problems = []
-    if len(rm_tokenizer) != len(policy_tokenizer):
-        problems.append(f"vocabulary size {len(rm_tokenizer)} vs {len(policy_tokenizer)}")
-    elif rm_tokenizer.get_vocab() != policy_tokenizer.get_vocab():
-        problems.append("the vocabularies map tokens to different ids")
-    for name in ("eos_token_id", "pad_token_id"):
-        a, b = getattr(rm_tokenizer, name), getattr(policy_tokenizer, name)
-        if a != b:
-            problems.append(f"{name} {a} vs {b}")
-    if problems:
-        raise TokenizerMismatchError(
-            f"the {what}'s tokenizer differs from the policy's ({'; '.join(problems)}). PPO scores the policy's token "
-            "ids directly, so the reward model must use the policy's tokenizer: set reward_model.base_model to a model "
-            "with the same tokenizer as common.model (or leave it empty to use common.model)."
-        )
+# model
 
 
 def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
@@ -294,7 +267,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
 
     with suppress_seqcls_warning():  # TRL's filter for the expected "score.weight missing / lm_head unexpected" report
         model = models.load_sequence_classifier(cfg.rm_base, tokenizer, device, cfg.num_hidden_layers)
-    head = _score_head(model)
+    head = score_head(model)
     if cfg.zero_init_head:
         torch.nn.init.zeros_(head.weight)  # rewards start at exactly 0 (a random head stays at chance)
         if head.bias is not None:
@@ -321,7 +294,7 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     elif top is not None:
         # freeze the embeddings and the lower blocks; the top blocks, final norm and head train
         lower = models.transformer_blocks(model)[: top[0]]
-        embeddings = [m for m in _backbone(model).modules() if isinstance(m, torch.nn.Embedding)]
+        embeddings = [m for m in backbone(model).modules() if isinstance(m, torch.nn.Embedding)]
         frozen = {id(p) for m in (*lower, *embeddings) for p in m.parameters()}
         for param in model.parameters():
             param.requires_grad = id(param) not in frozen
@@ -332,21 +305,9 @@ def _build_model(cfg: RewardModelConfig, tokenizer: PreTrainedTokenizerBase, dev
     return model
 
 
-def _score_head(model: torch.nn.Module) -> torch.nn.Module:
-    inner = models.peft_base(model)
-    if not hasattr(inner, "score"):
-        raise TypeError(f"{type(inner).__name__} has no `score` head; reward models must be *ForSequenceClassification")
-    return inner.score
-
-
-def _backbone(model: torch.nn.Module) -> torch.nn.Module:
-    inner = models.peft_base(model)
-    return getattr(inner, inner.base_model_prefix)
-
-
 def _optimizer(cfg: RewardModelConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW with the score head in its own parameter group (own lr), everything else trainable at learning_rate."""
-    head_params = {id(p) for p in _score_head(model).parameters()}
+    head_params = {id(p) for p in score_head(model).parameters()}
     head = [p for p in model.parameters() if p.requires_grad and id(p) in head_params]
     body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
     if not head:
@@ -516,212 +477,7 @@ def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, targ
 
 
 # ----------------------------------------------------------------------------
-# scoring
-
-
-@torch.no_grad()
-def score_sequences(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward of each (B, T) sequence, read at its last real (attention_mask == 1) token, whatever the padding side.
-
-    Position ids come from the mask, so a left-padded sequence gets the same positions as unpadded (HF's default
-    positions would shift it). Returns (B,) float32.
-    """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be (B, T)"
-        )
-    last = last_valid_index(attention_mask)  # (B,)
-    if (last < 0).any():
-        raise ValueError("score_sequences got a row with no real token (attention_mask all 0)")
-    position_ids = models.position_ids_from_mask(attention_mask)  # (B, T)
-    hidden = _backbone(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state  # (B, T, H)
-    pooled = hidden[torch.arange(hidden.size(0), device=device), last]  # (B, H)
-    with torch.autocast(device_type=device.type, enabled=False):  # head in fp32: bf16 rewards tie spuriously
-        return _score_head(model)(pooled.float()).squeeze(-1).float()  # (B,)
-
-
-def score_pairs(
-    model: torch.nn.Module,
-    rows: Sequence[dict[str, Any]],
-    pad_id: int,
-    batch_size: int = 16,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rewards of prompt+chosen and prompt+rejected for each row, batched by length; returns two (N,) arrays."""
-    from tqdm.auto import tqdm
-
-    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-    out = np.empty(len(seqs), dtype=np.float64)
-    device = next(model.parameters()).device
-    model.eval()
-    step = 2 * batch_size
-    for start in tqdm(range(0, len(order), step), desc="scoring pairs", leave=False):
-        idx = order[start : start + step]
-        ids, mask = pad([seqs[i] for i in idx], pad_id, side="right")
-        with runtime.autocast(device, dtype):
-            out[idx] = score_sequences(model, ids, mask).cpu().numpy()
-    return out[: len(rows)], out[len(rows) :]
-
-
-# ----------------------------------------------------------------------------
-# evaluation maths (pure, tested on hand-made numbers)
-
-
-def pairwise_accuracy(reward_chosen: np.ndarray, reward_rejected: np.ndarray) -> float:
-    """Fraction of pairs with reward_chosen > reward_rejected; a tie counts as wrong."""
-    reward_chosen, reward_rejected = np.asarray(reward_chosen, float), np.asarray(reward_rejected, float)
-    return float(np.mean(reward_chosen > reward_rejected)) if len(reward_chosen) else float("nan")
-
-
-def check_rewards(rewards: np.ndarray, min_std: float, where: str) -> None:
-    """Raise DegenerateRewardsError on NaN/inf rewards or a (nearly) constant reward model."""
-    rewards = np.asarray(rewards, float)
-    bad = int(np.sum(~np.isfinite(rewards)))
-    if bad:
-        raise DegenerateRewardsError(
-            f"{where}: {bad} of {rewards.size} rewards are NaN/inf; the reward model is "
-            "broken (diverged training?). Lower learning_rate/head_learning_rate and retrain."
-        )
-    std = float(np.std(rewards))
-    if std < min_std:
-        raise DegenerateRewardsError(
-            f"{where}: rewards are (nearly) constant (std {std:.3g} < min_reward_std {min_std:g}, mean "
-            f"{float(np.mean(rewards)):.4g}); the reward model did not learn and would give PPO no signal. "
-            "Check that training ran (loss below ln 2 = 0.693), raise head_learning_rate or num_train_epochs."
-        )
-
-
-def bt_loss(gap: np.ndarray) -> float:
-    """Mean Bradley–Terry loss -log sigmoid(r_chosen - r_rejected) (numerically stable)."""
-    return float(np.mean(np.logaddexp(0.0, -np.asarray(gap, float))))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, float)))
-
-
-def calibration_table(gap: np.ndarray, bins: int = 10) -> pd.DataFrame:
-    """Predicted P(first preferred) = sigmoid(gap) vs observed frequency, binned.
-
-    Every pair is counted in both orders ((chosen, rejected) with outcome 1, (rejected, chosen) with outcome 0);
-    otherwise the observed frequency would be 1 in every bin. A calibrated RM lies on the diagonal.
-    """
-    gap = np.asarray(gap, float)
-    p = np.concatenate([_sigmoid(gap), _sigmoid(-gap)])
-    outcome = np.concatenate([np.ones_like(gap), np.zeros_like(gap)])
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    rows = []
-    for b in range(bins):
-        sel = which == b
-        rows.append(
-            {
-                "bin_low": edges[b],
-                "bin_high": edges[b + 1],
-                "n": int(sel.sum()),
-                "mean_predicted": float(p[sel].mean()) if sel.any() else float("nan"),
-                "observed": float(outcome[sel].mean()) if sel.any() else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def expected_calibration_error(table: pd.DataFrame) -> float:
-    """Count-weighted mean |predicted - observed| over non-empty calibration bins."""
-    t = table[table["n"] > 0]
-    return float(np.sum(t["n"] * (t["mean_predicted"] - t["observed"]).abs()) / max(int(t["n"].sum()), 1))
-
-
-def strength_table(pairs: pd.DataFrame, bins: int = 4) -> pd.DataFrame:
-    """Accuracy by preference strength (quantile bins of pairs['strength']); empty when no strength is known."""
-    if "strength" not in pairs or pairs["strength"].isna().all():
-        return pd.DataFrame(columns=["bin", "low", "high", "n", "accuracy", "accuracy_vs_gold"])
-    data = pairs.dropna(subset=["strength"])
-    codes = pd.qcut(data["strength"].rank(method="first"), q=min(bins, len(data)), labels=False)
-    rows = []
-    for b, group in data.groupby(codes):
-        vs_gold = group["correct_vs_gold"].dropna() if "correct_vs_gold" in group else pd.Series(dtype=float)
-        rows.append(
-            {
-                "bin": int(b),
-                "low": float(group["strength"].min()),
-                "high": float(group["strength"].max()),
-                "n": len(group),
-                "accuracy": float(group["correct"].mean()),
-                "accuracy_vs_gold": float(vs_gold.mean()) if len(vs_gold) else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def length_predictions(train_rows: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, str]:
-    """The length-only predictor: +1 = predicts chosen, -1 = predicts rejected, 0 = equal lengths (no prediction).
-
-    Its direction (longer or shorter wins) is fitted on the training labels, so it sees no held-out label.
-    """
-
-    def sign(rs):
-        return np.array([np.sign(len(r["chosen_ids"]) - len(r["rejected_ids"])) for r in rs], dtype=float)
-
-    train = sign(train_rows)
-    direction = 1.0 if np.sum(train > 0) >= np.sum(train < 0) else -1.0
-    return sign(rows) * direction, "longer" if direction > 0 else "shorter"
-
-
-def baseline_accuracy(pred: np.ndarray, truth: np.ndarray) -> float | None:
-    """Accuracy of +1/-1/0 predictions against +1/-1 truths (truth 0 or NaN = skipped); a 0 prediction counts 1/2."""
-    pred, truth = np.asarray(pred, float), np.asarray(truth, float)
-    keep = np.isfinite(truth) & (truth != 0)
-    if not keep.any():
-        return None
-    pred, truth = pred[keep], truth[keep]
-    return float(np.mean(np.where(pred == 0, 0.5, (pred == truth).astype(float))))
-
-
-def _num(row: dict[str, Any], key: str) -> float:
-    value = row.get(key)
-    return float(value) if value is not None else float("nan")
-
-
-def pairs_frame(
-    rows: Sequence[dict[str, Any]], reward_chosen: np.ndarray, reward_rejected: np.ndarray, eos_id: int | None
-) -> pd.DataFrame:
-    """One row per held-out pair: rewards, gap, correctness (ties wrong), lengths, finish flags, gold/score gaps."""
-    df = pd.DataFrame(
-        {
-            "id": [r["id"] for r in rows],
-            "reward_chosen": reward_chosen,
-            "reward_rejected": reward_rejected,
-            "len_chosen": [len(r["chosen_ids"]) for r in rows],
-            "len_rejected": [len(r["rejected_ids"]) for r in rows],
-            "finished_chosen": [r["chosen_ids"][-1] == eos_id for r in rows],
-            "finished_rejected": [r["rejected_ids"][-1] == eos_id for r in rows],
-            "gold_chosen": [_num(r, "gold_chosen") for r in rows],
-            "gold_rejected": [_num(r, "gold_rejected") for r in rows],
-            "score_chosen": [_num(r, "score_chosen") for r in rows],
-            "score_rejected": [_num(r, "score_rejected") for r in rows],
-        }
-    )
-    df["gap"] = df["reward_chosen"] - df["reward_rejected"]
-    df["p_chosen"] = _sigmoid(df["gap"].to_numpy())
-    df["tie"] = df["gap"] == 0
-    df["correct"] = df["gap"] > 0  # ties count as wrong
-    df["gold_gap"] = df["gold_chosen"] - df["gold_rejected"]
-    df["score_gap"] = df["score_chosen"] - df["score_rejected"]
-    gold_known = df["gold_gap"].notna() & (df["gold_gap"] != 0)  # gold ties have no right answer: left out
-    df["correct_vs_gold"] = np.where(gold_known, np.sign(df["gap"]) == np.sign(df["gold_gap"]), np.nan)
-    if df["gold_gap"].notna().any():
-        df["strength"], df.attrs["strength_by"] = df["gold_gap"].abs(), "|gold_chosen - gold_rejected|"
-    elif df["score_gap"].notna().any():
-        df["strength"], df.attrs["strength_by"] = df["score_gap"], "score_chosen - score_rejected"
-    else:
-        df["strength"], df.attrs["strength_by"] = np.nan, None
-    return df
+# evaluation
 
 
 def _mean_or_none(x: pd.Series) -> float | None:
@@ -789,42 +545,3 @@ def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
     }
     print(json.dumps(summary, indent=1))
     return EvalResult(summary=summary, pairs=pairs, calibration=calibration, strength=strength, stats=stats)
-
-
-# ----------------------------------------------------------------------------
-# loading (used by PPO and evaluation)
-
-
-def load_reward_model(
-    path: str | Path,
-    device: torch.device | str = "cpu",
-    require_stats: bool = True,
-    policy_tokenizer: PreTrainedTokenizerBase | None = None,
-):
-    """Load a saved RM folder: (model in eval mode, its tokenizer, reward_stats dict or None).
-
-    With ``policy_tokenizer`` the RM's tokenizer is checked against it (TokenizerMismatchError when they differ).
-    """
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} holds no saved reward model (config.json missing); run the reward_model stage")
-    stats = read_json(path / STATS_FILE)
-    if stats is None and require_stats:
-        raise FileNotFoundError(
-            f"{path / STATS_FILE} missing: the reward_model stage did not finish its evaluation "
-            "(evaluate_reward_model writes it); re-run notebooks/02_reward_model"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    if model.config.num_labels != 1:
-        raise ValueError(f"{path}: a reward model has num_labels=1, this one has {model.config.num_labels}")
-    if model.config.pad_token_id != tokenizer.pad_token_id:
-        raise ValueError(
-            f"{path}: model pad_token_id {model.config.pad_token_id} != tokenizer's {tokenizer.pad_token_id}"
-        )
-    if policy_tokenizer is not None:
-        check_same_tokenizer(tokenizer, policy_tokenizer)
-    model = models.disable_dropout(model).to(device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return model, tokenizer, stats

@@ -17,22 +17,24 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import bench, models, ppo, prefix
+from rlhf_lib import bench_configs, bench_workers, models, ppo, prefix
 
 RESPONSE_LENGTH = 48
 REPEATS = 8
 
 
 def main() -> None:
-    spec = bench.BenchSpec()
+    spec = bench_configs.BenchSpec()
     with tempfile.TemporaryDirectory(prefix="ab-prefix-") as scratch:
-        trainer = bench.make_ppo_trainer(bench.REFERENCE_CONFIG, spec, Path(scratch))
+        trainer = bench_workers.make_ppo_trainer(bench_configs.REFERENCE_CONFIG, spec, Path(scratch))
         measure(trainer, spec)
 
 
-def measure(trainer: ppo.PPOTrainer, spec: bench.BenchSpec) -> None:
+def measure(trainer: ppo.PPOTrainer, spec: bench_configs.BenchSpec) -> None:
     queries, query_mask = ppo.left_pad(
-        bench.bench_prompts(trainer.tokenizer)[: spec.batch_size], trainer.tokenizer.pad_token_id, trainer.device
+        bench_configs.bench_prompts(trainer.tokenizer)[: spec.batch_size],
+        trainer.tokenizer.pad_token_id,
+        trainer.device,
     )
     gen = torch.Generator().manual_seed(0)
     responses = torch.randint(0, 40000, (queries.shape[0], RESPONSE_LENGTH), generator=gen)

@@ -36,7 +36,7 @@ DATA = (
     "evaluation stage tests on.\nOffline default: responses sampled from the bundled SmolLM2 labelled by a simulated "
     "annotator (VADER sentiment gold score + Bradley–Terry noise); online: ultrafeedback / hh-rlhf / plain files.",
     [
-        code(RESOLVE.format(modules="data", stage="data")),
+        code(RESOLVE.format(modules="data, data_plots", stage="data")),
         md(
             "## Build the datasets\nPairs are split by prompt (no prompt is shared between reward-model, PPO and "
             "evaluation sets). Dropped and truncated items are counted with their reason."
@@ -47,7 +47,7 @@ DATA = (
             "Middle: response lengths. "
             "Right: how often the annotator agreed with the gold ordering as the gold gap grows (Bradley–Terry)."
         ),
-        code("data.plot_data_overview(run)"),
+        code("data_plots.plot_data_overview(run)"),
         code("data.sample_pairs(run, n=3)"),
         md(
             "## Summary\n`label_gold_agreement`: share of held-out pairs whose label matches the gold ordering (the "

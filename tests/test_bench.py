@@ -1,5 +1,6 @@
-"""`make bench` (rlhf_lib.bench): pure helpers (ratios, steady-state summary, result parsing, table, JSON keys) and a
-tiny end-to-end run of our side on tiny:llama, each configuration in its own subprocess."""
+"""`make bench` (rlhf_lib.bench, bench_configs, bench_report, bench_workers): pure helpers (ratios, steady-state
+summary, result parsing, table, JSON keys) and a tiny end-to-end run of our side on tiny:llama, each configuration in
+its own subprocess."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from rlhf_lib import bench, config, models
+from rlhf_lib import bench, bench_configs, bench_report, bench_workers, config, models
 from rlhf_lib.runs import repo_root
 
 
@@ -35,29 +36,29 @@ def _report(configs, trl=None, **workload):
     return {
         "configs": configs,
         "trl": trl,
-        "reference_config": bench.REFERENCE_CONFIG,
-        "published_trl": bench.PUBLISHED_TRL,
+        "reference_config": bench_configs.REFERENCE_CONFIG,
+        "published_trl": bench_configs.PUBLISHED_TRL,
         "workload": {**base, **workload},
     }
 
 
 def test_ratio_is_ours_over_theirs_and_none_when_missing():
-    assert bench.ratio(1.2, 0.3) == pytest.approx(4.0)
-    assert bench.ratio(None, 0.3) is None
-    assert bench.ratio(1.0, None) is None
-    assert bench.ratio(1.0, 0.0) is None
+    assert bench_report.ratio(1.2, 0.3) == pytest.approx(4.0)
+    assert bench_report.ratio(None, 0.3) is None
+    assert bench_report.ratio(1.0, None) is None
+    assert bench_report.ratio(1.0, 0.0) is None
 
 
 def test_summarize_updates_drops_warmup_and_weights_by_time():
     rows = [_row(1, 100.0), _row(2, 4.0, t_gen=1.0, tok_s=200.0), _row(3, 12.0, t_gen=3.0, tok_s=100.0)]
-    s = bench.summarize_updates(rows, warmup=1, batch_size=8)
+    s = bench_report.summarize_updates(rows, warmup=1, batch_size=8)
     assert s["timed_updates"] == 2
     assert s["episodes_per_s"] == pytest.approx(16 / 16.0)  # total episodes / total seconds, not a mean of rates
     assert s["s_per_update"] == pytest.approx(8.0)
     assert s["generation_s"] == pytest.approx(2.0)
     assert s["tokens_per_s"] == pytest.approx((200 * 1 + 100 * 3) / 4)  # total tokens / total generation time
     with pytest.raises(ValueError, match="no timed updates"):
-        bench.summarize_updates(rows, warmup=3, batch_size=8)
+        bench_report.summarize_updates(rows, warmup=3, batch_size=8)
 
 
 def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
@@ -74,8 +75,8 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
         },
     ]
     for r in ours:
-        r.update(bench.summarize_updates(r["updates"], 1, 8))
-    merged = bench.merge_rounds(ours, warmup=1, batch_size=8)
+        r.update(bench_report.summarize_updates(r["updates"], 1, 8))
+    merged = bench_report.merge_rounds(ours, warmup=1, batch_size=8)
     assert merged["timed_updates"] == 2 and len(merged["updates"]) == 4  # each round drops its own warm-up
     assert merged["episodes_per_s"] == pytest.approx(16 / 16.0)
     assert merged["tokens_per_s"] == pytest.approx((200 * 1 + 100 * 3) / 4)
@@ -100,9 +101,9 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
             "tokens": 384,
         },
     ]
-    trl = bench.merge_rounds([{"updates": trl_rows, "peak_rss_gib": 7.0}] * 2, warmup=1, batch_size=8)
+    trl = bench_report.merge_rounds([{"updates": trl_rows, "peak_rss_gib": 7.0}] * 2, warmup=1, batch_size=8)
     assert trl["s_per_update"] == pytest.approx(8.0) and trl["tokens_per_s"] == pytest.approx(192.0)
-    rm = bench.merge_rounds(
+    rm = bench_report.merge_rounds(
         [
             {"pairs_per_step": 8, "s_per_step": 2.0, "pairs_per_s": 4.0, "peak_rss_gib": 1.0},
             {"pairs_per_step": 8, "s_per_step": 6.0, "pairs_per_s": 8 / 6, "peak_rss_gib": 1.5},
@@ -111,23 +112,23 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
         8,
     )
     assert rm["pairs_per_s"] == pytest.approx(2.0) and rm["peak_rss_gib"] == 1.5
-    failed = bench.merge_rounds([ours[0], {"error": "exit status 1"}], warmup=1, batch_size=8)
+    failed = bench_report.merge_rounds([ours[0], {"error": "exit status 1"}], warmup=1, batch_size=8)
     assert failed["error"] == "exit status 1"
-    assert bench.merge_rounds(ours[:1], warmup=1, batch_size=8)["episodes_per_s"] == ours[0]["episodes_per_s"]
+    assert bench_report.merge_rounds(ours[:1], warmup=1, batch_size=8)["episodes_per_s"] == ours[0]["episodes_per_s"]
 
 
 def test_summarize_probe_reports_fastest_median_and_their_ratio_per_dtype():
-    p = bench.summarize_probe(
+    p = bench_report.summarize_probe(
         {"bf16": [10.0, 30.0, 12.0, 25.0, 11.0], "fp32": [8.0, 8.0, 9.0]}, read_gib=0.25, read_s=[0.05, 0.02, 0.04]
     )
     bf16, fp32 = p["bf16_matmul"], p["fp32_matmul"]
     assert bf16["ms_min"] == 10.0 and bf16["ms_median"] == 12.0 and bf16["repeats"] == 5
     assert bf16["slowdown"] == pytest.approx(1.2) and fp32["slowdown"] == pytest.approx(1.0)
-    n = bench.PROBE_MATMULS["bf16"][1]
+    n = bench_configs.PROBE_MATMULS["bf16"][1]
     assert bf16["tflops_best"] == pytest.approx(2 * n**3 / 10e-3 / 1e12, rel=1e-3, abs=5e-4)  # rounded to 3 decimals
     assert p["read_gb_s_best"] == pytest.approx(0.25 * 2**30 / 0.02 / 1e9, rel=1e-3)
     with pytest.raises(ValueError, match="at least one"):
-        bench.summarize_probe({"bf16": []}, read_gib=0.25, read_s=[0.1])
+        bench_report.summarize_probe({"bf16": []}, read_gib=0.25, read_s=[0.1])
 
 
 def test_probe_line_lists_each_run_and_round_in_order():
@@ -140,18 +141,18 @@ def test_probe_line_lists_each_run_and_round_in_order():
         "rounds": [{"host_probe_before": probe(11.0, 8.0)}, {"host_probe_before": probe(24.0, 9.5)}],
     }
     trl = {"name": "trl", "host_probe_before": probe(15.0, 8.2)}
-    line = bench.probe_line({"configs": {"ours": ours, "rm": {"kind": "reward_model"}}, "trl": trl})
+    line = bench_report.probe_line({"configs": {"ours": ours, "rm": {"kind": "reward_model"}}, "trl": trl})
     assert line.endswith(
         "ours r1 11.0 (10.0) / 8.0 (8.0); ours r2 24.0 (10.0) / 9.5 (8.0); trl 15.0 (10.0) / 8.2 (8.0)"
     )
     failed = {"kind": "ppo", "name": "x", "host_probe_before": {"error": "exit status 1"}}
-    assert bench.probe_line({"configs": {"x": failed}, "trl": None}) == ""
+    assert bench_report.probe_line({"configs": {"x": failed}, "trl": None}) == ""
 
 
 def test_ratios_by_round_pair_each_round_of_ours_with_trls():
     report = _report(
         {
-            bench.REFERENCE_CONFIG: {
+            bench_configs.REFERENCE_CONFIG: {
                 "episodes_per_s": 1.0,
                 "peak_rss_gib": 2.0,
                 "rounds": [{"episodes_per_s": 1.2}, {"episodes_per_s": 0.8}],
@@ -159,15 +160,15 @@ def test_ratios_by_round_pair_each_round_of_ours_with_trls():
         },
         trl={"episodes_per_s": 0.25, "peak_rss_gib": 8.0, "rounds": [{"episodes_per_s": 0.3}, {"episodes_per_s": 0.2}]},
     )
-    bench.add_ratios(report)
+    bench_report.add_ratios(report)
     assert report["episodes_per_s_ratio_vs_trl_by_round"] == pytest.approx([4.0, 4.0])
-    assert "x4.00, x4.00" in bench.format_table(report)
+    assert "x4.00, x4.00" in bench_report.format_table(report)
 
 
 def test_reference_configuration_is_exactly_the_default_profiles_ppo():
     """`make bench`'s reference is what `make pipeline` trains with: every PPOConfig field the default profile gives
     the ppo stage, apart from the workload's (model, batch, lengths, run length) and the run's bookkeeping."""
-    spec = bench.BenchSpec()
+    spec = bench_configs.BenchSpec()
     profile = config.stage_parameters(config.load_params_file(repo_root() / "params" / "default.yaml"), "ppo")
     workload = {
         "model",
@@ -188,20 +189,20 @@ def test_reference_configuration_is_exactly_the_default_profiles_ppo():
         "overwrite",
         "resume",
     }
-    reference = dataclasses.asdict(bench.ppo_config(bench.REFERENCE_CONFIG, spec))
+    reference = dataclasses.asdict(bench_configs.ppo_config(bench_configs.REFERENCE_CONFIG, spec))
     assert {k: v for k, v in reference.items() if k not in workload} == {
         k: v for k, v in profile.items() if k not in workload
     }
     assert reference["torch_compile"] is True and reference["use_lora"] is True and reference["dtype"] == "auto"
     assert reference["total_episodes"] == spec.batch_size * (spec.warmup + spec.updates)
-    for name, changes in bench.PPO_CONFIGS.items():  # the others differ from it by exactly what the table says
-        other = dataclasses.asdict(bench.ppo_config(name, spec))
+    for name, changes in bench_configs.PPO_CONFIGS.items():  # the others differ from it by exactly what the table says
+        other = dataclasses.asdict(bench_configs.ppo_config(name, spec))
         assert {k for k in other if other[k] != reference[k]} == {k for k in changes if changes[k] != reference[k]}
-    assert bench.ppo_config("ours-lora-bf16", dataclasses.replace(spec, compile=True)).torch_compile is True
+    assert bench_configs.ppo_config("ours-lora-bf16", dataclasses.replace(spec, compile=True)).torch_compile is True
 
 
 def test_parse_result_prefers_the_marker_line_over_other_json():
-    out = "{'eps': 4}\n" + bench.RESULT_MARKER + json.dumps({"a": 1}) + "\nprogress...\n"
+    out = "{'eps': 4}\n" + bench_workers.RESULT_MARKER + json.dumps({"a": 1}) + "\nprogress...\n"
     assert bench.parse_result(out) == {"a": 1}
     assert bench.parse_result('log\n{"b": 2}\n') == {"b": 2}  # the TRL driver prints a bare JSON line
     with pytest.raises(ValueError):
@@ -209,36 +210,38 @@ def test_parse_result_prefers_the_marker_line_over_other_json():
 
 
 def test_ratios_vs_measured_trl_and_published_figures():
-    REF = bench.REFERENCE_CONFIG  # the default profile's PPO configuration
-    assert REF in bench.PPO_CONFIGS
+    REF = bench_configs.REFERENCE_CONFIG  # the default profile's PPO configuration
+    assert REF in bench_configs.PPO_CONFIGS
     ours = {"name": REF, "kind": "ppo", "episodes_per_s": 1.2, "peak_rss_gib": 3.0}
-    rep = bench.add_ratios(_report({REF: ours}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5}))
+    rep = bench_report.add_ratios(_report({REF: ours}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5}))
     assert rep["episodes_per_s_ratio_vs_trl"] == pytest.approx(4.0)
     assert rep["peak_rss_ratio_vs_trl"] == pytest.approx(0.4)
-    assert rep["episodes_per_s_ratio_vs_published_trl"] == pytest.approx(1.2 / bench.PUBLISHED_TRL["episodes_per_s"])
+    assert rep["episodes_per_s_ratio_vs_published_trl"] == pytest.approx(
+        1.2 / bench_configs.PUBLISHED_TRL["episodes_per_s"]
+    )
     assert rep["configs"][REF]["episodes_per_s_vs_trl"] == pytest.approx(4.0)
     assert rep["peak_gpu_ratio_vs_trl"] is None  # CPU run: no device memory on either side
-    gpu = bench.add_ratios(
+    gpu = bench_report.add_ratios(
         _report(
             {REF: dict(ours, peak_gpu_gib=1.5)}, trl={"episodes_per_s": 0.3, "peak_rss_gib": 7.5, "peak_gpu_gib": 6.0}
         )
     )
     assert gpu["peak_gpu_ratio_vs_trl"] == pytest.approx(0.25)
-    assert "peak GPU memory x0.25" in bench.format_table(gpu)
+    assert "peak GPU memory x0.25" in bench_report.format_table(gpu)
 
-    no_trl = bench.add_ratios(_report({REF: dict(ours)}))
+    no_trl = bench_report.add_ratios(_report({REF: dict(ours)}))
     assert no_trl["episodes_per_s_ratio_vs_trl"] is None and no_trl["peak_rss_ratio_vs_trl"] is None
-    assert no_trl["peak_rss_ratio_vs_published_trl"] == pytest.approx(3.0 / bench.PUBLISHED_TRL["peak_rss_gib"])
-    failed = bench.add_ratios(_report({REF: dict(ours)}, trl={"error": "exit status 1"}))
+    assert no_trl["peak_rss_ratio_vs_published_trl"] == pytest.approx(3.0 / bench_configs.PUBLISHED_TRL["peak_rss_gib"])
+    failed = bench_report.add_ratios(_report({REF: dict(ours)}, trl={"error": "exit status 1"}))
     assert failed["episodes_per_s_ratio_vs_trl"] is None
-    other = bench.add_ratios(_report({REF: dict(ours)}, model="tiny:llama"))
+    other = bench_report.add_ratios(_report({REF: dict(ours)}, model="tiny:llama"))
     assert other["episodes_per_s_ratio_vs_published_trl"] is None  # published figures describe another workload
 
 
 def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
     configs = {
-        bench.REFERENCE_CONFIG: {
-            "name": bench.REFERENCE_CONFIG,
+        bench_configs.REFERENCE_CONFIG: {
+            "name": bench_configs.REFERENCE_CONFIG,
             "kind": "ppo",
             "episodes_per_s": 1.234,
             "s_per_update": 6.5,
@@ -260,10 +263,10 @@ def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
             "setup": "default",
         },
     }
-    table = bench.format_table(bench.add_ratios(_report(configs)))
+    table = bench_report.format_table(bench_report.add_ratios(_report(configs)))
     lines = table.splitlines()
     assert lines[0].startswith("| config | ep/s |")
-    assert any(ln.startswith(f"| {bench.REFERENCE_CONFIG} | 1.234 | 6.5 |") for ln in lines)
+    assert any(ln.startswith(f"| {bench_configs.REFERENCE_CONFIG} | 1.234 | 6.5 |") for ln in lines)
     assert any("ours-full-fp32" in ln and "failed" in ln for ln in lines)
     assert "3.21 pairs/s" in table
     assert "not measured in this run" in table and "PUBLISHED" in table
@@ -288,12 +291,19 @@ def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
 
     from rlhf_lib import plots
 
-    REF = bench.REFERENCE_CONFIG
+    REF = bench_configs.REFERENCE_CONFIG
     ours = _ppo(REF, 1.2, 6.0, 2.0, 1.0, 2.5, 3.0, rounds=[{"episodes_per_s": 1.0}, {"episodes_per_s": 1.4}])
     trl = _ppo(
-        bench.TRL_CONFIG_NAME, 0.3, 24.0, 4.0, 2.0, 18.0, 8.0, rounds=[{"episodes_per_s": 0.3}, {"episodes_per_s": 0.3}]
+        bench_configs.TRL_CONFIG_NAME,
+        0.3,
+        24.0,
+        4.0,
+        2.0,
+        18.0,
+        8.0,
+        rounds=[{"episodes_per_s": 0.3}, {"episodes_per_s": 0.3}],
     )
-    fig = plots.plot_bench(bench.add_ratios(_report({REF: ours}, trl=trl)))
+    fig = plots.plot_bench(bench_report.add_ratios(_report({REF: ours}, trl=trl)))
     phases, memory, by_round = fig.axes[:3]
 
     def segments(row):  # (start, width) of each bar segment of one row, left to right
@@ -317,7 +327,7 @@ def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
     assert pooled.get_ydata()[0] == pytest.approx(4.0) and target.get_ydata()[0] == pytest.approx(4.0)
     plt.close(fig)
 
-    alone = plots.plot_bench(bench.add_ratios(_report({REF: dict(ours)})))  # no TRL: no ratios, no targets
+    alone = plots.plot_bench(bench_report.add_ratios(_report({REF: dict(ours)})))  # no TRL: no ratios, no targets
     assert len(alone.axes) == 2 and not alone.axes[1].lines
     assert not any("TRL" in t.get_text() for t in alone.axes[0].texts)
     plt.close(alone)
@@ -329,18 +339,18 @@ def test_child_env_sets_threads_and_wait_policy_and_drops_spin_count(monkeypatch
     env = bench.child_env(3, "ACTIVE")
     assert env["OMP_WAIT_POLICY"] == "ACTIVE" and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
     assert "GOMP_SPINCOUNT" not in env  # the policy alone decides, the same for TRL and ours
-    assert bench.parse_args([]).omp_wait_policy == bench.BenchSpec.omp_wait_policy == "ACTIVE"
+    assert bench.parse_args([]).omp_wait_policy == bench_configs.BenchSpec.omp_wait_policy == "ACTIVE"
 
 
 def test_parse_configs_rejects_unknown_names():
-    assert bench.parse_configs("ours-lora-bf16, rm") == ["ours-lora-bf16", "rm"]
+    assert bench_configs.parse_configs("ours-lora-bf16, rm") == ["ours-lora-bf16", "rm"]
     with pytest.raises(ValueError, match="choose from"):
-        bench.parse_configs("ours-lora-bf16,trl")
+        bench_configs.parse_configs("ours-lora-bf16,trl")
 
 
 def test_synthetic_pairs_have_realistic_length_and_no_pad():
     tok = models.load_tokenizer("tiny:llama")
-    rows = bench.synthetic_pairs(tok, n=6, length=150, seed=0)
+    rows = bench_workers.synthetic_pairs(tok, n=6, length=150, seed=0)
     lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
     assert 130 <= sum(lengths) / len(lengths) <= 170
     for r in rows:
@@ -396,7 +406,7 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     assert ours["dtype"] == "bfloat16" and ours["use_lora"] is True
     probe = ours["host_probe_before"]  # measured in its own subprocess just before this configuration ran
     assert "error" not in probe, probe
-    for dtype in bench.PROBE_MATMULS:
+    for dtype in bench_configs.PROBE_MATMULS:
         assert 0 < probe[f"{dtype}_matmul"]["ms_min"] <= probe[f"{dtype}_matmul"]["ms_median"]
         assert probe[f"{dtype}_matmul"]["repeats"] == 3
     assert probe["read_gb_s_best"] > 0
@@ -421,35 +431,41 @@ def test_seed_shape_spec_matches_the_seed_profile_and_flags_override_it():
 
     from rlhf_lib import bench_shapes
 
-    profile = yaml.safe_load(open(bench.repo_root() / "params" / "seed_gpt2_ultrafeedback.yaml"))["ppo"]
-    spec = bench.spec_for_shape("seed", model=None, batch_size=None, updates=1)
+    profile = yaml.safe_load(open(repo_root() / "params" / "seed_gpt2_ultrafeedback.yaml"))["ppo"]
+    spec = bench_configs.spec_for_shape("seed", model=None, batch_size=None, updates=1)
     for key in ("batch_size", "num_mini_batches", "response_length", "temperature"):
         assert getattr(spec, key) == profile[key], key
-    assert spec.num_ppo_epochs == bench.BenchSpec.num_ppo_epochs == 4  # the profile keeps PPOConfig's default
+    assert spec.num_ppo_epochs == bench_configs.BenchSpec.num_ppo_epochs == 4  # the profile keeps PPOConfig's default
     assert spec.shape == "seed" and spec.updates == 1 and spec.model == bench_shapes.SEED_MODEL_REF
-    assert bench.spec_for_shape("seed", model="tiny:gpt2").model == "tiny:gpt2"  # the CPU dry run's model
-    default = bench.spec_for_shape("default")
+    assert bench_configs.spec_for_shape("seed", model="tiny:gpt2").model == "tiny:gpt2"  # the CPU dry run's model
+    default = bench_configs.spec_for_shape("default")
     assert (default.batch_size, default.num_mini_batches, default.shape) == (8, 1, "default")
     with pytest.raises(ValueError, match="choose from default, seed"):
-        bench.spec_for_shape("colab")
+        bench_configs.spec_for_shape("colab")
     # the seed profile fine-tunes fully (use_lora: false): so does the seed shape's reference configuration
-    ref = bench_shapes.reference_config("seed", bench.REFERENCE_CONFIG)
-    assert profile["use_lora"] is False and bench.PPO_CONFIGS[ref]["use_lora"] is False and ref in bench.DIFFERENCES
-    assert bench_shapes.reference_config("default", bench.REFERENCE_CONFIG) == bench.REFERENCE_CONFIG
-    assert bench.shape_configs("seed")[0] == ref and set(bench.shape_configs("seed")) <= set(bench.KNOWN_CONFIGS)
+    ref = bench_shapes.reference_config("seed", bench_configs.REFERENCE_CONFIG)
+    assert (
+        profile["use_lora"] is False
+        and bench_configs.PPO_CONFIGS[ref]["use_lora"] is False
+        and ref in bench_configs.DIFFERENCES
+    )
+    assert bench_shapes.reference_config("default", bench_configs.REFERENCE_CONFIG) == bench_configs.REFERENCE_CONFIG
+    assert bench_configs.shape_configs("seed")[0] == ref and set(bench_configs.shape_configs("seed")) <= set(
+        bench_configs.KNOWN_CONFIGS
+    )
     assert bench.parse_args(["--shape", "seed"]).configs is None  # the shape's own list then
 
 
 def _gpu_report(shape, ours_gpu, trl_gpu, ours_eps=3.0, trl_eps=1.0, device_name="NVIDIA H200"):
     from rlhf_lib import bench_shapes
 
-    ref = bench_shapes.reference_config(shape, bench.REFERENCE_CONFIG)
+    ref = bench_shapes.reference_config(shape, bench_configs.REFERENCE_CONFIG)
     ours = _ppo(ref, ours_eps, 64 / ours_eps, 0.2, 0.3, 0.5, 2.0, peak_gpu_gib=ours_gpu)
     other = {"name": "ours-full-fp32", "kind": "ppo", "error": "exit status -9"}
-    trl = _ppo(bench.TRL_CONFIG_NAME, trl_eps, 64 / trl_eps, 1.0, 0.5, 2.0, 3.0, peak_gpu_gib=trl_gpu)
+    trl = _ppo(bench_configs.TRL_CONFIG_NAME, trl_eps, 64 / trl_eps, 1.0, 0.5, 2.0, 3.0, peak_gpu_gib=trl_gpu)
     report = _report({ref: ours, "ours-full-fp32": other}, trl=trl, shape=shape, batch_size=64)
     report.update(reference_config=ref, device={"type": "cuda", "name": device_name})
-    return bench.add_ratios(report)
+    return bench_report.add_ratios(report)
 
 
 def test_gpu_section_has_the_keys_per_configuration_and_the_seed_targets():
@@ -459,7 +475,7 @@ def test_gpu_section_has_the_keys_per_configuration_and_the_seed_targets():
     gpu = bench_shapes.gpu_section(report)
     ref = bench_shapes.SEED_REFERENCE_CONFIG
     assert gpu["device_name"] == "NVIDIA H200" and gpu["shape"] == "seed" and gpu["reference_config"] == ref
-    assert set(gpu["configs"]) == {ref, "ours-full-fp32", bench.TRL_CONFIG_NAME}
+    assert set(gpu["configs"]) == {ref, "ours-full-fp32", bench_configs.TRL_CONFIG_NAME}
     ours = gpu["configs"][ref]
     assert ours["episodes_per_s"] == 3.3 and ours["peak_gpu_gib"] == 3.0
     assert ours["seconds_per_update"] == pytest.approx(
@@ -477,4 +493,4 @@ def test_gpu_section_has_the_keys_per_configuration_and_the_seed_targets():
     assert cpu_gpu["device_name"] is None and cpu_gpu["peak_gpu_ratio_vs_trl"] is None
     assert cpu_gpu["meets_targets"] is None  # undecided, not failed
     default = bench_shapes.gpu_section(_gpu_report("default", 1.0, 4.0))
-    assert default["reference_config"] == bench.REFERENCE_CONFIG and "targets" not in default
+    assert default["reference_config"] == bench_configs.REFERENCE_CONFIG and "targets" not in default

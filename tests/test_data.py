@@ -1,4 +1,5 @@
-"""Tests for rlhf_lib.data: formats, prompt/response splitting, chat templating, splits, bad input, end to end."""
+"""Tests for rlhf_lib.data and its data_formats / data_records / data_plots: formats, prompt/response splitting, chat
+templating, splits, bad input, end to end."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rlhf_lib import annotator, config, data, models, runs
-from rlhf_lib.data import DataConfig, DataError
+from rlhf_lib import annotator, config, data, data_formats, data_plots, data_records, models, runs
+from rlhf_lib.data import DataConfig
+from rlhf_lib.data_formats import DataError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PAIR_KEYS = {
@@ -109,9 +111,9 @@ def test_config_check_rejects(kw, msg):
     ],
 )
 def test_each_format_normalises_to_the_same_pairs(name, fmt):
-    raw = data.load_raw(str(FIXTURES / name))
-    assert data.detect_format(raw) == fmt
-    examples, dropped = data.normalise(raw, fmt, "error")
+    raw = data_formats.load_raw(str(FIXTURES / name))
+    assert data_formats.detect_format(raw) == fmt
+    examples, dropped = data_formats.normalise(raw, fmt, "error")
     assert len(examples) == 12 and not dropped
     first = examples[1]  # a single-turn row in every fixture
     assert first.prompt == [{"role": "user", "content": "Name a primary colour."}]
@@ -134,15 +136,15 @@ def test_h4_ultrafeedback_layout_with_prompt_column_is_conversational(tmp_path):
             "score_rejected": 2.0,
         }
     ]
-    raw = data.load_raw(str(write_jsonl(tmp_path / "h4.jsonl", rows)))
-    assert data.detect_format(raw) == "ultrafeedback"
-    ex = data.normalise(raw, "ultrafeedback", "error")[0][0]
+    raw = data_formats.load_raw(str(write_jsonl(tmp_path / "h4.jsonl", rows)))
+    assert data_formats.detect_format(raw) == "ultrafeedback"
+    ex = data_formats.normalise(raw, "ultrafeedback", "error")[0][0]
     assert ex.prompt == [user] and (ex.chosen, ex.rejected) == ("Hello!", "No.")
 
 
 def test_hh_multi_turn_prompt_keeps_earlier_turns():
-    raw = data.load_raw(str(FIXTURES / "hh.jsonl"))
-    ex = data.normalise(raw, "hh", "error")[0][0]
+    raw = data_formats.load_raw(str(FIXTURES / "hh.jsonl"))
+    ex = data_formats.normalise(raw, "hh", "error")[0][0]
     assert ex.prompt == [
         {"role": "user", "content": "Hi, I have a question."},
         {"role": "assistant", "content": "Sure, go ahead."},
@@ -156,8 +158,8 @@ def test_hh_multi_turn_prompt_keeps_earlier_turns():
     [("Hello there", "no '\\\\n\\\\nHuman:'"), ("Preamble\n\nHuman: hi\n\nAssistant: yo", "text before")],
 )
 def test_parse_hh_rejects_non_hh_text(text, msg):
-    with pytest.raises(data.RowError, match=msg):
-        data.parse_hh(text, "chosen")
+    with pytest.raises(data_formats.RowError, match=msg):
+        data_formats.parse_hh(text, "chosen")
 
 
 def test_plain_with_conversational_prompt_and_completions():
@@ -166,7 +168,7 @@ def test_plain_with_conversational_prompt_and_completions():
         "chosen": [{"role": "assistant", "content": "Hello."}],
         "rejected": [{"role": "assistant", "content": "Go away."}],
     }
-    ex = data.normalise_row(row, "plain", "x")
+    ex = data_formats.normalise_row(row, "plain", "x")
     assert ex.prompt[0]["role"] == "system" and (ex.chosen, ex.rejected) == ("Hello.", "Go away.")
 
 
@@ -177,7 +179,7 @@ MSGS = [{"role": "user", "content": "Name a primary colour."}]
 
 
 def test_chat_template_of_a_model_with_a_template(tok_llama):
-    fmt = data.ChatFormatter(tok_llama)
+    fmt = data_records.ChatFormatter(tok_llama)
     text = fmt.prompt_text(MSGS)
     assert text.endswith("<|im_start|>user\nName a primary colour.<|im_end|>\n<|im_start|>assistant\n")
     assert fmt.response_prefix == ""
@@ -191,7 +193,7 @@ def test_chat_template_of_a_model_with_a_template(tok_llama):
 
 def test_chat_template_of_a_model_without_one(tok_gpt2):
     assert tok_gpt2.chat_template == models.SIMPLE_CHAT_TEMPLATE
-    fmt = data.ChatFormatter(tok_gpt2)
+    fmt = data_records.ChatFormatter(tok_gpt2)
     text = fmt.prompt_text(MSGS)
     assert text == "User: Name a primary colour.\n\nAssistant:"
     assert fmt.response_prefix == " "  # the policy writes " Red." after "Assistant:"
@@ -395,7 +397,7 @@ def test_csv_that_does_not_parse_names_file_and_line(tmp_path):
 
 
 def test_csv_reads_like_the_jsonl(tmp_path):
-    rows = data.load_raw(str(FIXTURES / "plain.csv")).rows
+    rows = data_formats.load_raw(str(FIXTURES / "plain.csv")).rows
     assert rows == [json.loads(line) for line in (FIXTURES / "plain.jsonl").read_text().splitlines()]
 
 
@@ -483,13 +485,13 @@ def test_empty_file_and_missing_file(tmp_path):
 def test_json_list_file_and_relative_path_from_repo_root(tmp_path, monkeypatch):
     path = tmp_path / "pairs.json"
     path.write_text(json.dumps(plain_rows()))
-    raw = data.load_raw(str(path))
+    raw = data_formats.load_raw(str(path))
     assert len(raw.rows) == 12 and raw.labels[3] == "item 3"
     path.write_text(json.dumps({"prompt": "q"}))
     with pytest.raises(DataError, match="pairs.json: expected a JSON list of objects"):
-        data.load_raw(str(path))
+        data_formats.load_raw(str(path))
     monkeypatch.chdir(tmp_path)  # as when papermill runs a notebook from another folder
-    assert len(data.load_raw("tests/fixtures/hh.jsonl").rows) == 12
+    assert len(data_formats.load_raw("tests/fixtures/hh.jsonl").rows) == 12
 
 
 def test_csv_empty_cell_names_row_and_field(tmp_path):
@@ -569,7 +571,7 @@ def test_prepare_data_simulated_end_to_end(tmp_path):
     assert {prompt_set[p["id"]]["split"] for p in data.load_split(run, "eval_prompts")} == {"eval"}
     runs.finish_stage(run, "data", s)
     assert run.summary()["data"] == json.loads(json.dumps(s))
-    fig = data.plot_data_overview(run)
+    fig = data_plots.plot_data_overview(run)
     assert len(fig.axes) == 3 and (run.plots_dir / "data_overview.png").exists()
     frame = data.sample_pairs(run, n=3)
     assert len(frame) == 3 and {"prompt", "chosen", "rejected", "gold_chosen"} <= set(frame.columns)
@@ -614,33 +616,34 @@ def test_default_profile_with_shipped_responses(tmp_path):
 # Long responses: tokenised from a bounded prefix
 # ---------------------------------------------------------------------------------------------------------------
 def test_long_response_tokenised_from_a_prefix_equals_whole_then_cut(tok_llama):
-    fmt = data.ChatFormatter(tok_llama)
+    fmt = data_records.ChatFormatter(tok_llama)
     words = "The quick brown fox jumps over the lazy dog, then naps; café, naïve, 42%! ".split(" ")
     text = " ".join(words[i % len(words)] for i in range(600))  # ~4,000 characters, ~1,000 tokens
     whole = fmt.response_ids(text)
     for max_len in (1, 16, 64):
-        assert len(text) > data.CHARS_PER_TOKEN_CAP * (max_len + data.CUT_MARGIN_TOKENS)  # the prefix path runs
+        # the prefix path runs
+        assert len(text) > data_records.CHARS_PER_TOKEN_CAP * (max_len + data_records.CUT_MARGIN_TOKENS)
         capped = fmt.response_ids(text, max_len)
         assert len(capped) > max_len and capped[:max_len] == whole[:max_len]
-        assert data._fit_response(fmt, capped, text, max_len, True) == data._fit_response(
+        assert data_records.fit_response(fmt, capped, text, max_len, True) == data_records.fit_response(
             fmt, whole, text, max_len, True
         )
-        assert data._fit_response(fmt, capped, text, max_len, False) is None
+        assert data_records.fit_response(fmt, capped, text, max_len, False) is None
     short = "A short answer."
     assert fmt.response_ids(short, 64) == fmt.response_ids(short) == fmt.ids(fmt.response_prefix + short) + [fmt.eos_id]
 
 
 def test_long_response_prefix_grows_when_tokens_are_long(tok_llama):
-    fmt = data.ChatFormatter(tok_llama)
+    fmt = data_records.ChatFormatter(tok_llama)
     text = " " * 20_000 + "end"  # runs of spaces: many characters per token, the first prefix is not enough
     assert fmt.response_ids(text, 16)[:16] == fmt.response_ids(text)[:16]
 
 
 def test_huge_response_is_tokenised_from_a_bounded_prefix(tok_llama, monkeypatch):
-    fmt = data.ChatFormatter(tok_llama)
+    fmt = data_records.ChatFormatter(tok_llama)
     seen = []
     ids = fmt.ids
     monkeypatch.setattr(fmt, "ids", lambda text: seen.append(len(text)) or ids(text))
     out = fmt.response_ids("lorem ipsum dolor sit amet " * 400_000, 128)  # ~10 MB
     assert len(out) > 128
-    assert max(seen) <= 16 * data.CHARS_PER_TOKEN_CAP * (128 + data.CUT_MARGIN_TOKENS)
+    assert max(seen) <= 16 * data_records.CHARS_PER_TOKEN_CAP * (128 + data_records.CUT_MARGIN_TOKENS)

@@ -1,4 +1,5 @@
-"""Tests for rlhf_lib.evaluate and rlhf_lib.plots: metrics on hand-made inputs, sampling/scoring on tiny:llama, plots.
+"""Tests for rlhf_lib.evaluate, eval_sampling, eval_stats and rlhf_lib.plots: metrics on hand-made inputs,
+sampling/scoring on tiny:llama, plots.
 
 Scorers are injected (simple functions of the tokens / text), so these tests need neither a trained reward model nor
 the annotator; policies are tiny:llama copies written as Hugging Face folders, as the PPO stage writes them.
@@ -17,26 +18,19 @@ import pytest
 import torch
 
 from rlhf_lib import config, models, plots
+from rlhf_lib.eval_sampling import GenerationSettings, pad_batch, response_logprobs, sample_policy
+from rlhf_lib.eval_stats import bootstrap_interval, mean_std, sequence_kl, wilson_interval, win_rate
 from rlhf_lib.evaluate import (
     EvalConfig,
     EvalResult,
-    GenerationSettings,
-    bootstrap_interval,
     compare_runs,
     comparison_run_dirs,
     evaluate_policies,
     generation_settings,
-    mean_std,
     overoptimisation_curve,
-    pad_batch,
-    response_logprobs,
-    sample_policy,
     sample_table,
     select_evenly,
-    sequence_kl,
     stage_summary,
-    wilson_interval,
-    win_rate,
 )
 from rlhf_lib.runs import Run, run_for, write_json_atomic
 

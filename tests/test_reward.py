@@ -1,5 +1,6 @@
-"""Tests for rlhf_lib.reward: the three defects of the original notebook, tie/degenerate handling, tokenizer checks,
-score extraction under padding, and a tiny-model learning test on a synthetic task with a known answer."""
+"""Tests for rlhf_lib.reward, reward_scoring and reward_metrics: the three defects of the original notebook,
+tie/degenerate handling, tokenizer checks, score extraction under padding, and a tiny-model learning test on a
+synthetic task with a known answer."""
 
 from __future__ import annotations
 
@@ -14,28 +15,32 @@ import torch
 
 from rlhf_lib import config, models, runs
 from rlhf_lib.reward import (
-    DegenerateRewardsError,
     RewardModelConfig,
-    TokenizerMismatchError,
     _build_model,
     _pairs_dataset,
     _reward_config,
     _save_model,
+    evaluate_reward_model,
+    read_pairs,
+    train_reward_model,
+)
+from rlhf_lib.reward_metrics import (
+    DegenerateRewardsError,
     baseline_accuracy,
     bt_loss,
     calibration_table,
     check_rewards,
-    check_same_tokenizer,
-    evaluate_reward_model,
     expected_calibration_error,
     length_predictions,
-    load_reward_model,
     pairwise_accuracy,
-    read_pairs,
+    strength_table,
+)
+from rlhf_lib.reward_scoring import (
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    load_reward_model,
     score_pairs,
     score_sequences,
-    strength_table,
-    train_reward_model,
 )
 
 WORDS = "the a movie film plot actor scene music story was is very quite long short slow fast it".split()

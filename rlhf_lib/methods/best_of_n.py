@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import evaluate
-from ..evaluate import GenerationSettings, Samples
+from .. import eval_sampling, eval_stats
+from ..eval_sampling import GenerationSettings, Samples
 
 METHOD = "best_of_n"
 ORACLE = "best_of_n_oracle"
@@ -148,8 +148,8 @@ def sample_pool(
     scores: list[tuple[np.ndarray, np.ndarray | None]] = []
     for k in range(n_samples):
         s = dataclasses.replace(settings, seed=settings.seed + 1 + k)
-        draws.append(evaluate.sample_policy(reference, tokenizer, prompt_ids, s, desc=f"best-of-N pool {k + 1}"))
-        scores.append(evaluate.score_samples(draws[-1], rm_scorer, gold_scorer))
+        draws.append(eval_sampling.sample_policy(reference, tokenizer, prompt_ids, s, desc=f"best-of-N pool {k + 1}"))
+        scores.append(eval_sampling.score_samples(draws[-1], rm_scorer, gold_scorer))
     rm = np.stack([r for r, _ in scores], axis=1)  # (P, M)
     gold = None if gold_scorer is None else np.stack([g for _, g in scores], axis=1)
     return Pool(
@@ -192,9 +192,9 @@ def pool_entry(
     n_prompts = pool.n_prompts
     rate = float(per_prompt["outcome"].mean())
     if ci_method == "bootstrap":
-        ci = evaluate.bootstrap_interval(per_prompt["outcome"], n_bootstrap=n_bootstrap, seed=seed)
+        ci = eval_stats.bootstrap_interval(per_prompt["outcome"], n_bootstrap=n_bootstrap, seed=seed)
     else:
-        ci = evaluate.wilson_interval(float(per_prompt["outcome"].sum()), n_prompts)
+        ci = eval_stats.wilson_interval(float(per_prompt["outcome"].sum()), n_prompts)
     mean_length = float((w * pool.lengths).sum(1).mean())
     return {
         "method": ORACLE if oracle else METHOD,

@@ -119,7 +119,7 @@ def prompts_dataset(data_dir: Path, tokenizer, max_prompts: int = 0):
 
 def default_scorer(inputs: MethodInputs, tokenizer, batch_size: int = 16) -> Scorer:
     """The stage-2 reward model scoring token ids, exactly as the evaluation stage does."""
-    from ..evaluate import GenerationSettings, reward_model_scorer
+    from ..eval_sampling import GenerationSettings, reward_model_scorer
 
     settings = GenerationSettings(
         response_length=1,
