@@ -363,6 +363,7 @@ def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
         "name": point.name,
         "overrides": point.overrides,
         "run_dir": str(run.root),
+        "git": run.manifest().get("git"),  # the commit (and dirty flag) the point's stages ran
         "status": status,
         "wall_seconds": point_seconds(sweep, point),
         "summary": run.summary(),
