@@ -99,6 +99,14 @@ def test_a_run_on_a_base_run_compares_on_the_base_runs_data_and_reward_model(tmp
     assert resolved.root == point.root and resolved.upstream("reward_model").root == base.root
 
 
+@pytest.mark.parametrize("profile", sorted((ROOT / "params" / "compare").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_profiles_validate(profile, tmp_path):
+    fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
+    loaded = compare.load_profile(profile, base_run="base", outputs_dir=str(tmp_path))
+    assert loaded.compare.model == "tiny:llama" and loaded.eval.n_eval_prompts > 0
+    assert all(n <= loaded.best_of_n.n_samples for n in loaded.best_of_n.ns)
+
+
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()
