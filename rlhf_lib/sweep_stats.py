@@ -321,3 +321,27 @@ def headline_markdown(summary: dict[str, Any], overrides: dict[str, Any], digits
         cells = [format_ci(m.get(key), digits) if key else "" for key in (ref, after, gain)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+CELL_COLUMNS = (  # (header, summary key) of cells_markdown
+    ("gold", "eval.after.gold_score"),
+    ("gold gain", "derived.gold_gain"),
+    ("RM score", "eval.after.rm_score"),
+    ("KL (nats)", "eval.after.kl"),
+    ("win rate", "eval.win_rate_vs_ref"),
+    ("EOS rate", "eval.after.eos_fraction"),
+)
+
+
+def cells_markdown(summary: dict[str, Any], columns: Sequence[tuple[str, str]] = CELL_COLUMNS, digits: int = 3) -> str:
+    """A Markdown table with one row per grid cell: its overrides, finished seeds and mean ± 95 % half-width."""
+    keys = list(summary["groups"][0]["overrides"]) if summary["groups"] else []
+    lines = [
+        "| " + " | ".join([*(f"`{k}`" for k in keys), "seeds", *(h for h, _ in columns)]) + " |",
+        "|" + "---|" * (len(keys) + 1 + len(columns)),
+    ]
+    for group in summary["groups"]:
+        values = [str(group["overrides"].get(k)) for k in keys] + [str(group["n_seeds"])]
+        values += [format_ci(group["metrics"].get(key), digits) for _, key in columns]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)

@@ -280,6 +280,8 @@ def test_headline_table_reports_reference_policy_and_paired_gain_as_mean_and_t_h
     row = next(line for line in table.splitlines() if line.startswith("| gold score"))
     assert row.split(" | ")[1:] == ["0.200 ± 0.000", f"0.600 ± {half:.3f}", f"0.400 ± {half:.3f} |"]
     assert "3 seeds, mean ± 95 % CI" in table.splitlines()[0]
+    cells = sweep_stats.cells_markdown(experiments.aggregate(sweep, write=False)).splitlines()
+    assert cells[0].startswith("| seeds | gold | gold gain |") and cells[2].startswith(f"| 3 | 0.600 ± {half:.3f} |")
     with pytest.raises(KeyError, match="no cell"):
         sweep_stats.headline_markdown(experiments.aggregate(sweep, write=False), {"ppo.kl_coef": 9})
 
