@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import checkpoints, eval_sampling, eval_stats, evaluate, models
+from . import checkpoints, eval_sampling, eval_stats, evaluate, models, runtime
 from .config import CommonConfig, ConfigError, validate
 from .evaluate import EvalConfig
 from .methods import best_of_n as bon
@@ -447,6 +447,7 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
     """
     start = time.perf_counter()
     cfg = profile.compare
+    runtime.set_threads(cfg.threads)  # common.threads, as every pipeline stage does
     base = resolve_base_run(cfg)
     out = Run(outputs_root(cfg) / cfg.run)
     if out.root.resolve() == base.root.resolve():

@@ -107,6 +107,28 @@ def test_shipped_profiles_validate(profile, tmp_path):
     assert all(n <= loaded.best_of_n.n_samples for n in loaded.best_of_n.ns)
 
 
+def test_the_comparison_runs_on_common_threads(tmp_path, monkeypatch):
+    import torch
+
+    fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    profile = compare.load_profile(
+        write_profile(tmp_path, common={"outputs_dir": str(tmp_path), "threads": want}), base_run="base"
+    )
+
+    def stop(cfg):
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(compare, "resolve_base_run", stop)
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            compare.run_comparison(profile)
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()
