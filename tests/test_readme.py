@@ -1,8 +1,8 @@
 """The README and docs/*.md stay true: repo paths, `make` targets, params profiles, `-p` overrides, generated tables.
 
 Checked in code (fenced blocks and `inline code`) and in link targets, where commands and paths live; prose is not
-parsed. After a change of ``rlhf_lib.metrics.METRIC_GLOSSARY`` regenerate the metric tables with
-``python tests/test_readme.py --write``.
+parsed. After a change of ``rlhf_lib.metrics.METRIC_GLOSSARY`` or of the committed default-beta sweep summary
+(the README headline) regenerate the tables with ``python tests/test_readme.py --write``.
 """
 
 from __future__ import annotations
@@ -34,9 +34,27 @@ KEY_METRICS = (
     "val/ratio",
     "val/num_eos_tokens",
 )
-GENERATED = {  # file -> (marker, metric names or None for all)
-    README: ("key-metrics", KEY_METRICS),
-    ROOT / "docs" / "metrics.md": ("metrics", None),
+SWEEP_SUMMARY = ROOT / "docs" / "sweeps" / "default_beta" / "summary.json"  # the README headline's source
+
+
+def metric_table(names: tuple[str, ...] | None) -> str:
+    from rlhf_lib import metrics
+
+    return metrics.glossary_markdown(names)
+
+
+def headline_table() -> str:
+    """The default profile's cell of the committed default-beta sweep (mean ± 95 % CI over seeds)."""
+    from rlhf_lib import sweep_stats
+
+    kl_coef = yaml.safe_load((ROOT / "params" / "default.yaml").read_text())["ppo"]["kl_coef"]
+    return sweep_stats.headline_markdown(sweep_stats.load_summary(SWEEP_SUMMARY.parent), {"ppo.kl_coef": kl_coef})
+
+
+GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> and <!-- marker:end --> holds
+    (README, "key-metrics"): lambda: metric_table(KEY_METRICS),
+    (README, "headline"): headline_table,
+    (ROOT / "docs" / "metrics.md", "metrics"): lambda: metric_table(None),
 }
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
 # test_pending_items_have_not_landed fails and the entry must be removed here (empty this set once all are merged).
@@ -113,11 +131,8 @@ def field_error(section: str, dotted: str, value: str | None) -> str | None:
     return None
 
 
-def generated_block(path: Path) -> str:
-    from rlhf_lib import metrics
-
-    marker, names = GENERATED[path]
-    return f"<!-- {marker}:start -->\n{metrics.glossary_markdown(names)}\n<!-- {marker}:end -->"
+def generated_block(path: Path, marker: str) -> str:
+    return f"<!-- {marker}:start -->\n{GENERATED[path, marker]()}\n<!-- {marker}:end -->"
 
 
 @pytest.fixture(params=DOCS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -200,10 +215,10 @@ def test_repo_map_names_every_module_and_script():
     assert not missing, f"README.md repo map lacks {missing}: add one line each"
 
 
-@pytest.mark.parametrize("path", list(GENERATED), ids=lambda p: str(p.relative_to(ROOT)))
-def test_metric_tables_match_the_glossary(path):
-    assert generated_block(path) in path.read_text(encoding="utf-8"), (
-        f"{path.relative_to(ROOT)}: metric table is stale; regenerate with `python tests/test_readme.py --write`"
+@pytest.mark.parametrize("path, marker", list(GENERATED), ids=lambda x: x if isinstance(x, str) else x.name)
+def test_generated_tables_are_current(path, marker):
+    assert generated_block(path, marker) in path.read_text(encoding="utf-8"), (
+        f"{path.relative_to(ROOT)}: the {marker} table is stale; regenerate with `python tests/test_readme.py --write`"
     )
 
 
@@ -228,18 +243,17 @@ def test_the_scanners_find_what_the_docs_write():
 
 
 def write_generated() -> None:
-    for path in GENERATED:
-        marker = GENERATED[path][0]
+    for path, marker in GENERATED:
         text = path.read_text(encoding="utf-8")
         pattern = re.compile(rf"<!-- {marker}:start -->.*?<!-- {marker}:end -->", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{path}: no <!-- {marker}:start --> ... <!-- {marker}:end --> block to regenerate")
-        path.write_text(pattern.sub(lambda _: generated_block(path), text), encoding="utf-8")
-        print(f"wrote {path.relative_to(ROOT)}")
+        path.write_text(pattern.sub(lambda _: generated_block(path, marker), text), encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)} ({marker})")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        raise SystemExit("usage: python tests/test_readme.py --write   (regenerates the generated metric tables)")
+        raise SystemExit("usage: python tests/test_readme.py --write   (regenerates the generated tables)")
     sys.path.insert(0, str(ROOT))
     write_generated()
