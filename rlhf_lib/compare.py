@@ -89,7 +89,11 @@ class Profile:
 
 
 def load_profile(
-    path: str | Path, base_run: str | None = None, run: str | None = None, outputs_dir: str | None = None
+    path: str | Path,
+    base_run: str | None = None,
+    run: str | None = None,
+    outputs_dir: str | None = None,
+    threads: int | None = None,
 ) -> Profile:
     """Read and validate params/compare/<profile>.yaml (unknown sections/keys and wrong types raise ConfigError)."""
     path = Path(path)
@@ -101,7 +105,7 @@ def load_profile(
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; sections are {', '.join(SECTIONS)}")
     common = dict(raw.get("common") or {})
     values = {**common, **(raw.get("compare") or {})}
-    for key, value in (("base_run", base_run), ("run", run), ("outputs_dir", outputs_dir)):
+    for key, value in (("base_run", base_run), ("run", run), ("outputs_dir", outputs_dir), ("threads", threads)):
         if value:
             values[key] = value
     cfg = validate(CompareConfig, values, f"{path} [common/compare]")
@@ -522,9 +526,10 @@ def execute(
     outputs_dir: str | None,
     notebook: bool = True,
     kernel_name: str = "python3",
+    threads: int | None = None,
 ) -> Path:
     """Validate the profile, then run the notebook (which runs the comparison) or the comparison in-process."""
-    profile = load_profile(params, base_run, run, outputs_dir)
+    profile = load_profile(params, base_run, run, outputs_dir, threads)
     out_root = outputs_root(profile.compare) / profile.compare.run
     if not notebook:
         run_comparison(profile)
@@ -546,6 +551,7 @@ def execute(
             "base_run": profile.compare.base_run,
             "run": profile.compare.run,
             "outputs_dir": str(outputs_root(profile.compare)),
+            "threads": profile.compare.threads,
         },
         kernel_name=kernel_name,
         cwd=str(root / "notebooks"),
@@ -562,10 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-run", default=None, help="run whose data and reward model are used (name or folder)")
     parser.add_argument("--run", default=None, help="output run name (default: the profile's common.run)")
     parser.add_argument("--outputs-dir", default=None, help="outputs folder (default: the profile's, else outputs/)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the profile's common.threads)"
+    )
     parser.add_argument("--no-notebook", action="store_true", help="run in-process, without the notebook")
     args = parser.parse_args(argv)
     try:
-        out = execute(args.params, args.base_run, args.run, args.outputs_dir, notebook=not args.no_notebook)
+        out = execute(
+            args.params, args.base_run, args.run, args.outputs_dir, notebook=not args.no_notebook, threads=args.threads
+        )
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -34,7 +34,8 @@ is in the table. Run with `make compare BASE_RUN=<run>`.""",
 params = "../params/compare/smoke.yaml"  # comparison profile
 base_run = ""  # run whose data/ and reward_model/ are used; "": the profile's compare.base_run
 run = ""  # output run name; "": the profile's common.run
-outputs_dir = ""  # outputs folder; "": the profile's, else the repo's outputs/""",
+outputs_dir = ""  # outputs folder; "": the profile's, else the repo's outputs/
+threads = 0  # torch threads; 0: the profile's common.threads""",
     ),
     (
         "code",
@@ -43,7 +44,9 @@ from pathlib import Path
 from rlhf_lib import compare
 from rlhf_lib.methods import report
 
-profile = compare.load_profile(params, base_run=base_run or None, run=run or None, outputs_dir=outputs_dir or None)
+profile = compare.load_profile(
+    params, base_run=base_run or None, run=run or None, outputs_dir=outputs_dir or None, threads=threads or None
+)
 summary = compare.run_comparison(profile)
 out_dir = compare.outputs_root(profile.compare) / profile.compare.run""",
     ),

@@ -120,6 +120,7 @@ def test_the_comparison_runs_on_common_threads(tmp_path, monkeypatch):
     def stop(cfg):
         raise RuntimeError("stop here")
 
+    assert compare.load_profile(profile.source, base_run="base", threads=3).compare.threads == 3  # --threads
     monkeypatch.setattr(compare, "resolve_base_run", stop)
     try:
         with pytest.raises(RuntimeError, match="stop here"):
