@@ -130,6 +130,28 @@ def test_the_comparison_runs_on_common_threads(tmp_path, monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_methods_markdown_has_one_row_per_entry_with_analytic_kl_for_best_of_n():
+    summary = {
+        "methods": [
+            {"method": "reference", "setting": "", "kl": 0.0, "gold_score": 0.5, "gold_score_se": 0.04},
+            {"method": "best_of_n", "setting": "N=4", "kl": 0.6, "kl_analytic": 0.636, "gold_score": 0.64,
+             "gold_score_se": 0.03, "rm_score": 1.2, "win_rate_vs_ref": 0.6, "win_rate_ci": [0.51, 0.68],
+             "eos_fraction": 0.3, "train_seconds": None},
+            {"method": "ppo", "curve": "ppo:seed1", "setting": "final", "kl": 2.9, "gold_score": 0.68,
+             "gold_score_se": 0.03, "rm_score": 1.4, "win_rate_vs_ref": 0.65, "win_rate_ci": [0.56, 0.73],
+             "eos_fraction": 0.1, "train_seconds": 1523.4},
+        ]
+    }  # fmt: skip
+    lines = report.methods_markdown(summary).splitlines()
+    assert len(lines) == 2 + 3 and lines[0].startswith("| method | setting | KL (nats) |")
+    assert lines[2].split(" | ")[:4] == ["| reference", "", "0.00", "0.500 ± 0.040"]
+    assert (
+        "| best_of_n | N=4 | 0.64 (measured 0.60) | 0.640 ± 0.030 | 1.200 | 0.600 [0.510, 0.680] | 0.300 | – |"
+        == lines[3]
+    )
+    assert lines[4].startswith("| ppo:seed1 | final | 2.90 |") and lines[4].endswith("| 0.100 | 1523 |")
+
+
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()

@@ -111,6 +111,32 @@ def results_table(summary: dict[str, Any]) -> pd.DataFrame:
     return df[cols].round(3)
 
 
+def _num(value: Any, digits: int = 3) -> str:
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def methods_markdown(summary: dict[str, Any]) -> str:
+    """A Markdown table of every (method, setting): KL (best-of-N: analytic, measured), gold ± s.e., RM, win rate
+    vs the reference with its CI, EOS rate and training cost, in the summary's order."""
+    lines = [
+        "| method | setting | KL (nats) | gold ± s.e. | RM score | win rate vs reference [CI] | EOS rate | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in summary["methods"]:
+        kl = _num(e.get("kl"), 2)
+        if e.get("kl_analytic") is not None:
+            kl = f"{_num(e['kl_analytic'], 2)} (measured {kl})"
+        ci = e.get("win_rate_ci") or [None, None]
+        win = (
+            "–" if e.get("win_rate_vs_ref") is None else f"{_num(e['win_rate_vs_ref'])} [{_num(ci[0])}, {_num(ci[1])}]"
+        )
+        gold = f"{_num(e.get('gold_score'))} ± {_num(e.get('gold_score_se'))}"
+        cells = [e.get("curve") or e["method"], e.get("setting") or "", kl, gold, _num(e.get("rm_score")), win]
+        cells += [_num(e.get("eos_fraction")), _num(e.get("train_seconds"), 0)]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def samples_table(samples_path: str | Path, n_prompts: int = 2) -> pd.DataFrame:
     """Side by side: one row per (method, setting), one column per prompt (the first n_prompts)."""
     rows = pd.read_json(samples_path, lines=True)
