@@ -381,6 +381,7 @@ def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
     gains = [(r["kl"], r["gold_gain"]) for r in rows if r.get("gold_gain") is not None and r.get("kl") is not None]
     groups = group_points(entries, sweep.seed_key)
     seconds = [e["wall_seconds"] for e in entries + base if e["status"] == "done" and e["wall_seconds"] is not None]
+    n_seeds = len(sweep.grid.get(sweep.seed_key, [None]))
     summary = {
         "sweep": sweep.name,
         "params": sweep.params,
@@ -395,9 +396,12 @@ def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
         "frontier": rows,
         "frontier_fit": fit_frontier(*zip(*gains)) if gains else fit_frontier([], []),
         "complete": not unfinished,
-        "selection": select_default(groups, min_seeds=len(sweep.grid.get(sweep.seed_key, [None]))),
+        # the default is chosen only from a finished grid: every cell with every seed
+        "selection": select_default(groups, min_seeds=n_seeds)
+        if all(g["n_seeds"] >= n_seeds for g in groups)
+        else None,
         "wall_seconds": float(sum(seconds)),
-        "wall_seconds_note": "sum over the finished base and points of the time each took (run one after another)",
+        "wall_seconds_note": "sum over the finished base and points of the time each took",
     }
     if write:
         write_json_atomic(sweep.root / "summary.json", finite(summary))

@@ -125,6 +125,9 @@ def frontier_rows(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict
     return rows
 
 
+PEAK_EXTRAPOLATION = 10.0  # a fitted peak further than this multiple of the largest measured KL is not reported
+
+
 def fit_frontier(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
     """Least-squares fit of Gao et al. (2022)'s RL form gain(d) = d (alpha - beta ln d), d = sqrt(KL).
 
@@ -151,8 +154,11 @@ def fit_frontier(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
     ss_tot = float(((y - y.mean()) ** 2).sum())
     out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid**2).sum()) / ss_tot if ss_tot else None)
     if beta > 0:
-        d_star = math.exp(alpha / beta - 1)
-        out.update(kl_at_peak=d_star**2, gold_at_peak=float(beta) * d_star)
+        d_star = math.exp(min(alpha / beta - 1, 700.0))  # capped: exp overflows past ~709
+        if d_star**2 <= PEAK_EXTRAPOLATION * float(kl_arr[keep].max()):
+            out.update(kl_at_peak=d_star**2, gold_at_peak=float(beta) * d_star)
+        else:  # the data barely bend: a peak this far out is the fit's extrapolation, not a measurement
+            out["peak_note"] = f"fitted peak beyond {PEAK_EXTRAPOLATION:g}x the largest measured KL: not reported"
     return out
 
 

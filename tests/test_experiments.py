@@ -263,8 +263,8 @@ def test_selection_takes_the_best_gold_within_the_kl_budget_only_among_cells_wit
         else:
             _fake_point(sweep.root, point.name, _eval_summary(gold, kl=kl))
     summary = experiments.aggregate(sweep)
-    assert summary["complete"] is False
-    chosen = summary["selection"]
+    assert summary["complete"] is False and summary["selection"] is None  # chosen only from a finished grid
+    chosen = sweep_stats.select_default(summary["groups"], min_seeds=2)
     assert chosen["overrides"] == {"ppo.kl_coef": 0.2} and chosen["n_seeds"] == 2
     assert chosen["eval.after.gold_score"]["mean"] == pytest.approx(0.65)
     assert sweep_stats.select_default(summary["groups"], min_seeds=1)["overrides"] == {"ppo.kl_coef": 0.1}
@@ -317,6 +317,8 @@ def test_frontier_fit_without_a_peak_or_points():
     kl = np.linspace(0.5, 5, 10)
     rising = sweep_stats.fit_frontier(kl, np.sqrt(kl) * 0.2)  # gain = 0.2 d: beta = 0, no bend
     assert rising["beta"] == pytest.approx(0.0, abs=1e-9) and rising["kl_at_peak"] is None
+    slight = sweep_stats.fit_frontier(kl, sweep_stats.gao_gold(kl, 0.08, 0.005))  # peak at KL ~ 1e12
+    assert slight["beta"] == pytest.approx(0.005) and slight["kl_at_peak"] is None and "beyond" in slight["peak_note"]
     empty = sweep_stats.fit_frontier([0.0, -0.1], [0.0, 0.1])  # KL <= 0 points carry no shape
     assert empty["alpha"] is None and empty["n_points"] == 0
 

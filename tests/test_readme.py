@@ -35,6 +35,8 @@ KEY_METRICS = (
     "val/num_eos_tokens",
 )
 SWEEP_SUMMARY = ROOT / "docs" / "sweeps" / "default_beta" / "summary.json"  # the README headline's source
+COMPARE_SUMMARY = ROOT / "docs" / "compare" / "summary.json"  # the methods comparison's source
+EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
 
 def metric_table(names: tuple[str, ...] | None) -> str:
@@ -51,9 +53,25 @@ def headline_table() -> str:
     return sweep_stats.headline_markdown(sweep_stats.load_summary(SWEEP_SUMMARY.parent), {"ppo.kl_coef": kl_coef})
 
 
+def sweep_cells_table() -> str:
+    from rlhf_lib import sweep_stats
+
+    return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEP_SUMMARY.parent))
+
+
+def compare_table() -> str:
+    import json
+
+    from rlhf_lib.methods import report
+
+    return report.methods_markdown(json.loads(COMPARE_SUMMARY.read_text(encoding="utf-8")))
+
+
 GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> and <!-- marker:end --> holds
     (README, "key-metrics"): lambda: metric_table(KEY_METRICS),
     (README, "headline"): headline_table,
+    (EXPERIMENTS, "sweep-cells"): sweep_cells_table,
+    (EXPERIMENTS, "compare-methods"): compare_table,
     (ROOT / "docs" / "metrics.md", "metrics"): lambda: metric_table(None),
 }
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
