@@ -351,3 +351,51 @@ def cells_markdown(summary: dict[str, Any], columns: Sequence[tuple[str, str]] =
         values += [format_ci(group["metrics"].get(key), digits) for _, key in columns]
         lines.append("| " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def seed_values(summary: dict[str, Any], overrides: dict[str, Any], key: str) -> dict[Any, float]:
+    """seed -> value of one summary key, over the finished points of one grid cell."""
+    seed_key = summary.get("seed_key", "common.seed")
+    out = {}
+    for point in summary["points"]:
+        rest = {k: v for k, v in point["overrides"].items() if k != seed_key}
+        if point["status"] == "done" and rest == overrides:
+            value = numeric_leaves(point["summary"]).get(key)
+            if value is not None:
+                out[point["overrides"].get(seed_key)] = value
+    return out
+
+
+def paired_difference(
+    a: dict[str, Any], a_cell: dict[str, Any], b: dict[str, Any], b_cell: dict[str, Any], key: str
+) -> dict[str, Any]:
+    """B − A of one key, paired by seed over the seeds both cells finished: mean_ci of the per-seed differences."""
+    va, vb = seed_values(a, a_cell, key), seed_values(b, b_cell, key)
+    seeds = sorted(set(va) & set(vb), key=str)
+    return {**mean_ci([vb[s] - va[s] for s in seeds]), "seeds": seeds}
+
+
+PAIRED_COLUMNS = (*CELL_COLUMNS, ("length (tokens)", "eval.after.length"))
+
+
+def paired_markdown(
+    a: dict[str, Any],
+    a_cell: dict[str, Any],
+    b: dict[str, Any],
+    b_cell: dict[str, Any],
+    labels: tuple[str, str],
+    rows: Sequence[tuple[str, str]] = PAIRED_COLUMNS,
+    digits: int = 3,
+) -> str:
+    """Two grid cells (of one sweep or two sharing data, reward model and seeds) side by side, and B − A by seed."""
+    ga, gb = find_group(a, a_cell), find_group(b, b_cell)
+    seeds = paired_difference(a, a_cell, b, b_cell, rows[0][1])["seeds"]
+    lines = [
+        f"| mean ± 95 % CI; paired over seeds {', '.join(map(str, seeds))} | {labels[0]} | {labels[1]} | difference |",
+        "|---|---|---|---|",
+    ]
+    for label, key in rows:
+        cells = [format_ci(g["metrics"].get(key), digits) for g in (ga, gb)]
+        cells.append(format_ci(paired_difference(a, a_cell, b, b_cell, key), digits))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

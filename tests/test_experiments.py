@@ -286,6 +286,25 @@ def test_headline_table_reports_reference_policy_and_paired_gain_as_mean_and_t_h
         sweep_stats.headline_markdown(experiments.aggregate(sweep, write=False), {"ppo.kl_coef": 9})
 
 
+def test_paired_comparison_of_two_sweeps_differences_by_seed_over_the_seeds_both_finished(tmp_path):
+    a = Sweep("a", "params/smoke.yaml", tmp_path / "a", base_run="", grid={"common.seed": [0, 1, 2]})
+    b = Sweep("b", "params/smoke.yaml", tmp_path / "b", base_run="", grid={"common.seed": [0, 1, 2, 3]})
+    gold_a, gold_b = {0: 0.5, 1: 0.9, 2: 0.4}, {0: 0.6, 1: 0.8, 2: 0.7, 3: 5.0}  # seed 3 has no partner in a
+    for sweep, gold in ((a, gold_a), (b, gold_b)):
+        for point in sweep.grid_points():
+            _fake_point(sweep.root, point.name, _eval_summary(gold[point.overrides["common.seed"]]))
+    sa, sb = experiments.aggregate(a, write=False), experiments.aggregate(b, write=False)
+    diff = sweep_stats.paired_difference(sa, {}, sb, {}, "eval.after.gold_score")
+    naive = [gold_b[s] - gold_a[s] for s in (0, 1, 2)]  # 0.1, -0.1, 0.3: paired, unlike the difference of means
+    assert diff["seeds"] == [0, 1, 2] and diff["n"] == 3
+    assert diff["mean"] == pytest.approx(sum(naive) / 3) and diff["std"] == pytest.approx(0.2)
+    assert diff["ci95_high"] - diff["mean"] == pytest.approx(4.302652729911275 * 0.2 / math.sqrt(3))
+    table = sweep_stats.paired_markdown(sa, {}, sb, {}, ("without", "with")).splitlines()
+    assert table[0].startswith("| mean ± 95 % CI; paired over seeds 0, 1, 2 | without | with | difference |")
+    gold_row = next(line for line in table if line.startswith("| gold |"))
+    assert gold_row.split(" | ")[3] == f"0.100 ± {4.302652729911275 * 0.2 / math.sqrt(3):.3f} |"
+
+
 def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
     sweep = Sweep("s", "params/smoke.yaml", tmp_path / "s", base_run="", grid={"common.seed": [0]})
     _fake_point(sweep.root, "seed0", {"eval": {"x": float("nan"), "y": 1.5}})
