@@ -34,7 +34,7 @@ from .config import CommonConfig, ConfigError, validate
 from .evaluate import EvalConfig
 from .methods import best_of_n as bon
 from .methods.best_of_n import BestOfNConfig
-from .methods.common import MethodInputs, is_trained, read_train_record, setting_label
+from .methods.common import MethodInputs, check_trained, is_trained, read_train_record, setting_inputs, setting_label
 from .methods.dpo import DPOMethodConfig, train_dpo
 from .methods.online import GRPOMethodConfig, RLOOMethodConfig, train_online
 from .runs import Run, outputs_root, read_json, repo_root, write_json_atomic
@@ -346,6 +346,7 @@ def trained_entries(
             setting = setting_label("beta", beta)
             folder = out.root / method / setting
             if is_trained(folder):
+                check_trained(folder, setting_inputs(inputs, cfg))
                 print(f"[compare] {method} {setting}: trained already ({folder}), evaluating it", flush=True)
             elif method == "dpo":
                 train_dpo(cfg, inputs, beta, folder)

@@ -258,6 +258,16 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
     assert (out / "dpo" / "beta=0.1" / "policy" / "config.json").exists()
     table = report.samples_table(out / "samples.jsonl", 2)
     assert ("dpo", "beta=0.1") in table.index and table.shape[1] == 2
+
+    # a re-run reuses the trained settings only on the inputs they were trained on
+    recorded = json.loads((out / "dpo" / "beta=0.1" / "train.json").read_text())["inputs"]
+    assert recorded["data_dir"] == str(base.data_dir.resolve()) and recorded["config"]["max_steps"] == 2
+    other = fake_run(outputs / "other", {"data": "done", "reward_model": "done"}, model=str(model))
+    toy_task.write_data(other.data_dir, tokenizer)
+    with pytest.raises(ConfigError, match=r"dpo/beta=0\.1/train\.json: was trained with data_dir = .*--run"):
+        compare.run_comparison(
+            compare.load_profile(path, base_run="other"), rm_scorer=score, gold_scorer=gold, train_scorer=score
+        )
     report.plot_frontier(summary, out / "plots" / "frontier.png")
     assert (out / "plots" / "frontier.png").stat().st_size > 0
     # restartable: a second run reuses every trained setting (nothing is retrained)

@@ -272,3 +272,27 @@ def test_rloo_and_grpo_raise_the_reward(toy, kind):
     before = float(ctx.ref_rm.mean())
     after = trained_reward(ctx, root / kind)
     assert after > before + 0.3, (before, after)
+
+
+def test_check_trained_names_the_first_input_that_differs(tmp_path):
+    from rlhf_lib.config import ConfigError
+    from rlhf_lib.methods.common import check_trained, setting_inputs, write_train_record
+    from rlhf_lib.methods.dpo import DPOMethodConfig
+
+    inputs = MethodInputs("model", tmp_path / "data", tmp_path / "rm", seed=0)
+    trained = setting_inputs(inputs, DPOMethodConfig(max_pairs=8))
+    write_train_record(tmp_path, {"method": "dpo", "inputs": trained})
+    check_trained(tmp_path, trained)  # the same inputs: reused
+    check_trained(tmp_path, setting_inputs(inputs, DPOMethodConfig(max_pairs=8, betas=[0.5])))  # betas: one each
+    with pytest.raises(ConfigError, match=r"train\.json: was trained with config\.max_pairs = 8, this .* has 16"):
+        check_trained(tmp_path, setting_inputs(inputs, DPOMethodConfig(max_pairs=16)))
+    with pytest.raises(ConfigError, match="was trained with seed = 0"):
+        check_trained(
+            tmp_path,
+            setting_inputs(
+                MethodInputs("model", tmp_path / "data", tmp_path / "rm", seed=1), DPOMethodConfig(max_pairs=8)
+            ),
+        )
+    write_train_record(tmp_path, {"method": "dpo"})
+    with pytest.raises(ConfigError, match="records no inputs"):
+        check_trained(tmp_path, trained)

@@ -7,6 +7,7 @@ with the tokenizer), so :func:`rlhf_lib.evaluate.default_policy_loader` loads it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import models, runtime
+from ..config import ConfigError
 
 TRAIN_FILE = "train.json"  # beside policy/: train_seconds, generated_tokens, the trainer's log history
 
@@ -177,6 +179,43 @@ def load_policy_folder(path: Path, base_model: str, tokenizer, device: torch.dev
 def is_trained(folder: Path) -> bool:
     """A method setting finished training: its policy folder and train.json exist (train.json is written last)."""
     return (Path(folder) / "policy" / "config.json").exists() and (Path(folder) / TRAIN_FILE).exists()
+
+
+def setting_inputs(inputs: MethodInputs, cfg: Any) -> dict[str, Any]:
+    """What a trained setting depends on besides its beta, as train.json records it: the initial policy, the base
+    run's data and reward model folders, the seed, and the method's config (all of it but the list of betas)."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("betas", "enabled")}
+    record = {
+        "model": inputs.model,
+        "data_dir": str(Path(inputs.data_dir).resolve()),
+        "reward_model_dir": str(Path(inputs.reward_model_dir).resolve()),
+        "seed": inputs.seed,
+        "config": config,
+    }
+    return json.loads(json.dumps(record, default=str))  # as it reads back from JSON
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """{"config": {"k": v}, ...} -> {"config.k": v, ...}"""
+    out = {k: v for k, v in record.items() if k != "config"}
+    return {**out, **{f"config.{k}": v for k, v in record.get("config", {}).items()}}
+
+
+def check_trained(folder: Path, expected: dict[str, Any]) -> None:
+    """Refuse to reuse a trained setting whose recorded inputs differ from this comparison's (one line: the key)."""
+    recorded = read_train_record(folder).get("inputs")
+    if recorded == expected:
+        return
+    if recorded is None:
+        why = "records no inputs (data, reward model, seed, config), so it cannot be checked"
+    else:
+        old, new = _flat(recorded), _flat(expected)
+        key = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        why = f"was trained with {key} = {old.get(key)!r}, this comparison has {new.get(key)!r}"
+    raise ConfigError(
+        f"{Path(folder) / TRAIN_FILE}: {why}; delete {folder} to retrain it, or write this comparison to another run "
+        "(--run NAME)"
+    )
 
 
 def write_train_record(folder: Path, record: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from .common import (
     lora_config,
     read_jsonl,
     save_policy,
+    setting_inputs,
     training_arguments,
     write_train_record,
 )
@@ -126,6 +127,7 @@ def train_dpo(cfg: DPOMethodConfig, inputs: MethodInputs, beta: float, out_dir: 
         "n_pairs": len(dataset),
         "steps": trainer.state.global_step,
         "log_history": trainer.state.log_history,
+        "inputs": setting_inputs(inputs, cfg),  # what a re-run checks before it reuses this setting
     }
     write_train_record(out_dir, record)
     return record

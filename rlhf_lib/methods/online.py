@@ -29,6 +29,7 @@ from .common import (
     read_jsonl,
     reward_stats,
     save_policy,
+    setting_inputs,
     token_id_reward,
     training_arguments,
     write_train_record,
@@ -173,6 +174,7 @@ def train_online(
         "generated_responses": reward.generated_responses,
         "steps": trainer.state.global_step,
         "log_history": trainer.state.log_history,
+        "inputs": setting_inputs(inputs, cfg),  # what a re-run checks before it reuses this setting
     }
     write_train_record(out_dir, record)
     return record
