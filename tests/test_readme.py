@@ -34,7 +34,9 @@ KEY_METRICS = (
     "val/ratio",
     "val/num_eos_tokens",
 )
-SWEEP_SUMMARY = ROOT / "docs" / "sweeps" / "default_beta" / "summary.json"  # the README headline's source
+SWEEPS = ROOT / "docs" / "sweeps"
+SWEEP_SUMMARY = SWEEPS / "eos_penalty" / "summary.json"  # the README headline's source: the default profile's sweep
+EOS_SUMMARY = SWEEPS / "eos_penalty" / "summary.json"  # missing_eos_penalty on the same data, reward model and seeds
 COMPARE_SUMMARY = ROOT / "docs" / "compare" / "summary.json"  # the methods comparison's source
 EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
@@ -45,18 +47,34 @@ def metric_table(names: tuple[str, ...] | None) -> str:
     return metrics.glossary_markdown(names)
 
 
+def default_value(dotted: str):
+    """The value of one section.key in params/default.yaml (None where the profile leaves it at the default)."""
+    section, key = dotted.split(".", 1)
+    return yaml.safe_load((ROOT / "params" / "default.yaml").read_text()).get(section, {}).get(key)
+
+
 def headline_table() -> str:
-    """The default profile's cell of the committed default-beta sweep (mean ± 95 % CI over seeds)."""
+    """The default profile's cell of the headline sweep, mean ± 95 % CI over seeds; grid keys as in default.yaml."""
     from rlhf_lib import sweep_stats
 
-    kl_coef = yaml.safe_load((ROOT / "params" / "default.yaml").read_text())["ppo"]["kl_coef"]
-    return sweep_stats.headline_markdown(sweep_stats.load_summary(SWEEP_SUMMARY.parent), {"ppo.kl_coef": kl_coef})
+    summary = sweep_stats.load_summary(SWEEP_SUMMARY.parent)
+    cell = {k: default_value(k) for k in summary["grid"] if k != summary["seed_key"]}
+    return sweep_stats.headline_markdown(summary, cell)
 
 
 def sweep_cells_table() -> str:
     from rlhf_lib import sweep_stats
 
-    return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEP_SUMMARY.parent))
+    return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEPS / "default_beta"))
+
+
+def eos_penalty_table() -> str:
+    """default_beta's beta = 0.1 cell against eos_penalty's, paired by seed (same data, reward model, beta, seeds)."""
+    from rlhf_lib import sweep_stats
+
+    labels = ("no penalty (`default_beta`, β = 0.1)", "`ppo.missing_eos_penalty` = 1.0")
+    without, with_ = (sweep_stats.load_summary(SWEEPS / name) for name in ("default_beta", "eos_penalty"))
+    return sweep_stats.paired_markdown(without, {"ppo.kl_coef": 0.1}, with_, {"ppo.missing_eos_penalty": 1.0}, labels)
 
 
 def compare_table() -> str:
@@ -71,6 +89,7 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (README, "key-metrics"): lambda: metric_table(KEY_METRICS),
     (README, "headline"): headline_table,
     (EXPERIMENTS, "sweep-cells"): sweep_cells_table,
+    (EXPERIMENTS, "eos-penalty"): eos_penalty_table,
     (EXPERIMENTS, "compare-methods"): compare_table,
     (ROOT / "docs" / "metrics.md", "metrics"): lambda: metric_table(None),
 }
