@@ -333,6 +333,16 @@ def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, texts: dict) -> lis
     return out
 
 
+def check_reusable(profile: Profile, inputs: MethodInputs, out: Run) -> None:
+    """Before any work: every trained setting a re-run would reuse was trained on this comparison's inputs."""
+    for method in TRAINED:
+        cfg = getattr(profile, method)
+        for beta in cfg.betas if cfg.enabled else []:
+            folder = out.root / method / setting_label("beta", beta)
+            if is_trained(folder):
+                check_trained(folder, setting_inputs(inputs, cfg))
+
+
 def trained_entries(
     ctx: Context, profile: Profile, inputs: MethodInputs, out: Run, texts: dict, scorer=None
 ) -> list[dict[str, Any]]:
@@ -345,8 +355,7 @@ def trained_entries(
         for beta in cfg.betas:
             setting = setting_label("beta", beta)
             folder = out.root / method / setting
-            if is_trained(folder):
-                check_trained(folder, setting_inputs(inputs, cfg))
+            if is_trained(folder):  # its inputs were checked by check_reusable before any evaluation
                 print(f"[compare] {method} {setting}: trained already ({folder}), evaluating it", flush=True)
             elif method == "dpo":
                 train_dpo(cfg, inputs, beta, folder)
@@ -457,13 +466,6 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
     out = Run(outputs_root(cfg) / cfg.run)
     if out.root.resolve() == base.root.resolve():
         raise ConfigError(f"compare run {cfg.run!r} is the base run itself; choose another common.run")
-    out.root.mkdir(parents=True, exist_ok=True)
-    ctx = make_context(profile.eval, base, rm_scorer, gold_scorer)
-    texts: dict[tuple[str, str], list[str]] = {("reference", ""): ctx.ref_samples.texts}
-    reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
-    entries = [reference]
-    entries += ppo_entries(ctx, cfg, base, texts)
-    entries += best_of_n_entries(ctx, profile.best_of_n, texts)
     inputs = MethodInputs(
         cfg.model,
         base.upstream("data").data_dir,
@@ -472,6 +474,14 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
         cfg.device,
         cfg.dtype,
     )
+    check_reusable(profile, inputs, out)
+    out.root.mkdir(parents=True, exist_ok=True)
+    ctx = make_context(profile.eval, base, rm_scorer, gold_scorer)
+    texts: dict[tuple[str, str], list[str]] = {("reference", ""): ctx.ref_samples.texts}
+    reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
+    entries = [reference]
+    entries += ppo_entries(ctx, cfg, base, texts)
+    entries += best_of_n_entries(ctx, profile.best_of_n, texts)
     entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer)
     anchor = reference if cfg.anchor_reference else None
     summary = {

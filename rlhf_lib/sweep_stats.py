@@ -358,8 +358,7 @@ def seed_values(summary: dict[str, Any], overrides: dict[str, Any], key: str) ->
     seed_key = summary.get("seed_key", "common.seed")
     out = {}
     for point in summary["points"]:
-        rest = {k: v for k, v in point["overrides"].items() if k != seed_key}
-        if point["status"] == "done" and rest == overrides:
+        if point["status"] == "done" and dict(cell_of(point, seed_key)) == overrides:
             value = numeric_leaves(point["summary"]).get(key)
             if value is not None:
                 out[point["overrides"].get(seed_key)] = value

@@ -35,8 +35,7 @@ KEY_METRICS = (
     "val/num_eos_tokens",
 )
 SWEEPS = ROOT / "docs" / "sweeps"
-SWEEP_SUMMARY = SWEEPS / "eos_penalty" / "summary.json"  # the README headline's source: the default profile's sweep
-EOS_SUMMARY = SWEEPS / "eos_penalty" / "summary.json"  # missing_eos_penalty on the same data, reward model and seeds
+HEADLINE_SWEEP = SWEEPS / "eos_penalty"  # the README headline's source: the sweep of the default profile's settings
 COMPARE_SUMMARY = ROOT / "docs" / "compare" / "summary.json"  # the methods comparison's source
 EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
@@ -57,7 +56,7 @@ def headline_table() -> str:
     """The default profile's cell of the headline sweep, mean ± 95 % CI over seeds; grid keys as in default.yaml."""
     from rlhf_lib import sweep_stats
 
-    summary = sweep_stats.load_summary(SWEEP_SUMMARY.parent)
+    summary = sweep_stats.load_summary(HEADLINE_SWEEP)
     cell = {k: default_value(k) for k in summary["grid"] if k != summary["seed_key"]}
     return sweep_stats.headline_markdown(summary, cell)
 
