@@ -3,8 +3,10 @@
 ``python -m rlhf_lib.compare --params params/compare/<profile>.yaml --base-run <run>`` (``make compare``) runs the
 profile's methods on top of a finished run (its data/ and reward_model/ are read, never written) and executes
 ``notebooks/06_compare_methods.ipynb`` through papermill; everything goes to ``outputs/<common.run>/``:
-``<method>/<setting>/policy`` + ``train.json`` per trained setting (a finished one is skipped on a re-run),
-``summary.json``, ``samples.jsonl``, ``plots/``.
+``<method>/<setting>/policy`` + ``train.json`` per trained setting and ``evals/<curve>/<setting>.json`` per finished
+evaluation (a re-run on the same inputs reuses both), ``summary.json`` (with the resolved profile, git commit, versions
+and device), ``samples.jsonl``, ``plots/``. One writer per comparison run: it holds the run's lock
+(:mod:`rlhf_lib.runlock`), so a second ``make compare`` on the same run is refused at once.
 
 One evaluation path for every policy: the evaluation stage's own functions
 (:func:`rlhf_lib.eval_sampling.sample_policy`, ``eval_sampling.score_samples``, ``eval_stats.win_rate``,
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from . import checkpoints, eval_sampling, eval_stats, evaluate, models, runtime
+from . import checkpoints, eval_sampling, eval_stats, evaluate, models, runlock, runtime
 from .config import CommonConfig, ConfigError, validate
 from .evaluate import EvalConfig
 from .methods import best_of_n as bon
@@ -37,7 +41,7 @@ from .methods.best_of_n import BestOfNConfig
 from .methods.common import MethodInputs, check_trained, is_trained, read_train_record, setting_inputs, setting_label
 from .methods.dpo import DPOMethodConfig, train_dpo
 from .methods.online import GRPOMethodConfig, RLOOMethodConfig, train_online
-from .runs import Run, outputs_root, read_json, repo_root, write_json_atomic
+from .runs import Run, git_state, outputs_root, package_versions, read_json, repo_root, write_json_atomic
 
 NOTEBOOK = "06_compare_methods.ipynb"
 SECTIONS = {
@@ -50,6 +54,8 @@ SECTIONS = {
     "grpo": GRPOMethodConfig,
 }
 TRAINED = ("dpo", "rloo", "grpo")
+PROFILE_SECTIONS = ("compare", "eval", "best_of_n", "dpo", "rloo", "grpo")  # Profile's configs, as summary.json records
+EVALS = "evals"  # <run>/evals/<curve>/<setting>.json: one finished evaluation and the inputs it was made on
 
 
 @dataclass
@@ -175,6 +181,7 @@ class Context:
     gold_scorer: Any
     judge: str
     eval_cfg: EvalConfig
+    key: dict[str, Any] = field(default_factory=dict)  # what every evaluation depends on (see eval_key)
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -198,7 +205,71 @@ def make_context(ev: EvalConfig, base: Run, rm_scorer=None, gold_scorer=None) ->
     ref = eval_sampling.sample_policy(reference, tokenizer, [r["prompt_ids"] for r in rows], settings, desc="reference")
     rm, gold = eval_sampling.score_samples(ref, rm_scorer, gold_scorer)
     judge = evaluate.judge_name(ev, gold_scorer is not None)
-    return Context(settings, tokenizer, rows, reference, ref, rm, gold, rm_scorer, gold_scorer, judge, ev)
+    key = eval_key(ev, base, settings, judge, rm_scorer, gold_scorer)
+    return Context(settings, tokenizer, rows, reference, ref, rm, gold, rm_scorer, gold_scorer, judge, ev, key)
+
+
+def folder_fingerprint(path: Path) -> str:
+    """A short sha256 over the names, sizes and modification times of a folder's files (or of one file): it changes
+    when anything in it is rewritten, e.g. a policy retrained into the same folder."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _scorer_name(scorer: Any) -> str:
+    return getattr(scorer, "__qualname__", type(scorer).__name__)
+
+
+def eval_key(ev: EvalConfig, base: Run, settings, judge: str, rm_scorer: Any, gold_scorer: Any) -> dict[str, Any]:
+    """The inputs every evaluation of a comparison depends on: the base run's data and reward model (by folder and
+    fingerprint), the evaluation config (all but its thread count) and sampling settings, the scorers and the judge."""
+    rm_dir = base.upstream("reward_model").reward_model_dir
+    key = {
+        "data": str(base.upstream("data").data_dir.resolve()),
+        "reward_model": [str(rm_dir.resolve()), folder_fingerprint(rm_dir) if rm_dir.exists() else None],
+        "eval": {k: v for k, v in dataclasses.asdict(ev).items() if k != "threads"},
+        "generation": settings.to_dict(),
+        "scorers": [_scorer_name(rm_scorer), _scorer_name(gold_scorer) if gold_scorer is not None else None],
+        "judge": judge,
+    }
+    return json.loads(json.dumps(key, default=str))  # as it reads back from JSON
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "=.-_" else "_" for c in text) or "all"
+
+
+def cached_evaluation(
+    ctx: Context, out: Run, curve: str, setting: str, policy_key: dict[str, Any], evaluate_now
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[str]]]:
+    """``evaluate_now() -> (entries, texts)`` once per (curve, setting) and inputs: the result is kept in
+    ``evals/<curve>/<setting>.json`` and read back by a re-run whose context key and `policy_key` are the same, so an
+    interrupted comparison loses at most the evaluation it was in."""
+    path = out.root / EVALS / _slug(curve) / f"{_slug(setting)}.json"
+    key = json.loads(json.dumps({**ctx.key, "policy": policy_key}, default=str))
+    try:
+        saved = read_json(path)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); delete it to evaluate {curve} {setting} again") from None
+    if saved is not None and saved.get("key") == key:
+        print(f"[compare] {curve} {setting}: evaluated already ({path}), reusing it", flush=True)
+        for e in saved["entries"]:
+            _say(e)
+        return saved["entries"], {(t["curve"], t["setting"]): t["texts"] for t in saved["texts"]}
+    entries, texts = evaluate_now()
+    record = {
+        "key": key,
+        "entries": entries,
+        "texts": [{"curve": c, "setting": s, "texts": t} for (c, s), t in texts.items()],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return entries, texts
 
 
 def _se(values: np.ndarray | None) -> float | None:
@@ -303,34 +374,40 @@ def ppo_cost(run: Run, update: int | None) -> tuple[float, int]:
     return seconds, int(round(tokens))
 
 
-def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, texts: dict) -> list[dict[str, Any]]:
+def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: dict) -> list[dict[str, Any]]:
     runs = [base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else []
     runs += [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
-    out = []
+    entries: list[dict[str, Any]] = []
     for run in runs:
         curve = "ppo" if run.root == base.root else f"ppo:{run.name}"
         kl_coef = run.manifest().get("stages", {}).get("ppo", {}).get("params", {}).get("kl_coef")
         load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
             seconds, tokens = ppo_cost(run, None if setting == "final" else update)
-            policy = load(folder)
-            entry, t = evaluate_policy(
-                ctx,
-                policy,
-                "ppo",
-                setting,
-                curve=curve,
-                run=run.name,
-                step=update,
-                beta=kl_coef,
-                train_seconds=seconds,
-                generated_tokens=tokens,
-            )
-            out.append(entry)
-            texts[(curve, setting)] = t
-            del policy
-            gc.collect()
-    return out
+
+            def evaluate_now(folder=folder, setting=setting, update=update, seconds=seconds, tokens=tokens):
+                policy = load(folder)
+                entry, t = evaluate_policy(
+                    ctx,
+                    policy,
+                    "ppo",
+                    setting,
+                    curve=curve,
+                    run=run.name,
+                    step=update,
+                    beta=kl_coef,
+                    train_seconds=seconds,
+                    generated_tokens=tokens,
+                )
+                del policy
+                gc.collect()
+                return [entry], {(curve, setting): t}
+
+            policy_key = {"folder": str(folder.resolve()), "fingerprint": folder_fingerprint(folder)}
+            got, got_texts = cached_evaluation(ctx, out, curve, setting, policy_key, evaluate_now)
+            entries += got
+            texts.update(got_texts)
+    return entries
 
 
 def check_reusable(profile: Profile, inputs: MethodInputs, out: Run) -> None:
@@ -356,7 +433,7 @@ def trained_entries(
             setting = setting_label("beta", beta)
             folder = out.root / method / setting
             if is_trained(folder):  # its inputs were checked by check_reusable before any evaluation
-                print(f"[compare] {method} {setting}: trained already ({folder}), evaluating it", flush=True)
+                print(f"[compare] {method} {setting}: trained already ({folder})", flush=True)
             elif method == "dpo":
                 train_dpo(cfg, inputs, beta, folder)
             else:
@@ -371,29 +448,48 @@ def trained_entries(
                     scorer=scorer,
                 )
             record = read_train_record(folder)
-            policy = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)(
-                folder / "policy"
-            )
-            entry, t = evaluate_policy(
-                ctx,
-                policy,
-                method,
-                setting,
-                curve=method,
-                beta=beta,
-                train_seconds=record.get("train_seconds"),
-                generated_tokens=record.get("generated_tokens"),
-            )
-            entries.append(entry)
-            texts[(method, setting)] = t
-            del policy
-            gc.collect()
+
+            def evaluate_now(method=method, setting=setting, folder=folder, beta=beta, record=record):
+                policy = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)(
+                    folder / "policy"
+                )
+                entry, t = evaluate_policy(
+                    ctx,
+                    policy,
+                    method,
+                    setting,
+                    curve=method,
+                    beta=beta,
+                    train_seconds=record.get("train_seconds"),
+                    generated_tokens=record.get("generated_tokens"),
+                )
+                del policy
+                gc.collect()
+                return [entry], {(method, setting): t}
+
+            policy_key = {
+                "folder": str(folder.resolve()),
+                "fingerprint": folder_fingerprint(folder / "policy"),
+                "train": folder_fingerprint(folder / "train.json"),
+            }
+            got, got_texts = cached_evaluation(ctx, out, method, setting, policy_key, evaluate_now)
+            entries += got
+            texts.update(got_texts)
     return entries
 
 
-def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, texts: dict) -> list[dict[str, Any]]:
+def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, out: Run, texts: dict) -> list[dict[str, Any]]:
     if not cfg.enabled:
         return []
+    entries, got = cached_evaluation(
+        ctx, out, bon.METHOD, "pool", dataclasses.asdict(cfg), lambda: _best_of_n_now(ctx, cfg)
+    )
+    texts.update(got)
+    return entries
+
+
+def _best_of_n_now(ctx: Context, cfg: BestOfNConfig) -> tuple[list[dict[str, Any]], dict]:
+    texts: dict[tuple[str, str], list[str]] = {}
     pool = bon.sample_pool(
         ctx.reference, ctx.tokenizer, ctx.prompts, ctx.settings, cfg.n_samples, ctx.rm_scorer, ctx.gold_scorer
     )
@@ -414,7 +510,7 @@ def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, texts: dict) -> list[dic
         _say(e)
         if e["method"] == bon.METHOD:
             texts[(e["curve"], e["setting"])] = bon.chosen_texts(pool, e["n"], len(ctx.rows))
-    return entries
+    return entries, texts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,18 +571,32 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
         cfg.dtype,
     )
     check_reusable(profile, inputs, out)
-    out.root.mkdir(parents=True, exist_ok=True)
+    lock = runlock.acquire(out.root, "compare", what=f"compare {profile.source}")  # one writer per run
+    try:
+        return _compare(profile, base, out, inputs, start, rm_scorer, gold_scorer, train_scorer)
+    finally:
+        lock.release("compare")
+
+
+def _compare(
+    profile: Profile, base: Run, out: Run, inputs: MethodInputs, start: float, rm_scorer, gold_scorer, train_scorer
+) -> dict[str, Any]:
+    cfg = profile.compare
     ctx = make_context(profile.eval, base, rm_scorer, gold_scorer)
     texts: dict[tuple[str, str], list[str]] = {("reference", ""): ctx.ref_samples.texts}
     reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
     entries = [reference]
-    entries += ppo_entries(ctx, cfg, base, texts)
-    entries += best_of_n_entries(ctx, profile.best_of_n, texts)
+    entries += ppo_entries(ctx, cfg, base, out, texts)
+    entries += best_of_n_entries(ctx, profile.best_of_n, out, texts)
     entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer)
     anchor = reference if cfg.anchor_reference else None
     summary = {
         "base_run": str(base.root),
         "profile": profile.source,
+        "params": {name: dataclasses.asdict(getattr(profile, name)) for name in PROFILE_SECTIONS},
+        "git": git_state(),
+        "versions": package_versions(),
+        "device": runtime.describe_device(runtime.pick_device(cfg.device), cfg.dtype),
         "judge": ctx.judge,
         "generation": ctx.settings.to_dict(),
         "n_eval_prompts": len(ctx.rows),
@@ -545,13 +655,27 @@ def execute(
     if not notebook:
         run_comparison(profile)
         return out_root
-    import os
-
-    import papermill
 
     from . import TEXT_PROGRESS_ENV
 
     os.environ[TEXT_PROGRESS_ENV] = "1"
+    lock = runlock.acquire(out_root, "compare", what=f"compare {profile.source}")  # before the kernel starts
+    previous = os.environ.get(runlock.LOCK_ENV)
+    os.environ[runlock.LOCK_ENV] = lock.info.get("token", "")  # the kernel works under this process's lock
+    try:
+        _execute_notebook(params, profile, out_root, kernel_name)
+    finally:
+        lock.release("compare")
+        if previous is None:
+            os.environ.pop(runlock.LOCK_ENV, None)
+        else:
+            os.environ[runlock.LOCK_ENV] = previous
+    return out_root
+
+
+def _execute_notebook(params: str, profile: Profile, out_root: Path, kernel_name: str) -> None:
+    import papermill
+
     (out_root / "notebooks").mkdir(parents=True, exist_ok=True)
     root = repo_root()
     papermill.execute_notebook(
@@ -570,7 +694,6 @@ def execute(
         stderr_file=sys.stderr,
         progress_bar=False,
     )
-    return out_root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -588,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = execute(
             args.params, args.base_run, args.run, args.outputs_dir, notebook=not args.no_notebook, threads=args.threads
         )
-    except ConfigError as err:
+    except (ConfigError, runlock.RunBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"[compare] outputs in {out}")

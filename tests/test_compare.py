@@ -1,10 +1,14 @@
 """Tests for rlhf_lib.compare: gold at matched KL on hand-made points, profile validation, PPO cost accounting, the
-notebook being in step with its generator, and (slow) a whole comparison on the toy task with injected scorers."""
+notebook being in step with its generator, one writer per comparison run, and (slow) a whole comparison on the toy
+task with injected scorers, re-run to show that finished trainings and evaluations are reused."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 import toy_task
 import yaml
 
-from rlhf_lib import compare, models
+from rlhf_lib import compare, models, runlock
 from rlhf_lib.config import ConfigError
 from rlhf_lib.methods import report
 from rlhf_lib.runs import Run, write_json_atomic
@@ -270,7 +274,57 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
         )
     report.plot_frontier(summary, out / "plots" / "frontier.png")
     assert (out / "plots" / "frontier.png").stat().st_size > 0
-    # restartable: a second run reuses every trained setting (nothing is retrained)
+    assert summary["git"]["commit"] and summary["versions"]["torch"] and summary["device"]["type"] == "cpu"
+    assert summary["params"]["dpo"]["betas"] == [0.1] and summary["params"]["eval"]["response_length"] == 4
+
+    # restartable: a second run reuses every trained setting and every finished evaluation (nothing is redone) ...
     stamp = (out / "rloo" / "beta=0.05" / "train.json").stat().st_mtime_ns
-    compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
-    assert (out / "rloo" / "beta=0.05" / "train.json").stat().st_mtime_ns == stamp
+    evaluated = []
+    real_evaluate = compare.evaluate_policy
+
+    def counting(ctx, policy, method, setting, **extra):
+        evaluated.append((method, setting))
+        return real_evaluate(ctx, policy, method, setting, **extra)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("best-of-N was sampled again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compare, "evaluate_policy", counting)
+        mp.setattr(compare.bon, "sample_pool", no_pool)
+        again = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+        assert evaluated == [] and again["methods"] == json.loads(json.dumps(summary["methods"]))
+        assert (out / "rloo" / "beta=0.05" / "train.json").stat().st_mtime_ns == stamp
+        # ... except the evaluation of a policy rewritten since: a retrained setting is evaluated afresh
+        weights = next((out / "grpo" / "beta=0.05" / "policy").glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes())
+        os.utime(weights, ns=(stamp + 10**9, stamp + 10**9))
+        compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+        assert evaluated == [("grpo", "beta=0.05")]
+    with pytest.raises(ConfigError, match="evals"):  # a corrupt record is not silently reused
+        (out / compare.EVALS / "dpo" / "beta=0.1.json").write_text("{ not json")
+        compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+
+
+def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path):
+    """One writer per comparison run: while another process holds the run's lock, run_comparison raises at once."""
+    fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
+    profile = compare.load_profile(
+        write_profile(tmp_path, common={"run": "cmp", "outputs_dir": str(tmp_path)}), base_run="base"
+    )
+    code = (
+        "import sys, time; from pathlib import Path; from rlhf_lib import runlock; "
+        "runlock.acquire(Path(sys.argv[1]), 'compare', what='compare other'); print('held', flush=True); "
+        "time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "cmp")], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.RunBusyError, match=f"pid {holder.pid}"):
+            compare.run_comparison(profile)
+        assert not (tmp_path / "cmp" / "summary.json").exists() and not (tmp_path / "cmp" / compare.EVALS).exists()
+    finally:
+        holder.kill()
+        holder.wait()
