@@ -156,6 +156,34 @@ def test_methods_markdown_has_one_row_per_entry_with_analytic_kl_for_best_of_n()
     assert lines[4].startswith("| ppo:seed1 | final | 2.90 |") and lines[4].endswith("| 0.100 | 1523 |")
 
 
+def test_frontier_markdown_ranks_curves_by_gold_at_matched_kl_with_each_best_point_and_its_cost():
+    def entry(method, setting, kl, gold, seconds=0.0, tokens=0):
+        return {"method": method, "setting": setting, "kl": kl, "gold_score": gold, "gold_score_se": 0.02,
+                "train_seconds": seconds, "generated_tokens": tokens}  # fmt: skip
+
+    summary = {
+        "methods": [
+            entry("reference", "", 0.0, 0.5),
+            entry("best_of_n", "N=2", 0.2, 0.56),
+            entry("best_of_n", "N=4", 0.6, 0.62),
+            entry("ppo", "update 4", 2.0, 0.55, 300.0, 4000),
+            entry("ppo", "final", 4.0, 0.70, 900.0, 12000),
+            entry("dpo", "beta=0.1", 0.5, 0.52, 600.0),
+        ]
+    }
+    anchor = summary["methods"][0]
+    summary["gold_at_kl"] = compare.gold_at_kl(summary["methods"], [0.4, 3.0], anchor)
+    lines = report.frontier_markdown(summary).splitlines()
+    assert lines[0].startswith("| method | gold @ 0.4 nats | gold @ 3 nats | best gold")
+    rows = [line.split(" | ") for line in lines[2:]]
+    # at 0.4 nats, on each curve anchored at the reference (0, 0.5): best-of-N 0.56 + 0.06 * 0.5 = 0.590,
+    # DPO 0.5 + 0.02 * 0.8 = 0.516, PPO 0.5 + 0.05 * 0.2 = 0.510; at 3 nats only PPO: 0.55 + 0.15 * 0.5 = 0.625
+    assert [r[0].strip("| ") for r in rows] == ["best_of_n", "dpo", "ppo"]
+    assert rows[0][1:3] == ["0.590", "–"] and rows[1][1] == "0.516" and rows[2][1:3] == ["0.510", "0.625"]
+    assert rows[2][3] == "0.700 ± 0.020 (final, 4.00)" and rows[2][4:] == ["900", "12,000 |"]
+    assert rows[0][3] == "0.620 ± 0.020 (N=4, 0.60)"
+
+
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()

@@ -137,6 +137,47 @@ def methods_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def best_points(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per curve, its entry with the highest gold (the reference is not a curve)."""
+    best: dict[str, dict[str, Any]] = {}
+    for e in summary["methods"]:
+        curve = e.get("curve") or e["method"]
+        if e["method"] == "reference" or e.get("gold_score") is None:
+            continue
+        if curve not in best or e["gold_score"] > best[curve]["gold_score"]:
+            best[curve] = e
+    return best
+
+
+def frontier_markdown(summary: dict[str, Any], rank_at: str | None = None) -> str:
+    """A Markdown table, one row per curve ranked by gold at matched KL (at `rank_at` nats, default the first KL
+    point; curves that do not reach it last, by their best gold): gold interpolated at each KL point ("–": the curve
+    does not reach that KL), then the curve's best point (gold ± s.e., setting, KL) and that point's training cost."""
+    at = summary["gold_at_kl"]
+    points = list(next(iter(at.values()), {}))
+    rank_at = rank_at or (points[0] if points else None)
+    best = best_points(summary)
+
+    def order(curve: str) -> tuple[int, float]:
+        g = at.get(curve, {}).get(rank_at) if rank_at else None
+        return (0, -g) if g is not None else (1, -best[curve]["gold_score"])
+
+    head = " | ".join(f"gold @ {k} nats" for k in points)
+    lines = [
+        f"| method | {head} | best gold ± s.e. (setting, KL) | its training s | its generated tokens |",
+        "|---|" + "---|" * (len(points) + 3),
+    ]
+    for curve in sorted(best, key=order):
+        e = best[curve]
+        gold = (
+            f"{_num(e['gold_score'])} ± {_num(e.get('gold_score_se'))} ({e.get('setting') or ''}, {_num(e['kl'], 2)})"
+        )
+        cells = [curve, *(_num(at.get(curve, {}).get(k)) for k in points), gold]
+        cells += [_num(e.get("train_seconds"), 0), f"{int(e.get('generated_tokens') or 0):,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def samples_table(samples_path: str | Path, n_prompts: int = 2) -> pd.DataFrame:
     """Side by side: one row per (method, setting), one column per prompt (the first n_prompts)."""
     rows = pd.read_json(samples_path, lines=True)
