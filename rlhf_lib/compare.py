@@ -38,7 +38,15 @@ from .config import CommonConfig, ConfigError, validate
 from .evaluate import EvalConfig
 from .methods import best_of_n as bon
 from .methods.best_of_n import BestOfNConfig
-from .methods.common import MethodInputs, check_trained, is_trained, read_train_record, setting_inputs, setting_label
+from .methods.common import (
+    TRAIN_FILE,
+    MethodInputs,
+    check_trained,
+    is_trained,
+    read_train_record,
+    setting_inputs,
+    setting_label,
+)
 from .methods.dpo import DPOMethodConfig, train_dpo
 from .methods.online import GRPOMethodConfig, RLOOMethodConfig, train_online
 from .runs import Run, git_state, outputs_root, package_versions, read_json, repo_root, write_json_atomic
@@ -410,14 +418,31 @@ def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: di
     return entries
 
 
-def check_reusable(profile: Profile, inputs: MethodInputs, out: Run) -> None:
-    """Before any work: every trained setting a re-run would reuse was trained on this comparison's inputs."""
+def check_reusable(profile: Profile, inputs: MethodInputs, out: Run, base: Run | None = None) -> None:
+    """Before any work: every trained setting a re-run would reuse was trained on this comparison's inputs, and
+    after the base run's data and reward model were last made (a stage redone in place keeps its folder name)."""
     for method in TRAINED:
         cfg = getattr(profile, method)
         for beta in cfg.betas if cfg.enabled else []:
             folder = out.root / method / setting_label("beta", beta)
             if is_trained(folder):
                 check_trained(folder, setting_inputs(inputs, cfg))
+                if base is not None:
+                    _check_newer_than_base(folder, base)
+
+
+def _check_newer_than_base(folder: Path, base: Run) -> None:
+    import datetime as dt
+
+    trained = dt.datetime.fromtimestamp((folder / TRAIN_FILE).stat().st_mtime, dt.timezone.utc)
+    for stage in ("data", "reward_model"):
+        source = base.upstream(stage)
+        ended = source.stage_entry(stage).get("ended")
+        if ended and dt.datetime.fromisoformat(ended) > trained:
+            raise ConfigError(
+                f"{folder / TRAIN_FILE}: trained before {source.root}'s {stage} stage was redone ({ended}); delete "
+                f"{folder} to retrain it on the new {stage}, or write this comparison to another run (--run NAME)"
+            )
 
 
 def trained_entries(
@@ -570,7 +595,7 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
         cfg.device,
         cfg.dtype,
     )
-    check_reusable(profile, inputs, out)
+    check_reusable(profile, inputs, out, base)
     lock = runlock.acquire(out.root, "compare", what=f"compare {profile.source}")  # one writer per run
     try:
         return _compare(profile, base, out, inputs, start, rm_scorer, gold_scorer, train_scorer)

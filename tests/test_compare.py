@@ -332,6 +332,12 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
     with pytest.raises(ConfigError, match="evals"):  # a corrupt record is not silently reused
         (out / compare.EVALS / "dpo" / "beta=0.1.json").write_text("{ not json")
         compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+    # the base's reward model redone in place (same folder) after the settings were trained: refused before any work
+    manifest = json.loads(base.manifest_path.read_text())
+    manifest["stages"]["reward_model"]["ended"] = "2999-01-01T00:00:00+00:00"
+    write_json_atomic(base.manifest_path, manifest)
+    with pytest.raises(ConfigError, match=r"dpo/beta=0\.1/train\.json: trained before .*reward_model stage was redone"):
+        compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
 
 
 def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path):
