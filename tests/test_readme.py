@@ -28,15 +28,13 @@ KEY_METRICS = (
     "objective/scores",
     "objective/kl",
     "objective/rlhf_reward",
-    "objective/entropy",
     "policy/approxkl_avg",
     "policy/clipfrac_avg",
-    "val/ratio",
     "val/num_eos_tokens",
 )
 SWEEPS = ROOT / "docs" / "sweeps"
 HEADLINE_SWEEP = SWEEPS / "eos_penalty"  # the README headline's source: the sweep of the default profile's settings
-COMPARE_SUMMARY = ROOT / "docs" / "compare" / "summary.json"  # the methods comparison's source
+COMPARE = ROOT / "docs" / "compare"  # summary.json: params/compare/default.yaml; default_beta/: PPO vs best-of-N
 EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
 
@@ -76,12 +74,22 @@ def eos_penalty_table() -> str:
     return sweep_stats.paired_markdown(without, {"ppo.kl_coef": 0.1}, with_, {"ppo.missing_eos_penalty": 1.0}, labels)
 
 
-def compare_table() -> str:
+def compare_summary(folder: Path) -> dict:
     import json
 
+    return json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+
+
+def compare_table(folder: Path) -> str:
     from rlhf_lib.methods import report
 
-    return report.methods_markdown(json.loads(COMPARE_SUMMARY.read_text(encoding="utf-8")))
+    return report.methods_markdown(compare_summary(folder))
+
+
+def frontier_table() -> str:
+    from rlhf_lib.methods import report
+
+    return report.frontier_markdown(compare_summary(COMPARE))
 
 
 GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> and <!-- marker:end --> holds
@@ -89,7 +97,9 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (README, "headline"): headline_table,
     (EXPERIMENTS, "sweep-cells"): sweep_cells_table,
     (EXPERIMENTS, "eos-penalty"): eos_penalty_table,
-    (EXPERIMENTS, "compare-methods"): compare_table,
+    (EXPERIMENTS, "compare-default-beta"): lambda: compare_table(COMPARE / "default_beta"),
+    (EXPERIMENTS, "compare-methods"): lambda: compare_table(COMPARE),
+    (README, "compare-frontier"): frontier_table,
     (ROOT / "docs" / "metrics.md", "metrics"): lambda: metric_table(None),
 }
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
