@@ -234,11 +234,12 @@ def _scorer_name(scorer: Any) -> str:
 
 
 def eval_key(ev: EvalConfig, base: Run, settings, judge: str, rm_scorer: Any, gold_scorer: Any) -> dict[str, Any]:
-    """The inputs every evaluation of a comparison depends on: the base run's data and reward model (by folder and
-    fingerprint), the evaluation config (all but its thread count) and sampling settings, the scorers and the judge."""
-    rm_dir = base.upstream("reward_model").reward_model_dir
+    """The inputs every evaluation of a comparison depends on: the base run's data (its held-out prompts) and reward
+    model, each by folder and fingerprint; the evaluation config (all but its thread count) and sampling settings; the
+    scorers and the judge."""
+    data_dir, rm_dir = base.upstream("data").data_dir, base.upstream("reward_model").reward_model_dir
     key = {
-        "data": str(base.upstream("data").data_dir.resolve()),
+        "data": [str(data_dir.resolve()), folder_fingerprint(data_dir) if data_dir.exists() else None],
         "reward_model": [str(rm_dir.resolve()), folder_fingerprint(rm_dir) if rm_dir.exists() else None],
         "eval": {k: v for k, v in dataclasses.asdict(ev).items() if k != "threads"},
         "generation": settings.to_dict(),

@@ -340,6 +340,30 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
         compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
 
 
+def test_the_evaluation_key_changes_when_the_base_data_or_reward_model_is_rewritten(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf_lib.evaluate import EvalConfig
+
+    base = fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
+    for folder, name in ((base.data_dir, "eval_prompts.jsonl"), (base.reward_model_dir, "model.safetensors")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text("x")
+    settings = SimpleNamespace(to_dict=lambda: {"response_length": 4})
+
+    def key(**ev):
+        return compare.eval_key(EvalConfig(**ev), base, settings, "gold", len, None)
+
+    first = key()
+    assert key() == first and key(threads=7) == first  # the thread count does not change what is evaluated
+    assert key(n_eval_prompts=3) != first
+    for folder, name in ((base.data_dir, "eval_prompts.jsonl"), (base.reward_model_dir, "model.safetensors")):
+        before = key()
+        (folder / name).write_text("y")  # same size, new content and time: a stage redone in place
+        os.utime(folder / name, ns=(1, 10**18))
+        assert key() != before, folder
+
+
 def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path):
     """One writer per comparison run: while another process holds the run's lock, run_comparison raises at once."""
     fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
