@@ -341,6 +341,17 @@ def evaluate_policy(ctx: Context, policy, method: str, setting: str, **extra: An
     return entry, samples.texts
 
 
+def _evaluate_saved(
+    ctx: Context, load, folder: Path, method: str, setting: str, curve: str, **extra: Any
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[str]]]:
+    """Load a saved policy folder, evaluate it (one entry) and free it: what cached_evaluation runs for one policy."""
+    policy = load(folder)
+    entry, texts = evaluate_policy(ctx, policy, method, setting, curve=curve, **extra)
+    del policy
+    gc.collect()
+    return [entry], {(curve, setting): texts}
+
+
 def _say(e: dict[str, Any]) -> None:
     gold = f"gold {e['gold_score']:+.3f} ± {e['gold_score_se']:.3f}" if e.get("gold_score") is not None else "no gold"
     print(
@@ -393,33 +404,22 @@ def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: di
         load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
             seconds, tokens = ppo_cost(run, None if setting == "final" else update)
-
-            def evaluate_now(folder=folder, setting=setting, update=update, seconds=seconds, tokens=tokens):
-                policy = load(folder)
-                entry, t = evaluate_policy(
-                    ctx,
-                    policy,
-                    "ppo",
-                    setting,
-                    curve=curve,
-                    run=run.name,
-                    step=update,
-                    beta=kl_coef,
-                    train_seconds=seconds,
-                    generated_tokens=tokens,
-                )
-                del policy
-                gc.collect()
-                return [entry], {(curve, setting): t}
-
+            extra = dict(run=run.name, step=update, beta=kl_coef, train_seconds=seconds, generated_tokens=tokens)
             policy_key = {"folder": str(folder.resolve()), "fingerprint": folder_fingerprint(folder)}
-            got, got_texts = cached_evaluation(ctx, out, curve, setting, policy_key, evaluate_now)
+            got, got_texts = cached_evaluation(
+                ctx,
+                out,
+                curve,
+                setting,
+                policy_key,
+                lambda f=folder, s=setting, x=extra: _evaluate_saved(ctx, load, f, "ppo", s, curve, **x),
+            )
             entries += got
             texts.update(got_texts)
     return entries
 
 
-def check_reusable(profile: Profile, inputs: MethodInputs, out: Run, base: Run | None = None) -> None:
+def check_reusable(profile: Profile, inputs: MethodInputs, out: Run, base: Run) -> None:
     """Before any work: every trained setting a re-run would reuse was trained on this comparison's inputs, and
     after the base run's data and reward model were last made (a stage redone in place keeps its folder name)."""
     for method in TRAINED:
@@ -428,8 +428,7 @@ def check_reusable(profile: Profile, inputs: MethodInputs, out: Run, base: Run |
             folder = out.root / method / setting_label("beta", beta)
             if is_trained(folder):
                 check_trained(folder, setting_inputs(inputs, cfg))
-                if base is not None:
-                    _check_newer_than_base(folder, base)
+                _check_newer_than_base(folder, base)
 
 
 def _check_newer_than_base(folder: Path, base: Run) -> None:
@@ -475,30 +474,23 @@ def trained_entries(
                 )
             record = read_train_record(folder)
 
-            def evaluate_now(method=method, setting=setting, folder=folder, beta=beta, record=record):
-                policy = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)(
-                    folder / "policy"
-                )
-                entry, t = evaluate_policy(
-                    ctx,
-                    policy,
-                    method,
-                    setting,
-                    curve=method,
-                    beta=beta,
-                    train_seconds=record.get("train_seconds"),
-                    generated_tokens=record.get("generated_tokens"),
-                )
-                del policy
-                gc.collect()
-                return [entry], {(method, setting): t}
-
+            extra = dict(
+                beta=beta, train_seconds=record.get("train_seconds"), generated_tokens=record.get("generated_tokens")
+            )
+            load = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)
             policy_key = {
                 "folder": str(folder.resolve()),
                 "fingerprint": folder_fingerprint(folder / "policy"),
-                "train": folder_fingerprint(folder / "train.json"),
+                "train": folder_fingerprint(folder / TRAIN_FILE),
             }
-            got, got_texts = cached_evaluation(ctx, out, method, setting, policy_key, evaluate_now)
+            got, got_texts = cached_evaluation(
+                ctx,
+                out,
+                method,
+                setting,
+                policy_key,
+                lambda m=method, s=setting, f=folder, x=extra: _evaluate_saved(ctx, load, f / "policy", m, s, m, **x),
+            )
             entries += got
             texts.update(got_texts)
     return entries
@@ -686,16 +678,11 @@ def execute(
 
     os.environ[TEXT_PROGRESS_ENV] = "1"
     lock = runlock.acquire(out_root, "compare", what=f"compare {profile.source}")  # before the kernel starts
-    previous = os.environ.get(runlock.LOCK_ENV)
-    os.environ[runlock.LOCK_ENV] = lock.info.get("token", "")  # the kernel works under this process's lock
     try:
-        _execute_notebook(params, profile, out_root, kernel_name)
+        with runlock.environ(runlock.LOCK_ENV, lock.info.get("token", "")):  # the kernel works under this lock
+            _execute_notebook(params, profile, out_root, kernel_name)
     finally:
         lock.release("compare")
-        if previous is None:
-            os.environ.pop(runlock.LOCK_ENV, None)
-        else:
-            os.environ[runlock.LOCK_ENV] = previous
     return out_root
 
 

@@ -12,12 +12,11 @@ in this process instead of a notebook: what ``accelerate launch`` needs, where e
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -107,19 +106,6 @@ def _plan_resume(target: Run, stage: str, parameters: dict[str, Any], skip_done:
         runs.check_resume(target, stage, parameters)
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
-
-
 def execute(
     params_path: str,
     run: str | None = None,
@@ -146,7 +132,7 @@ def execute(
             runs.recover_interrupted(target)
         todo = plan(params_path, run, stages, overrides, overwrite, skip_done)
         token = lock.info.get("token", "") if lock is not None else os.environ.get(runlock.LOCK_ENV, "")
-        with _env(TEXT_PROGRESS_ENV, "1"), _env(runlock.LOCK_ENV, token):  # kernels inherit both
+        with runlock.environ(TEXT_PROGRESS_ENV, "1"), runlock.environ(runlock.LOCK_ENV, token):  # kernels inherit both
             for stage, parameters in todo:
                 if in_process:
                     _run_in_process(target, stage, parameters)

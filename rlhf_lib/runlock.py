@@ -16,6 +16,7 @@ is then free and is taken normally.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
@@ -25,7 +26,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 LOCK_ENV = "RLHF_LAB_RUN_LOCK"  # token of the lock holder whose children may write its run
 LOCK_NAME = ".lock"
@@ -153,3 +154,17 @@ def acquire(root: Path, hold: str, what: str = "") -> RunLock:
     lock = RunLock(root, fd, info, {hold})
     _HELD[root] = lock
     return lock
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for a block (e.g. LOCK_ENV for the kernels a holder starts), then restore it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
