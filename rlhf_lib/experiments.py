@@ -10,14 +10,18 @@ A sweep file names a base params profile, a base run and a grid over any params 
     grid: {common.seed: [0, 1, 2], ppo.kl_coef: [0.02, 0.05, 0.1, 0.2]}
     seed_key: common.seed            # the key aggregated over (default common.seed)
     stages: [ppo, eval]              # default: ppo, eval with a base run; all four without
+    reuse: [other_sweep]             # sweeps beside this one whose finished points stand in for identical points
 
 Each point is an ordinary run folder ``<outputs>/<sweep>/<point>/`` (``common.outputs_dir`` of the points is the
 sweep folder, and a built base is the run ``base`` there), produced by the pipeline command
 :func:`point_command` prints, so a job array can run the points (``--print-commands``, ``--point N``). Finished
 stages are skipped, a killed stage is redone from scratch (its folders are cleared by ``runs.start_stage``), and a
-finished point is never touched. :func:`aggregate` then writes ``<outputs>/<sweep>/summary.json``: every point,
-per grid cell (all overrides but the seed) mean, std and a Student-t 95 % interval over seeds of every numeric
-summary key, and a fit of Gao et al. (2022)'s RL over-optimisation form to the KL-gold frontier.
+finished point is never touched. A point whose folder does not exist yet is taken from a ``reuse`` sweep's finished
+run when that run's recorded parameters equal the point's in every stage (so a grid can be extended around points
+another sweep already ran; the reused folder is only read). :func:`aggregate` then writes
+``<outputs>/<sweep>/summary.json``: every point, per grid cell (all overrides but the seed) mean, std and a
+Student-t 95 % interval over seeds of every numeric summary key, and a fit of Gao et al. (2022)'s RL
+over-optimisation form to the KL-gold frontier.
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ from .config import STAGES, CommonConfig, ConfigError, load_params_file, stage_p
 from .runs import SHARED_STAGES, Run, outputs_root, read_json, repo_root, write_json_atomic
 from .sweep_stats import finite, fit_frontier, frontier_rows, group_points, select_default
 
-SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key")
+SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key", "reuse")
 MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.overwrite")  # set per point
-# Parameters a finished point may have run with differently (where it ran, not what it computed).
-UNCHECKED_KEYS = ("outputs_dir", "overwrite", "threads", "device")
+# Parameters a finished point may have run with differently (where it ran, not what it computed; a point reused
+# from another sweep has its name there).
+UNCHECKED_KEYS = ("run", "outputs_dir", "overwrite", "threads", "device")
 BASE_NAME = "base"
 NOTEBOOK = "05_sweep.ipynb"
 
@@ -76,6 +81,7 @@ class Sweep:
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     seed_key: str = "common.seed"
+    reuse: tuple[str, ...] = ()  # sweeps (folders beside this one) whose finished points stand in for identical ones
     threads: int | None = None  # common.threads of every point, from --threads (where it runs, not what it computes)
 
     @property
@@ -147,6 +153,7 @@ def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
         dict(raw.get("overrides") or {}),
         grid,
         str(raw.get("seed_key", "common.seed")),
+        _reuse_names(raw.get("reuse"), path, name),
     )
     params = load_params_file(sweep.params_path)
     common = validate(CommonConfig, params["common"], f"{sweep.params_path} [common]")
@@ -156,6 +163,17 @@ def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
     for point in sweep.points():
         point_params(sweep, point)  # raises ConfigError naming the point and key
     return sweep
+
+
+def _reuse_names(value: Any, path: Path, name: str) -> tuple[str, ...]:
+    names = [value] if isinstance(value, str) else list(value or [])
+    bad = [n for n in names if not isinstance(n, str) or not n or "/" in n or n in (".", "..", name)]
+    if bad:
+        raise SweepError(
+            f"{path}: reuse {bad!r}: give the names of other sweeps (folders beside this one), "
+            "e.g. reuse: [eos_penalty]"
+        )
+    return tuple(names)
 
 
 def _check_sweep(sweep: Sweep, path: Path) -> None:
@@ -240,7 +258,30 @@ def point_command(sweep: Sweep, point: Point) -> str:
 
 
 def point_run(sweep: Sweep, point: Point) -> Run:
-    return Run(sweep.root / point.name)
+    """The point's own folder; where it has none yet, an identical finished run of a ``reuse`` sweep if there is one."""
+    own = Run(sweep.root / point.name)
+    if own.manifest_path.exists() or point.is_base or not sweep.reuse:
+        return own
+    return reused_run(sweep, point) or own
+
+
+def reused_run(sweep: Sweep, point: Point) -> Run | None:
+    """A finished run of a ``reuse`` sweep that ran every stage of the point with the point's parameters."""
+    planned = point_params(sweep, point)
+    for name in sweep.reuse:
+        for manifest in sorted((sweep.root.parent / name).glob("*/manifest.json")):
+            stages = read_json(manifest, {}).get("stages", {})
+            if all(
+                stages.get(stage, {}).get("status") == "done"
+                and _same_params(stages[stage].get("params") or {}, planned[stage])
+                for stage in point.stages
+            ):
+                return Run(manifest.parent)
+    return None
+
+
+def _same_params(recorded: dict[str, Any], planned: dict[str, Any]) -> bool:
+    return all(k in recorded and recorded[k] == v for k, v in planned.items() if k not in UNCHECKED_KEYS)
 
 
 def point_status(sweep: Sweep, point: Point) -> str:
@@ -325,7 +366,9 @@ def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: 
         label = f"[sweep] {point.index + 1}/{total} {point.name}"
         status = point_status(sweep, point)
         if status == "done":
-            print(f"{label}: already done, skipped", flush=True)
+            where = point_run(sweep, point).root
+            reused = f" (in {where.parent.name}/{where.name})" if where.parent != sweep.root else ""
+            print(f"{label}: already done{reused}, skipped", flush=True)
             continue
         print(
             f"{label}: running {','.join(point.stages)} ({status}; elapsed {_clock(time.time() - start)}, "
@@ -344,12 +387,13 @@ def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: 
 
 def point_seconds(sweep: Sweep, point: Point) -> float | None:
     """Seconds the point took: as timed by the sweep runner, else its manifest's first start to last end."""
-    timed = read_json(sweep.root / "timings" / f"{point.name}.json", {}) or {}
+    run = point_run(sweep, point)  # timed in the sweep folder holding it (another's, for a reused point)
+    timed = read_json(run.root.parent / "timings" / f"{run.root.name}.json", {}) or {}
     if "seconds" in timed:
         return float(timed["seconds"])
     from datetime import datetime
 
-    stages = point_run(sweep, point).manifest().get("stages", {})
+    stages = run.manifest().get("stages", {})
     starts = [datetime.fromisoformat(s["started"]) for s in stages.values() if s.get("started")]
     ends = [datetime.fromisoformat(s["ended"]) for s in stages.values() if s.get("ended")]
     return (max(ends) - min(starts)).total_seconds() if starts and ends else None
@@ -435,7 +479,9 @@ def print_commands(sweep: Sweep, file=None) -> None:
     file = file or sys.stdout
     points = sweep.points()
     for point in points:
-        print(f"# point {point.index} {point.name} [{point_status(sweep, point)}]", file=file)
+        where = point_run(sweep, point).root
+        reused = f", reused from {where.parent.name}/{where.name}" if where.parent != sweep.root else ""
+        print(f"# point {point.index} {point.name} [{point_status(sweep, point)}{reused}]", file=file)
         print(point_command(sweep, point), file=file)
     first = 1 if points and points[0].is_base else 0
     before = "--point 0 (the base) first, then " if first else ""

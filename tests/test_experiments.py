@@ -305,6 +305,74 @@ def test_paired_comparison_of_two_sweeps_differences_by_seed_over_the_seeds_both
     assert gold_row.split(" | ")[3] == f"0.100 ± {4.302652729911275 * 0.2 / math.sqrt(3):.3f} |"
 
 
+def _ran(sweep: Sweep, point: experiments.Point, gold: float, **edits) -> None:
+    """A finished point of ``sweep`` whose manifest records the stage parameters the sweep gives it (plus edits)."""
+    params = experiments.point_params(sweep, point)
+    stages = {s: {"status": "done", "params": {**params[s], **edits}} for s in point.stages}
+    (sweep.root / point.name).mkdir(parents=True)
+    (sweep.root / point.name / "manifest.json").write_text(json.dumps({"stages": stages}))
+    (sweep.root / point.name / "summary.json").write_text(json.dumps(_eval_summary(gold)))
+
+
+def test_a_sweep_reuses_identical_finished_points_of_another_sweep_and_never_writes_them(tmp_path):
+    # "penalty" ran the profile's beta (0.05, params/smoke.yaml leaves the default) with a penalty over 3 seeds;
+    # "beta" varies beta with the same penalty, so its beta = 0.05 points are penalty's, under other names
+    penalty = Sweep(
+        "penalty",
+        "params/smoke.yaml",
+        tmp_path / "penalty",
+        base_run="",
+        grid={"common.seed": [0, 1, 2], "ppo.missing_eos_penalty": [1.0]},
+    )
+    beta = Sweep(
+        "beta",
+        "params/smoke.yaml",
+        tmp_path / "beta",
+        base_run="",
+        overrides={"ppo.missing_eos_penalty": 1.0},
+        grid={"common.seed": [0, 1, 2], "ppo.kl_coef": [0.05, 0.2]},
+        reuse=("penalty",),
+    )
+    seed0, seed1, seed2 = penalty.grid_points()
+    _ran(penalty, seed0, 0.7)
+    _ran(penalty, seed1, 0.8, learning_rate=0.123)  # ran with another learning rate: not the same point
+    (penalty.root / "timings").mkdir()
+    (penalty.root / "timings" / f"{seed0.name}.json").write_text('{"seconds": 42.0}')
+    _ran(penalty, seed2, 0.9)
+    manifest = json.loads((penalty.root / seed2.name / "manifest.json").read_text())
+    manifest["stages"]["eval"]["status"] = "running"  # killed mid-eval: not finished, not reused
+    (penalty.root / seed2.name / "manifest.json").write_text(json.dumps(manifest))
+    before = _files(penalty.root)
+
+    points = {p.name: p for p in beta.grid_points()}
+    assert experiments.point_run(beta, points["seed0-kl_coef0.05"]).root == penalty.root / seed0.name
+    assert experiments.point_status(beta, points["seed0-kl_coef0.05"]) == "done"
+    for name in ("seed1-kl_coef0.05", "seed2-kl_coef0.05", "seed0-kl_coef0.2"):
+        assert experiments.point_run(beta, points[name]).root == beta.root / name
+        assert experiments.point_status(beta, points[name]) == "pending"
+    assert experiments.run_point(beta, points["seed0-kl_coef0.05"]) is None  # done elsewhere: nothing runs
+    _ran(beta, points["seed2-kl_coef0.05"], 0.5)  # its own run, made after the reused one was killed
+    summary = experiments.aggregate(beta)
+    entry = {e["name"]: e for e in summary["points"]}
+    assert entry["seed0-kl_coef0.05"]["run_dir"] == str(penalty.root / seed0.name)
+    assert entry["seed0-kl_coef0.05"]["wall_seconds"] == 42.0  # timed in the sweep that ran it
+    assert entry["seed2-kl_coef0.05"]["run_dir"] == str(beta.root / "seed2-kl_coef0.05")
+    (group,) = [g for g in summary["groups"] if g["overrides"] == {"ppo.kl_coef": 0.05}]
+    assert group["n_seeds"] == 2 and group["metrics"]["eval.after.gold_score"]["mean"] == pytest.approx(0.6)
+    assert _files(penalty.root) == before
+    # an own folder, even unfinished, is the point's: a killed own run is redone, not swapped for another sweep's
+    (beta.root / "seed0-kl_coef0.05").mkdir()
+    (beta.root / "seed0-kl_coef0.05" / "manifest.json").write_text('{"stages": {}}')
+    assert experiments.point_run(beta, points["seed0-kl_coef0.05"]).root == beta.root / "seed0-kl_coef0.05"
+    assert experiments.point_status(beta, points["seed0-kl_coef0.05"]) == "ppo pending"
+
+
+@pytest.mark.parametrize("reuse", [["beta"], ["a/b"], [""], [3]])
+def test_reuse_names_other_sweeps_beside_this_one(tmp_path, reuse):
+    with pytest.raises(SweepError, match="reuse .*names of other sweeps"):
+        experiments.load_sweep(_sweep_file(tmp_path, name="beta", reuse=reuse), str(tmp_path / "out"))
+
+
 def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
     sweep = Sweep("s", "params/smoke.yaml", tmp_path / "s", base_run="", grid={"common.seed": [0]})
     _fake_point(sweep.root, "seed0", {"eval": {"x": float("nan"), "y": 1.5}})
