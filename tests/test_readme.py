@@ -59,10 +59,10 @@ def headline_table() -> str:
     return sweep_stats.headline_markdown(summary, cell)
 
 
-def sweep_cells_table() -> str:
+def sweep_cells_table(name: str) -> str:
     from rlhf_lib import sweep_stats
 
-    return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEPS / "default_beta"))
+    return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEPS / name))
 
 
 def eos_penalty_table() -> str:
@@ -95,8 +95,9 @@ def frontier_table() -> str:
 GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> and <!-- marker:end --> holds
     (README, "key-metrics"): lambda: metric_table(KEY_METRICS),
     (README, "headline"): headline_table,
-    (EXPERIMENTS, "sweep-cells"): sweep_cells_table,
+    (EXPERIMENTS, "sweep-cells"): lambda: sweep_cells_table("default_beta"),
     (EXPERIMENTS, "eos-penalty"): eos_penalty_table,
+    (EXPERIMENTS, "eos-beta"): lambda: sweep_cells_table("eos_beta"),
     (EXPERIMENTS, "compare-default-beta"): lambda: compare_table(COMPARE / "default_beta"),
     (EXPERIMENTS, "compare-methods"): lambda: compare_table(COMPARE),
     (README, "compare-frontier"): frontier_table,
