@@ -273,15 +273,27 @@ def reused_run(sweep: Sweep, point: Point) -> Run | None:
             stages = read_json(manifest, {}).get("stages", {})
             if all(
                 stages.get(stage, {}).get("status") == "done"
-                and _same_params(stages[stage].get("params") or {}, planned[stage])
+                and not differing_keys(stages[stage].get("params") or {}, planned[stage], missing_differs=True)
                 for stage in point.stages
             ):
                 return Run(manifest.parent)
     return None
 
 
-def _same_params(recorded: dict[str, Any], planned: dict[str, Any]) -> bool:
-    return all(k in recorded and recorded[k] == v for k, v in planned.items() if k not in UNCHECKED_KEYS)
+def differing_keys(recorded: dict[str, Any], planned: dict[str, Any], missing_differs: bool) -> list[str]:
+    """Keys of ``planned`` (but UNCHECKED_KEYS) whose recorded value differs; a key the record lacks counts as
+    differing only when ``missing_differs`` (a run made before the key existed may resume, not stand in)."""
+    return [
+        k
+        for k, v in planned.items()
+        if k not in UNCHECKED_KEYS and (recorded[k] != v if k in recorded else missing_differs)
+    ]
+
+
+def reused_from(sweep: Sweep, point: Point) -> str:
+    """``<sweep>/<run>`` of the run reused for the point, or "" when the point's run is its own."""
+    where = point_run(sweep, point).root
+    return f"{where.parent.name}/{where.name}" if where.parent != sweep.root else ""
 
 
 def point_status(sweep: Sweep, point: Point) -> str:
@@ -304,12 +316,12 @@ def check_recorded_params(sweep: Sweep, point: Point) -> None:
         if info.get("status") != "done" or stage not in planned:
             continue
         recorded = info.get("params") or {}
-        for key, value in planned[stage].items():
-            if key in recorded and key not in UNCHECKED_KEYS and recorded[key] != value:
-                raise SweepError(
-                    f"point {point.name} ({point_run(sweep, point).root}) finished stage {stage!r} with {key}="
-                    f"{recorded[key]!r} but the sweep now gives {value!r}; use a new sweep name to run the new values"
-                )
+        for key in differing_keys(recorded, planned[stage], missing_differs=False)[:1]:
+            raise SweepError(
+                f"point {point.name} ({point_run(sweep, point).root}) finished stage {stage!r} with {key}="
+                f"{recorded[key]!r} but the sweep now gives {planned[stage][key]!r}; use a new sweep name to run "
+                "the new values"
+            )
 
 
 def run_point(sweep: Sweep, point: Point, kernel_name: str = "python3") -> float | None:
@@ -366,9 +378,8 @@ def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: 
         label = f"[sweep] {point.index + 1}/{total} {point.name}"
         status = point_status(sweep, point)
         if status == "done":
-            where = point_run(sweep, point).root
-            reused = f" (in {where.parent.name}/{where.name})" if where.parent != sweep.root else ""
-            print(f"{label}: already done{reused}, skipped", flush=True)
+            reused = reused_from(sweep, point)
+            print(f"{label}: already done{f' (in {reused})' if reused else ''}, skipped", flush=True)
             continue
         print(
             f"{label}: running {','.join(point.stages)} ({status}; elapsed {_clock(time.time() - start)}, "
@@ -479,9 +490,9 @@ def print_commands(sweep: Sweep, file=None) -> None:
     file = file or sys.stdout
     points = sweep.points()
     for point in points:
-        where = point_run(sweep, point).root
-        reused = f", reused from {where.parent.name}/{where.name}" if where.parent != sweep.root else ""
-        print(f"# point {point.index} {point.name} [{point_status(sweep, point)}{reused}]", file=file)
+        reused = reused_from(sweep, point)
+        status = point_status(sweep, point) + (f", reused from {reused}" if reused else "")
+        print(f"# point {point.index} {point.name} [{status}]", file=file)
         print(point_command(sweep, point), file=file)
     first = 1 if points and points[0].is_base else 0
     before = "--point 0 (the base) first, then " if first else ""
