@@ -21,7 +21,10 @@ run when that run's recorded parameters equal the point's in every stage (so a g
 another sweep already ran; the reused folder is only read). :func:`aggregate` then writes
 ``<outputs>/<sweep>/summary.json``: every point, per grid cell (all overrides but the seed) mean, std and a
 Student-t 95 % interval over seeds of every numeric summary key, and a fit of Gao et al. (2022)'s RL
-over-optimisation form to the KL-gold frontier.
+over-optimisation form to the KL-gold frontier. ``--merge <summary.json>`` adds the finished points of an earlier
+summary of the same sweep that have no folder here (points run on other machines, or a committed
+``docs/sweeps/<name>/summary.json`` whose run folders are gone): each keeps its recorded commit and run folder and
+says where it was merged from.
 """
 
 from __future__ import annotations
@@ -425,10 +428,60 @@ def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
     }
 
 
-def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
-    """summary.json of the sweep: points, groups (mean/std/t-CI per numeric key), frontier rows and fit, times."""
-    base = [point_entry(sweep, p) for p in sweep.points() if p.is_base]
-    entries = [point_entry(sweep, p) for p in sweep.grid_points()]
+def _base_label(base_run: str | None) -> str | None:
+    """The base run as ``<sweep>/<run>`` (or the run name): comparable across machines and outputs folders."""
+    return "/".join(Path(base_run).parts[-2:]) if base_run else None
+
+
+def merged_points(sweep: Sweep, path: str | Path) -> dict[str, dict[str, Any]]:
+    """Finished points of an earlier summary.json of ``sweep``, by name; refuses a summary of other settings."""
+    path = Path(path)
+    earlier = read_json(path, None)
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("points"), list):
+        raise SweepError(
+            f"--merge {path}: not a sweep summary.json (no 'points' list); give <outputs>/<sweep>/summary.json"
+        )
+    mine = {"sweep": sweep.name, "params": sweep.params, "overrides": sweep.overrides, "seed_key": sweep.seed_key}
+    theirs = {k: earlier.get(k) for k in mine}
+    mine["base_run"], theirs["base_run"] = _base_label(sweep.base_ref), _base_label(earlier.get("base_run"))
+    for key in mine:
+        if theirs[key] != mine[key]:
+            raise SweepError(
+                f"--merge {path}: its {key} is {theirs[key]!r} but sweep {sweep.name!r} has {mine[key]!r}; "
+                "merge only a summary of this sweep with the same settings"
+            )
+    return {
+        e["name"]: {**e, "merged_from": str(path)}
+        for e in earlier["points"] + [earlier.get("base") or {}]
+        if e.get("status") == "done" and "name" in e
+    }
+
+
+def merged_entry(earlier: Sequence[dict[str, dict[str, Any]]], point: Point) -> dict[str, Any] | None:
+    """The point's finished entry in the first of ``earlier`` (:func:`merged_points`) with its name and overrides."""
+    for found in earlier:
+        if point.name in found and (found[point.name].get("overrides") or {}) == point.overrides:
+            return found[point.name]
+    return None
+
+
+def aggregate(sweep: Sweep, write: bool = True, merge: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """summary.json of the sweep: points, groups (mean/std/t-CI per numeric key), frontier rows and fit, times.
+
+    ``merge``: earlier summary.json files of this sweep; a point with nothing here (status pending) takes its finished
+    entry from the first that has one with the same name and overrides."""
+    earlier = [merged_points(sweep, path) for path in merge]
+
+    def entry(point: Point) -> dict[str, Any]:
+        own = point_entry(sweep, point)
+        found = merged_entry(earlier, point) if own["status"] == "pending" else None
+        return {**found, "index": point.index} if found else own
+
+    base = [entry(p) for p in sweep.points() if p.is_base]
+    entries = [entry(p) for p in sweep.grid_points()]
+    merged = [e["name"] for e in entries + base if e.get("merged_from")]
+    if merged:
+        print(f"[sweep] {len(merged)} finished points merged from {', '.join(map(str, merge))}", flush=True)
     unfinished = [e["name"] for e in entries + base if e["status"] != "done"]
     if unfinished:
         print(f"[sweep] warning: points not finished, left out of the groups: {', '.join(unfinished)}", flush=True)
@@ -457,6 +510,7 @@ def aggregate(sweep: Sweep, write: bool = True) -> dict[str, Any]:
         else None,
         "wall_seconds": float(sum(seconds)),
         "wall_seconds_note": "sum over the finished base and points of the time each took",
+        "merged_from": [str(path) for path in merge],
     }
     if write:
         write_json_atomic(sweep.root / "summary.json", finite(summary))
@@ -521,6 +575,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--aggregate", action="store_true", help="only aggregate finished points (and the notebook)")
     parser.add_argument("--no-notebook", action="store_true", help="do not execute notebooks/05_sweep.ipynb")
+    parser.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="SUMMARY",
+        help="an earlier summary.json of this sweep: its finished points that have no folder here are aggregated "
+        "too (repeatable; e.g. docs/sweeps/<name>/summary.json, or points run on other machines)",
+    )
     args = parser.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep, args.outputs_dir)
@@ -531,15 +593,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_commands:
             print_commands(sweep)
             return 0
+        earlier = [merged_points(sweep, path) for path in args.merge]
+        points = sweep.points()
+        if args.point is not None and not 0 <= args.point < len(points):
+            raise SweepError(f"--point {args.point}: {args.sweep} has points 0-{len(points) - 1}")
+        chosen = [points[args.point]] if args.point is not None else points
+        # a point with nothing here that a merged summary has finished is not run again
+        todo = [p for p in chosen if point_status(sweep, p) != "pending" or not merged_entry(earlier, p)]
+        for point in chosen:
+            if point not in todo:
+                print(f"[sweep] {point.index + 1}/{len(points)} {point.name}: done in a merged summary, skipped")
+        if args.point is not None or not args.aggregate:
+            run_sweep(sweep, todo)
         if args.point is not None:
-            points = sweep.points()
-            if not 0 <= args.point < len(points):
-                raise SweepError(f"--point {args.point}: {args.sweep} has points 0-{len(points) - 1}")
-            run_sweep(sweep, [points[args.point]])
             return 0
-        if not args.aggregate:
-            run_sweep(sweep)
-        summary = aggregate(sweep)
+        summary = aggregate(sweep, merge=args.merge)
         print(
             f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> {sweep.root / 'summary.json'}"
         )

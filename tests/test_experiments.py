@@ -367,6 +367,57 @@ def test_a_sweep_reuses_identical_finished_points_of_another_sweep_and_never_wri
     assert experiments.point_status(beta, points["seed0-kl_coef0.05"]) == "ppo pending"
 
 
+def test_merge_takes_finished_points_without_a_folder_here_from_an_earlier_summary_of_the_same_sweep(tmp_path):
+    # the sweep ran seeds 0-1 elsewhere (their folders are gone, their summary.json kept); seed 2 runs here
+    grid = {"common.seed": [0, 1, 2], "ppo.kl_coef": [0.1]}
+    elsewhere = Sweep("s", "params/smoke.yaml", tmp_path / "elsewhere" / "s", base_run="", grid=grid)
+    for point, gold in zip(elsewhere.grid_points(), (1.0, 2.0, 9.0)):
+        _fake_point(elsewhere.root, point.name, _eval_summary(gold), done=point.overrides["common.seed"] < 2)
+    experiments.aggregate(elsewhere)
+    earlier = tmp_path / "earlier.json"
+    (elsewhere.root / "summary.json").rename(earlier)
+
+    sweep = Sweep("s", "params/smoke.yaml", tmp_path / "here" / "s", base_run="", grid=grid)
+    seed0, seed1, seed2 = sweep.grid_points()
+    _fake_point(sweep.root, seed2.name, _eval_summary(6.0))
+    _fake_point(sweep.root, seed1.name, _eval_summary(0.5), done=False)  # own folder, unfinished: it wins
+    summary = experiments.aggregate(sweep, merge=[earlier])
+    entry = {e["name"]: e for e in summary["points"]}
+    assert entry[seed0.name]["merged_from"] == str(earlier) and entry[seed0.name]["status"] == "done"
+    assert entry[seed0.name]["run_dir"] == str(elsewhere.root / seed0.name)  # where it ran, as recorded
+    assert entry[seed1.name]["status"] == "eval running" and "merged_from" not in entry[seed1.name]
+    assert "merged_from" not in entry[seed2.name]
+    (group,) = summary["groups"]
+    assert group["n_seeds"] == 2 and group["metrics"]["eval.after.gold_score"]["mean"] == pytest.approx(3.5)
+    assert summary["merged_from"] == [str(earlier)]
+
+    other = Sweep("s", "params/smoke.yaml", tmp_path / "o" / "s", base_run="", overrides={"ppo.kl_coef": 0.3})
+    with pytest.raises(SweepError, match=r"--merge .*earlier.json: its overrides is \{\} but sweep 's' has"):
+        experiments.aggregate(other, write=False, merge=[earlier])
+    (tmp_path / "bad.json").write_text('{"sweep": "s"}')
+    with pytest.raises(SweepError, match="bad.json: not a sweep summary.json"):
+        experiments.aggregate(sweep, write=False, merge=[tmp_path / "bad.json"])
+
+
+def test_make_sweep_with_merge_runs_only_the_points_no_summary_has_finished(tmp_path, capsys, monkeypatch):
+    path = _sweep_file(tmp_path, name="m", base_run="", stages=["ppo", "eval"], grid={"common.seed": [0, 1, 2]})
+    sweep = experiments.load_sweep(path, str(tmp_path / "out"))
+    elsewhere = Sweep("m", sweep.params, tmp_path / "elsewhere" / "m", base_run="", grid=sweep.grid)
+    for point in elsewhere.grid_points()[:2]:
+        _fake_point(elsewhere.root, point.name, _eval_summary(1.0))
+    experiments.aggregate(elsewhere)
+    ran = []
+    monkeypatch.setattr(experiments, "run_point", lambda sweep, point, kernel_name="python3": ran.append(point.name))
+    args = [str(path), "--outputs-dir", str(tmp_path / "out"), "--no-notebook"]
+    assert experiments.main([*args, "--merge", str(elsewhere.root / "summary.json")]) == 0
+    assert ran == ["seed2"]
+    assert "seed0: done in a merged summary, skipped" in capsys.readouterr().out
+    written = json.loads((sweep.root / "summary.json").read_text())
+    assert [bool(e.get("merged_from")) for e in written["points"]] == [True, True, False]
+    assert experiments.main([*args, "--point", "1", "--merge", str(elsewhere.root / "summary.json")]) == 0
+    assert ran == ["seed2"]  # a merged point given by index is not run either
+
+
 @pytest.mark.parametrize("reuse", [["beta"], ["a/b"], [""], [3]])
 def test_reuse_names_other_sweeps_beside_this_one(tmp_path, reuse):
     with pytest.raises(SweepError, match="reuse .*names of other sweeps"):
