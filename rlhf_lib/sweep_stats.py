@@ -267,7 +267,8 @@ def group_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS, di
 
 
 def points_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS):
-    """One row per point: index, name, status, overrides, seconds and its headline numbers."""
+    """One row per point: index, name, status (merged: from an earlier summary), overrides, commit, seconds and its
+    headline numbers."""
     import pandas as pd
 
     rows = []
@@ -276,8 +277,9 @@ def points_table(summary: dict[str, Any], keys: Sequence[str] = HEADLINE_KEYS):
         row = {
             "index": entry["index"],
             "point": entry["name"],
-            "status": entry["status"],
+            "status": entry["status"] + (" (merged)" if entry.get("merged_from") else ""),
             **entry["overrides"],
+            "commit": str((entry.get("git") or {}).get("commit") or "")[:7],
             "seconds": entry.get("wall_seconds"),
         }
         row.update({key: flat[key] for key in keys if key in flat})

@@ -390,6 +390,8 @@ def test_merge_takes_finished_points_without_a_folder_here_from_an_earlier_summa
     (group,) = summary["groups"]
     assert group["n_seeds"] == 2 and group["metrics"]["eval.after.gold_score"]["mean"] == pytest.approx(3.5)
     assert summary["merged_from"] == [str(earlier)]
+    table = sweep_stats.points_table(summary)  # the sweep notebook's table says which points were merged
+    assert list(table["status"]) == ["done (merged)", "eval running", "done"]
 
     other = Sweep("s", "params/smoke.yaml", tmp_path / "o" / "s", base_run="", overrides={"ppo.kl_coef": 0.3})
     with pytest.raises(SweepError, match=r"--merge .*earlier.json: its overrides is \{\} but sweep 's' has"):
