@@ -355,6 +355,30 @@ def cells_markdown(summary: dict[str, Any], columns: Sequence[tuple[str, str]] =
     return "\n".join(lines)
 
 
+RM_COLUMNS = (  # (header, summary key) of seeds_markdown for a data + reward-model sweep
+    ("RM accuracy vs gold", "reward_model.eval_accuracy_vs_gold"),
+    ("vs the annotator's labels", "reward_model.eval_accuracy"),
+    ("length-only baseline vs gold", "reward_model.length_baseline_accuracy_vs_gold"),
+    ("ECE", "reward_model.eval_ece"),
+    ("labels agreeing with gold", "data.label_gold_agreement"),
+)
+
+
+def seeds_markdown(summary: dict[str, Any], columns: Sequence[tuple[str, str]] = RM_COLUMNS, digits: int = 3) -> str:
+    """A Markdown table of a seeds-only sweep: one row per finished point, then the mean ± 95 % half-width."""
+    seed_key = summary.get("seed_key", "common.seed")
+    lines = ["| seed | " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for point in summary["points"]:
+        if point["status"] == "done":
+            flat = numeric_leaves(point["summary"])
+            values = [f"{flat[key]:.{digits}f}" if key in flat else "–" for _, key in columns]
+            lines.append(f"| {point['overrides'].get(seed_key)} | " + " | ".join(values) + " |")
+    for group in summary["groups"]:
+        values = [format_ci(group["metrics"].get(key), digits) for _, key in columns]
+        lines.append(f"| mean ± 95 % CI ({group['n_seeds']} seeds) | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def seed_values(summary: dict[str, Any], overrides: dict[str, Any], key: str) -> dict[Any, float]:
     """seed -> value of one summary key, over the finished points of one grid cell."""
     seed_key = summary.get("seed_key", "common.seed")

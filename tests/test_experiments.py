@@ -426,6 +426,16 @@ def test_reuse_names_other_sweeps_beside_this_one(tmp_path, reuse):
         experiments.load_sweep(_sweep_file(tmp_path, name="beta", reuse=reuse), str(tmp_path / "out"))
 
 
+def test_seed_table_lists_each_finished_seed_then_the_mean_and_t_half_width(tmp_path):
+    sweep = Sweep("rm", "params/smoke.yaml", tmp_path / "rm", base_run="", grid={"common.seed": [0, 1, 2, 3]})
+    for seed, acc in enumerate((0.70, 0.74, 0.78, 0.1)):
+        rm = {"reward_model": {"eval_accuracy_vs_gold": acc}, "data": {"label_gold_agreement": 0.75}}
+        _fake_point(sweep.root, f"seed{seed}", rm, done=seed < 3)  # seed 3 was killed: neither row nor mean
+    table = sweep_stats.seeds_markdown(experiments.aggregate(sweep, write=False)).splitlines()
+    assert [row.split(" | ")[1] for row in table[2:]] == ["0.700", "0.740", "0.780", "0.740 ± 0.099"]
+    assert table[5].startswith("| mean ± 95 % CI (3 seeds) |") and " | – | " in table[2]  # a missing key: –
+
+
 def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
     sweep = Sweep("s", "params/smoke.yaml", tmp_path / "s", base_run="", grid={"common.seed": [0]})
     _fake_point(sweep.root, "seed0", {"eval": {"x": float("nan"), "y": 1.5}})
