@@ -436,6 +436,8 @@ def _base_label(base_run: str | None) -> str | None:
 def merged_points(sweep: Sweep, path: str | Path) -> dict[str, dict[str, Any]]:
     """Finished points of an earlier summary.json of ``sweep``, by name; refuses a summary of other settings."""
     path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"--merge {path}: no such file; give an earlier <outputs>/<sweep>/summary.json")
     earlier = read_json(path, None)
     if not isinstance(earlier, dict) or not isinstance(earlier.get("points"), list):
         raise SweepError(
@@ -598,8 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.point is not None and not 0 <= args.point < len(points):
             raise SweepError(f"--point {args.point}: {args.sweep} has points 0-{len(points) - 1}")
         chosen = [points[args.point]] if args.point is not None else points
-        # a point with nothing here that a merged summary has finished is not run again
-        todo = [p for p in chosen if point_status(sweep, p) != "pending" or not merged_entry(earlier, p)]
+        # a point with nothing here that a merged summary has finished is not run again; a built base always is (the
+        # points run here read its files)
+        todo = [p for p in chosen if p.is_base or point_status(sweep, p) != "pending" or not merged_entry(earlier, p)]
         for point in chosen:
             if point not in todo:
                 print(f"[sweep] {point.index + 1}/{len(points)} {point.name}: done in a merged summary, skipped")

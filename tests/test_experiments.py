@@ -399,6 +399,8 @@ def test_merge_takes_finished_points_without_a_folder_here_from_an_earlier_summa
     (tmp_path / "bad.json").write_text('{"sweep": "s"}')
     with pytest.raises(SweepError, match="bad.json: not a sweep summary.json"):
         experiments.aggregate(sweep, write=False, merge=[tmp_path / "bad.json"])
+    with pytest.raises(SweepError, match="gone.json: no such file"):
+        experiments.aggregate(sweep, write=False, merge=[tmp_path / "gone.json"])
 
 
 def test_make_sweep_with_merge_runs_only_the_points_no_summary_has_finished(tmp_path, capsys, monkeypatch):
@@ -418,6 +420,18 @@ def test_make_sweep_with_merge_runs_only_the_points_no_summary_has_finished(tmp_
     assert [bool(e.get("merged_from")) for e in written["points"]] == [True, True, False]
     assert experiments.main([*args, "--point", "1", "--merge", str(elsewhere.root / "summary.json")]) == 0
     assert ran == ["seed2"]  # a merged point given by index is not run either
+    # a built base is run here even when a merged summary has it: the points run here read its files
+    path = _sweep_file(tmp_path, name="b", grid={"common.seed": [0]})
+    sweep = experiments.load_sweep(path, str(tmp_path / "out"))
+    elsewhere = Sweep("b", sweep.params, tmp_path / "elsewhere" / "b", grid=sweep.grid)
+    for point in elsewhere.points():
+        _fake_point(elsewhere.root, point.name, _eval_summary(1.0))
+    base = {"stages": {"data": {"status": "done"}, "reward_model": {"status": "done"}}}
+    (elsewhere.root / "base" / "manifest.json").write_text(json.dumps(base))
+    assert experiments.aggregate(elsewhere)["base"]["status"] == "done"
+    args = [str(path), "--outputs-dir", str(tmp_path / "out"), "--merge", str(elsewhere.root / "summary.json")]
+    assert experiments.main([*args, "--no-notebook"]) == 0
+    assert ran == ["seed2", "base"]
 
 
 @pytest.mark.parametrize("reuse", [["beta"], ["a/b"], [""], [3]])
