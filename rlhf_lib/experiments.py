@@ -459,8 +459,11 @@ def merged_points(sweep: Sweep, path: str | Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def merged_entry(earlier: Sequence[dict[str, dict[str, Any]]], point: Point) -> dict[str, Any] | None:
-    """The point's finished entry in the first of ``earlier`` (:func:`merged_points`) with its name and overrides."""
+def merged_entry(sweep: Sweep, earlier: Sequence[dict[str, dict[str, Any]]], point: Point) -> dict[str, Any] | None:
+    """The point's finished entry in the first of ``earlier`` (:func:`merged_points`) with its name and overrides,
+    when the point has nothing here (an own or reused run, even unfinished, always wins)."""
+    if point_status(sweep, point) != "pending":
+        return None
     for found in earlier:
         if point.name in found and (found[point.name].get("overrides") or {}) == point.overrides:
             return found[point.name]
@@ -475,9 +478,8 @@ def aggregate(sweep: Sweep, write: bool = True, merge: Sequence[str | Path] = ()
     earlier = [merged_points(sweep, path) for path in merge]
 
     def entry(point: Point) -> dict[str, Any]:
-        own = point_entry(sweep, point)
-        found = merged_entry(earlier, point) if own["status"] == "pending" else None
-        return {**found, "index": point.index} if found else own
+        found = merged_entry(sweep, earlier, point)
+        return {**found, "index": point.index} if found else point_entry(sweep, point)
 
     base = [entry(p) for p in sweep.points() if p.is_base]
     entries = [entry(p) for p in sweep.grid_points()]
@@ -602,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chosen = [points[args.point]] if args.point is not None else points
         # a point with nothing here that a merged summary has finished is not run again; a built base always is (the
         # points run here read its files)
-        todo = [p for p in chosen if p.is_base or point_status(sweep, p) != "pending" or not merged_entry(earlier, p)]
+        todo = [p for p in chosen if p.is_base or not merged_entry(sweep, earlier, p)]
         for point in chosen:
             if point not in todo:
                 print(f"[sweep] {point.index + 1}/{len(points)} {point.name}: done in a merged summary, skipped")

@@ -65,6 +65,12 @@ def sweep_cells_table(name: str) -> str:
     return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEPS / name))
 
 
+def sweep_seeds_table(name: str) -> str:
+    from rlhf_lib import sweep_stats
+
+    return sweep_stats.seeds_markdown(sweep_stats.load_summary(SWEEPS / name))
+
+
 def eos_penalty_table() -> str:
     """default_beta's beta = 0.1 cell against eos_penalty's, paired by seed (same data, reward model, beta, seeds)."""
     from rlhf_lib import sweep_stats
@@ -98,6 +104,7 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (EXPERIMENTS, "sweep-cells"): lambda: sweep_cells_table("default_beta"),
     (EXPERIMENTS, "eos-penalty"): eos_penalty_table,
     (EXPERIMENTS, "eos-beta"): lambda: sweep_cells_table("eos_beta"),
+    (EXPERIMENTS, "rm-seeds"): lambda: sweep_seeds_table("rm_seeds"),
     (EXPERIMENTS, "compare-default-beta"): lambda: compare_table(COMPARE / "default_beta"),
     (EXPERIMENTS, "compare-methods"): lambda: compare_table(COMPARE),
     (README, "compare-frontier"): frontier_table,
