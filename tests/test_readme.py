@@ -33,7 +33,7 @@ KEY_METRICS = (
     "val/num_eos_tokens",
 )
 SWEEPS = ROOT / "docs" / "sweeps"
-HEADLINE_SWEEP = SWEEPS / "eos_penalty"  # the README headline's source: the sweep of the default profile's settings
+HEADLINE_SWEEP = SWEEPS / "eos_beta"  # the README headline's source: the sweep that chose the default profile's beta
 COMPARE = ROOT / "docs" / "compare"  # summary.json: params/compare/default.yaml; default_beta/: PPO vs best-of-N
 EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
@@ -274,6 +274,17 @@ def test_generated_tables_are_current(path, marker):
     assert generated_block(path, marker) in path.read_text(encoding="utf-8"), (
         f"{path.relative_to(ROOT)}: the {marker} table is stale; regenerate with `python tests/test_readme.py --write`"
     )
+
+
+def test_the_default_profile_takes_the_headline_sweeps_selection():
+    """The README says the default beta is the sweep's choice: the committed summary's selection is default.yaml's."""
+    from rlhf_lib import sweep_stats
+
+    summary = sweep_stats.load_summary(HEADLINE_SWEEP)
+    assert summary["complete"] and summary["selection"], f"{HEADLINE_SWEEP.name}: the headline sweep is unfinished"
+    chosen = summary["selection"]["overrides"]
+    profile = {key: default_value(key) for key in chosen}
+    assert profile == chosen, f"params/default.yaml has {profile} but the {HEADLINE_SWEEP.name} sweep selects {chosen}"
 
 
 def test_pending_items_have_not_landed():
