@@ -154,8 +154,9 @@ def fit_frontier(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
     ss_tot = float(((y - y.mean()) ** 2).sum())
     out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid**2).sum()) / ss_tot if ss_tot else None)
     if beta > 0:
-        d_star = math.exp(min(alpha / beta - 1, 700.0))  # capped: exp overflows past ~709
-        if d_star**2 <= PEAK_EXTRAPOLATION * float(kl_arr[keep].max()):
+        log_d_star = float(alpha / beta) - 1.0  # compared in logs: a beta of ~1e-17 puts the peak past any float
+        if 2.0 * log_d_star <= math.log(PEAK_EXTRAPOLATION * float(kl_arr[keep].max())):
+            d_star = math.exp(log_d_star)
             out.update(kl_at_peak=d_star**2, gold_at_peak=float(beta) * d_star)
         else:  # the data barely bend: a peak this far out is the fit's extrapolation, not a measurement
             out["peak_note"] = f"fitted peak beyond {PEAK_EXTRAPOLATION:g}x the largest measured KL: not reported"

@@ -483,6 +483,8 @@ def test_frontier_fit_without_a_peak_or_points():
     assert rising["beta"] == pytest.approx(0.0, abs=1e-9) and rising["kl_at_peak"] is None
     slight = sweep_stats.fit_frontier(kl, sweep_stats.gao_gold(kl, 0.08, 0.005))  # peak at KL ~ 1e12
     assert slight["beta"] == pytest.approx(0.005) and slight["kl_at_peak"] is None and "beyond" in slight["peak_note"]
+    faint = sweep_stats.fit_frontier(kl, sweep_stats.gao_gold(kl, 0.2, 1e-12))  # peak at d = e^(2e11): past any float
+    assert faint["beta"] > 0 and faint["kl_at_peak"] is None and "beyond" in faint["peak_note"]
     empty = sweep_stats.fit_frontier([0.0, -0.1], [0.0, 0.1])  # KL <= 0 points carry no shape
     assert empty["alpha"] is None and empty["n_points"] == 0
 
@@ -615,3 +617,12 @@ def test_sweep_notebook_is_thin_literal_parameters_and_built_by_its_script():
     assert names == {"sweep": "smoke", "outputs_dir": ""}
     for cell in nb.cells:
         assert not cell.get("outputs") and "def " not in cell.source and "class " not in cell.source
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "params" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_validates_every_point(path, tmp_path):
+    sweep = experiments.load_sweep(path, outputs_dir=str(tmp_path))  # raises naming the point and key on a bad value
+    points = sweep.grid_points()
+    assert points and len({p.name for p in points}) == len(points)
+    seeds = {p.overrides.get(sweep.seed_key) for p in points}
+    assert len(seeds) >= 3 or path.stem == "smoke", f"{path.name}: fewer than 3 seeds, so no interval over seeds"
