@@ -115,11 +115,18 @@ def test_no_penalty_means_no_score(setup, tmp_path):
 @pytest.mark.slow
 def test_training_with_the_penalty_raises_the_eos_rate(setup, tmp_path):
     # no KL penalty in either run: a per-token KL penalty alone favours short (ended) answers, so with it the control
-    # would learn to stop too, and the penalty would not be the only signal
-    penalised = train(setup, tmp_path / "penalty", penalty=1.0, updates=16, kl_coef=0.0)
-    control = train(setup, tmp_path / "control", penalty=0.0, updates=16, kl_coef=0.0)
-    start = sum(eos_rate(r) for r in penalised[:3]) / 3
-    end = sum(eos_rate(r) for r in penalised[-3:]) / 3
-    end_control = sum(eos_rate(r) for r in control[-3:]) / 3
-    assert end > start + 0.3, [eos_rate(r) for r in penalised]
-    assert end > end_control + 0.2, (end, end_control, [eos_rate(r) for r in control])
+    # would learn to stop too, and the penalty would not be the only signal. With zero reward the control still moves
+    # (its advantages are whitened value-head noise), so one seed of it can drift either way: both arms run 3 seeds.
+    seeds = (0, 1, 2)
+    penalised = [train(setup, tmp_path / f"penalty{s}", penalty=1.0, updates=16, seed=s, kl_coef=0.0) for s in seeds]
+    control = [train(setup, tmp_path / f"control{s}", penalty=0.0, updates=16, seed=s, kl_coef=0.0) for s in seeds]
+
+    def mean_rate(runs: list[list[dict]], part: slice) -> float:
+        return sum(eos_rate(r) for rows in runs for r in rows[part]) / sum(len(rows[part]) for rows in runs)
+
+    start = mean_rate(penalised, slice(0, 1))  # the first update's rollouts come from the untrained policy
+    end, end_control = mean_rate(penalised, slice(-3, None)), mean_rate(control, slice(-3, None))
+    trajectories = {"penalty": [[eos_rate(r) for r in rows] for rows in penalised]}
+    trajectories["control"] = [[eos_rate(r) for r in rows] for rows in control]
+    assert end > start + 0.3, trajectories
+    assert end > end_control + 0.15, trajectories  # measured: 0.94 against 0.63 (the control drifts up from 0.21)
