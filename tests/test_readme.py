@@ -105,6 +105,7 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (EXPERIMENTS, "eos-penalty"): eos_penalty_table,
     (EXPERIMENTS, "eos-beta"): lambda: sweep_cells_table("eos_beta"),
     (EXPERIMENTS, "rm-seeds"): lambda: sweep_seeds_table("rm_seeds"),
+    (EXPERIMENTS, "adaptive-kl"): lambda: sweep_cells_table("adaptive_kl"),
     (EXPERIMENTS, "compare-default-beta"): lambda: compare_table(COMPARE / "default_beta"),
     (EXPERIMENTS, "compare-methods"): lambda: compare_table(COMPARE),
     (README, "compare-frontier"): frontier_table,
