@@ -13,7 +13,7 @@ STAGES ?=
 ARGS ?=
 # the sweep file of `make sweep`
 SWEEP ?= params/sweeps/smoke.yaml
-# extra arguments for `python -m rlhf_lib.experiments` (e.g. --print-commands, --point 3)
+# extra arguments for `python -m rlhf_lib.sweeps` (e.g. --print-commands, --point 3)
 SWEEP_ARGS ?=
 # comparison profile of `make compare`
 COMPARE ?= params/compare/default.yaml
@@ -63,7 +63,7 @@ pipeline: $(STAMP)
 
 # every point of the sweep (finished ones skipped), then summary.json and notebooks/05_sweep.ipynb
 sweep: $(STAMP)
-	$(PYTHON) -m rlhf_lib.experiments "$(SWEEP)" $(SWEEP_ARGS)
+	$(PYTHON) -m rlhf_lib.sweeps "$(SWEEP)" $(SWEEP_ARGS)
 
 compare: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PYTHON) -m rlhf_lib.compare --params "$(COMPARE)" $(if $(strip $(BASE_RUN)),--base-run "$(BASE_RUN)") $(if $(strip $(RUN)),--run "$(RUN)")

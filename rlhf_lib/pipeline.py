@@ -5,8 +5,8 @@ notebooks land in ``outputs/<run>/notebooks/`` (a failed one beside it as ``<nam
 copy of a finished stage). ``make pipeline PARAMS=... RUN=...`` calls this.
 
 The pipeline holds the run's lock for the whole invocation and hands its kernels the lock token
-(:mod:`rlhf_lib.runlock`), so a second writer of the same run is refused at once. ``--in-process`` runs the PPO stage
-in this process instead of a notebook: what ``accelerate launch`` needs, where every process runs the PPO loop.
+(:mod:`rlhf_lib.core.runlock`), so a second writer of the same run is refused at once. ``--in-process`` runs the PPO
+stage in this process instead of a notebook: what ``accelerate launch`` needs, where every process runs the PPO loop.
 """
 
 from __future__ import annotations
@@ -20,9 +20,19 @@ from typing import Any, Sequence
 
 import yaml
 
-from . import TEXT_PROGRESS_ENV, runlock, runs
-from .config import NOTEBOOKS, STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
-from .runs import Run, repo_root, run_for, shared_stage_refusal
+from rlhf_lib import TEXT_PROGRESS_ENV
+from rlhf_lib.core import runlock, runs
+from rlhf_lib.core.config import (
+    NOTEBOOKS,
+    STAGES,
+    CommonConfig,
+    ConfigError,
+    load_params_file,
+    stage_parameters,
+    validate,
+)
+from rlhf_lib.core.io import repo_root
+from rlhf_lib.core.runs import Run, run_for, shared_stage_refusal
 
 
 class StageFailed(RuntimeError):
@@ -91,7 +101,7 @@ def _plan_resume(target: Run, stage: str, parameters: dict[str, Any], skip_done:
     """--skip-done continues an interrupted or failed PPO stage from its last checkpoint; resume params are checked."""
     state = target.stage_state(stage)
     if stage == "ppo" and state in ("interrupted", "failed"):
-        from .checkpoints import latest_checkpoint
+        from rlhf_lib.ppo.checkpoints import latest_checkpoint
 
         checkpoint = latest_checkpoint(target.checkpoints_dir)
         if checkpoint is not None and skip_done and not parameters.get("resume"):
@@ -198,7 +208,7 @@ def _run_in_process(target: Run, stage: str, parameters: dict[str, Any]) -> None
             f"--in-process runs the ppo stage only (got {stage!r}); run the other stages as "
             f"notebooks (without --in-process)"
         )
-    from .ppo import PPOConfig, train_ppo
+    from rlhf_lib.ppo.trainer import PPOConfig, train_ppo
 
     cfg = validate(PPOConfig, parameters, "parameters of stage 'ppo'")
     run = runs.start_stage(cfg, "ppo")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from rlhf_lib import logprobs as lp_ops
+from rlhf_lib.lm import logprobs as lp_ops
 
 B, T, V = 8, 48, 49152
 

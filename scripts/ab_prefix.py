@@ -1,4 +1,4 @@
-"""A/B of the shared prompt prefix (rlhf_lib.prefix) on the bench's batch: the padded batch vs the packed row.
+"""A/B of the shared prompt prefix (rlhf_lib.lm.prefix) on the bench's batch: the padded batch vs the packed row.
 
 Builds the bench's reference trainer (the default profile's PPO), a batch of the bench's first 8 prompts with
 48 random response tokens, and alternates the two paths in one process (so a shared machine's slow spells fall on
@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
-from rlhf_lib import bench_configs, bench_workers, models, ppo, prefix
+from rlhf_lib.bench import configs as bench_configs
+from rlhf_lib.bench import workers as bench_workers
+from rlhf_lib.lm import models, prefix
+from rlhf_lib.ppo import trainer as ppo
 
 RESPONSE_LENGTH = 48
 REPEATS = 8

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, padding_side="left")
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.pad_token = args.pad_token  # as rlhf_lib.models.ensure_pad_token: pad != eos
+        tokenizer.pad_token = args.pad_token  # as rlhf_lib.lm.models.ensure_pad_token: pad != eos
     with open(args.prompts, encoding="utf-8") as f:
         prompts = json.load(f)
 

@@ -42,13 +42,14 @@ threads = 0  # torch threads; 0: the profile's common.threads""",
         """\
 from pathlib import Path
 from rlhf_lib import compare
-from rlhf_lib.methods import report
+from rlhf_lib.compare import report
+from rlhf_lib.core.runs import outputs_root
 
 profile = compare.load_profile(
     params, base_run=base_run or None, run=run or None, outputs_dir=outputs_dir or None, threads=threads or None
 )
 summary = compare.run_comparison(profile)
-out_dir = compare.outputs_root(profile.compare) / profile.compare.run""",
+out_dir = outputs_root(profile.compare) / profile.compare.run""",
     ),
     (
         "markdown",

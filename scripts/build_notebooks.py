@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from notebook_cells import NOTEBOOK_SPECS, code, md  # noqa: E402  (scripts/notebook_cells.py)
 
-from rlhf_lib.config import NOTEBOOKS, CommonConfig, field_comments, stage_config_class  # noqa: E402
+from rlhf_lib.core.config import NOTEBOOKS, CommonConfig, field_comments, stage_config_class  # noqa: E402
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 REPO = "rlhf-lab/rlhf-lab"

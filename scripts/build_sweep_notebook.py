@@ -1,7 +1,7 @@
 """Write notebooks/05_sweep.ipynb (the thin sweep notebook): `python scripts/build_sweep_notebook.py`.
 
 Kept apart from scripts/build_notebooks.py because its parameters are not a stage config: the sweep's name and the
-folder holding it. `make sweep` (python -m rlhf_lib.experiments) executes it with papermill on a finished sweep.
+folder holding it. `make sweep` (python -m rlhf_lib.sweeps) executes it with papermill on a finished sweep.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ of Gao et al. (2022)'s functional form. Everything shown is read from `outputs/<
 
 PARAMETERS = """\
 # Parameters (papermill injects overrides after this cell; `make sweep` sets both)
-sweep = "smoke"  # sweep name: the folder <outputs_dir>/<sweep>/ written by python -m rlhf_lib.experiments
+sweep = "smoke"  # sweep name: the folder <outputs_dir>/<sweep>/ written by python -m rlhf_lib.sweeps
 outputs_dir = \"\"  # the folder holding the sweep folder; "": the repo's outputs/"""
 
 CELLS = [
@@ -30,9 +30,9 @@ CELLS = [
     ("parameters", PARAMETERS),
     (
         "code",
-        "from rlhf_lib import sweep_plots, sweep_stats\n"
-        "folder = sweep_stats.sweep_dir(sweep, outputs_dir)\n"
-        "summary = sweep_stats.load_summary(folder)\n"
+        "from rlhf_lib import sweeps\n"
+        "folder = sweeps.sweep_dir(sweep, outputs_dir)\n"
+        "summary = sweeps.load_summary(folder)\n"
         "print(f\"{folder}: {len(summary['points'])} points in {len(summary['groups'])} grid cells; \"\n"
         "      f\"{summary['wall_seconds'] / 60:.1f} min of runs; seeds over {summary['seed_key']}\")",
     ),
@@ -41,15 +41,15 @@ CELLS = [
         "## Points\nEach point is an ordinary run folder (`outputs/<sweep>/<point>/`); `status` is `done` when "
         "all its stages finished.",
     ),
-    ("code", "sweep_stats.points_table(summary)"),
+    ("code", "sweeps.points_table(summary)"),
     (
         "md",
         "## Per grid cell: mean ± 95 % confidence interval over seeds\nStudent t interval: "
         "mean ± t(0.975, n − 1) · sd / √n, sd with n − 1 (`summary.json` `groups` has every numeric key). "
         "`derived.gold_gain` is the trained policy's gold score minus the reference's on the same prompts and seed.",
     ),
-    ("code", "sweep_stats.group_table(summary)"),
-    ("code", "sweep_plots.plot_group_metrics(summary, sweep_stats.HEADLINE_KEYS[:4], folder)"),
+    ("code", "sweeps.group_table(summary)"),
+    ("code", "sweeps.plot_group_metrics(summary, sweeps.HEADLINE_KEYS[:4], folder)"),
     (
         "md",
         "## KL–gold frontier: proxy (RM) beside gold\nOne line per grid cell through its evaluated checkpoints "
@@ -57,8 +57,8 @@ CELLS = [
         "down, the policy over-optimises the reward model. Dashed: gold(d) = d (α − β log d), d = √KL, fitted "
         "by least squares to every point's gold gain over its reference.",
     ),
-    ("code", "sweep_plots.plot_sweep_frontier(summary, folder)"),
-    ("code", "sweep_plots.frontier_table(summary)"),
+    ("code", "sweeps.plot_sweep_frontier(summary, folder)"),
+    ("code", "sweeps.frontier_table(summary)"),
     (
         "md",
         "## Fit and choice of the KL coefficient\n`kl_at_peak` / `gold_at_peak`: where the fitted gold gain peaks "

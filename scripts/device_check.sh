@@ -49,7 +49,7 @@ prepare() {
     done
     local src
     src=$(PYTHONPATH=$ROOT HF_HUB_OFFLINE=1 "$PY" -c \
-        "from rlhf_lib import models; print(models.resolve_model_ref('bundled:smollm2-135m-instruct'))") || exit 1
+        "from rlhf_lib.lm import models; print(models.resolve_model_ref('bundled:smollm2-135m-instruct'))") || exit 1
     (cd "$src" && cp config.json generation_config.json tokenizer* special_tokens_map.json chat_template.jinja \
         "$CARRY/smollm2/" 2>/dev/null)
     [ -f "$CARRY/smollm2/tokenizer_config.json" ] || { echo "prepare: no tokenizer files in $src" >&2; exit 1; }

@@ -19,7 +19,8 @@ def code(text: str, tags: list[str] | None = None) -> nbformat.NotebookNode:
 
 
 RESOLVE = """\
-from rlhf_lib import config, runs, {modules}
+from rlhf_lib import {modules}
+from rlhf_lib.core import config, runs
 cfg = config.from_namespace("{stage}", globals())   # typed, validated config (unknown keys / wrong types fail here)
 run = runs.start_stage(cfg, "{stage}")               # seeds, threads, manifest.json; refuses to redo a finished stage
 print(f"run folder: {{run.root}}")"""
@@ -36,7 +37,7 @@ DATA = (
     "evaluation stage tests on.\nOffline default: responses sampled from the bundled SmolLM2 labelled by a simulated "
     "annotator (VADER sentiment gold score + Bradley–Terry noise); online: ultrafeedback / hh-rlhf / plain files.",
     [
-        code(RESOLVE.format(modules="data, data_plots", stage="data")),
+        code(RESOLVE.format(modules="data", stage="data")),
         md(
             "## Build the datasets\nPairs are split by prompt (no prompt is shared between reward-model, PPO and "
             "evaluation sets). Dropped and truncated items are counted with their reason."
@@ -47,7 +48,7 @@ DATA = (
             "Middle: response lengths. "
             "Right: how often the annotator agreed with the gold ordering as the gold gap grows (Bradley–Terry)."
         ),
-        code("data_plots.plot_data_overview(run)"),
+        code("data.plot_data_overview(run)"),
         code("data.sample_pairs(run, n=3)"),
         md(
             "## Summary\n`label_gold_agreement`: share of held-out pairs whose label matches the gold ordering (the "
@@ -62,21 +63,21 @@ REWARD = (
     "Trains a scalar Bradley–Terry reward model on the stage-1 pairs with TRL's RewardTrainer and evaluates it on "
     "held-out pairs.\nThe saved model (and its reward statistics for normalisation) is what PPO optimises against.",
     [
-        code(RESOLVE.format(modules="reward, reward_plots", stage="reward_model")),
+        code(RESOLVE.format(modules="reward", stage="reward_model")),
         md(
             "## Train\nThe score head starts at zero with its own learning rate (a fresh random head leaves a small "
             "model at chance, see the README). The model that is saved is the model that was trained."
         ),
         code("trained = reward.train_reward_model(cfg, run)\ntrained.summary"),
-        code("reward_plots.plot_training_curve(trained.log_history, run)"),
+        code("reward.plot_training_curve(trained.log_history, run)"),
         md(
             "## Evaluate on held-out pairs\nTies count as wrong. `eval_accuracy_vs_gold` compares with the hidden gold "
             "ordering (simulated data); the length-only baseline shows how much is just length."
         ),
         code("evaluation = reward.evaluate_reward_model(cfg, run)\nevaluation"),
-        code("reward_plots.plot_calibration(evaluation, run)"),
-        code("reward_plots.plot_accuracy_by_strength(evaluation, run)"),
-        code("reward_plots.plot_margins(evaluation, run)"),
+        code("reward.plot_calibration(evaluation, run)"),
+        code("reward.plot_accuracy_by_strength(evaluation, run)"),
+        code("reward.plot_margins(evaluation, run)"),
         code("evaluation.pairs.head(5)"),
         md("## Summary"),
         code(SUMMARY.format(stage="reward_model", expr="{**trained.summary, **evaluation.summary}", digits=3)),
@@ -89,7 +90,7 @@ PPO = (
     "(our own loop on `accelerate`, following the N+ implementation details of RLHF with PPO).\nMetric names follow "
     "TRL's (`objective/kl`, `objective/scores`, ...); the README explains each one and what healthy values look like.",
     [
-        code(RESOLVE.format(modules="ppo, plots", stage="ppo")),
+        code(RESOLVE.format(modules="ppo", stage="ppo")),
         md(
             "## Train\nA progress bar shows updates, score and KL. Metrics go to `ppo/metrics.jsonl`, "
             "sample completions "
@@ -100,7 +101,7 @@ PPO = (
             "## Training curves\n`objective/scores` should rise while `objective/kl` stays moderate; a collapsing "
             "entropy or a clip fraction near 1 are warning signs."
         ),
-        code("plots.plot_ppo_curves(run)"),
+        code("ppo.plot_ppo_curves(run)"),
         md("## Sample completions along training"),
         code("ppo.sample_table(run).tail(8)"),
         md("## Summary"),
@@ -114,7 +115,7 @@ EVAL = (
     "compares reward-model score, gold score, KL, length and EOS rate.\nThen the over-optimisation view (proxy vs gold "
     "along training), side-by-side samples and a comparison with other runs.",
     [
-        code("import pandas as pd\n" + RESOLVE.format(modules="evaluate, plots", stage="eval")),
+        code("import pandas as pd\n" + RESOLVE.format(modules="evaluate, ppo", stage="eval")),
         md(
             "## Before vs after on held-out prompts\n`kl` is measured on these samples (sum over response tokens of "
             "log π − log π_ref), not read from training logs."
@@ -124,11 +125,11 @@ EVAL = (
             'pd.DataFrame({k: result.summary[k] for k in ("before", "after")})'
         ),
         code('{k: result.summary[k] for k in ("win_rate_vs_ref", "win_rate_ci", "win_rate_ties", "win_rate_judge")}'),
-        code("plots.plot_reward_distributions(result, run)"),
+        code("evaluate.plot_reward_distributions(result, run)"),
         md("## Side by side"),
         code("evaluate.sample_table(result)"),
         md("## Training curves (from stage 3)"),
-        code("plots.plot_ppo_curves(run)"),
+        code("ppo.plot_ppo_curves(run)"),
         md(
             "## Over-optimisation: proxy (RM) vs gold along training\n"
             "Each point is a saved PPO checkpoint, evaluated on "
@@ -136,10 +137,10 @@ EVAL = (
             "exploiting the reward model (Gao et al. 2022)."
         ),
         code("curve = evaluate.overoptimisation_curve(cfg, run)\ncurve"),
-        code("plots.plot_frontier(curve, run)"),
+        code("evaluate.plot_frontier(curve, run)"),
         md("## Compare runs\nAdd other run names to `compare_runs` (e.g. two `kl_coef` values, LoRA vs full)."),
         code("comparison = evaluate.compare_runs(evaluate.comparison_run_dirs(cfg, run))\ncomparison"),
-        code("plots.plot_run_comparison(comparison, run)"),
+        code("evaluate.plot_run_comparison(comparison, run)"),
         md("## Summary"),
         code(SUMMARY.format(stage="eval", expr="evaluate.stage_summary(result, curve)", digits=2)),
     ],

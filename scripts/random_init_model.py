@@ -8,7 +8,7 @@ no kernel's cost depends on the values.
     # a model folder's copy: same config and tokenizer, fresh weights (seeded)
     python scripts/random_init_model.py ~/.cache/rlhf-lab/smollm2-135m-instruct /tmp/smollm2-random
     python -m rlhf_lib.bench --device auto --model /tmp/smollm2-random --trl
-    # the seed shape's GPT-2 124M (rlhf_lib.bench_shapes; --tiny: 2 layers x 64 for CPU dry runs)
+    # the seed shape's GPT-2 124M (rlhf_lib.bench.shapes; --tiny: 2 layers x 64 for CPU dry runs)
     python scripts/random_init_model.py --gpt2 --tokenizer tiny:gpt2 /tmp/gpt2-random
     # tiny:llama and tiny:gpt2 into $RLHF_LAB_CACHE from SmolLM2's tokenizer folder (no GGUF needed)
     RLHF_LAB_CACHE=/tmp/rlhf-cache python scripts/random_init_model.py --tiny-refs --tokenizer /path/to/smollm2
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # rlhf_lib from th
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from rlhf_lib import bench_shapes, models  # noqa: E402
+from rlhf_lib.bench import shapes as bench_shapes  # noqa: E402
+from rlhf_lib.lm import models
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.safetensors.index.json", "*.py")  # not copied
 

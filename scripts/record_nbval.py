@@ -16,7 +16,7 @@ import papermill
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rlhf_lib.config import NOTEBOOKS  # noqa: E402
+from rlhf_lib.core.config import NOTEBOOKS  # noqa: E402
 
 
 def main() -> None:

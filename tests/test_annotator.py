@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.annotator: prompt set, gold score, Bradley–Terry labels, sampling, the shipped responses."""
+"""Tests for rlhf_lib.data.annotator: prompt set, gold score, Bradley–Terry labels, sampling, the shipped responses."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_lib import annotator, models
-from rlhf_lib.annotator import Sample
+from rlhf_lib.data import annotator
+from rlhf_lib.data.annotator import Sample
+from rlhf_lib.lm import models
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`make bench` (rlhf_lib.bench, bench_configs, bench_report, bench_workers): pure helpers (ratios, steady-state
+"""`make bench` (rlhf_lib.bench.cli, bench_configs, bench_report, bench_workers): pure helpers (ratios, steady-state
 summary, result parsing, table, JSON keys) and a tiny end-to-end run of our side on tiny:llama, each configuration in
 its own subprocess."""
 
@@ -9,8 +9,13 @@ import json
 
 import pytest
 
-from rlhf_lib import bench, bench_configs, bench_report, bench_workers, config, models
-from rlhf_lib.runs import repo_root
+from rlhf_lib.bench import cli as bench
+from rlhf_lib.bench import configs as bench_configs
+from rlhf_lib.bench import report as bench_report
+from rlhf_lib.bench import workers as bench_workers
+from rlhf_lib.core import config
+from rlhf_lib.core.io import repo_root
+from rlhf_lib.lm import models
 
 
 def _row(update, t_update, t_gen=1.0, t_fwd=0.5, t_opt=2.0, tok_s=100.0):
@@ -289,7 +294,7 @@ def _ppo(name, ep_s, s_update, gen, fwd, opt, rss, **extra):
 def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
     import matplotlib.pyplot as plt
 
-    from rlhf_lib import plots
+    from rlhf_lib.bench import plots
 
     REF = bench_configs.REFERENCE_CONFIG
     ours = _ppo(REF, 1.2, 6.0, 2.0, 1.0, 2.5, 3.0, rounds=[{"episodes_per_s": 1.0}, {"episodes_per_s": 1.4}])
@@ -423,13 +428,13 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the seed shape (rlhf_lib.bench_shapes) and the GPU section of bench.json
+# the seed shape (rlhf_lib.bench.shapes) and the GPU section of bench.json
 
 
 def test_seed_shape_spec_matches_the_seed_profile_and_flags_override_it():
     import yaml
 
-    from rlhf_lib import bench_shapes
+    from rlhf_lib.bench import shapes as bench_shapes
 
     profile = yaml.safe_load(open(repo_root() / "params" / "seed_gpt2_ultrafeedback.yaml"))["ppo"]
     spec = bench_configs.spec_for_shape("seed", model=None, batch_size=None, updates=1)
@@ -457,7 +462,7 @@ def test_seed_shape_spec_matches_the_seed_profile_and_flags_override_it():
 
 
 def _gpu_report(shape, ours_gpu, trl_gpu, ours_eps=3.0, trl_eps=1.0, device_name="NVIDIA H200"):
-    from rlhf_lib import bench_shapes
+    from rlhf_lib.bench import shapes as bench_shapes
 
     ref = bench_shapes.reference_config(shape, bench_configs.REFERENCE_CONFIG)
     ours = _ppo(ref, ours_eps, 64 / ours_eps, 0.2, 0.3, 0.5, 2.0, peak_gpu_gib=ours_gpu)
@@ -469,7 +474,7 @@ def _gpu_report(shape, ours_gpu, trl_gpu, ours_eps=3.0, trl_eps=1.0, device_name
 
 
 def test_gpu_section_has_the_keys_per_configuration_and_the_seed_targets():
-    from rlhf_lib import bench_shapes
+    from rlhf_lib.bench import shapes as bench_shapes
 
     report = _gpu_report("seed", ours_gpu=3.0, trl_gpu=8.0, ours_eps=3.3, trl_eps=1.0)
     gpu = bench_shapes.gpu_section(report)

@@ -16,10 +16,13 @@ import pytest
 import toy_task
 import yaml
 
-from rlhf_lib import compare, models, runlock
-from rlhf_lib.config import ConfigError
-from rlhf_lib.methods import report
-from rlhf_lib.runs import Run, write_json_atomic
+from rlhf_lib.compare import report
+from rlhf_lib.compare import runner as compare
+from rlhf_lib.core import runlock
+from rlhf_lib.core.config import ConfigError
+from rlhf_lib.core.io import write_json_atomic
+from rlhf_lib.core.runs import Run
+from rlhf_lib.lm import models
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -343,7 +346,7 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
 def test_the_evaluation_key_changes_when_the_base_data_or_reward_model_is_rewritten(tmp_path):
     from types import SimpleNamespace
 
-    from rlhf_lib.evaluate import EvalConfig
+    from rlhf_lib.evaluate.stage import EvalConfig
 
     base = fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
     for folder, name in ((base.data_dir, "eval_prompts.jsonl"), (base.reward_model_dir, "model.safetensors")):
@@ -371,7 +374,7 @@ def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path
         write_profile(tmp_path, common={"run": "cmp", "outputs_dir": str(tmp_path)}), base_run="base"
     )
     code = (
-        "import sys, time; from pathlib import Path; from rlhf_lib import runlock; "
+        "import sys, time; from pathlib import Path; from rlhf_lib.core import runlock; "
         "runlock.acquire(Path(sys.argv[1]), 'compare', what='compare other'); print('held', flush=True); "
         "time.sleep(120)"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_lib import config
+from rlhf_lib.core import config
 
 
 @dataclass

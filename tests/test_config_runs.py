@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from rlhf_lib import config, runs
-from rlhf_lib.config import CommonConfig, ConfigError, validate
+from rlhf_lib.core import config, runs
+from rlhf_lib.core.config import CommonConfig, ConfigError, validate
 
 
 @dataclass

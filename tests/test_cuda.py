@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 
-from rlhf_lib import generation, models, ppo
+from rlhf_lib.lm import generation, models
+from rlhf_lib.ppo import trainer as ppo
 
 HAS_CUDA = torch.cuda.is_available()
 cuda = pytest.mark.cuda
@@ -186,7 +187,7 @@ def test_compiled_blocks_match_eager_on_cuda(ref):
 @cuda
 @needs_cuda
 def test_shared_prefix_forward_matches_the_padded_batch_on_cuda(compiled):
-    """The packed shared-prefix row (rlhf_lib.prefix) on CUDA, eager and with compiled blocks (the configuration
+    """The packed shared-prefix row (rlhf_lib.lm.prefix) on CUDA, eager and with compiled blocks (the configuration
     whose training graph once failed in Inductor under symbolic sizes): same logits, values and gradients."""
     from test_prefix import SHARED, forwards_and_grads, padded_batch
 
@@ -219,8 +220,8 @@ def test_shared_prefix_forward_matches_the_padded_batch_on_cuda(compiled):
 @needs_cuda
 def test_autocast_ppo_update_on_cuda_is_finite_and_moves_the_policy(dtype, tmp_path):
     """One PPO update (full fine-tuning, compiled blocks and CUDA-graph decoding) under bf16 / fp16 autocast."""
-    from rlhf_lib import runtime
-    from rlhf_lib.metrics import read_jsonl
+    from rlhf_lib.core import runtime
+    from rlhf_lib.ppo.metrics import read_jsonl
 
     try:
         runtime.pick_dtype(dtype, torch.device("cuda"))

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.data and its data_formats / data_records / data_plots: formats, prompt/response splitting, chat
+"""Tests for rlhf_lib.data (build, formats, records, plots): formats, prompt/response splitting, chat
 templating, splits, bad input, end to end."""
 
 from __future__ import annotations
@@ -10,9 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rlhf_lib import annotator, config, data, data_formats, data_plots, data_records, models, runs
-from rlhf_lib.data import DataConfig
-from rlhf_lib.data_formats import DataError
+from rlhf_lib.core import config, runs
+from rlhf_lib.data import annotator
+from rlhf_lib.data import build as data
+from rlhf_lib.data import formats as data_formats
+from rlhf_lib.data import plots as data_plots
+from rlhf_lib.data import records as data_records
+from rlhf_lib.data.build import DataConfig
+from rlhf_lib.data.formats import DataError
+from rlhf_lib.lm import models
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PAIR_KEYS = {

@@ -14,8 +14,9 @@ import copy
 import pytest
 import torch
 
-from rlhf_lib import models, ppo
-from rlhf_lib.metrics import read_jsonl
+from rlhf_lib.lm import models
+from rlhf_lib.ppo import trainer as ppo
+from rlhf_lib.ppo.metrics import read_jsonl
 
 MODEL = "tiny:llama"
 

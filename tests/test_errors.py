@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_lib import config, models, pipeline
-from rlhf_lib.config import CommonConfig, ConfigError
+from rlhf_lib import pipeline
+from rlhf_lib.core import config
+from rlhf_lib.core.config import CommonConfig, ConfigError
+from rlhf_lib.lm import models
 
 SMOKE = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
 

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.evaluate, eval_sampling, eval_stats and rlhf_lib.plots: metrics on hand-made inputs,
+"""Tests for rlhf_lib.evaluate (stage, sampling, stats, plots): metrics on hand-made inputs,
 sampling/scoring on tiny:llama, plots.
 
 Scorers are injected (simple functions of the tokens / text), so these tests need neither a trained reward model nor
@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from rlhf_lib import config, models, plots
-from rlhf_lib.eval_sampling import GenerationSettings, pad_batch, response_logprobs, sample_policy
-from rlhf_lib.eval_stats import bootstrap_interval, mean_std, sequence_kl, wilson_interval, win_rate
-from rlhf_lib.evaluate import (
+from rlhf_lib.core import config
+from rlhf_lib.core.io import write_json_atomic
+from rlhf_lib.core.runs import Run, run_for
+from rlhf_lib.evaluate import plots
+from rlhf_lib.evaluate.sampling import GenerationSettings, pad_batch, response_logprobs, sample_policy
+from rlhf_lib.evaluate.stage import (
     EvalConfig,
     EvalResult,
     compare_runs,
@@ -32,7 +34,9 @@ from rlhf_lib.evaluate import (
     select_evenly,
     stage_summary,
 )
-from rlhf_lib.runs import Run, run_for, write_json_atomic
+from rlhf_lib.evaluate.stats import bootstrap_interval, mean_std, sequence_kl, wilson_interval, win_rate
+from rlhf_lib.lm import models
+from rlhf_lib.ppo import plots as ppo_plots
 
 TINY = "tiny:llama"
 USER_PROMPTS = [
@@ -480,15 +484,15 @@ def test_plot_ppo_curves(tmp_path):
     ]
     rows[3].pop("val/clipfrac_avg")
     (run.ppo_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    fig = plots.plot_ppo_curves(run)
+    fig = ppo_plots.plot_ppo_curves(run)
     assert (run.plots_dir / "ppo_curves.png").stat().st_size > 1000
     assert axes_with_data(fig) == 6
     assert fig.axes[0].lines[0].get_xdata()[-1] == 8 * 39
     (run.ppo_dir / "metrics.jsonl").write_text(json.dumps({"episode": 8, "objective/scores": 0.3}))
-    fig = plots.plot_ppo_curves(run)
+    fig = ppo_plots.plot_ppo_curves(run)
     assert axes_with_data(fig) == 1  # the others say "not logged"
     with pytest.raises(FileNotFoundError, match="ppo stage"):
-        plots.plot_ppo_curves(Run(tmp_path / "empty"))
+        ppo_plots.plot_ppo_curves(Run(tmp_path / "empty"))
 
 
 def test_plot_reward_distributions(same_policy, tmp_path):

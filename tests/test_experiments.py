@@ -17,9 +17,12 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf_lib import experiments, pipeline, runs, sweep_stats
-from rlhf_lib.config import CommonConfig, ConfigError
-from rlhf_lib.experiments import Sweep, SweepError
+from rlhf_lib import pipeline
+from rlhf_lib.core import runs
+from rlhf_lib.core.config import CommonConfig, ConfigError
+from rlhf_lib.sweeps import runner as experiments
+from rlhf_lib.sweeps import stats as sweep_stats
+from rlhf_lib.sweeps.runner import Sweep, SweepError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SWEEP = ROOT / "params" / "sweeps" / "smoke.yaml"
@@ -574,7 +577,7 @@ def test_a_killed_point_is_redone_and_the_summary_equals_an_uninterrupted_sweep(
     out = tmp_path / "out"
     sweep = experiments.load_sweep(sweep_file, str(out))
     first, victim = sweep.points()[0], sweep.points()[1]
-    cmd = [sys.executable, "-m", "rlhf_lib.experiments", str(sweep_file), "--outputs-dir", str(out), "--no-notebook"]
+    cmd = [sys.executable, "-m", "rlhf_lib.sweeps", str(sweep_file), "--outputs-dir", str(out), "--no-notebook"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while experiments.point_run(sweep, victim).stage_status("ppo") != "running":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lib import generation, models, policy_models, rollout
+from rlhf_lib.lm import generation, models, policy_models
+from rlhf_lib.ppo import rollout
 
 
 def test_sample_from_logits_matches_softmax_with_temperature():

@@ -1,4 +1,5 @@
-"""No import circles in rlhf_lib/ or scripts/.
+"""The import graph of rlhf_lib/ and scripts/: no circles, the packages layered by stage, no private names across
+packages.
 
 Every import statement counts, wherever it sits: module level, inside a function (a lazy import still ties the two
 modules together) and under ``if TYPE_CHECKING:``. Scripts are modules by file name, as they import each other with
@@ -17,8 +18,11 @@ PACKAGE = "rlhf_lib"
 def module_files() -> dict[str, Path]:
     """Module name -> file, for the library package and the scripts."""
     out = {}
-    for path in sorted((ROOT / PACKAGE).glob("*.py")):
-        out[PACKAGE if path.stem == "__init__" else f"{PACKAGE}.{path.stem}"] = path
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if "assets" in parts:  # data files' builder scripts, not modules of the library
+            continue
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     for path in sorted((ROOT / "scripts").glob("*.py")):
         out[path.stem] = path
     return out
@@ -93,6 +97,95 @@ def test_import_graph_sees_relative_lazy_and_type_checking_imports(tmp_path):
 
 def test_no_import_cycles_in_library_and_scripts():
     graph = import_graph()
-    assert "rlhf_lib.reward" in graph and "build_notebooks" in graph  # the walk found both folders
+    assert "rlhf_lib.reward.train" in graph and "build_notebooks" in graph  # the walk found both folders
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# What each package of rlhf_lib may import (besides itself and the root package): the stages over lm/ over core/,
+# and a stage reads another only where the data flows (evaluate reads data, reward and ppo; sweeps run the pipeline;
+# the comparison evaluates every method). bench/ is outside every stage's imports.
+ALLOWED = {
+    "core": set(),
+    "lm": {"core"},
+    "data": {"core", "lm"},
+    "reward": {"core", "lm"},
+    "ppo": {"core", "lm"},
+    "evaluate": {"core", "lm", "data", "reward", "ppo"},
+    "pipeline": {"core", "ppo"},
+    "sweeps": {"core", "pipeline"},
+    "compare": {"core", "lm", "data", "reward", "ppo", "evaluate"},
+    "bench": {"core", "lm", "reward", "ppo"},
+}
+
+
+def package_of(module: str) -> str | None:
+    """'rlhf_lib.ppo.core' -> 'ppo', 'rlhf_lib.pipeline' -> 'pipeline'; None for the root and for scripts."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == PACKAGE and len(parts) > 1 else None
+
+
+def layering_violations(graph: dict[str, set[str]], allowed: dict[str, set[str]]) -> list[str]:
+    out = []
+    for name, targets in sorted(graph.items()):
+        src = package_of(name)
+        if src is None:
+            continue
+        for target in sorted(targets):
+            dst = package_of(target)
+            if dst is not None and dst != src and dst not in allowed.get(src, set()):
+                out.append(f"{name} imports {target} ({src} may import {sorted(allowed.get(src, set()))})")
+    return out
+
+
+def private_uses(name: str, path: Path, known: set[str]) -> list[str]:
+    """Private names (one leading underscore) of another package that ``name`` imports or reads as an attribute."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    own = package_of(name)
+    bound: dict[str, str] = {}  # local name -> module it stands for
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in known:
+                    bound[alias.asname or alias.name] = full
+                elif alias.name.startswith("_") and not alias.name.startswith("__"):
+                    if package_of(node.module) != own:
+                        out.append(f"{name} imports {node.module}.{alias.name}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname and alias.name in known:
+                    bound[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+            target = bound[node.value.id]
+            if node.attr.startswith("_") and not node.attr.startswith("__") and package_of(target) != own:
+                out.append(f"{name} reads {target}.{node.attr}")
+    return out
+
+
+def test_layering_check_catches_an_upward_import_and_a_private_name(tmp_path):
+    graph = {"rlhf_lib.core.io": {"rlhf_lib.ppo.core"}, "rlhf_lib.ppo.core": {"rlhf_lib.core.io"}}
+    assert layering_violations(graph, ALLOWED) == ["rlhf_lib.core.io imports rlhf_lib.ppo.core (core may import [])"]
+    src = tmp_path / "m.py"
+    src.write_text("from rlhf_lib.reward import train\nfrom rlhf_lib.ppo.core import _x\ntrain._build()\n")
+    known = {"rlhf_lib.reward.train", "rlhf_lib.ppo.core"}
+    assert private_uses("rlhf_lib.bench.workers", src, known) == [
+        "rlhf_lib.bench.workers imports rlhf_lib.ppo.core._x",
+        "rlhf_lib.bench.workers reads rlhf_lib.reward.train._build",
+    ]
+    assert private_uses("rlhf_lib.reward.plots", src, known) == ["rlhf_lib.reward.plots imports rlhf_lib.ppo.core._x"]
+
+
+def test_packages_are_layered_by_stage():
+    graph = import_graph()
+    assert set(ALLOWED) == {package_of(n) for n in graph if package_of(n)}, "a package without a layer in ALLOWED"
+    assert layering_violations(graph, ALLOWED) == []
+
+
+def test_no_private_name_is_used_across_packages():
+    files = module_files()
+    library = {n: p for n, p in files.items() if n.startswith(PACKAGE)}
+    found = [use for name, path in library.items() for use in private_uses(name, path, set(files))]
+    assert found == []

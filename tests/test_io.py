@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.io: the JSONL error rule, atomic writes and padding."""
+"""Tests for rlhf_lib.core.io: the JSONL error rule, atomic writes and padding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import stat
 import pytest
 import torch
 
-from rlhf_lib import io
+from rlhf_lib.core import io
 
 
 def test_jsonl_round_trip_keeps_unicode_and_skips_blank_lines(tmp_path):

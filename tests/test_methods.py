@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.methods: best-of-N maths (estimator vs brute force, analytic KL vs exact and Monte-Carlo),
+"""Tests for rlhf_lib.compare: best-of-N maths (estimator vs brute force, analytic KL vs exact and Monte-Carlo),
 the policy-folder contract, and -- slow -- DPO / RLOO / GRPO raising their objective on a toy task with a known
 answer (tests/toy_task.py), each trained policy going through the comparison's evaluation code."""
 
@@ -13,21 +13,13 @@ import pytest
 import torch
 import toy_task
 
-from rlhf_lib import config, evaluate, models
-from rlhf_lib.methods import best_of_n as bon
-from rlhf_lib.methods.common import (
-    MethodInputs,
-    load_policy_folder,
-    save_policy,
-    token_id_reward,
-)
-from rlhf_lib.methods.dpo import DPOMethodConfig, train_dpo
-from rlhf_lib.methods.online import (
-    GRPOMethodConfig,
-    OnlineMethodConfig,
-    RLOOMethodConfig,
-    train_online,
-)
+from rlhf_lib.compare import best_of_n as bon
+from rlhf_lib.compare.common import MethodInputs, load_policy_folder, save_policy, token_id_reward
+from rlhf_lib.compare.dpo import DPOMethodConfig, train_dpo
+from rlhf_lib.compare.online import GRPOMethodConfig, OnlineMethodConfig, RLOOMethodConfig, train_online
+from rlhf_lib.core import config
+from rlhf_lib.evaluate import stage as evaluate
+from rlhf_lib.lm import models
 
 # ----------------------------------------------------------------------------------------------------------------
 # best-of-N maths
@@ -178,7 +170,7 @@ def test_saved_policy_loads_through_the_evaluation_loader_and_adapters_merge(toy
     save_policy(model, tokenizer, tmp_path / "policy")  # merged, as PPO's final policy
     assert not (tmp_path / "policy" / "adapter_config.json").exists()
     cfg = evaluate.EvalConfig(model=model_ref, device="cpu")
-    from rlhf_lib.runs import Run
+    from rlhf_lib.core.runs import Run
 
     loaded = evaluate.default_policy_loader(cfg, Run(tmp_path), tokenizer, torch.device("cpu"))(tmp_path / "policy")
     merged = load_policy_folder(tmp_path / "adapter", model_ref, tokenizer)
@@ -198,8 +190,9 @@ RESPONSE_LENGTH = 4
 
 def toy_context(root: Path, model_ref: str, tokenizer):
     """The comparison's evaluation context on the toy eval prompts, reward = the target-word fraction."""
-    from rlhf_lib import compare
-    from rlhf_lib.runs import Run, write_json_atomic
+    from rlhf_lib.compare import runner as compare
+    from rlhf_lib.core.io import write_json_atomic
+    from rlhf_lib.core.runs import Run
 
     run = Run(root)
     write_json_atomic(run.manifest_path, {"stages": {}})
@@ -220,7 +213,7 @@ def toy_context(root: Path, model_ref: str, tokenizer):
 
 
 def trained_reward(ctx, folder: Path) -> float:
-    from rlhf_lib import compare
+    from rlhf_lib.compare import runner as compare
 
     policy = evaluate.default_policy_loader(ctx.eval_cfg, None, ctx.tokenizer, ctx.settings.device)(folder / "policy")
     entry, _ = compare.evaluate_policy(ctx, policy, "method", "test")
@@ -275,9 +268,9 @@ def test_rloo_and_grpo_raise_the_reward(toy, kind):
 
 
 def test_check_trained_names_the_first_input_that_differs(tmp_path):
-    from rlhf_lib.config import ConfigError
-    from rlhf_lib.methods.common import check_trained, setting_inputs, write_train_record
-    from rlhf_lib.methods.dpo import DPOMethodConfig
+    from rlhf_lib.compare.common import check_trained, setting_inputs, write_train_record
+    from rlhf_lib.compare.dpo import DPOMethodConfig
+    from rlhf_lib.core.config import ConfigError
 
     inputs = MethodInputs("model", tmp_path / "data", tmp_path / "rm", seed=0)
     trained = setting_inputs(inputs, DPOMethodConfig(max_pairs=8))

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from rlhf_lib import models
-from rlhf_lib.config import ConfigError
+from rlhf_lib.core.config import ConfigError
+from rlhf_lib.lm import models
 
 BUNDLED = "bundled:smollm2-135m-instruct"
 
@@ -90,7 +90,7 @@ def test_interrupted_build_leaves_no_complete_looking_folder(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._atomic_build(tmp_path / "m", boom)
+        models.atomic_build(tmp_path / "m", boom)
     assert not (tmp_path / "m").exists()
     assert list(tmp_path.iterdir()) == []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from rlhf_lib import config
+from rlhf_lib.core import config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "params").glob("*.yaml"))

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_lib import pipeline, runs
-from rlhf_lib.config import CommonConfig, ConfigError
+from rlhf_lib import pipeline
+from rlhf_lib.core import runs
+from rlhf_lib.core.config import CommonConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -79,7 +80,7 @@ def test_smoke_pipeline_end_to_end(tmp_path, outputs, model):
 
 def test_injected_parameters_are_complete_so_notebook_smoke_defaults_never_leak(tmp_path, outputs):
     """A field a profile leaves out must get the library default, not the notebook's smoke default."""
-    from rlhf_lib.data import DataConfig
+    from rlhf_lib.data.build import DataConfig
 
     profile = _profile(tmp_path, outputs)
     params = yaml.safe_load(profile.read_text())

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_lib import checkpoints, config, metrics, models, policy_models, ppo, runs
-from rlhf_lib.metrics import METRIC_GLOSSARY, read_jsonl
+from rlhf_lib.core import config, runs
+from rlhf_lib.lm import models, policy_models
+from rlhf_lib.ppo import checkpoints, metrics
+from rlhf_lib.ppo import trainer as ppo
+from rlhf_lib.ppo.metrics import METRIC_GLOSSARY, read_jsonl
 
 MODEL = "tiny:llama"
 # throughput / timing / memory columns differ between runs by nature; everything else must match on resume
@@ -280,7 +283,7 @@ def test_batch_plan_splits_over_processes_minibatches_and_microbatches():
 
 def test_generation_is_pure_sampling_at_temperature(tokenizer, prompts, tmp_path, monkeypatch):
     """The rollout samples from raw logits / T: no top-k / top-p / repetition processing of the distribution."""
-    from rlhf_lib import generation
+    from rlhf_lib.lm import generation
 
     trainer = make_trainer(tiny_cfg(temperature=0.7), tokenizer, prompts, tmp_path, token_count_reward(0))
     draws: list[tuple[torch.Tensor, float]] = []
@@ -615,7 +618,7 @@ def test_train_ppo_on_a_run_folder(tokenizer, prompts, tmp_path):
     # normalised RM scores minus the missing-EOS penalty (the random tiny model never emits EOS here)
     assert result.metrics["objective/scores"].iloc[0] < -0.5
     assert (run.policy_dir / "config.json").exists() and (run.policy_dir / "tokenizer_config.json").exists()
-    from rlhf_lib import plots
+    from rlhf_lib.ppo import plots
 
     fig = plots.plot_ppo_curves(run)
     assert isinstance(fig, matplotlib.figure.Figure) and (run.plots_dir / "ppo_curves.png").exists()

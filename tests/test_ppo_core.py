@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.ppo_core: each function against a naive for-loop reference, plus hand-computed cases."""
+"""Tests for rlhf_lib.ppo.core: each function against a naive for-loop reference, plus hand-computed cases."""
 
 from __future__ import annotations
 
@@ -7,22 +7,24 @@ import math
 import pytest
 import torch
 
-from rlhf_lib.ppo_core import (
+from rlhf_lib.lm.sequences import (
+    entropy_from_logits,
+    first_true_indices,
+    last_valid_index,
+    logprobs_from_logits,
+    sequence_lengths,
+    truncate_after_eos,
+)
+from rlhf_lib.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
     compute_rewards,
-    entropy_from_logits,
-    first_true_indices,
     kl_penalty,
-    last_valid_index,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
     policy_loss,
-    sequence_lengths,
-    truncate_after_eos,
     value_loss,
 )
 

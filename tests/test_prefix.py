@@ -1,4 +1,4 @@
-"""Shared prompt prefixes (rlhf_lib.prefix, used by every PPO forward): the layout, and the same maths as padding."""
+"""Shared prompt prefixes (rlhf_lib.lm.prefix, used by every PPO forward): the layout, and the same maths as padding."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
-from rlhf_lib import models, policy_models, ppo, prefix
-from rlhf_lib.metrics import read_jsonl
+from rlhf_lib.lm import models, policy_models, prefix
+from rlhf_lib.ppo import trainer as ppo
+from rlhf_lib.ppo.metrics import read_jsonl
 
 MODEL = "tiny:llama"
 PAD = 0

@@ -1,12 +1,13 @@
 """The README and docs/*.md stay true: repo paths, `make` targets, params profiles, `-p` overrides, generated tables.
 
 Checked in code (fenced blocks and `inline code`) and in link targets, where commands and paths live; prose is not
-parsed. After a change of ``rlhf_lib.metrics.METRIC_GLOSSARY`` or of the committed default-beta sweep summary
+parsed. After a change of ``rlhf_lib.ppo.metrics.METRIC_GLOSSARY`` or of the committed default-beta sweep summary
 (the README headline) regenerate the tables with ``python tests/test_readme.py --write``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import glob
 import importlib
@@ -39,7 +40,7 @@ EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
 
 def metric_table(names: tuple[str, ...] | None) -> str:
-    from rlhf_lib import metrics
+    from rlhf_lib.ppo import metrics
 
     return metrics.glossary_markdown(names)
 
@@ -52,7 +53,7 @@ def default_value(dotted: str):
 
 def headline_table() -> str:
     """The default profile's cell of the headline sweep, mean ± 95 % CI over seeds; grid keys as in default.yaml."""
-    from rlhf_lib import sweep_stats
+    from rlhf_lib.sweeps import stats as sweep_stats
 
     summary = sweep_stats.load_summary(HEADLINE_SWEEP)
     cell = {k: default_value(k) for k in summary["grid"] if k != summary["seed_key"]}
@@ -60,20 +61,20 @@ def headline_table() -> str:
 
 
 def sweep_cells_table(name: str) -> str:
-    from rlhf_lib import sweep_stats
+    from rlhf_lib.sweeps import stats as sweep_stats
 
     return sweep_stats.cells_markdown(sweep_stats.load_summary(SWEEPS / name))
 
 
 def sweep_seeds_table(name: str) -> str:
-    from rlhf_lib import sweep_stats
+    from rlhf_lib.sweeps import stats as sweep_stats
 
     return sweep_stats.seeds_markdown(sweep_stats.load_summary(SWEEPS / name))
 
 
 def eos_penalty_table() -> str:
     """default_beta's beta = 0.1 cell against eos_penalty's, paired by seed (same data, reward model, beta, seeds)."""
-    from rlhf_lib import sweep_stats
+    from rlhf_lib.sweeps import stats as sweep_stats
 
     labels = ("no penalty (`default_beta`, β = 0.1)", "`ppo.missing_eos_penalty` = 1.0")
     without, with_ = (sweep_stats.load_summary(SWEEPS / name) for name in ("default_beta", "eos_penalty"))
@@ -87,13 +88,13 @@ def compare_summary(folder: Path) -> dict:
 
 
 def compare_table(folder: Path) -> str:
-    from rlhf_lib.methods import report
+    from rlhf_lib.compare import report
 
     return report.methods_markdown(compare_summary(folder))
 
 
 def frontier_table() -> str:
-    from rlhf_lib.methods import report
+    from rlhf_lib.compare import report
 
     return report.frontier_markdown(compare_summary(COMPARE))
 
@@ -122,7 +123,7 @@ PATH_RE = re.compile(
     r"(?<![\w./~-])((?:params|notebooks|rlhf_lib|scripts|tests|docs|\.ci)/[\w.*/-]*"
     r"|Makefile|pyproject\.toml|environment\.yml)"
 )
-MODULE_RE = re.compile(r"(?<![\w./-])rlhf_lib\.([a-z_]+)((?:\.[A-Za-z_]\w*)*)")
+MODULE_RE = re.compile(r"(?<![\w./-])rlhf_lib((?:\.[A-Za-z_]\w*)+)")
 MAKE_RE = re.compile(r"\bmake ([a-z][\w-]*)")
 OVERRIDE_RE = re.compile(r"-p ([a-z_]+)\.([a-z_][\w.]*)=(\S*?)[\"']?(?=\s|$)")
 FIELD_SPAN_RE = re.compile(rf"^({'|'.join(SECTIONS)})\.([a-z_][\w.]*)(?:=(\S+)|: (.+))?$")
@@ -158,14 +159,14 @@ def is_pending(item: str) -> bool:
 
 
 def config_class(section: str) -> type:
-    from rlhf_lib import config
+    from rlhf_lib.core import config
 
     return config.CommonConfig if section == "common" else config.stage_config_class(section)
 
 
 def field_error(section: str, dotted: str, value: str | None) -> str | None:
     """Why ``section.dotted(=value)`` is not a real params field (None when it is)."""
-    from rlhf_lib import config
+    from rlhf_lib.core import config
 
     if section not in SECTIONS:
         return f"unknown section {section!r}"
@@ -208,16 +209,40 @@ def test_mentioned_repo_paths_exist(doc):
     assert not missing, f"{name} mentions {missing}, which do not exist: fix the path or add the file"
 
 
+def module_file(dotted: str) -> Path | None:
+    """rlhf_lib's file for a dotted module name (a module or a package's __init__), or None."""
+    base = ROOT / Path(*dotted.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.exists()), None)
+
+
+def split_reference(dotted: str) -> tuple[str, list[str]]:
+    """'rlhf_lib.ppo.trainer.PPOConfig.kl_coef' -> ('rlhf_lib.ppo.trainer', ['PPOConfig', 'kl_coef'])."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        if module_file(".".join(parts[:n])):
+            return ".".join(parts[:n]), parts[n:]
+    return "", parts
+
+
 def test_mentioned_modules_and_attributes_exist(doc):
     name, text = doc
     for chunk in code_text(text):
-        for module, attrs in MODULE_RE.findall(chunk):
-            assert (ROOT / "rlhf_lib" / f"{module}.py").exists(), f"{name} mentions rlhf_lib.{module}: no such module"
+        for dotted in MODULE_RE.findall(chunk):
+            module, attrs = split_reference("rlhf_lib" + dotted)
+            assert module != "rlhf_lib" or not attrs, f"{name} mentions rlhf_lib{dotted}: no such module"
             if attrs:
-                first = attrs.split(".")[1]
-                assert hasattr(importlib.import_module(f"rlhf_lib.{module}"), first), (
-                    f"{name} mentions rlhf_lib.{module}.{first}, which rlhf_lib/{module}.py does not define"
+                assert hasattr(importlib.import_module(module), attrs[0]), (
+                    f"{name} mentions {module}.{attrs[0]}, which {module_file(module).relative_to(ROOT)} lacks"
                 )
+
+
+def test_split_reference_finds_the_longest_module():
+    assert split_reference("rlhf_lib.ppo.trainer.PPOConfig.kl_coef") == (
+        "rlhf_lib.ppo.trainer",
+        ["PPOConfig", "kl_coef"],
+    )
+    assert split_reference("rlhf_lib.ppo.PPOConfig") == ("rlhf_lib.ppo", ["PPOConfig"])
+    assert split_reference("rlhf_lib.nothing_here") == ("rlhf_lib", ["nothing_here"])
 
 
 def test_make_targets_exist(doc):
@@ -262,12 +287,22 @@ def test_markdown_tables_are_well_formed(doc):
         assert not bad, f"{name}: table rows with a different number of cells than the header (escape | as \\|): {bad}"
 
 
-def test_repo_map_names_every_module_and_script():
+def test_repo_map_names_every_package_and_script():
     readme = README.read_text(encoding="utf-8")
+    packages = sorted(str(p.parent.relative_to(ROOT)) + "/" for p in (ROOT / "rlhf_lib").glob("*/__init__.py"))
     files = sorted(glob.glob(str(ROOT / "rlhf_lib" / "*.py")) + glob.glob(str(ROOT / "scripts" / "*.py")))
-    names = [str(Path(f).relative_to(ROOT)) for f in files if not f.endswith("__init__.py")]
+    names = packages + [str(Path(f).relative_to(ROOT)) for f in files if not f.endswith("__init__.py")]
     missing = [n for n in names if f"`{n}`" not in readme]
     assert not missing, f"README.md repo map lacks {missing}: add one line each"
+
+
+def test_each_package_docstring_names_its_modules():
+    """A package's __init__ docstring is its map: every module of the package is named there as :mod:`.name`."""
+    for init in sorted((ROOT / "rlhf_lib").glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+        modules = sorted(p.stem for p in init.parent.glob("*.py") if not p.stem.startswith("__"))
+        missing = [m for m in modules if f":mod:`.{m}`" not in doc]
+        assert not missing, f"{init.relative_to(ROOT)}'s docstring does not name {missing} (as :mod:`.name`)"
 
 
 @pytest.mark.parametrize("path, marker", list(GENERATED), ids=lambda x: x if isinstance(x, str) else x.name)
@@ -279,7 +314,7 @@ def test_generated_tables_are_current(path, marker):
 
 def test_the_default_profile_takes_the_headline_sweeps_selection():
     """The README says the default beta is the sweep's choice: the committed summary's selection is default.yaml's."""
-    from rlhf_lib import sweep_stats
+    from rlhf_lib.sweeps import stats as sweep_stats
 
     summary = sweep_stats.load_summary(HEADLINE_SWEEP)
     assert summary["complete"] and summary["selection"], f"{HEADLINE_SWEEP.name}: the headline sweep is unfinished"
@@ -298,11 +333,11 @@ def test_pending_items_have_not_landed():
 
 def test_the_scanners_find_what_the_docs_write():
     text = (
-        "run `make pipeline PARAMS=params/x.yaml` and see [perf](docs/p.md), `rlhf_lib/ppo.py:PPOConfig`,\n"
+        "run `make pipeline PARAMS=params/x.yaml` and see [perf](docs/p.md), `rlhf_lib/ppo/trainer.py:PPOConfig`,\n"
         "[web](https://x.org/a), `params/<yours>.yaml`.\n"
         '```bash\nmake bench ARGS="-p ppo.kl_coef=0.1"\npython scripts/a.py\n```\n'
     )
-    assert mentioned_paths(text) == {"params/x.yaml", "docs/p.md", "rlhf_lib/ppo.py", "scripts/a.py"}
+    assert mentioned_paths(text) == {"params/x.yaml", "docs/p.md", "rlhf_lib/ppo/trainer.py", "scripts/a.py"}
     assert "docs/p.md" in mentioned_paths("![fig](p.md)", "docs")
     assert {t for c in code_text(text) for t in MAKE_RE.findall(c)} == {"pipeline", "bench"}
     assert [m for c in code_text(text) for m in OVERRIDE_RE.findall(c)] == [("ppo", "kl_coef", "0.1")]

@@ -1,4 +1,4 @@
-"""Tests for rlhf_lib.reward, reward_scoring and reward_metrics: the three defects of the original notebook,
+"""Tests for rlhf_lib.reward.train, reward_scoring and reward_metrics: the three defects of the original notebook,
 tie/degenerate handling, tokenizer checks, score extraction under padding, and a tiny-model learning test on a
 synthetic task with a known answer."""
 
@@ -13,18 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_lib import config, models, runs
-from rlhf_lib.reward import (
-    RewardModelConfig,
-    _build_model,
-    _pairs_dataset,
-    _reward_config,
-    _save_model,
-    evaluate_reward_model,
-    read_pairs,
-    train_reward_model,
-)
-from rlhf_lib.reward_metrics import (
+from rlhf_lib.core import config, runs
+from rlhf_lib.lm import models
+from rlhf_lib.reward.metrics import (
     DegenerateRewardsError,
     baseline_accuracy,
     bt_loss,
@@ -35,12 +26,22 @@ from rlhf_lib.reward_metrics import (
     pairwise_accuracy,
     strength_table,
 )
-from rlhf_lib.reward_scoring import (
+from rlhf_lib.reward.scoring import (
     TokenizerMismatchError,
     check_same_tokenizer,
     load_reward_model,
     score_pairs,
     score_sequences,
+)
+from rlhf_lib.reward.train import (
+    RewardModelConfig,
+    _reward_config,
+    _save_model,
+    build_reward_model,
+    evaluate_reward_model,
+    pairs_dataset,
+    read_pairs,
+    train_reward_model,
 )
 
 WORDS = "the a movie film plot actor scene music story was is very quite long short slow fast it".split()
@@ -314,7 +315,7 @@ def test_config_fields_documented_and_checked():
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_trainable_top_layers_freezes_the_rest(tok, use_lora):
     cfg = RewardModelConfig(model="tiny:llama", use_lora=use_lora, trainable_top_layers=1)
-    model = _build_model(cfg, tok, torch.device("cpu"))
+    model = build_reward_model(cfg, tok, torch.device("cpu"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("layers.0." not in n and "embed_tokens" not in n for n in trainable)
     assert any("layers.1." in n for n in trainable)
@@ -325,12 +326,12 @@ def test_trainable_top_layers_freezes_the_rest(tok, use_lora):
 
 def test_num_hidden_layers_keeps_the_bottom_blocks(tok):
     cfg = RewardModelConfig(model="tiny:llama", use_lora=False, num_hidden_layers=1)
-    model = _build_model(cfg, tok, torch.device("cpu"))
+    model = build_reward_model(cfg, tok, torch.device("cpu"))
     full = models.load_sequence_classifier("tiny:llama", tok)
     assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
     torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, full.model.layers[0].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="num_hidden_layers"):
-        _build_model(RewardModelConfig(model="tiny:llama", num_hidden_layers=5), tok, torch.device("cpu"))
+        build_reward_model(RewardModelConfig(model="tiny:llama", num_hidden_layers=5), tok, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("group_by_length", [False, True])
@@ -349,7 +350,7 @@ def test_group_by_length_pads_less_and_keeps_every_pair(tmp_path, tok, group_by_
     cfg = RewardModelConfig(model="tiny:llama", use_lora=False, group_by_length=group_by_length)
     args = _reward_config(cfg, torch.device("cpu"), torch.float32, str(tmp_path), has_eval=False)
     model = models.load_sequence_classifier("tiny:llama", tok)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=_pairs_dataset(rows), processing_class=tok)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=pairs_dataset(rows), processing_class=tok)
     padded, real, seen = 0, 0, []
     for batch in trainer.get_train_dataloader():
         ids, mask = batch["input_ids"], batch["attention_mask"]  # (2b, L): chosen rows then rejected rows
@@ -372,7 +373,7 @@ def test_headless_runs_swap_the_notebook_progress_table_for_a_text_bar(tmp_path,
     from trl import RewardTrainer
 
     import rlhf_lib
-    from rlhf_lib.reward import _text_progress_in_headless_runs
+    from rlhf_lib.reward.train import _text_progress_in_headless_runs
 
     monkeypatch.setenv(rlhf_lib.TEXT_PROGRESS_ENV, "1" if headless else "0")
     args = _reward_config(
@@ -381,7 +382,7 @@ def test_headless_runs_swap_the_notebook_progress_table_for_a_text_bar(tmp_path,
     trainer = RewardTrainer(
         model=models.load_sequence_classifier("tiny:llama", tok),
         args=args,
-        train_dataset=_pairs_dataset(make_pairs(tok, 4, seed=0)),
+        train_dataset=pairs_dataset(make_pairs(tok, 4, seed=0)),
         processing_class=tok,
     )
     trainer.remove_callback(ProgressCallback)
@@ -427,7 +428,7 @@ def test_saved_model_is_the_trained_one(tmp_path, tok, use_lora, torch_compile):
 def test_untrained_model_fails_evaluation(tmp_path, tok):
     """Defect 2: a zero-head (untrained) RM gives tied rewards; the stage must stop, not report ln 2 and 'accuracy'."""
     cfg, run = make_run(tmp_path, tok, n_train=8, n_eval=8)
-    _save_model(_build_model(cfg, tok, torch.device("cpu")), tok, run.reward_model_dir)
+    _save_model(build_reward_model(cfg, tok, torch.device("cpu")), tok, run.reward_model_dir)
     with pytest.raises(DegenerateRewardsError, match="constant"):
         evaluate_reward_model(cfg, run)
     assert not (run.reward_model_dir / "reward_stats.json").exists()
@@ -435,7 +436,7 @@ def test_untrained_model_fails_evaluation(tmp_path, tok):
 
 def test_load_reward_model_checks_policy_tokenizer(tmp_path, tok):
     cfg, run = make_run(tmp_path, tok, n_train=8, n_eval=8)
-    _save_model(_build_model(cfg, tok, torch.device("cpu")), tok, run.reward_model_dir)
+    _save_model(build_reward_model(cfg, tok, torch.device("cpu")), tok, run.reward_model_dir)
     with pytest.raises(FileNotFoundError, match="reward_stats.json"):
         load_reward_model(run.reward_model_dir)
     with pytest.raises(TokenizerMismatchError):
@@ -468,7 +469,7 @@ def test_reward_model_learns_synthetic_task(tmp_path, tok, use_lora):
     assert stats["std"] > 0 and math.isfinite(stats["mean"])
     assert stats["mean"] == pytest.approx(result.pairs[["reward_chosen", "reward_rejected"]].to_numpy().mean())
 
-    from rlhf_lib.reward_plots import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
+    from rlhf_lib.reward.plots import plot_accuracy_by_strength, plot_calibration, plot_margins, plot_training_curve
 
     for fig in (
         plot_training_curve(trained.log_history, run),

@@ -18,8 +18,9 @@ import nbformat
 import pytest
 import yaml
 
-from rlhf_lib import config, pipeline, runlock, runs
-from rlhf_lib.config import CommonConfig, ConfigError
+from rlhf_lib import pipeline
+from rlhf_lib.core import config, runlock, runs
+from rlhf_lib.core.config import CommonConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "params" / "smoke.yaml"
@@ -28,8 +29,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_TH
 # A writer in its own process: starts `stage` of run `r` under `outputs`, says so, then waits to be killed.
 HOLDER = textwrap.dedent("""
     import sys, time
-    from rlhf_lib import runs
-    from rlhf_lib.config import CommonConfig
+    from rlhf_lib.core import runs
+    from rlhf_lib.core.config import CommonConfig
     outputs, stage, overwrite = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     runs.start_stage(CommonConfig(run="r", outputs_dir=outputs, overwrite=overwrite), stage)
     print("ready", flush=True)
@@ -153,7 +154,7 @@ def test_lock_of_a_killed_writer_is_reported_and_taken_over(outputs, capsys):
 
 
 def test_resume_refuses_params_that_change_the_run(outputs):
-    from rlhf_lib.ppo import PPOConfig
+    from rlhf_lib.ppo.trainer import PPOConfig
 
     base = dict(run="r", outputs_dir=outputs, total_episodes=16, batch_size=8)
     _finished(outputs, "data", "reward_model")
@@ -175,7 +176,7 @@ def test_resume_refuses_params_that_change_the_run(outputs):
 
 def test_pipeline_checks_resume_params_before_running(tmp_path, outputs):
     _finished(outputs, "data", "reward_model")
-    from rlhf_lib.ppo import PPOConfig
+    from rlhf_lib.ppo.trainer import PPOConfig
 
     runs.start_stage(PPOConfig(run="r", outputs_dir=outputs), "ppo")
     profile = _profile(tmp_path, outputs)
@@ -237,7 +238,7 @@ def test_crashing_cell_marks_the_stage_failed(outputs):
     shell = InteractiveShell.instance()
     try:
         shell.run_cell(
-            f"from rlhf_lib import runs, config\n"
+            f"from rlhf_lib.core import runs, config\n"
             f"run = runs.start_stage(config.CommonConfig(run='r', outputs_dir={outputs!r}), 'data')"
         )
         shell.run_cell("x = 1")
@@ -329,8 +330,8 @@ def test_written_json_respects_the_umask(tmp_path, mask, mode):
 
 def _ppo_ready_run(outputs: str) -> runs.Run:
     """A run whose data stage finished (smoke) and whose reward_model stage is marked done (PPO uses a random head)."""
-    from rlhf_lib import data
-    from rlhf_lib.config import load_params_file, stage_parameters, validate
+    from rlhf_lib.core.config import load_params_file, stage_parameters, validate
+    from rlhf_lib.data import build as data
 
     params = load_params_file(SMOKE)
     params["common"].update(outputs_dir=outputs, run="r")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rlhf_lib import runtime
+from rlhf_lib.core import runtime
 
 
 @pytest.fixture
@@ -148,8 +148,8 @@ def test_autocast_runs_matmuls_in_bf16_and_is_a_no_op_for_fp32():
 
 
 def test_a_stage_records_the_precision_choice_in_the_manifest(fake_host, tmp_path):
-    from rlhf_lib.config import CommonConfig
-    from rlhf_lib.runs import start_stage
+    from rlhf_lib.core.config import CommonConfig
+    from rlhf_lib.core.runs import start_stage
 
     fake_host(cuda=False, flags=("avx2",), speedup=0.07)
     run = start_stage(CommonConfig(run="precision", outputs_dir=str(tmp_path), dtype="auto"), "data")

@@ -1,0 +1,737 @@
+"""PPO vs best-of-N vs DPO vs RLOO vs GRPO on one run's data, reward model and gold: one KL–gold frontier.
+
+``python -m rlhf_lib.compare --params params/compare/<profile>.yaml --base-run <run>`` (``make compare``) runs the
+profile's methods on top of a finished run (its data/ and reward_model/ are read, never written) and executes
+``notebooks/06_compare_methods.ipynb`` through papermill; everything goes to ``outputs/<common.run>/``:
+``<method>/<setting>/policy`` + ``train.json`` per trained setting and ``evals/<curve>/<setting>.json`` per finished
+evaluation (a re-run on the same inputs reuses both), ``summary.json`` (with the resolved profile, git commit, versions
+and device), ``samples.jsonl``, ``plots/``. One writer per comparison run: it holds the run's lock
+(:mod:`rlhf_lib.core.runlock`), so a second ``make compare`` on the same run is refused at once.
+
+One evaluation path for every policy: the evaluation stage's own functions
+(:func:`rlhf_lib.evaluate.sampling.sample_policy`, ``eval_sampling.score_samples``, ``eval_stats.win_rate``,
+``evaluate.policy_block``) on the same held-out prompts with the same sampling seed, so the reference sample of each
+prompt -- what win rates are judged against -- is the same for all methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from rlhf_lib.compare import best_of_n as bon
+from rlhf_lib.compare.best_of_n import BestOfNConfig
+from rlhf_lib.compare.common import (
+    TRAIN_FILE,
+    MethodInputs,
+    check_trained,
+    is_trained,
+    read_train_record,
+    setting_inputs,
+    setting_label,
+)
+from rlhf_lib.compare.dpo import DPOMethodConfig, train_dpo
+from rlhf_lib.compare.online import GRPOMethodConfig, RLOOMethodConfig, train_online
+from rlhf_lib.core import runlock, runtime
+from rlhf_lib.core.config import CommonConfig, ConfigError, validate
+from rlhf_lib.core.io import repo_root, write_json_atomic
+from rlhf_lib.core.runs import Run, git_state, outputs_root, package_versions, read_json
+from rlhf_lib.evaluate import sampling as eval_sampling
+from rlhf_lib.evaluate import stage as evaluate
+from rlhf_lib.evaluate import stats as eval_stats
+from rlhf_lib.evaluate.stage import EvalConfig
+from rlhf_lib.lm import models
+from rlhf_lib.ppo import checkpoints
+
+NOTEBOOK = "06_compare_methods.ipynb"
+SECTIONS = {
+    "common": None,
+    "compare": None,
+    "eval": EvalConfig,
+    "best_of_n": BestOfNConfig,
+    "dpo": DPOMethodConfig,
+    "rloo": RLOOMethodConfig,
+    "grpo": GRPOMethodConfig,
+}
+TRAINED = ("dpo", "rloo", "grpo")
+PROFILE_SECTIONS = ("compare", "eval", "best_of_n", "dpo", "rloo", "grpo")  # Profile's configs, as summary.json records
+EVALS = "evals"  # <run>/evals/<curve>/<setting>.json: one finished evaluation and the inputs it was made on
+
+
+@dataclass
+class CompareConfig(CommonConfig):
+    """The comparison: which base run, which PPO curves, where to read the gold off at matched KL."""
+
+    run: str = "compare"  # output folder name under outputs_dir
+    model: str = ""  # "": the base run's model (the policy its data and reward model were built for)
+    base_run: str = ""  # run whose data/ and reward_model/ every method uses: a name under outputs_dir, or a folder
+    #   (a sweep point, e.g. default_beta/seed0-kl_coef0.1: its base run's data and reward model, its own PPO)
+    ppo_base: bool = True  # put the base run's own PPO (checkpoints + final policy) on the frontier
+    ppo_runs: list[str] = field(default_factory=list)  # more PPO runs on the same data + RM (names or folders), one
+    #   curve each
+    max_ppo_checkpoints: int = 4  # PPO checkpoints per PPO run (evenly spaced, the final policy always included)
+    kl_points: list[float] = field(default_factory=lambda: [1.0, 3.0, 6.0])  # KL (nats) at which gold is interpolated
+    anchor_reference: bool = True  # every curve starts at the reference (KL 0, its gold) when interpolating
+    n_sample_rows: int = 4  # prompts shown side by side per method in the notebook
+
+    def check(self) -> None:
+        if self.max_ppo_checkpoints < 0 or self.n_sample_rows < 0:
+            raise ValueError("compare.max_ppo_checkpoints and compare.n_sample_rows must be >= 0")
+        if any(k <= 0 for k in self.kl_points):
+            raise ValueError(f"compare.kl_points={self.kl_points} must all be > 0 (nats)")
+
+
+@dataclass
+class Profile:
+    """A validated comparison profile: one config per section."""
+
+    compare: CompareConfig
+    eval: EvalConfig
+    best_of_n: BestOfNConfig
+    dpo: DPOMethodConfig
+    rloo: RLOOMethodConfig
+    grpo: GRPOMethodConfig
+    source: str = ""
+
+
+def load_profile(
+    path: str | Path,
+    base_run: str | None = None,
+    run: str | None = None,
+    outputs_dir: str | None = None,
+    threads: int | None = None,
+) -> Profile:
+    """Read and validate params/compare/<profile>.yaml (unknown sections/keys and wrong types raise ConfigError)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"comparison profile {path} does not exist (profiles live in params/compare/*.yaml)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown sections {sorted(unknown)}; sections are {', '.join(SECTIONS)}")
+    common = dict(raw.get("common") or {})
+    values = {**common, **(raw.get("compare") or {})}
+    for key, value in (("base_run", base_run), ("run", run), ("outputs_dir", outputs_dir), ("threads", threads)):
+        if value:
+            values[key] = value
+    cfg = validate(CompareConfig, values, f"{path} [common/compare]")
+    if not cfg.base_run:
+        raise ConfigError(f"{path}: no base run: set compare.base_run or pass --base-run <run>")
+    shared = {k: v for k, v in dataclasses.asdict(cfg).items() if k in CommonConfig.__dataclass_fields__}
+    shared["model"] = cfg.model or base_model(resolve_base_run(cfg))
+    ev = validate(EvalConfig, {**shared, **(raw.get("eval") or {})}, f"{path} [eval]")
+    methods = {
+        name: validate(SECTIONS[name], raw.get(name) or {}, f"{path} [{name}]")
+        for name in ("best_of_n", "dpo", "rloo", "grpo")
+    }
+    cfg.model = shared["model"]
+    return Profile(compare=cfg, eval=ev, source=str(path), **methods)
+
+
+def resolve_run(entry: str, outputs: Path) -> Run:
+    """A run given by name (under outputs) or by folder; it must have a manifest."""
+    path = Path(entry).expanduser()
+    root = path if (path / "manifest.json").exists() else outputs / entry
+    if not (root / "manifest.json").exists():
+        raise ConfigError(
+            f"run {entry!r}: {root} is not a run folder (no manifest.json); give a run name under "
+            f"{outputs} or a run folder"
+        )
+    return Run(root)
+
+
+def resolve_base_run(cfg: CompareConfig) -> Run:
+    """The base run, checked: its data and reward_model stages finished."""
+    base = resolve_run(cfg.base_run, outputs_root(cfg))
+    for stage in ("data", "reward_model"):
+        source = base.upstream(stage)  # the run's own stage, or its base run's (a sweep point's, e.g.)
+        if source.stage_status(stage) != "done":
+            raise ConfigError(
+                f"base run {source.root}: stage {stage!r} has not finished (status "
+                f"{source.stage_status(stage)!r}); run it first (make pipeline RUN={source.name})"
+            )
+    return base
+
+
+def base_model(base: Run) -> str:
+    """The model reference the base run's data stage used."""
+    source = base.upstream("data")
+    params = source.manifest().get("stages", {}).get("data", {}).get("params", {})
+    if not params.get("model"):
+        raise ConfigError(f"{source.manifest_path}: the data stage records no model; set common.model in the profile")
+    return params["model"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one evaluation path
+
+
+@dataclass
+class Context:
+    """Everything shared by the evaluation of every policy: prompts, settings, reference, its samples, scorers."""
+
+    settings: eval_sampling.GenerationSettings
+    tokenizer: Any
+    rows: list[dict[str, Any]]
+    reference: Any
+    ref_samples: eval_sampling.Samples
+    ref_rm: np.ndarray
+    ref_gold: np.ndarray | None
+    rm_scorer: Any
+    gold_scorer: Any
+    judge: str
+    eval_cfg: EvalConfig
+    key: dict[str, Any] = field(default_factory=dict)  # what every evaluation depends on (see eval_key)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [r["prompt_ids"] for r in self.rows]
+
+    def judged(self, rm: np.ndarray, gold: np.ndarray | None) -> np.ndarray:
+        return gold if self.judge == "gold" else rm
+
+
+def make_context(ev: EvalConfig, base: Run, rm_scorer=None, gold_scorer=None) -> Context:
+    """Held-out prompts, sampling settings (PPO's response length and temperature unless set), the reference and
+    its samples at the evaluation seed, and the scorers (the base run's reward model and gold by default)."""
+    settings = evaluate.generation_settings(ev, base)
+    rows = evaluate.load_eval_prompts(base, ev.n_eval_prompts)
+    tokenizer = models.load_tokenizer(ev.model)
+    reference = models.load_causal_lm(ev.model, tokenizer, settings.device).eval()
+    rm_scorer = rm_scorer or eval_sampling.reward_model_scorer(
+        base.upstream("reward_model").reward_model_dir, settings, tokenizer
+    )
+    gold_scorer = gold_scorer if gold_scorer is not None else evaluate.default_gold_scorer(base)
+    ref = eval_sampling.sample_policy(reference, tokenizer, [r["prompt_ids"] for r in rows], settings, desc="reference")
+    rm, gold = eval_sampling.score_samples(ref, rm_scorer, gold_scorer)
+    judge = evaluate.judge_name(ev, gold_scorer is not None)
+    key = eval_key(ev, base, settings, judge, rm_scorer, gold_scorer)
+    return Context(settings, tokenizer, rows, reference, ref, rm, gold, rm_scorer, gold_scorer, judge, ev, key)
+
+
+def folder_fingerprint(path: Path) -> str:
+    """A short sha256 over the names, sizes and modification times of a folder's files (or of one file): it changes
+    when anything in it is rewritten, e.g. a policy retrained into the same folder."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(root) if f != root else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _scorer_name(scorer: Any) -> str:
+    return getattr(scorer, "__qualname__", type(scorer).__name__)
+
+
+def eval_key(ev: EvalConfig, base: Run, settings, judge: str, rm_scorer: Any, gold_scorer: Any) -> dict[str, Any]:
+    """The inputs every evaluation of a comparison depends on: the base run's data (its held-out prompts) and reward
+    model, each by folder and fingerprint; the evaluation config (all but its thread count) and sampling settings; the
+    scorers and the judge."""
+    data_dir, rm_dir = base.upstream("data").data_dir, base.upstream("reward_model").reward_model_dir
+    key = {
+        "data": [str(data_dir.resolve()), folder_fingerprint(data_dir) if data_dir.exists() else None],
+        "reward_model": [str(rm_dir.resolve()), folder_fingerprint(rm_dir) if rm_dir.exists() else None],
+        "eval": {k: v for k, v in dataclasses.asdict(ev).items() if k != "threads"},
+        "generation": settings.to_dict(),
+        "scorers": [_scorer_name(rm_scorer), _scorer_name(gold_scorer) if gold_scorer is not None else None],
+        "judge": judge,
+    }
+    return json.loads(json.dumps(key, default=str))  # as it reads back from JSON
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "=.-_" else "_" for c in text) or "all"
+
+
+def cached_evaluation(
+    ctx: Context, out: Run, curve: str, setting: str, policy_key: dict[str, Any], evaluate_now
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[str]]]:
+    """``evaluate_now() -> (entries, texts)`` once per (curve, setting) and inputs: the result is kept in
+    ``evals/<curve>/<setting>.json`` and read back by a re-run whose context key and `policy_key` are the same, so an
+    interrupted comparison loses at most the evaluation it was in."""
+    path = out.root / EVALS / _slug(curve) / f"{_slug(setting)}.json"
+    key = json.loads(json.dumps({**ctx.key, "policy": policy_key}, default=str))
+    try:
+        saved = read_json(path)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); delete it to evaluate {curve} {setting} again") from None
+    if saved is not None and saved.get("key") == key:
+        print(f"[compare] {curve} {setting}: evaluated already ({path}), reusing it", flush=True)
+        for e in saved["entries"]:
+            _say(e)
+        return saved["entries"], {(t["curve"], t["setting"]): t["texts"] for t in saved["texts"]}
+    entries, texts = evaluate_now()
+    record = {
+        "key": key,
+        "entries": entries,
+        "texts": [{"curve": c, "setting": s, "texts": t} for (c, s), t in texts.items()],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return entries, texts
+
+
+def _se(values: np.ndarray | None) -> float | None:
+    if values is None:
+        return None
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / math.sqrt(values.size)) if values.size > 1 else 0.0
+
+
+def entry_from_samples(
+    ctx: Context,
+    samples: eval_sampling.Samples,
+    rm: np.ndarray,
+    gold: np.ndarray | None,
+    method: str,
+    setting: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A summary entry from one policy's samples: the evaluation stage's policy_block and win_rate."""
+    block = evaluate.policy_block(samples, rm, gold)
+    ev = ctx.eval_cfg
+    win = eval_stats.win_rate(
+        ctx.judged(rm, gold),
+        ctx.judged(ctx.ref_rm, ctx.ref_gold),
+        ev.tie_tolerance,
+        ev.ci_method,
+        n_bootstrap=ev.n_bootstrap,
+        seed=ev.seed,
+    )
+    entry = {
+        "method": method,
+        "setting": setting,
+        "kl": block["kl"],
+        "kl_se": _se(samples.kl),
+        "kl_analytic": None,
+        "gold_score": block.get("gold_score"),
+        "gold_score_se": _se(gold),
+        "rm_score": block["rm_score"],
+        "rm_score_se": _se(rm),
+        "win_rate_vs_ref": win.rate,
+        "win_rate_ci": [win.ci_low, win.ci_high],
+        "length": block["length"],
+        "eos_fraction": block["eos_fraction"],
+        "train_seconds": 0.0,
+        "generated_tokens": 0,
+        "n_prompts": len(samples.texts),
+    }
+    entry.update(extra)
+    return entry
+
+
+def evaluate_policy(ctx: Context, policy, method: str, setting: str, **extra: Any) -> tuple[dict[str, Any], list[str]]:
+    """Sample `policy` on the eval prompts (evaluation seed), score it, measure KL to the reference: one entry."""
+    samples = eval_sampling.sample_policy(
+        policy, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference, desc=f"{method} {setting}"
+    )
+    rm, gold = eval_sampling.score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
+    entry = entry_from_samples(ctx, samples, rm, gold, method, setting, **extra)
+    _say(entry)
+    return entry, samples.texts
+
+
+def _evaluate_saved(
+    ctx: Context, load, folder: Path, method: str, setting: str, curve: str, **extra: Any
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], list[str]]]:
+    """Load a saved policy folder, evaluate it (one entry) and free it: what cached_evaluation runs for one policy."""
+    policy = load(folder)
+    entry, texts = evaluate_policy(ctx, policy, method, setting, curve=curve, **extra)
+    del policy
+    gc.collect()
+    return [entry], {(curve, setting): texts}
+
+
+def _say(e: dict[str, Any]) -> None:
+    gold = f"gold {e['gold_score']:+.3f} ± {e['gold_score_se']:.3f}" if e.get("gold_score") is not None else "no gold"
+    print(
+        f"[compare] {e['method']:>16} {e['setting']:>10}: KL {e['kl']:6.2f}  RM {e['rm_score']:+.3f}  {gold}  "
+        f"win {e['win_rate_vs_ref']:.3f}",
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the methods
+
+
+def ppo_points(run: Run, max_checkpoints: int) -> list[tuple[str, int | None, Path]]:
+    """(setting, update, folder) of a PPO run: evenly spaced checkpoints, then the final policy."""
+    last = evaluate.final_update(run)
+    chosen = evaluate.select_evenly(checkpoints.list_checkpoints(run.checkpoints_dir), max_checkpoints)
+    points = [
+        (f"update {checkpoints.checkpoint_update(p)}", checkpoints.checkpoint_update(p), p)
+        for p in chosen
+        if last is None or checkpoints.checkpoint_update(p) != last
+    ]
+    if (run.policy_dir / "config.json").exists():
+        points.append(("final", last, run.policy_dir))
+    return points
+
+
+def ppo_cost(run: Run, update: int | None) -> tuple[float, int]:
+    """(training seconds, generated tokens) of a PPO run up to `update` (None: all), from ppo/metrics.jsonl."""
+    path = run.ppo_dir / "metrics.jsonl"
+    seconds, tokens, episodes = 0.0, 0.0, 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if not row or (update is not None and row.get("update", 0) > update):
+                continue
+            seconds += float(row.get("time/update", 0.0))
+            tokens += float(row.get("objective/response_length", 0.0)) * (row.get("episode", 0) - episodes)
+            episodes = row.get("episode", episodes)
+    return seconds, int(round(tokens))
+
+
+def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: dict) -> list[dict[str, Any]]:
+    runs = [base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else []
+    runs += [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
+    entries: list[dict[str, Any]] = []
+    for run in runs:
+        curve = "ppo" if run.root == base.root else f"ppo:{run.name}"
+        kl_coef = run.manifest().get("stages", {}).get("ppo", {}).get("params", {}).get("kl_coef")
+        load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
+        for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
+            seconds, tokens = ppo_cost(run, None if setting == "final" else update)
+            extra = dict(run=run.name, step=update, beta=kl_coef, train_seconds=seconds, generated_tokens=tokens)
+            policy_key = {"folder": str(folder.resolve()), "fingerprint": folder_fingerprint(folder)}
+            got, got_texts = cached_evaluation(
+                ctx,
+                out,
+                curve,
+                setting,
+                policy_key,
+                lambda f=folder, s=setting, x=extra: _evaluate_saved(ctx, load, f, "ppo", s, curve, **x),
+            )
+            entries += got
+            texts.update(got_texts)
+    return entries
+
+
+def check_reusable(profile: Profile, inputs: MethodInputs, out: Run, base: Run) -> None:
+    """Before any work: every trained setting a re-run would reuse was trained on this comparison's inputs, and
+    after the base run's data and reward model were last made (a stage redone in place keeps its folder name)."""
+    for method in TRAINED:
+        cfg = getattr(profile, method)
+        for beta in cfg.betas if cfg.enabled else []:
+            folder = out.root / method / setting_label("beta", beta)
+            if is_trained(folder):
+                check_trained(folder, setting_inputs(inputs, cfg))
+                _check_newer_than_base(folder, base)
+
+
+def _check_newer_than_base(folder: Path, base: Run) -> None:
+    import datetime as dt
+
+    trained = dt.datetime.fromtimestamp((folder / TRAIN_FILE).stat().st_mtime, dt.timezone.utc)
+    for stage in ("data", "reward_model"):
+        source = base.upstream(stage)
+        ended = source.stage_entry(stage).get("ended")
+        if ended and dt.datetime.fromisoformat(ended) > trained:
+            raise ConfigError(
+                f"{folder / TRAIN_FILE}: trained before {source.root}'s {stage} stage was redone ({ended}); delete "
+                f"{folder} to retrain it on the new {stage}, or write this comparison to another run (--run NAME)"
+            )
+
+
+def trained_entries(
+    ctx: Context, profile: Profile, inputs: MethodInputs, out: Run, texts: dict, scorer=None
+) -> list[dict[str, Any]]:
+    """Train (unless already trained) and evaluate every beta of DPO, RLOO and GRPO."""
+    entries = []
+    for method in TRAINED:
+        cfg = getattr(profile, method)
+        if not cfg.enabled:
+            continue
+        for beta in cfg.betas:
+            setting = setting_label("beta", beta)
+            folder = out.root / method / setting
+            if is_trained(folder):  # its inputs were checked by check_reusable before any evaluation
+                print(f"[compare] {method} {setting}: trained already ({folder})", flush=True)
+            elif method == "dpo":
+                train_dpo(cfg, inputs, beta, folder)
+            else:
+                train_online(
+                    method,
+                    cfg,
+                    inputs,
+                    beta,
+                    folder,
+                    cfg.response_length or ctx.settings.response_length,
+                    cfg.temperature or ctx.settings.temperature,
+                    scorer=scorer,
+                )
+            record = read_train_record(folder)
+
+            extra = dict(
+                beta=beta, train_seconds=record.get("train_seconds"), generated_tokens=record.get("generated_tokens")
+            )
+            load = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)
+            policy_key = {
+                "folder": str(folder.resolve()),
+                "fingerprint": folder_fingerprint(folder / "policy"),
+                "train": folder_fingerprint(folder / TRAIN_FILE),
+            }
+            got, got_texts = cached_evaluation(
+                ctx,
+                out,
+                method,
+                setting,
+                policy_key,
+                lambda m=method, s=setting, f=folder, x=extra: _evaluate_saved(ctx, load, f / "policy", m, s, m, **x),
+            )
+            entries += got
+            texts.update(got_texts)
+    return entries
+
+
+def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, out: Run, texts: dict) -> list[dict[str, Any]]:
+    if not cfg.enabled:
+        return []
+    entries, got = cached_evaluation(
+        ctx, out, bon.METHOD, "pool", dataclasses.asdict(cfg), lambda: _best_of_n_now(ctx, cfg)
+    )
+    texts.update(got)
+    return entries
+
+
+def _best_of_n_now(ctx: Context, cfg: BestOfNConfig) -> tuple[list[dict[str, Any]], dict]:
+    texts: dict[tuple[str, str], list[str]] = {}
+    pool = bon.sample_pool(
+        ctx.reference, ctx.tokenizer, ctx.prompts, ctx.settings, cfg.n_samples, ctx.rm_scorer, ctx.gold_scorer
+    )
+    ev = ctx.eval_cfg
+    entries = bon.best_of_n_entries(
+        cfg,
+        pool,
+        ctx.judged(ctx.ref_rm, ctx.ref_gold),
+        ctx.judge,
+        tie_tolerance=ev.tie_tolerance,
+        ci_method=ev.ci_method,
+        n_bootstrap=ev.n_bootstrap,
+        seed=ev.seed,
+    )
+    for e in entries:
+        e["curve"] = e["method"]
+        e["sample_seconds"] = pool.sample_seconds * e["n"] / cfg.n_samples
+        _say(e)
+        if e["method"] == bon.METHOD:
+            texts[(e["curve"], e["setting"])] = bon.chosen_texts(pool, e["n"], len(ctx.rows))
+    return entries, texts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gold at matched KL
+
+
+def interpolate_at(points: Sequence[tuple[float, float]], at: float) -> float | None:
+    """Gold linearly interpolated at KL `at` through (kl, gold) points sorted by KL; None outside their range."""
+    pts = sorted(
+        (float(k), float(g))
+        for k, g in points
+        if k is not None and g is not None and math.isfinite(k) and math.isfinite(g)
+    )
+    if not pts or at < pts[0][0] or at > pts[-1][0]:
+        return None
+    return float(np.interp(at, [k for k, _ in pts], [g for _, g in pts]))
+
+
+def gold_at_kl(
+    entries: Sequence[dict[str, Any]], kl_points: Sequence[float], anchor: dict | None = None, kl_key: str = "kl"
+) -> dict[str, dict[str, float | None]]:
+    """Per curve (method, or ppo:<run>), gold interpolated at each KL point; `anchor` (the reference) is added to
+    every curve as (KL 0, its gold) when given."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        if e.get("method") == "reference":
+            continue
+        kl = e.get("kl_analytic") if kl_key == "kl_analytic" and e.get("kl_analytic") is not None else e.get("kl")
+        curves.setdefault(e.get("curve") or e["method"], []).append((kl, e.get("gold_score")))
+    if anchor is not None and anchor.get("gold_score") is not None:
+        for pts in curves.values():
+            pts.append((0.0, anchor["gold_score"]))
+    return {name: {f"{k:g}": interpolate_at(pts, k) for k in kl_points} for name, pts in curves.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole comparison
+
+
+def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_scorer=None) -> dict[str, Any]:
+    """Evaluate the reference, PPO, best-of-N, and train + evaluate DPO / RLOO / GRPO; write summary.json.
+
+    Scorers replace the base run's reward model / gold (tests); `train_scorer` replaces the RM as RLOO/GRPO's reward.
+    """
+    start = time.perf_counter()
+    cfg = profile.compare
+    runtime.set_threads(cfg.threads)  # common.threads, as every pipeline stage does
+    base = resolve_base_run(cfg)
+    out = Run(outputs_root(cfg) / cfg.run)
+    if out.root.resolve() == base.root.resolve():
+        raise ConfigError(f"compare run {cfg.run!r} is the base run itself; choose another common.run")
+    inputs = MethodInputs(
+        cfg.model,
+        base.upstream("data").data_dir,
+        base.upstream("reward_model").reward_model_dir,
+        cfg.seed,
+        cfg.device,
+        cfg.dtype,
+    )
+    check_reusable(profile, inputs, out, base)
+    lock = runlock.acquire(out.root, "compare", what=f"compare {profile.source}")  # one writer per run
+    try:
+        return _compare(profile, base, out, inputs, start, rm_scorer, gold_scorer, train_scorer)
+    finally:
+        lock.release("compare")
+
+
+def _compare(
+    profile: Profile, base: Run, out: Run, inputs: MethodInputs, start: float, rm_scorer, gold_scorer, train_scorer
+) -> dict[str, Any]:
+    cfg = profile.compare
+    ctx = make_context(profile.eval, base, rm_scorer, gold_scorer)
+    texts: dict[tuple[str, str], list[str]] = {("reference", ""): ctx.ref_samples.texts}
+    reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
+    entries = [reference]
+    entries += ppo_entries(ctx, cfg, base, out, texts)
+    entries += best_of_n_entries(ctx, profile.best_of_n, out, texts)
+    entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer)
+    anchor = reference if cfg.anchor_reference else None
+    summary = {
+        "base_run": str(base.root),
+        "profile": profile.source,
+        "params": {name: dataclasses.asdict(getattr(profile, name)) for name in PROFILE_SECTIONS},
+        "git": git_state(),
+        "versions": package_versions(),
+        "device": runtime.describe_device(runtime.pick_device(cfg.device), cfg.dtype),
+        "judge": ctx.judge,
+        "generation": ctx.settings.to_dict(),
+        "n_eval_prompts": len(ctx.rows),
+        "methods": entries,
+        "gold_at_kl": gold_at_kl(entries, cfg.kl_points, anchor),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    write_json_atomic(out.root / "summary.json", summary)
+    _write_samples(out, ctx, texts, entries, cfg.n_sample_rows)
+    print(f"[compare] wrote {out.root / 'summary.json'} ({summary['wall_seconds']:.0f} s)")
+    return summary
+
+
+def _write_samples(out: Run, ctx: Context, texts: dict, entries: list[dict[str, Any]], n_rows: int) -> None:
+    from rlhf_lib.core.io import write_jsonl
+
+    rows = []
+    for (curve, setting), responses in texts.items():
+        for i, text in enumerate(responses[:n_rows]):
+            rows.append(
+                {
+                    "curve": curve,
+                    "setting": setting,
+                    "prompt_index": i,
+                    "prompt": evaluate.prompt_display_text(ctx.rows[i]),
+                    "response": text,
+                }
+            )
+    write_jsonl(out.root / "samples.jsonl", rows)
+
+
+def load_summary(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / "summary.json"
+    summary = read_json(path)
+    if summary is None:
+        raise FileNotFoundError(f"{path} does not exist: run the comparison first (make compare)")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def execute(
+    params: str,
+    base_run: str | None,
+    run: str | None,
+    outputs_dir: str | None,
+    notebook: bool = True,
+    kernel_name: str = "python3",
+    threads: int | None = None,
+) -> Path:
+    """Validate the profile, then run the notebook (which runs the comparison) or the comparison in-process."""
+    profile = load_profile(params, base_run, run, outputs_dir, threads)
+    out_root = outputs_root(profile.compare) / profile.compare.run
+    if not notebook:
+        run_comparison(profile)
+        return out_root
+
+    from rlhf_lib import TEXT_PROGRESS_ENV
+
+    os.environ[TEXT_PROGRESS_ENV] = "1"
+    lock = runlock.acquire(out_root, "compare", what=f"compare {profile.source}")  # before the kernel starts
+    try:
+        with runlock.environ(runlock.LOCK_ENV, lock.info.get("token", "")):  # the kernel works under this lock
+            _execute_notebook(params, profile, out_root, kernel_name)
+    finally:
+        lock.release("compare")
+    return out_root
+
+
+def _execute_notebook(params: str, profile: Profile, out_root: Path, kernel_name: str) -> None:
+    import papermill
+
+    (out_root / "notebooks").mkdir(parents=True, exist_ok=True)
+    root = repo_root()
+    papermill.execute_notebook(
+        str(root / "notebooks" / NOTEBOOK),
+        str(out_root / "notebooks" / NOTEBOOK),
+        parameters={
+            "params": str(Path(params).resolve()),
+            "base_run": profile.compare.base_run,
+            "run": profile.compare.run,
+            "outputs_dir": str(outputs_root(profile.compare)),
+            "threads": profile.compare.threads,
+        },
+        kernel_name=kernel_name,
+        cwd=str(root / "notebooks"),
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
+        progress_bar=False,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params/compare/default.yaml", help="comparison profile (YAML)")
+    parser.add_argument("--base-run", default=None, help="run whose data and reward model are used (name or folder)")
+    parser.add_argument("--run", default=None, help="output run name (default: the profile's common.run)")
+    parser.add_argument("--outputs-dir", default=None, help="outputs folder (default: the profile's, else outputs/)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: the profile's common.threads)"
+    )
+    parser.add_argument("--no-notebook", action="store_true", help="run in-process, without the notebook")
+    args = parser.parse_args(argv)
+    try:
+        out = execute(
+            args.params, args.base_run, args.run, args.outputs_dir, notebook=not args.no_notebook, threads=args.threads
+        )
+    except (ConfigError, runlock.RunBusyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"[compare] outputs in {out}")
+    return 0
