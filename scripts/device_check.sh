@@ -3,7 +3,7 @@
 # in the same invocation), in under 8 minutes, writing JSON + figures into $OUT. Results belong in docs/gpu/
 # (the seed shape's JSON as docs/gpu/bench-seed-shape.json; see docs/gpu/README.md).
 #
-# What travels: a lent GPU machine gets only the working tree (<= 64 MiB) and cannot reach any registry. Its python3
+# What travels: a remote GPU machine gets only the working tree (<= 64 MiB) and cannot reach any registry. Its python3
 # holds torch (CUDA), accelerate, numpy, pyyaml, matplotlib, pytest and pytest-xdist, but not trl, datasets, dill or
 # multiprocess, and an older transformers; and the SmolLM2 weights (98 MB GGUF) cannot travel. So, once, on a
 # machine with PyPI (the CPU host):

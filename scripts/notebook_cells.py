@@ -66,7 +66,7 @@ REWARD = (
         code(RESOLVE.format(modules="reward", stage="reward_model")),
         md(
             "## Train\nThe score head starts at zero with its own learning rate (a fresh random head leaves a small "
-            "model at chance, see the README). The model that is saved is the model that was trained."
+            "model at chance, see docs/design_history.md). The model that is saved is the model that was trained."
         ),
         code("trained = reward.train_reward_model(cfg, run)\ntrained.summary"),
         code("reward.plot_training_curve(trained.log_history, run)"),

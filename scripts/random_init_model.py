@@ -1,9 +1,9 @@
 """Random-initialised models for throughput runs on machines the trained weights cannot reach.
 
-The lent GPU machine receives at most 64 MiB and cannot reach the network, so the bundled SmolLM2-135M GGUF (98 MB)
-stays behind; only configs and tokenizer files travel, and this script rebuilds the models there. Throughput depends
-on the shapes only: a random model almost never samples EOS, so every benchmark response runs the full length, and
-no kernel's cost depends on the values.
+A remote GPU machine that receives only the working tree (at most 64 MiB) and cannot reach the network gets no
+bundled SmolLM2-135M GGUF (98 MB); only configs and tokenizer files travel, and this script rebuilds the models
+there. Throughput depends on the shapes only: a random model almost never samples EOS, so every benchmark response
+runs the full length, and no kernel's cost depends on the values.
 
     # a model folder's copy: same config and tokenizer, fresh weights (seeded)
     python scripts/random_init_model.py ~/.cache/rlhf-lab/smollm2-135m-instruct /tmp/smollm2-random

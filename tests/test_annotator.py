@@ -279,7 +279,6 @@ def test_shipped_compatibility_names_the_setting():
         annotator.check_shipped_compatible(header, {**ok, "samples_per_prompt": 4}, annotator.SHIPPED_RESPONSES_PATH)
 
 
-@pytest.mark.skipif(not annotator.SHIPPED_RESPONSES_PATH.exists(), reason="shipped responses not generated yet")
 def test_shipped_responses_are_valid_and_measure_as_documented():
     header, records = annotator.load_responses_file()  # verifies the sha256
     assert header["model"] == "bundled:smollm2-135m-instruct" and header["prompt_set"] == annotator.PROMPT_SET_VERSION

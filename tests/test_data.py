@@ -595,8 +595,6 @@ def test_simulated_is_deterministic_under_seed(tmp_path):
 
 
 def test_shipped_responses_refuse_another_model(tmp_path):
-    if not annotator.SHIPPED_RESPONSES_PATH.exists():
-        pytest.skip("shipped responses not generated yet")
     with pytest.raises(
         ValueError,
         match="model: file 'bundled:smollm2-135m-instruct' vs config 'tiny:llama'.*use_shipped_responses: false",

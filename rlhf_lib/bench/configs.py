@@ -36,9 +36,9 @@ PPO_CONFIGS: dict[str, dict[str, Any]] = {
 RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
 KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
 TRL_CONFIG_NAME = "trl-1.12-full-fp32"
-# TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job, as published with issue 6: +-30 %
+# TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job, as first measured for this repo: +-30 %
 PUBLISHED_TRL = {
-    "source": "published with issue 6 (TRL 1.12, CPU, 2 threads, fp32, contended machine, +-30 %), "
+    "source": "first measurement for this repo (TRL 1.12, CPU, 2 threads, fp32, contended machine, +-30 %), "
     "not measured in this run",
     "episodes_per_s": 0.30,
     "s_per_update": 27.0,

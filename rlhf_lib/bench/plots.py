@@ -20,7 +20,7 @@ BENCH_PHASES = (
 def plot_bench(report: dict[str, Any], speed_target: float = 4.0, memory_target: float = 0.5) -> Figure:
     """`make bench` at a glance: seconds per PPO update by phase, peak RSS, and (with TRL) the speed ratio by round.
 
-    `report` is bench.json's content. Targets are issue #6's: >= 4x TRL 1.12's episodes/s at <= 0.5x its peak RSS.
+    `report` is bench.json's content. Targets are the project's: >= 4x TRL 1.12's episodes/s at <= 0.5x its peak RSS.
     """
     trl = report.get("trl") or {}
     # finished runs in bench.json's order: our configurations, then TRL's (bench names every TRL result)

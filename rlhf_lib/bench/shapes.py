@@ -10,7 +10,7 @@
   vocabulary size, since GPT-2's own tokenizer files are not available offline. Prompts are the bench's 12 short
   review prompts on both sides (the profile's ultrafeedback prompts need the Hugging Face hub).
 
-The GPU section (:func:`gpu_section`) gathers what a lent GPU is asked for: the device name, per configuration its
+The GPU section (:func:`gpu_section`) gathers what a GPU run reports: the device name, per configuration its
 episodes/s, seconds per update by phase and peak GPU memory, and the ratios against TRL 1.12 measured in the same
 run, with the targets of the seed shape (>= 3x TRL's episodes/s at <= 0.5x its peak GPU memory).
 """
@@ -50,7 +50,9 @@ SEED_DIFFERENCES = {
     "TRL: fp32), compiled blocks and log-prob kernels, and the compiled decode step (CUDA graphs on a "
     "GPU; same maths up to bf16 rounding).",
 }
-TARGETS = {"seed": {"episodes_per_s_ratio_vs_trl": 3.0, "peak_gpu_ratio_vs_trl": 0.5}}  # issue 25
+TARGETS = {
+    "seed": {"episodes_per_s_ratio_vs_trl": 3.0, "peak_gpu_ratio_vs_trl": 0.5}
+}  # the GPU targets: >= 3x TRL's episodes/s at <= 0.5x its memory
 
 
 def shape_fields(shape: str) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,11 +244,3 @@ class Stopwatch:
 def setting_label(name: str, value: float) -> str:
     """'beta=0.1' style setting names (also folder names)."""
     return f"{name}={value:g}"
-
-
-def check_positive(cls_name: str, values: dict[str, float | int], allow_zero: Sequence[str] = ()) -> None:
-    """ValueError naming the first field that is not > 0 (or >= 0 for names in allow_zero)."""
-    for name, value in values.items():
-        if value < 0 or (value == 0 and name not in allow_zero):
-            bound = ">= 0" if name in allow_zero else "> 0"
-            raise ValueError(f"{cls_name}.{name}={value} must be {bound}")

@@ -75,11 +75,6 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return (model.group(1).strip() if model else ""), frozenset(flags.group(1).split() if flags else ())
 
 
-def cpu_has_amx() -> bool:
-    """True when the CPU advertises AMX bf16 tiles."""
-    return "amx_bf16" in cpu_info()[1]
-
-
 def time_matmuls(n: int = 512, seconds: float = 0.5) -> float:
     """fp32 time / bf16 time of an n x n matmul, alternating the two for about `seconds` (medians of each)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
