@@ -565,7 +565,7 @@ def test_bf16_training_forward_keeps_logits_in_bf16(tokenizer, prompts, tmp_path
         values = trainer.value(queries, mask, positions)
     assert logits.shape[:2] == (2, 3) and logits.dtype == torch.bfloat16
     assert logits.requires_grad and values.requires_grad
-    with pytest.raises(RuntimeError):  # no hidden autocast left in the prepared model's forward
+    with pytest.raises(RuntimeError, match="dtype"):  # no hidden autocast left in the prepared model's forward
         policy_models.response_logits(trainer.policy, queries, mask, positions, queries.shape[1] - 3)
 
 
