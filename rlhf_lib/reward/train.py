@@ -5,9 +5,9 @@ Notebook flow (02_reward_model)::
     cfg = config.from_namespace("reward_model", globals())
     run = runs.start_stage(cfg, "reward_model")
     trained = reward.train_reward_model(cfg, run)          # RewardTrainer; saves the trained model (merged LoRA)
-    reward_plots.plot_training_curve(trained.log_history, run)
+    reward.plot_training_curve(trained.log_history, run)
     result = reward.evaluate_reward_model(cfg, run)        # reloads the SAVED model, scores held-out pairs
-    reward_plots.plot_calibration(result, run)             # also plot_margins, plot_accuracy_by_strength
+    reward.plot_calibration(result, run)                   # also plot_margins, plot_accuracy_by_strength
     runs.finish_stage(run, "reward_model", result.summary)
 
 Design notes:
