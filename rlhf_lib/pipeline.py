@@ -5,23 +5,29 @@ notebooks land in ``outputs/<run>/notebooks/`` (a failed one beside it as ``<nam
 copy of a finished stage). ``make pipeline PARAMS=... RUN=...`` calls this.
 
 The pipeline holds the run's lock for the whole invocation and hands its kernels the lock token
-(:mod:`rlhf_lib.core.runlock`), so a second writer of the same run is refused at once. ``--in-process`` runs the PPO
+(:mod:`rlhf_lib.core.runlock`), so a second writer of the same run is refused at once. The outputs folder is checked
+writable before any stage starts. Every fault ends in one line on stderr (:mod:`rlhf_lib.core.cli`): exit 2 for bad
+input or an unusable outputs folder, 1 for a failed stage, 130 / 143 for Ctrl-C / SIGTERM (the stage is recorded as
+interrupted; ``--skip-done`` resumes it). ``--in-process`` runs the PPO
 stage in this process instead of a notebook: what ``accelerate launch`` needs, where every process runs the PPO loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from rlhf_lib import TEXT_PROGRESS_ENV
-from rlhf_lib.core import runlock, runs
+from rlhf_lib.core import cli, runlock, runs
 from rlhf_lib.core.config import (
     NOTEBOOKS,
     STAGES,
@@ -33,6 +39,8 @@ from rlhf_lib.core.config import (
 )
 from rlhf_lib.core.io import repo_root
 from rlhf_lib.core.runs import Run, run_for, shared_stage_refusal
+
+NO_SPACE = "No space left on device"  # how ENOSPC reads in an error line (OSError, safetensors, torch.save)
 
 
 class StageFailed(RuntimeError):
@@ -128,10 +136,14 @@ def execute(
 ) -> Path:
     """Take the run's lock, then plan and execute the notebooks; returns the run folder. Stops at the first failure.
 
-    Raises ConfigError / StageError / RunBusyError before anything runs, StageFailed when a stage raised.
+    Raises ConfigError / StageError / RunBusyError / cli.OutputsError before anything runs, StageFailed when a
+    stage raised, KeyboardInterrupt (cli.Interrupted under cli.interrupts_raise) with ``.stage`` set when
+    interrupted.
     """
     _, common = load(params_path, run, overrides, overwrite)
     target = run_for(common)
+    if runs.process_rank() == 0:
+        check_outputs(target)
     lock = (
         runlock.acquire(target.root, "pipeline", what=f"pipeline {','.join(stages)}")
         if runs.process_rank() == 0
@@ -144,10 +156,15 @@ def execute(
         token = lock.info.get("token", "") if lock is not None else os.environ.get(runlock.LOCK_ENV, "")
         with runlock.environ(TEXT_PROGRESS_ENV, "1"), runlock.environ(runlock.LOCK_ENV, token):  # kernels inherit both
             for stage, parameters in todo:
-                if in_process:
-                    _run_in_process(target, stage, parameters)
-                else:
-                    _run_notebook(target, stage, parameters, kernel_name)
+                try:
+                    if in_process:
+                        _run_in_process(target, stage, parameters)
+                    else:
+                        _run_notebook(target, stage, parameters, kernel_name)
+                except KeyboardInterrupt as err:  # the stage is recorded as interrupted; say which one
+                    err.stage, err.run = stage, target.root
+                    err.stage_done = target.stage_status(stage) == "done"  # it finished before the signal landed
+                    raise
     finally:
         if lock is not None:
             lock.release("pipeline")
@@ -160,12 +177,89 @@ def execute(
     return target.root
 
 
+def check_outputs(target: Run) -> None:
+    """Refuse (cli.OutputsError) an outputs or run folder that cannot be written, before any stage starts."""
+    cli.check_writable(target.root.parent)
+    if target.root.exists():
+        cli.check_writable(target.root, what=f"run folder of {target.name!r}")
+        staging = target.root / runs.STAGING
+        if staging.is_dir():
+            cli.check_writable(staging, what=f"staging folder of {target.name!r}")
+
+
+def _failure_line(message: str, target: Run) -> str:
+    """A stage's first error line; a full disk also names the run folder and the space left there."""
+    line = runs.first_line(message)
+    if NO_SPACE in line:
+        line += f" (the disk holding {target.root} has {cli.free_space(target.root)}; free some space)"
+    return line
+
+
+class _Kernels:
+    """The stage kernel's pid and the signal that asked this process to stop, for :func:`_forward_interrupts`."""
+
+    pid: int | None = None
+    signum: int | None = None
+
+
+def _kernel_manager_class():
+    """nbclient's kernel manager, remembering the kernel's pid (it runs in its own session: Ctrl-C misses it)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class StageKernelManager(AsyncKernelManager):
+        async def _async_post_start_kernel(self, **kw: Any) -> None:
+            await super()._async_post_start_kernel(**kw)
+            _Kernels.pid = getattr(self.provisioner, "pid", None)
+
+    return StageKernelManager
+
+
+@contextlib.contextmanager
+def _forward_interrupts() -> Iterator[None]:
+    """SIGINT / SIGTERM while a stage notebook runs interrupt its kernel, as Jupyter's interrupt button does.
+
+    The running cell then raises KeyboardInterrupt, the kernel records the stage as interrupted and papermill
+    returns normally, so the kernel's sockets are closed in order (killing the client mid-call is what prints
+    ZMQ tracebacks). The interrupt is re-sent until the notebook returns (a kernel between cells ignores it); a
+    second signal stops at once.
+    """
+    stop = threading.Event()
+
+    def handler(signum: int, frame) -> None:
+        if _Kernels.signum is not None or _Kernels.pid is None:
+            raise cli.Interrupted(signum)
+        _Kernels.signum = signum
+        threading.Thread(target=resend, daemon=True).start()
+
+    def resend() -> None:
+        while not stop.is_set() and _Kernels.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(_Kernels.pid, signal.SIGINT)
+            stop.wait(2.0)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _Kernels.pid = _Kernels.signum = None
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    except Exception as err:  # the cell raised KeyboardInterrupt (papermill reports it as a failed cell)
+        if _Kernels.signum is not None:
+            raise cli.Interrupted(_Kernels.signum) from err
+        raise
+    finally:
+        stop.set()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if _Kernels.signum is not None:  # the notebook returned (or failed on the interrupt): stop as asked
+        raise cli.Interrupted(_Kernels.signum)
+
+
 def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_name: str) -> None:
     """Execute one stage notebook into a temp file; keep it as the run's copy only when the stage finished."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    root = repo_root()
     target.notebooks_dir.mkdir(parents=True, exist_ok=True)
     notebook = NOTEBOOKS[stage]
     final = target.notebooks_dir / notebook
@@ -173,32 +267,46 @@ def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_na
     print(f"[pipeline] {stage}: running notebooks/{notebook} -> {final}", flush=True)
     start = time.time()
     try:
-        papermill.execute_notebook(
-            str(root / "notebooks" / notebook),
-            str(tmp),
-            parameters=parameters,
-            kernel_name=kernel_name,
-            cwd=str(root / "notebooks"),
-            # the kernel's stdout/stderr go straight to this console, so the stages' progress bars and prints show
-            # live (the executed notebook keeps its own copy of every output)
-            stdout_file=sys.stdout,
-            stderr_file=sys.stderr,
-            progress_bar=False,
-        )
+        with _forward_interrupts():
+            _execute(papermill, notebook, tmp, parameters, kernel_name)
     except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) and target.stage_status(stage) == "done" and tmp.exists():
+            os.replace(tmp, final)  # the stage finished as the signal came: its notebook is the run's copy
+            failed.unlink(missing_ok=True)
+            raise
         if tmp.exists():
             os.replace(tmp, failed)
         message = f"{err.ename}: {err.evalue}" if isinstance(err, PapermillExecutionError) else runs.first_line(err)
         if target.stage_state(stage) == "interrupted":  # the kernel ended before recording its failure
             runs.fail_stage(target, stage, message)
-        if not isinstance(err, Exception):  # Ctrl-C: stop as the user asked
+        if not isinstance(err, Exception):  # Ctrl-C / SIGTERM: stop as the user asked, the stage resumable
+            runs.fail_stage(target, stage, err if isinstance(err, KeyboardInterrupt) else KeyboardInterrupt())
             raise
         raise StageFailed(
-            f"stage {stage!r} failed: {runs.first_line(message)} (executed notebook with the traceback: {failed})"
+            f"stage {stage!r} failed: {_failure_line(message, target)} (executed notebook with the traceback: {failed})"
         ) from err
     os.replace(tmp, final)
     failed.unlink(missing_ok=True)
     print(f"[pipeline] {stage}: done in {time.time() - start:.0f} s", flush=True)
+
+
+def _execute(papermill, notebook: str, out: Path, parameters: dict[str, Any], kernel_name: str) -> None:
+    """papermill on one stage notebook (its kernel's pid kept for interrupts)."""
+    root = repo_root()
+    papermill.execute_notebook(
+        str(root / "notebooks" / notebook),
+        str(out),
+        kernel_manager_class=_kernel_manager_class(),
+        extra_arguments=["--IPKernelApp.log_level=CRITICAL"],  # not the kernel's own transport notices
+        parameters=parameters,
+        kernel_name=kernel_name,
+        cwd=str(root / "notebooks"),
+        # the kernel's stdout/stderr go straight to this console, so the stages' progress bars and prints show
+        # live (the executed notebook keeps its own copy of every output)
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
+        progress_bar=False,
+    )
 
 
 def _run_in_process(target: Run, stage: str, parameters: dict[str, Any]) -> None:
@@ -217,7 +325,9 @@ def _run_in_process(target: Run, stage: str, parameters: dict[str, Any]) -> None
         result = train_ppo(cfg, run)
     except BaseException as err:
         runs.fail_stage(run, "ppo", err)
-        raise StageFailed(f"stage 'ppo' failed: {runs.first_line(err)}") from err
+        if not isinstance(err, Exception):
+            raise
+        raise StageFailed(f"stage 'ppo' failed: {_failure_line(runs.first_line(err), target)}") from err
     runs.finish_stage(run, "ppo", result.summary)
 
 
@@ -256,16 +366,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown stages {unknown}; choose from {', '.join(STAGES)}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        execute(
-            args.params, args.run, stages, args.overrides, args.overwrite, args.skip_done, in_process=args.in_process
-        )
-    except (ConfigError, runs.StageError, runlock.RunBusyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with cli.interrupts_raise():
+            execute(
+                args.params,
+                args.run,
+                stages,
+                args.overrides,
+                args.overwrite,
+                args.skip_done,
+                in_process=args.in_process,
+            )
+    except KeyboardInterrupt as err:
+        if runs.process_rank() == 0:
+            print(interrupted_line(err), file=sys.stderr, flush=True)
+        return cli.interrupt_status(err)
+    except (ConfigError, runs.StageError, runlock.RunBusyError, cli.OutputsError) as err:
+        return cli.error(str(err))
+    except OSError as err:  # a write failed outside any stage (the run's manifest, its lock, a notebook copy)
+        return cli.error(cli.os_error_line(err))
     except StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        cli.error(str(err))
+        # a full disk is an unusable outputs folder, not a fault of the stage
+        return cli.EXIT_ERROR if NO_SPACE in str(err) else cli.EXIT_FAILED
     return 0
+
+
+def interrupted_line(err: BaseException) -> str:
+    """'interrupted during stage 'ppo' (<run folder>); resume with --skip-done' (or before any stage started)."""
+    stage = getattr(err, "stage", None)
+    if stage is None:
+        return "interrupted outside any stage; re-run with --skip-done to continue"
+    if getattr(err, "stage_done", False):
+        return f"interrupted after stage {stage!r} finished ({getattr(err, 'run', '?')}); --skip-done runs the rest"
+    return f"interrupted during stage {stage!r} ({getattr(err, 'run', '?')}); resume with --skip-done"
 
 
 if __name__ == "__main__":

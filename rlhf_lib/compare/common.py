@@ -169,6 +169,12 @@ def load_policy_folder(path: Path, base_model: str, tokenizer, device: torch.dev
     if (path / "adapter_config.json").exists():
         from peft import PeftModel
 
+        if not (path / "adapter_model.safetensors").is_file():  # peft would fall back to a pickled .bin
+            raise FileNotFoundError(
+                f"{path} holds no adapter_model.safetensors (a pickled adapter_model.bin is not loaded: it could run "
+                "code); save the adapter with PeftModel.save_pretrained (safetensors by default)"
+            )
+
         base = models.load_causal_lm(base_model, tokenizer)
         model = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
         return models.disable_dropout(model).to(device).eval()

@@ -71,6 +71,8 @@ class CommonConfig:
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 # What AutoTokenizer can build a tokenizer from (a folder with only tokenizer_config.json has none).
+SAFETENSORS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # A hub id is "name" or "owner/name"; anything else that does not exist locally is a missing folder.
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -91,7 +93,8 @@ def check_common(cfg: CommonConfig) -> None:
 def check_model_ref(ref: str, need_tokenizer: bool = True) -> Path | None:
     """The local folder a model reference names (None for ``tiny:`` / ``bundled:`` references and hub ids).
 
-    Raises ValueError for a folder that does not exist, is not a Hugging Face model folder (no config.json) or,
+    Raises ValueError for a folder that does not exist, is not a Hugging Face model folder (no config.json), holds
+    its weights only as a pickle (``pytorch_model.bin`` can run code when loaded; only safetensors are read) or,
     with ``need_tokenizer``, holds no tokenizer, so a typo is not reported as an invalid hub id.
     """
     if ref.startswith(("tiny:", "bundled:")):
@@ -108,6 +111,12 @@ def check_model_ref(ref: str, need_tokenizer: bool = True) -> Path | None:
         raise ValueError(
             f"model folder {path} has no config.json; point it at a folder written by "
             f"save_pretrained (a Hugging Face model folder)"
+        )
+    pickled = [name for name in PICKLED_WEIGHTS if (path / name).is_file()]
+    if pickled and not any((path / name).is_file() for name in SAFETENSORS_WEIGHTS):
+        raise ValueError(
+            f"model folder {path} holds its weights only as {pickled[0]}, a pickle that could run code when loaded; "
+            f"save them as safetensors (model.save_pretrained(folder), the default) and point at that folder"
         )
     if need_tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ValueError(

@@ -200,7 +200,7 @@ class Run:
         return self.manifest().get("stages", {}).get(stage, {})
 
     def stage_status(self, stage: str) -> str | None:
-        """The recorded status: running, done, failed, stale, or None when the stage never started."""
+        """The recorded status: running, done, failed, interrupted, stale, or None when the stage never started."""
         return self.stage_entry(stage).get("status")
 
     def stage_state(self, stage: str) -> str | None:
@@ -235,6 +235,8 @@ def describe_state(run: Run, stage: str) -> str:
         return "never started"
     if state == "failed":
         return f"failed at {entry.get('ended')} ({entry.get('error')})"
+    if state == "interrupted" and entry.get("status") == "interrupted":
+        return f"interrupted at {entry.get('ended')}"
     if state == "interrupted":
         return f"interrupted: its writer {runlock.describe_holder(entry)} is gone"
     return state
@@ -616,12 +618,22 @@ def first_line(error: BaseException | str) -> str:
 def fail_stage(run: Run, stage: str, error: BaseException | str) -> None:
     """Record that the running attempt of ``stage`` failed (status ``failed``, first line of the error, time).
 
+    A KeyboardInterrupt (Ctrl-C, or SIGTERM under :func:`rlhf_lib.core.cli.interrupts_raise`) is recorded as
+    ``interrupted`` instead, which ``--skip-done`` resumes like a killed stage.
+
     An overwrite attempt instead restores the finished stage it was to replace (untouched under ``.staging/``),
     noting the failure in ``last_attempt``. Does nothing unless the stage is ``running``. Releases the lock.
     """
     if process_rank() != 0:
         return
-    attempt = {"status": "failed", "error": first_line(error), "ended": now()}
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C or SIGTERM (core.cli.Interrupted): resumable, not a failure
+        attempt = {
+            "status": "interrupted",
+            "error": f"interrupted ({error})" if str(error) else "interrupted",
+            "ended": now(),
+        }
+    else:
+        attempt = {"status": "failed", "error": first_line(error), "ended": now()}
 
     def update(manifest: dict[str, Any]) -> None:
         entry = manifest.get("stages", {}).get(stage)

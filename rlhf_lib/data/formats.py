@@ -114,6 +114,29 @@ def _read_csv(path: Path) -> RawRows:
     return RawRows(str(path), rows, [f"row {i}" for i in range(len(rows))], list(frame.columns))
 
 
+def _load_folder(path: Path, split: str):
+    """A dataset folder: one written by ``save_to_disk``, or a folder of data files ``load_dataset`` reads."""
+    import datasets
+
+    saved = (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    try:
+        ds = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), split=split)
+    except Exception as err:  # noqa: BLE001 - re-raised as one line naming the folder
+        found = sorted(p.name for p in path.iterdir())[:5]
+        raise DataError(
+            f"data.dataset {path} is a folder but no dataset could be read from it ({type(err).__name__}; it holds "
+            f"{found or 'nothing'}); give a .jsonl / .json / .csv / .parquet file, a folder of such files, or a "
+            f"folder written by Dataset.save_to_disk"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(
+                f"data.dataset {path} has splits {sorted(ds)}, not {split!r}; set data.dataset_split to one"
+            )
+        ds = ds[split]
+    return ds
+
+
 def load_raw(dataset: str, split: str = "train", on_bad_row: str = "error") -> RawRows:
     """Rows of a local file / dataset folder / hub dataset (``datasets.load_dataset``)."""
     import datasets
@@ -135,12 +158,7 @@ def load_raw(dataset: str, split: str = "train", on_bad_row: str = "error") -> R
             return _from_hf(ds, str(path))
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(str(path), split=split)
-        return _from_hf(ds, f"{path} [{split}]")
+        return _from_hf(_load_folder(path, split), f"{path} [{split}]")
     if path.suffix.lower() in LOCAL_SUFFIXES or dataset.startswith((".", "/", "~")):
         raise DataError(
             f"dataset file {path} does not exist (relative paths are tried from {os.getcwd()} and the repo root)"

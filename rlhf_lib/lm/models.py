@@ -245,9 +245,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def weights_options(path: str) -> dict[str, bool]:
+    """``from_pretrained`` options for a resolved reference: a local folder's weights are read from safetensors only
+    (a pickled ``pytorch_model.bin`` could run code; :func:`rlhf_lib.core.config.check_model_ref` names the fix)."""
+    return {"use_safetensors": True} if os.path.isdir(path) else {}
+
+
 def load_causal_lm(ref: str, tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> PreTrainedModel:
     """A causal LM in fp32 (mixed precision comes from autocast), dropout off, matched to ``tokenizer``."""
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_ref(ref), dtype=torch.float32)
+    path = resolve_model_ref(ref)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **weights_options(path))
     return disable_dropout(match_tokenizer(model, tokenizer)).to(device)
 
 
@@ -260,7 +267,8 @@ def load_sequence_classifier(
     """
     import transformers
 
-    path, extra = resolve_model_ref(ref), {}
+    path = resolve_model_ref(ref)
+    extra = weights_options(path)
     if num_hidden_layers:
         total = AutoConfig.from_pretrained(path).get_text_config().num_hidden_layers
         if num_hidden_layers > total:

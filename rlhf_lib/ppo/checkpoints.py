@@ -8,6 +8,10 @@ A run's ``checkpoints/`` holds one folder per saved update, ``update_XXXX``::
 
 Folders are written under a ``.tmp`` name and renamed into place, so a killed run never leaves a half-written
 checkpoint; older checkpoints keep only the policy weights and meta.json (for the over-optimisation curve).
+
+Nothing read from a checkpoint can run code: weights are safetensors, and the ``.pt`` files are loaded with
+``torch.load(weights_only=True)``, which unpickles only tensors and plain containers and refuses anything else
+(:class:`UnsafeCheckpointError`). The RNG states are stored as tensors and ints for that reason.
 """
 
 from __future__ import annotations
@@ -78,19 +82,57 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], what: str) 
             params[n].copy_(t.to(params[n].dtype))
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled Python objects other than tensors and plain data (which could run code)."""
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states as tensors, ints and floats only (loadable with weights_only)."""
+    version, mt, gauss = random.getstate()  # (3, 625 ints < 2**32, None or float)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # ('MT19937', uint32[624], int, int, float)
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what `rng_state` returned."""
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    keys = nps["keys"].numpy().astype(np.uint32)
+    np.random.set_state((nps["kind"], keys, nps["pos"], nps["has_gauss"], nps["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state_file(path: Path, map_location: Any = None) -> Any:
+    """``torch.load`` of a checkpoint ``.pt`` file with ``weights_only=True``: tensors and plain data, no code.
+
+    Anything else (a crafted pickle, or a file written by an old version with NumPy arrays inside) is refused with
+    UnsafeCheckpointError naming the file and the fix.
+    """
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f"{path} holds Python objects other than tensors and plain data, which could run code when loaded, so "
+            f"it was not loaded; resume only from checkpoints this library wrote (or delete {path.parent} and "
+            "start the stage over)"
+        ) from err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,11 +183,15 @@ def load_checkpoint(accelerator, folder: Path, policy: nn.Module, value: nn.Modu
     """Restore weights, optimiser and this process's RNG from `folder`; returns the saved trainer state."""
     from safetensors.torch import load_file
 
+    # every pickle is checked before any of it is applied, so a refused file leaves the models as they were
+    optimizer_state = load_state_file(folder / "optimizer.pt", map_location=accelerator.device)
+    rng = load_state_file(folder / f"rng_{accelerator.process_index}.pt")
+    trainer_state = load_state_file(folder / STATE_FILE)
     load_trainable_state(policy, load_file(str(folder / POLICY_FILE)), f"{folder}/{POLICY_FILE}")
     load_trainable_state(value, load_file(str(folder / "value.safetensors")), f"{folder}/value.safetensors")
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=accelerator.device, weights_only=False))
-    set_rng_state(torch.load(folder / f"rng_{accelerator.process_index}.pt", weights_only=False))
-    return torch.load(folder / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(optimizer_state)
+    set_rng_state(rng)
+    return trainer_state
 
 
 def export_policy(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:

@@ -129,7 +129,7 @@ def load_reward_model(
             "(evaluate_reward_model writes it); re-run notebooks/02_reward_model"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     if model.config.num_labels != 1:
         raise ValueError(f"{path}: a reward model has num_labels=1, this one has {model.config.num_labels}")
     if model.config.pad_token_id != tokenizer.pad_token_id:
