@@ -115,7 +115,7 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
 # test_pending_items_have_not_landed fails and the entry must be removed here (empty this set once all are merged).
 PENDING = {
-    "docs/gpu/bench-seed-shape.json",  # written by scripts/device_check.sh on a lent GPU machine
+    "docs/gpu/bench-seed-shape.json",  # written by scripts/device_check.sh on a GPU machine
 }
 
 SECTIONS = ("common", "data", "reward_model", "ppo", "eval")
