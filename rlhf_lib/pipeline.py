@@ -144,6 +144,7 @@ def execute(
     target = run_for(common)
     if runs.process_rank() == 0:
         check_outputs(target)
+    new_run = not target.root.exists()
     lock = (
         runlock.acquire(target.root, "pipeline", what=f"pipeline {','.join(stages)}")
         if runs.process_rank() == 0
@@ -153,6 +154,8 @@ def execute(
         if lock is not None:
             runs.recover_interrupted(target)
         todo = plan(params_path, run, stages, overrides, overwrite, skip_done)
+        for stage, _ in todo:  # a missing or unfinished base run is refused before any stage starts
+            runs.check_upstream(common, target, stage)
         token = lock.info.get("token", "") if lock is not None else os.environ.get(runlock.LOCK_ENV, "")
         with runlock.environ(TEXT_PROGRESS_ENV, "1"), runlock.environ(runlock.LOCK_ENV, token):  # kernels inherit both
             for stage, parameters in todo:
@@ -168,6 +171,11 @@ def execute(
     finally:
         if lock is not None:
             lock.release("pipeline")
+            if new_run:  # refused before anything ran: leave no run folder holding only its lock file
+                with contextlib.suppress(OSError):
+                    if [p.name for p in target.root.iterdir()] == [runlock.LOCK_NAME]:
+                        (target.root / runlock.LOCK_NAME).unlink()
+                        target.root.rmdir()
     if runs.process_rank() == 0:
         print(
             f"[pipeline] outputs in {target.root} (summary.json, manifest.json, plots/, notebooks/)"

@@ -431,3 +431,29 @@ def test_a_folder_without_a_dataset_as_data_dataset(tmp_path):
     folder.mkdir()
     with pytest.raises(formats.DataError, match=r"data.dataset .*prefs is a folder but no dataset could be read"):
         formats.load_raw(str(folder))
+
+
+# -- the command line's earlier bad-input cases, in one table -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--params", "/no/such/profile.yaml"], r"params file /no/such/profile.yaml does not exist"),
+        (["--run", "../x"], r"run name '../x' is not a plain folder name"),
+        (["-p", "ppo.kl_coef"], r"override 'ppo.kl_coef' must look like section.key=value"),
+        (["-p", "nosec.a=1"], r"override 'nosec.a=1': unknown section 'nosec'"),
+        (["-p", "ppo.no_such_key=1"], r"parameters of stage 'ppo': unknown key 'no_such_key'. Valid keys: "),
+        (["-p", "ppo.kl_coef=abc"], r"stage 'ppo': key 'kl_coef' must be float, got str 'abc'"),
+        (["--stages", "ppo", "-p", "common.base_run=nope"], r"base run 'nope' \(common.base_run\) does not exist"),
+        (["-p", "common.base_run=nope"], r"reads stage 'data' from base run 'nope' .*\(--stages ppo,eval\)"),
+    ],
+)
+def test_bad_command_lines_are_one_line_and_leave_no_run_folder(tmp_path, capsys, args, pattern):
+    outputs = tmp_path / "outputs"
+    argv = ["--params", str(SMOKE), "--run", "errors-test", "-p", f"common.outputs_dir={outputs}", *args]
+    assert pipeline.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    assert not (outputs / "errors-test").exists()  # nothing was started, so nothing was left behind
