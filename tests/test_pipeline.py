@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -66,7 +67,10 @@ def test_smoke_pipeline_end_to_end(tmp_path, outputs, model):
     for stage in ("data", "reward_model", "ppo", "eval"):
         assert (root / "notebooks" / pipeline.NOTEBOOKS[stage]).exists()
     assert summary["data"]["n_train_pairs"] > 0 and summary["data"]["n_eval_prompts"] > 0
-    assert 0.0 <= summary["reward_model"]["eval_accuracy"] <= 1.0
+    scores = pd.read_csv(root / "reward_model" / "eval_scores.csv")  # the held-out pairs the accuracy counts
+    rm = summary["reward_model"]
+    assert len(scores) == rm["n_eval_pairs"] > 0
+    assert rm["eval_accuracy"] == pytest.approx((scores.reward_chosen > scores.reward_rejected).mean(), abs=1e-4)
     assert summary["ppo"]["updates"] >= 1 and summary["ppo"]["episodes"] >= 1
     assert summary["eval"]["n_eval_prompts"] > 0
     assert summary["eval"]["before"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the reference against itself

@@ -75,18 +75,20 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return (model.group(1).strip() if model else ""), frozenset(flags.group(1).split() if flags else ())
 
 
-def time_matmuls(n: int = 512, seconds: float = 0.5) -> float:
-    """fp32 time / bf16 time of an n x n matmul, alternating the two for about `seconds` (medians of each)."""
+def time_matmuls(
+    n: int = 512, seconds: float = 0.5, matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul
+) -> float:
+    """fp32 time / bf16 time of an n x n `matmul`, alternating the two for about `seconds` (medians of each)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
     times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
     for x, y in pairs.values():  # warm up both kernels
-        x @ y
+        matmul(x, y)
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times[torch.float32]) < 3:
         for dtype, (x, y) in pairs.items():  # alternate, so a busy spell on a shared host slows both alike
             t0 = time.perf_counter()
-            x @ y
+            matmul(x, y)
             times[dtype].append(time.perf_counter() - t0)
     return float(np.median(times[torch.float32]) / np.median(times[torch.bfloat16]))
 
