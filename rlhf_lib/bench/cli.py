@@ -251,24 +251,13 @@ def run_trl(spec: BenchSpec, out_dir: Path, env_dir: Path, timeout: float, logs:
     return result
 
 
-def run_benchmark(
-    configs: Sequence[str],
-    spec: BenchSpec,
-    out_dir: Path,
-    with_trl: bool,
-    trl_env: Path,
-    timeout: float,
-    rounds: int = 1,
-) -> dict[str, Any]:
-    """Every configuration in its own subprocess, then TRL (optional), `rounds` times over (ours and TRL take turns,
-    so a slow spell of a shared machine falls on both); returns the report (also written to JSON)."""
+def _report_header(spec: BenchSpec, rounds: int) -> dict[str, Any]:
+    """bench.json before any result: when, the command, device, threads, workload, versions, TRL's published row."""
     from rlhf_lib.core import runtime
-    from rlhf_lib.core.io import write_json_atomic
     from rlhf_lib.core.runs import package_versions
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = runtime.pick_device(spec.device)
-    report: dict[str, Any] = {
+    return {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "rlhf_lib.bench", *sys.argv[1:]]),
         "device": runtime.describe_device(device) | {"torch_threads": spec.threads},
@@ -290,6 +279,23 @@ def run_benchmark(
         "trl": None,
         "published_trl": PUBLISHED_TRL,
     }
+
+
+def run_benchmark(
+    configs: Sequence[str],
+    spec: BenchSpec,
+    out_dir: Path,
+    with_trl: bool,
+    trl_env: Path,
+    timeout: float,
+    rounds: int = 1,
+) -> dict[str, Any]:
+    """Every configuration in its own subprocess, then TRL (optional), `rounds` times over (ours and TRL take turns,
+    so a slow spell of a shared machine falls on both); returns the report (also written to JSON)."""
+    from rlhf_lib.core.io import write_json_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = _report_header(spec, rounds)
     spec_json = json.dumps(asdict(spec))
     per_round: dict[str, list[dict[str, Any]]] = {}
     for round_index in range(rounds):

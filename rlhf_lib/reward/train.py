@@ -413,29 +413,9 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     if cfg.rm_base != cfg.model:
         check_same_tokenizer(models.load_tokenizer(cfg.rm_base), tokenizer, f"reward model base {cfg.rm_base!r}")
 
-    train_path, eval_path = run.data_dir / "train_pairs.jsonl", run.data_dir / "eval_pairs.jsonl"
-    train_rows = read_pairs(train_path)
-    _check_pad_free(train_rows, tokenizer.pad_token_id, train_path)
-    train_ds = pairs_dataset(train_rows, _margins(train_rows, train_path) if cfg.use_margin else None)
-    eval_ds = None
-    if cfg.eval_steps:
-        eval_rows = read_pairs(eval_path)
-        eval_ds = pairs_dataset(eval_rows, _margins(eval_rows, eval_path) if cfg.use_margin else None)
-
+    train_rows, train_ds, eval_ds = _stage_datasets(cfg, run, tokenizer)
     model = build_reward_model(cfg, tokenizer, device)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(
-        "reward model %s: %s trainable parameters (%s), %s, %s",
-        cfg.rm_base,
-        f"{n_trainable:,}",
-        "LoRA" if cfg.use_lora else "full",
-        device,
-        dtype,
-    )
-    print(
-        f"training reward model from {cfg.rm_base}: {len(train_rows)} pairs, {n_trainable:,} trainable parameters "
-        f"({'LoRA r=%d' % cfg.lora_r if cfg.use_lora else 'full fine-tuning'}), {device}, {str(dtype).split('.')[-1]}"
-    )
+    _announce(cfg, model, len(train_rows), device, dtype)
 
     with tempfile.TemporaryDirectory(prefix="rm-trainer-") as scratch:
         trainer = reward_trainer(cfg, model, tokenizer, device, dtype, train_ds, scratch, eval_ds)
@@ -478,6 +458,32 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     )
     print(f"trained in {seconds:.0f} s ({pairs_per_s:.2f} pairs/s); saved to {path}")
     return result
+
+
+def _stage_datasets(cfg: RewardModelConfig, run: Run, tokenizer) -> tuple[list[dict[str, Any]], Any, Any]:
+    """The data stage's training pairs (rows and dataset) and, when ``eval_steps`` is set, its held-out dataset."""
+    train_path, eval_path = run.data_dir / "train_pairs.jsonl", run.data_dir / "eval_pairs.jsonl"
+    train_rows = read_pairs(train_path)
+    _check_pad_free(train_rows, tokenizer.pad_token_id, train_path)
+    train_ds = pairs_dataset(train_rows, _margins(train_rows, train_path) if cfg.use_margin else None)
+    eval_ds = None
+    if cfg.eval_steps:
+        eval_rows = read_pairs(eval_path)
+        eval_ds = pairs_dataset(eval_rows, _margins(eval_rows, eval_path) if cfg.use_margin else None)
+    return train_rows, train_ds, eval_ds
+
+
+def _announce(cfg: RewardModelConfig, model, n_pairs: int, device, dtype) -> None:
+    """Log and print what is trained: base, pairs, trainable parameters, LoRA or full, device and precision."""
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    how = f"LoRA r={cfg.lora_r}" if cfg.use_lora else "full fine-tuning"
+    logger.info(
+        "reward model %s: %s trainable parameters (%s), %s, %s", cfg.rm_base, f"{n_trainable:,}", how, device, dtype
+    )
+    print(
+        f"training reward model from {cfg.rm_base}: {n_pairs} pairs, {n_trainable:,} trainable parameters "
+        f"({how}), {device}, {str(dtype).split('.')[-1]}"
+    )
 
 
 def _check_training_log(log_history: list[dict[str, Any]]) -> None:
