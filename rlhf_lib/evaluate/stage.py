@@ -25,8 +25,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -254,24 +252,59 @@ def judge_name(cfg: EvalConfig, has_gold: bool) -> str:
     return cfg.win_rate_judge
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, io.default_mode())  # the mode of any new file, not mkstemp's owner-only 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass
+class EvalContext:
+    """What every evaluation on one run's held-out prompts shares: the evaluation stage, its over-optimisation curve
+    and the methods comparison all start from :func:`eval_context`."""
+
+    cfg: EvalConfig
+    settings: GenerationSettings  # sampling: response length, temperature, seed, device, dtype
+    rows: list[dict[str, Any]]  # held-out prompts (prompt_ids, messages, id)
+    tokenizer: Any
+    reference: torch.nn.Module  # the reference policy, eval mode, on settings.device
+    rm_scorer: RMScorer
+    gold_scorer: GoldScorer | None  # None: the data has no gold scorer
+    judge: str  # "gold" or "rm": who decides the win rate
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [r["prompt_ids"] for r in self.rows]
+
+
+def eval_context(
+    cfg: EvalConfig,
+    run: Run,
+    rm_scorer: RMScorer | None = None,
+    gold_scorer: GoldScorer | None = None,
+    n_prompts: int | None = None,
+    needs_policy: bool = False,
+) -> EvalContext:
+    """Settings, the first ``n_prompts`` held-out prompts (default ``cfg.n_eval_prompts``; 0 = all), tokenizer,
+    reference and scorers (the run's reward model -- the base run's with ``common.base_run`` -- and gold by default).
+
+    ``needs_policy`` checks that the run has a trained policy before any model is loaded.
+    """
+    settings = generation_settings(cfg, run)
+    rows = load_eval_prompts(run, cfg.n_eval_prompts if n_prompts is None else n_prompts)
+    if needs_policy:
+        _check_policy_dir(run)
+    tokenizer = models.load_tokenizer(cfg.model)
+    reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
+    if rm_scorer is None:
+        rm_scorer = reward_model_scorer(run.upstream("reward_model").reward_model_dir, settings, tokenizer)
+    if gold_scorer is None:
+        gold_scorer = default_gold_scorer(run)
+    judge = judge_name(cfg, gold_scorer is not None)
+    return EvalContext(cfg, settings, rows, tokenizer, reference, rm_scorer, gold_scorer, judge)
 
 
 def save_table(df: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
     """Write df as <stem>.csv and <stem>.jsonl under folder (atomically); returns the paths."""
     csv, jsonl = folder / f"{stem}.csv", folder / f"{stem}.jsonl"
-    _write_atomic(csv, lambda p: df.to_csv(p, index=False))
-    _write_atomic(jsonl, lambda p: df.to_json(p, orient="records", lines=True, force_ascii=False))
+    with io.atomic_file(csv) as f:
+        df.to_csv(f, index=False)
+    with io.atomic_file(jsonl) as f:
+        df.to_json(f, orient="records", lines=True, force_ascii=False)
     return [csv, jsonl]
 
 
@@ -282,31 +315,21 @@ def evaluate_policies(
     gold_scorer: GoldScorer | None = None,
 ) -> EvalResult:
     """Sample reference and trained policy on the eval prompts (paired seeds), score them, measure KL, win rate."""
-    settings = generation_settings(cfg, run)
-    rows = load_eval_prompts(run, cfg.n_eval_prompts)
-    _check_policy_dir(run)
-    tokenizer = models.load_tokenizer(cfg.model)
-    prompts = [r["prompt_ids"] for r in rows]
+    ctx = eval_context(cfg, run, rm_scorer, gold_scorer, needs_policy=True)
+    settings = ctx.settings
     print(
-        f"[eval] {len(rows)} eval prompts, response_length={settings.response_length}, "
+        f"[eval] {len(ctx.rows)} eval prompts, response_length={settings.response_length}, "
         f"temperature={settings.temperature}, seed={settings.seed}, device={settings.device}, dtype={settings.dtype}"
     )
-
-    reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
-    before = sample_policy(reference, tokenizer, prompts, settings, desc="reference")
-    policy = default_policy_loader(cfg, run, tokenizer, settings.device)(run.policy_dir)
-    after = sample_policy(policy, tokenizer, prompts, settings, reference=reference, desc="trained policy")
-    del policy, reference
+    before = sample_policy(ctx.reference, ctx.tokenizer, ctx.prompts, settings, desc="reference")
+    policy = default_policy_loader(cfg, run, ctx.tokenizer, settings.device)(run.policy_dir)
+    after = sample_policy(policy, ctx.tokenizer, ctx.prompts, settings, reference=ctx.reference, desc="trained policy")
+    del policy
     gc.collect()
+    rm_before, gold_before = score_samples(before, ctx.rm_scorer, ctx.gold_scorer)
+    rm_after, gold_after = score_samples(after, ctx.rm_scorer, ctx.gold_scorer)
 
-    rm_dir = run.upstream("reward_model").reward_model_dir  # the base run's with common.base_run
-    rm_scorer = rm_scorer or reward_model_scorer(rm_dir, settings, tokenizer)
-    gold_scorer = gold_scorer or default_gold_scorer(run)
-    rm_before, gold_before = score_samples(before, rm_scorer, gold_scorer)
-    rm_after, gold_after = score_samples(after, rm_scorer, gold_scorer)
-
-    judge = judge_name(cfg, gold_scorer is not None)
-    judged_after, judged_before = (gold_after, gold_before) if judge == "gold" else (rm_after, rm_before)
+    judged_after, judged_before = (gold_after, gold_before) if ctx.judge == "gold" else (rm_after, rm_before)
     win = win_rate(
         judged_after, judged_before, cfg.tie_tolerance, cfg.ci_method, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed
     )
@@ -315,29 +338,12 @@ def evaluate_policies(
         "after": policy_block(after, rm_after, gold_after),
         "win_rate_vs_ref": win.rate,
         "win_rate_ci": [win.ci_low, win.ci_high],
-        "n_eval_prompts": len(rows),
-        "win_rate_judge": judge,
+        "n_eval_prompts": len(ctx.rows),
+        "win_rate_judge": ctx.judge,
         "win_rate_ties": win.tie_fraction,
     }
     outcome = pair_outcomes(judged_after, judged_before, cfg.tie_tolerance)
-    samples = pd.DataFrame(
-        {
-            "id": [str(r.get("id", i)) for i, r in enumerate(rows)],
-            "prompt": [prompt_display_text(r) for r in rows],
-            "reference_response": before.texts,
-            "trained_response": after.texts,
-            "reference_rm": rm_before,
-            "trained_rm": rm_after,
-            "reference_gold": gold_before if gold_before is not None else np.full(len(rows), np.nan),
-            "trained_gold": gold_after if gold_after is not None else np.full(len(rows), np.nan),
-            "reference_length": before.lengths,
-            "trained_length": after.lengths,
-            "reference_eos": before.contains_eos.astype(bool),
-            "trained_eos": after.contains_eos.astype(bool),
-            "trained_kl": after.kl,
-            "outcome": np.select([outcome == 1.0, outcome == 0.5], ["win", "tie"], "loss"),
-        }
-    )
+    samples = _samples_frame(ctx.rows, before, after, (rm_before, rm_after), (gold_before, gold_after), outcome)
     result = EvalResult(summary, samples, win, settings.to_dict(), cfg.n_table_rows)
     save_table(samples, run.eval_dir, "samples")
     write_json_atomic(
@@ -350,6 +356,29 @@ def evaluate_policies(
     )
     _print_summary(summary)
     return result
+
+
+def _samples_frame(rows, before: Samples, after: Samples, rm: tuple, gold: tuple, outcome: np.ndarray) -> pd.DataFrame:
+    """samples.csv: one row per held-out prompt, reference vs trained response with their scores and the outcome."""
+    missing = np.full(len(rows), np.nan)
+    return pd.DataFrame(
+        {
+            "id": [str(r.get("id", i)) for i, r in enumerate(rows)],
+            "prompt": [prompt_display_text(r) for r in rows],
+            "reference_response": before.texts,
+            "trained_response": after.texts,
+            "reference_rm": rm[0],
+            "trained_rm": rm[1],
+            "reference_gold": gold[0] if gold[0] is not None else missing,
+            "trained_gold": gold[1] if gold[1] is not None else missing,
+            "reference_length": before.lengths,
+            "trained_length": after.lengths,
+            "reference_eos": before.contains_eos.astype(bool),
+            "trained_eos": after.contains_eos.astype(bool),
+            "trained_kl": after.kl,
+            "outcome": np.select([outcome == 1.0, outcome == 0.5], ["win", "tie"], "loss"),
+        }
+    )
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -421,6 +450,34 @@ def curve_point(label: str, step: float, samples: Samples, rm: np.ndarray, gold:
     return row
 
 
+CURVE_COLUMNS = [
+    "label",
+    "step",
+    "kl",
+    "kl_std",
+    "rm_score",
+    "rm_score_std",
+    "gold_score",
+    "gold_score_std",
+    "length",
+    "eos_fraction",
+    "n_prompts",
+]
+
+
+def curve_checkpoints(run: Run, max_checkpoints: int) -> list[tuple[str, float, Path | None]]:
+    """(label, update, folder) of the curve's points: the reference (no folder), up to ``max_checkpoints`` evenly
+    spaced PPO checkpoints and the final policy (a checkpoint of the final update is the final policy: once)."""
+    last = final_update(run)
+    points: list[tuple[str, float, Path | None]] = [("reference", 0.0, None)]
+    for path in select_evenly(list_checkpoints(run.checkpoints_dir), max_checkpoints):
+        update = checkpoint_update(path)
+        if update != last:
+            points.append((f"update {update}", float(update), path))
+    points.append(("final", float(last) if last is not None else math.nan, run.policy_dir))
+    return points
+
+
 def overoptimisation_curve(
     cfg: EvalConfig,
     run: Run,
@@ -429,59 +486,29 @@ def overoptimisation_curve(
     policy_loader: PolicyLoader | None = None,
 ) -> pd.DataFrame:
     """RM and gold score vs KL: reference, evenly spaced PPO checkpoints, final policy (Gao et al. 2022)."""
-    columns = [
-        "label",
-        "step",
-        "kl",
-        "kl_std",
-        "rm_score",
-        "rm_score_std",
-        "gold_score",
-        "gold_score_std",
-        "length",
-        "eos_fraction",
-        "n_prompts",
-    ]
     if cfg.max_checkpoints == 0:
         print("[eval] max_checkpoints=0: over-optimisation curve skipped")
-        return pd.DataFrame(columns=columns)
-    settings = generation_settings(cfg, run)
+        return pd.DataFrame(columns=CURVE_COLUMNS)
     limit = cfg.overopt_prompts or cfg.n_eval_prompts
     if cfg.n_eval_prompts:
         limit = min(limit, cfg.n_eval_prompts)
-    rows = load_eval_prompts(run, limit)
-    prompts = [r["prompt_ids"] for r in rows]
-    _check_policy_dir(run)
-    tokenizer = models.load_tokenizer(cfg.model)
-    reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
-    load = policy_loader or default_policy_loader(cfg, run, tokenizer, settings.device)
-    rm_dir = run.upstream("reward_model").reward_model_dir  # the base run's with common.base_run
-    rm_scorer = rm_scorer or reward_model_scorer(rm_dir, settings, tokenizer)
-    gold_scorer = gold_scorer or default_gold_scorer(run)
-
-    chosen = select_evenly(list_checkpoints(run.checkpoints_dir), cfg.max_checkpoints)
-    last = final_update(run)
-    points: list[tuple[str, float, Path | None]] = [("reference", 0.0, None)]
-    for path in chosen:
-        update = checkpoint_update(path)
-        if update == last:
-            continue  # the final policy is the same update; it is evaluated below
-        points.append((f"update {update}", float(update), path))
-    points.append(("final", float(last) if last is not None else math.nan, run.policy_dir))
-    print(f"[eval] over-optimisation curve: {len(points)} points x {len(prompts)} prompts")
+    ctx = eval_context(cfg, run, rm_scorer, gold_scorer, n_prompts=limit, needs_policy=True)
+    load = policy_loader or default_policy_loader(cfg, run, ctx.tokenizer, ctx.settings.device)
+    points = curve_checkpoints(run, cfg.max_checkpoints)
+    print(f"[eval] over-optimisation curve: {len(points)} points x {len(ctx.prompts)} prompts")
 
     records = []
     for label, step, path in points:
-        model = reference if path is None else load(path)
-        samples = sample_policy(model, tokenizer, prompts, settings, reference=reference, desc=label)
-        rm, gold = score_samples(samples, rm_scorer, gold_scorer)
+        model = ctx.reference if path is None else load(path)
+        samples = sample_policy(model, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference, desc=label)
+        rm, gold = score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
         records.append(curve_point(label, step, samples, rm, gold))
         gold_text = f", gold {records[-1]['gold_score']:+.3f}" if gold is not None else ""
         print(f"[eval]   {label:>12}: KL {records[-1]['kl']:.3f}, RM {records[-1]['rm_score']:+.3f}{gold_text}")
-        if model is not reference:
+        if model is not ctx.reference:
             del model
             gc.collect()
-    curve = pd.DataFrame(records).reindex(columns=[c for c in columns if c in records[0]])
+    curve = pd.DataFrame(records).reindex(columns=[c for c in CURVE_COLUMNS if c in records[0]])
     save_table(curve, run.eval_dir, "overoptimisation")
     return curve
 
