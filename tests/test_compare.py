@@ -367,7 +367,7 @@ def test_the_evaluation_key_changes_when_the_base_data_or_reward_model_is_rewrit
         assert key() != before, folder
 
 
-def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path):
+def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path, capsys):
     """One writer per comparison run: while another process holds the run's lock, run_comparison raises at once."""
     fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
     profile = compare.load_profile(
@@ -386,6 +386,173 @@ def test_a_second_writer_of_a_comparison_run_is_refused_before_any_work(tmp_path
         with pytest.raises(runlock.RunBusyError, match=f"pid {holder.pid}"):
             compare.run_comparison(profile)
         assert not (tmp_path / "cmp" / "summary.json").exists() and not (tmp_path / "cmp" / compare.EVALS).exists()
+        # the command: one error line naming the holder, exit 2, with the notebook (refused before its kernel starts)
+        # or without
+        for extra in ([], ["--no-notebook"]):
+            capsys.readouterr()
+            assert compare.main(["--params", profile.source, "--base-run", "base", *extra]) == 2
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            (line,) = err.splitlines()
+            assert line.startswith("error: run 'cmp' (") and f"is being written by pid {holder.pid} " in line, line
     finally:
         holder.kill()
         holder.wait()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# faults end in one line: a failed setting is left out and listed, bad input and a busy run exit 2, interrupts 130/143
+
+RERUN = "; fix the cause and re-run the same command (finished trainings and evaluations are reused)"
+
+
+def _no_model_comparison(tmp_path: Path, monkeypatch, trained: list[float], fail: dict[float, BaseException]):
+    """DPO at betas 0.1 and 0.2 on a fake base run, no model anywhere: the context, DPO training (which raises
+    ``fail[beta]`` for the betas in ``fail`` and records the betas it trained in ``trained``) and the evaluation
+    are stand-ins. Returns the command's arguments (in-process, no notebook)."""
+    from types import SimpleNamespace
+
+    from rlhf_lib.compare.common import TRAIN_FILE, setting_inputs
+
+    fake_run(tmp_path / "base", {"data": "done", "reward_model": "done"})
+    path = write_profile(
+        tmp_path,
+        common={"run": "cmp", "outputs_dir": str(tmp_path), "device": "cpu", "dtype": "float32"},
+        best_of_n={"enabled": False},
+        dpo={"betas": [0.1, 0.2]},
+        rloo={"enabled": False},
+        grpo={"enabled": False},
+    )
+    settings = SimpleNamespace(device="cpu", response_length=4, temperature=1.0, to_dict=lambda: {"n": 4})
+
+    def context(ev, base, rm_scorer=None, gold_scorer=None):
+        return SimpleNamespace(
+            settings=settings,
+            tokenizer=None,
+            rows=[],
+            ref_samples=SimpleNamespace(texts=[]),
+            ref_rm=None,
+            ref_gold=None,
+            judge="gold",
+            eval_cfg=ev,
+            key={},
+        )
+
+    def entry(method, setting, **extra):
+        numbers = dict(kl=0.0, rm_score=0.0, gold_score=0.0, gold_score_se=0.0, win_rate_vs_ref=0.5)
+        return {"method": method, "setting": setting, **numbers, **extra}
+
+    def train_dpo(cfg, inputs, beta, folder):
+        if beta in fail:
+            raise fail[beta]
+        trained.append(beta)
+        (folder / "policy").mkdir(parents=True)
+        (folder / "policy" / "config.json").write_text("{}")
+        (folder / TRAIN_FILE).write_text(json.dumps({"train_seconds": 1.0, "inputs": setting_inputs(inputs, cfg)}))
+
+    monkeypatch.setattr(compare, "make_context", context)
+    monkeypatch.setattr(
+        compare, "entry_from_samples", lambda ctx, s, rm, gold, method, setting, **x: entry(method, setting)
+    )
+    monkeypatch.setattr(compare.evaluate, "default_policy_loader", lambda *args: lambda folder: folder)
+    monkeypatch.setattr(compare, "evaluate_policy", lambda ctx, policy, m, s, **x: (entry(m, s, **x), []))
+    monkeypatch.setattr(compare, "train_dpo", train_dpo)
+    return ["--params", str(path), "--base-run", "base", "--no-notebook"]
+
+
+def _stderr_lines(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.splitlines()
+
+
+def test_a_failed_setting_is_left_out_and_listed_and_a_rerun_trains_only_it(tmp_path, capsys, monkeypatch):
+    trained: list[float] = []
+    args = _no_model_comparison(tmp_path, monkeypatch, trained, {0.2: RuntimeError("out of memory\nmore detail")})
+    out, folder = tmp_path / "cmp", tmp_path / "cmp" / "dpo" / "beta=0.2"
+    kept = out / compare.ERRORS / "dpo" / "beta=0.2.txt"
+    line = f"RuntimeError: out of memory (traceback in {kept})"
+    assert compare.main(args) == 1
+    assert trained == [0.1]
+    assert _stderr_lines(capsys) == [
+        f"error: dpo beta=0.2 ({folder}): {line}",
+        f"error: comparison 'cmp' ({out}): 1 method setting failed{RERUN}",
+        f"  failed: dpo beta=0.2 ({folder}): {line}",
+    ]
+    assert "Traceback" in kept.read_text() and "out of memory" in kept.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(e["method"], e["setting"]) for e in summary["methods"]] == [("reference", ""), ("dpo", "beta=0.1")]
+    assert summary["failed"] == [{"curve": "dpo", "setting": "beta=0.2", "folder": str(folder), "error": line}]
+
+    trained.clear()
+    args = _no_model_comparison(tmp_path, monkeypatch, trained, {})
+    assert compare.main(args) == 0
+    assert trained == [0.2]  # the finished setting is reused, the failed one trained again
+    assert _stderr_lines(capsys) == [] and not kept.exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == [] and ("dpo", "beta=0.2") in {(e["method"], e["setting"]) for e in summary["methods"]}
+
+
+def test_an_interrupted_comparison_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from rlhf_lib.core import cli
+
+    trained: list[float] = []
+    args = _no_model_comparison(tmp_path, monkeypatch, trained, {0.1: cli.Interrupted(signal.SIGTERM)})
+    assert compare.main(args) == 143
+    assert trained == []  # stopped there: beta 0.2 is not trained
+    assert _stderr_lines(capsys) == [
+        f"interrupted during comparison 'cmp' ({tmp_path / 'cmp'}) in dpo beta=0.1; re-run the same command to "
+        "finish (finished trainings and evaluations are reused)"
+    ]
+    assert not (tmp_path / "cmp" / "summary.json").exists()
+
+
+def test_a_comparison_that_fails_outside_any_setting_is_one_line(tmp_path, capsys, monkeypatch):
+    args = _no_model_comparison(tmp_path, monkeypatch, [], {})
+
+    def no_reference(*args, **kwargs):
+        raise RuntimeError("the reference model could not be loaded")
+
+    monkeypatch.setattr(compare, "make_context", no_reference)
+    assert compare.main(args) == 1
+    kept = tmp_path / "cmp" / compare.ERRORS / "comparison.txt"
+    assert _stderr_lines(capsys) == [
+        f"error: comparison failed: RuntimeError: the reference model could not be loaded (traceback in {kept})"
+    ]
+    assert "no_reference" in kept.read_text()
+
+
+@pytest.mark.parametrize(
+    "ename,status,line",
+    [
+        (
+            "RuntimeError",
+            1,
+            "error: comparison failed: RuntimeError: boom (executed notebook with the traceback: {nb})",
+        ),
+        ("ConfigError", 2, "error: boom"),
+        (
+            "KeyboardInterrupt",
+            130,
+            "interrupted during comparison 'cmp' ({out}); re-run the same command to finish "
+            "(finished trainings and evaluations are reused)",
+        ),
+    ],
+)
+def test_a_failed_notebook_cell_is_one_line(tmp_path, capsys, monkeypatch, ename, status, line):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    args = _no_model_comparison(tmp_path, monkeypatch, [], {})
+
+    def failing(*args, **kwargs):
+        raise PapermillExecutionError(1, 1, "summary = compare.run_comparison(profile)", ename, "boom\nmore", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", failing)
+    out = tmp_path / "cmp"
+    assert compare.main(args[:-1]) == status  # with the notebook
+    nb = out / "notebooks" / compare.NOTEBOOK
+    assert _stderr_lines(capsys) == [line.format(nb=nb, out=out)]
+    assert runlock.held(out) is None  # the run's lock was released

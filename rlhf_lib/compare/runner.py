@@ -12,12 +12,19 @@ One evaluation path for every policy: the evaluation stage's own functions
 (:func:`rlhf_lib.evaluate.sampling.sample_policy`, ``eval_sampling.score_samples``, ``eval_stats.win_rate``,
 ``evaluate.policy_block``) on the same held-out prompts with the same sampling seed, so the reference sample of each
 prompt -- what win rates are judged against -- is the same for all methods.
+
+A method setting that fails (a training or an evaluation raised) is reported at once on stderr with its folder, its
+traceback kept in ``errors/<curve>/<setting>.txt``, and the comparison goes on without it; ``summary.json`` lists it
+under ``failed`` and the command ends with the list and exit status 1. A re-run redoes only what did not finish.
+Bad input is one ``error:`` line (exit 2), Ctrl-C / SIGTERM one ``interrupted`` line (exit 130 / 143).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import functools
 import gc
 import hashlib
 import json
@@ -25,7 +32,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +54,10 @@ from rlhf_lib.compare.common import (
 )
 from rlhf_lib.compare.dpo import DPOMethodConfig, train_dpo
 from rlhf_lib.compare.online import GRPOMethodConfig, RLOOMethodConfig, train_online
-from rlhf_lib.core import runlock, runtime
+from rlhf_lib.core import cli, runlock, runtime
 from rlhf_lib.core.config import CommonConfig, ConfigError, validate
 from rlhf_lib.core.io import repo_root, write_json_atomic
-from rlhf_lib.core.runs import Run, git_state, outputs_root, package_versions, read_json
+from rlhf_lib.core.runs import Run, first_line, git_state, outputs_root, package_versions, read_json
 from rlhf_lib.evaluate import sampling as eval_sampling
 from rlhf_lib.evaluate import stage as evaluate
 from rlhf_lib.evaluate import stats as eval_stats
@@ -70,6 +78,12 @@ SECTIONS = {
 TRAINED = ("dpo", "rloo", "grpo")
 PROFILE_SECTIONS = ("compare", "eval", "best_of_n", "dpo", "rloo", "grpo")  # Profile's configs, as summary.json records
 EVALS = "evals"  # <run>/evals/<curve>/<setting>.json: one finished evaluation and the inputs it was made on
+ERRORS = "errors"  # <run>/errors/<curve>/<setting>.txt: the traceback of a setting that failed (removed once it works)
+REFUSALS = ("ConfigError", "RunBusyError", "OutputsError")  # raised in the notebook's kernel: bad input, exit 2
+
+
+class CompareFailed(RuntimeError):
+    """The comparison stopped on a fault outside any one method setting (the reference, the report notebook)."""
 
 
 @dataclass
@@ -368,6 +382,53 @@ def _say(e: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# one method setting that fails does not stop the others
+
+
+def write_traceback(path: Path, err: BaseException) -> Path | None:
+    """Keep ``err``'s traceback in ``path`` (for the one-line report to point at); None when it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)), encoding="utf-8")
+    except OSError:
+        return None
+    return path
+
+
+def attempt(failures: list[dict[str, Any]] | None, out: Run, curve: str, setting: str, folder: Path, work: Callable):
+    """``work()``, or None when it raised: the failure is printed at once (one ``error:`` line with the setting's
+    folder), appended to ``failures`` and its traceback kept in ``errors/<curve>/<setting>.txt``.
+
+    Bad input (ConfigError) stops the comparison, as does anything when ``failures`` is None; an interrupt stops it
+    with ``compare_setting`` naming the setting it was in."""
+    path = out.root / ERRORS / _slug(curve) / f"{_slug(setting)}.txt"
+    try:
+        result = work()
+    except ConfigError:
+        raise
+    except Exception as err:
+        if failures is None:
+            raise
+        kept = write_traceback(path, err)
+        line = first_line(err) + (f" (traceback in {kept})" if kept else "")
+        failures.append({"curve": curve, "setting": setting, "folder": str(folder), "error": line})
+        print(f"error: {curve} {setting} ({folder}): {line}", file=sys.stderr, flush=True)
+        return None
+    except KeyboardInterrupt as err:
+        if not hasattr(err, "compare_setting"):
+            err.compare_setting = f"{curve} {setting}"
+        raise
+    path.unlink(missing_ok=True)  # a traceback of an earlier attempt no longer applies
+    return result
+
+
+def _collect(entries: list[dict[str, Any]], texts: dict, got) -> None:
+    if got is not None:
+        entries += got[0]
+        texts.update(got[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the methods
 
 
@@ -400,7 +461,10 @@ def ppo_cost(run: Run, update: int | None) -> tuple[float, int]:
     return seconds, int(round(tokens))
 
 
-def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: dict) -> list[dict[str, Any]]:
+def ppo_entries(
+    ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: dict, failures: list | None = None
+) -> list[dict[str, Any]]:
+    """Evaluate the PPO runs' checkpoints and final policies; a failed one is left out (see :func:`attempt`)."""
     runs = [base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else []
     runs += [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
     entries: list[dict[str, Any]] = []
@@ -409,20 +473,18 @@ def ppo_entries(ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: di
         kl_coef = run.manifest().get("stages", {}).get("ppo", {}).get("params", {}).get("kl_coef")
         load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
-            seconds, tokens = ppo_cost(run, None if setting == "final" else update)
-            extra = dict(run=run.name, step=update, beta=kl_coef, train_seconds=seconds, generated_tokens=tokens)
-            policy_key = {"folder": str(folder.resolve()), "fingerprint": folder_fingerprint(folder)}
-            got, got_texts = cached_evaluation(
-                ctx,
-                out,
-                curve,
-                setting,
-                policy_key,
-                lambda f=folder, s=setting, x=extra: _evaluate_saved(ctx, load, f, "ppo", s, curve, **x),
-            )
-            entries += got
-            texts.update(got_texts)
+            work = functools.partial(_ppo_setting, ctx, load, out, run, curve, kl_coef, setting, update, folder)
+            _collect(entries, texts, attempt(failures, out, curve, setting, folder, work))
     return entries
+
+
+def _ppo_setting(ctx: Context, load, out: Run, run: Run, curve: str, kl_coef, setting: str, update, folder: Path):
+    seconds, tokens = ppo_cost(run, None if setting == "final" else update)
+    extra = dict(run=run.name, step=update, beta=kl_coef, train_seconds=seconds, generated_tokens=tokens)
+    policy_key = {"folder": str(folder.resolve()), "fingerprint": folder_fingerprint(folder)}
+    return cached_evaluation(
+        ctx, out, curve, setting, policy_key, lambda: _evaluate_saved(ctx, load, folder, "ppo", setting, curve, **extra)
+    )
 
 
 def check_reusable(profile: Profile, inputs: MethodInputs, out: Run, base: Run) -> None:
@@ -452,10 +514,17 @@ def _check_newer_than_base(folder: Path, base: Run) -> None:
 
 
 def trained_entries(
-    ctx: Context, profile: Profile, inputs: MethodInputs, out: Run, texts: dict, scorer=None
+    ctx: Context,
+    profile: Profile,
+    inputs: MethodInputs,
+    out: Run,
+    texts: dict,
+    scorer=None,
+    failures: list | None = None,
 ) -> list[dict[str, Any]]:
-    """Train (unless already trained) and evaluate every beta of DPO, RLOO and GRPO."""
-    entries = []
+    """Train (unless already trained) and evaluate every beta of DPO, RLOO and GRPO; a setting that fails is left
+    out and the others go on (see :func:`attempt`)."""
+    entries: list[dict[str, Any]] = []
     for method in TRAINED:
         cfg = getattr(profile, method)
         if not cfg.enabled:
@@ -463,52 +532,58 @@ def trained_entries(
         for beta in cfg.betas:
             setting = setting_label("beta", beta)
             folder = out.root / method / setting
-            if is_trained(folder):  # its inputs were checked by check_reusable before any evaluation
-                print(f"[compare] {method} {setting}: trained already ({folder})", flush=True)
-            elif method == "dpo":
-                train_dpo(cfg, inputs, beta, folder)
-            else:
-                train_online(
-                    method,
-                    cfg,
-                    inputs,
-                    beta,
-                    folder,
-                    cfg.response_length or ctx.settings.response_length,
-                    cfg.temperature or ctx.settings.temperature,
-                    scorer=scorer,
-                )
-            record = read_train_record(folder)
-
-            extra = dict(
-                beta=beta, train_seconds=record.get("train_seconds"), generated_tokens=record.get("generated_tokens")
-            )
-            load = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)
-            policy_key = {
-                "folder": str(folder.resolve()),
-                "fingerprint": folder_fingerprint(folder / "policy"),
-                "train": folder_fingerprint(folder / TRAIN_FILE),
-            }
-            got, got_texts = cached_evaluation(
-                ctx,
-                out,
-                method,
-                setting,
-                policy_key,
-                lambda m=method, s=setting, f=folder, x=extra: _evaluate_saved(ctx, load, f / "policy", m, s, m, **x),
-            )
-            entries += got
-            texts.update(got_texts)
+            work = functools.partial(_trained_setting, ctx, method, cfg, inputs, out, beta, folder, scorer)
+            _collect(entries, texts, attempt(failures, out, method, setting, folder, work))
     return entries
 
 
-def best_of_n_entries(ctx: Context, cfg: BestOfNConfig, out: Run, texts: dict) -> list[dict[str, Any]]:
+def _trained_setting(ctx: Context, method: str, cfg, inputs: MethodInputs, out: Run, beta: float, folder: Path, scorer):
+    """Train one beta of a method into ``folder`` (unless trained already) and evaluate its policy."""
+    setting = folder.name
+    if is_trained(folder):  # its inputs were checked by check_reusable before any evaluation
+        print(f"[compare] {method} {setting}: trained already ({folder})", flush=True)
+    elif method == "dpo":
+        train_dpo(cfg, inputs, beta, folder)
+    else:
+        train_online(
+            method,
+            cfg,
+            inputs,
+            beta,
+            folder,
+            cfg.response_length or ctx.settings.response_length,
+            cfg.temperature or ctx.settings.temperature,
+            scorer=scorer,
+        )
+    record = read_train_record(folder)
+    extra = dict(beta=beta, train_seconds=record.get("train_seconds"), generated_tokens=record.get("generated_tokens"))
+    load = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)
+    policy_key = {
+        "folder": str(folder.resolve()),
+        "fingerprint": folder_fingerprint(folder / "policy"),
+        "train": folder_fingerprint(folder / TRAIN_FILE),
+    }
+    return cached_evaluation(
+        ctx,
+        out,
+        method,
+        setting,
+        policy_key,
+        lambda: _evaluate_saved(ctx, load, folder / "policy", method, setting, method, **extra),
+    )
+
+
+def best_of_n_entries(
+    ctx: Context, cfg: BestOfNConfig, out: Run, texts: dict, failures: list | None = None
+) -> list[dict[str, Any]]:
+    """Best-of-N from one pool of reference samples; left out when it fails (see :func:`attempt`)."""
     if not cfg.enabled:
         return []
-    entries, got = cached_evaluation(
-        ctx, out, bon.METHOD, "pool", dataclasses.asdict(cfg), lambda: _best_of_n_now(ctx, cfg)
+    entries: list[dict[str, Any]] = []
+    work = functools.partial(
+        cached_evaluation, ctx, out, bon.METHOD, "pool", dataclasses.asdict(cfg), lambda: _best_of_n_now(ctx, cfg)
     )
-    texts.update(got)
+    _collect(entries, texts, attempt(failures, out, bon.METHOD, "pool", out.root / EVALS / bon.METHOD, work))
     return entries
 
 
@@ -609,10 +684,10 @@ def _compare(
     ctx = make_context(profile.eval, base, rm_scorer, gold_scorer)
     texts: dict[tuple[str, str], list[str]] = {("reference", ""): ctx.ref_samples.texts}
     reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
-    entries = [reference]
-    entries += ppo_entries(ctx, cfg, base, out, texts)
-    entries += best_of_n_entries(ctx, profile.best_of_n, out, texts)
-    entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer)
+    entries, failures = [reference], []
+    entries += ppo_entries(ctx, cfg, base, out, texts, failures)
+    entries += best_of_n_entries(ctx, profile.best_of_n, out, texts, failures)
+    entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer, failures)
     anchor = reference if cfg.anchor_reference else None
     summary = {
         "base_run": str(base.root),
@@ -626,6 +701,7 @@ def _compare(
         "n_eval_prompts": len(ctx.rows),
         "methods": entries,
         "gold_at_kl": gold_at_kl(entries, cfg.kl_points, anchor),
+        "failed": failures,  # method settings left out: curve, setting, folder, error line
         "wall_seconds": time.perf_counter() - start,
     }
     write_json_atomic(out.root / "summary.json", summary)
@@ -673,49 +749,121 @@ def execute(
     kernel_name: str = "python3",
     threads: int | None = None,
 ) -> Path:
-    """Validate the profile, then run the notebook (which runs the comparison) or the comparison in-process."""
+    """Validate the profile, then run the notebook (which runs the comparison) or the comparison in-process.
+
+    Raises ConfigError / RunBusyError / cli.OutputsError on bad input, CompareFailed when the comparison stopped
+    on another fault (one line: the error, and where its traceback is), KeyboardInterrupt with ``compare_run`` set
+    to the run folder when interrupted. A method setting that failed does not raise: summary.json lists it."""
     profile = load_profile(params, base_run, run, outputs_dir, threads)
     out_root = outputs_root(profile.compare) / profile.compare.run
-    if not notebook:
-        run_comparison(profile)
-        return out_root
-
-    from rlhf_lib import TEXT_PROGRESS_ENV
-
-    os.environ[TEXT_PROGRESS_ENV] = "1"
-    lock = runlock.acquire(out_root, "compare", what=f"compare {profile.source}")  # before the kernel starts
     try:
-        with runlock.environ(runlock.LOCK_ENV, lock.info.get("token", "")):  # the kernel works under this lock
-            _execute_notebook(params, profile, out_root, kernel_name)
-    finally:
-        lock.release("compare")
+        if not notebook:
+            _run_in_process(profile, out_root)
+            return out_root
+
+        from rlhf_lib import TEXT_PROGRESS_ENV
+
+        os.environ[TEXT_PROGRESS_ENV] = "1"
+        lock = runlock.acquire(out_root, "compare", what=f"compare {profile.source}")  # before the kernel starts
+        try:
+            with runlock.environ(runlock.LOCK_ENV, lock.info.get("token", "")):  # the kernel works under this lock
+                _execute_notebook(params, profile, out_root, kernel_name)
+        finally:
+            lock.release("compare")
+    except KeyboardInterrupt as err:
+        err.compare_run = out_root
+        raise
     return out_root
 
 
+def _run_in_process(profile: Profile, out_root: Path) -> None:
+    try:
+        run_comparison(profile)
+    except (ConfigError, runlock.RunBusyError, OSError) as err:
+        if isinstance(err, OSError) and not _is_write_error(err):
+            raise _failed(err, out_root) from err
+        raise
+    except Exception as err:
+        raise _failed(err, out_root) from err
+
+
+def _is_write_error(err: OSError) -> bool:
+    """An outputs folder that cannot be written (read-only, no permission, full): bad input, not a fault."""
+    return isinstance(err, cli.OutputsError) or err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _failed(err: BaseException, out_root: Path) -> CompareFailed:
+    kept = write_traceback(out_root / ERRORS / "comparison.txt", err)
+    return CompareFailed(f"comparison failed: {first_line(err)}" + (f" (traceback in {kept})" if kept else ""))
+
+
 def _execute_notebook(params: str, profile: Profile, out_root: Path, kernel_name: str) -> None:
+    """papermill on the comparison notebook; a failed cell is one exception: ConfigError for bad input,
+    KeyboardInterrupt for an interrupted kernel, else CompareFailed naming the executed notebook."""
     import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     (out_root / "notebooks").mkdir(parents=True, exist_ok=True)
     root = repo_root()
-    papermill.execute_notebook(
-        str(root / "notebooks" / NOTEBOOK),
-        str(out_root / "notebooks" / NOTEBOOK),
-        parameters={
-            "params": str(Path(params).resolve()),
-            "base_run": profile.compare.base_run,
-            "run": profile.compare.run,
-            "outputs_dir": str(outputs_root(profile.compare)),
-            "threads": profile.compare.threads,
-        },
-        kernel_name=kernel_name,
-        cwd=str(root / "notebooks"),
-        stdout_file=sys.stdout,
-        stderr_file=sys.stderr,
-        progress_bar=False,
+    executed = out_root / "notebooks" / NOTEBOOK
+    try:
+        papermill.execute_notebook(
+            str(root / "notebooks" / NOTEBOOK),
+            str(executed),
+            parameters={
+                "params": str(Path(params).resolve()),
+                "base_run": profile.compare.base_run,
+                "run": profile.compare.run,
+                "outputs_dir": str(outputs_root(profile.compare)),
+                "threads": profile.compare.threads,
+            },
+            kernel_name=kernel_name,
+            cwd=str(root / "notebooks"),
+            stdout_file=sys.stdout,
+            stderr_file=sys.stderr,
+            progress_bar=False,
+        )
+    except PapermillExecutionError as err:
+        message = first_line(str(err.evalue)) or err.ename
+        if err.ename in REFUSALS:
+            raise ConfigError(message) from None
+        if err.ename == "KeyboardInterrupt":
+            raise KeyboardInterrupt() from None
+        raise CompareFailed(
+            f"comparison failed: {err.ename}: {message} (executed notebook with the traceback: {executed})"
+        ) from None
+
+
+def report_failures(out: Path) -> int:
+    """After a comparison ran: list the method settings its summary.json says failed (exit 1), else 0."""
+    failed = (read_json(out / "summary.json", {}) or {}).get("failed") or []
+    if not failed:
+        return 0
+    cli.error(
+        f"comparison {out.name!r} ({out}): {len(failed)} method setting{'s' if len(failed) > 1 else ''} failed; fix "
+        "the cause and re-run the same command (finished trainings and evaluations are reused)"
+    )
+    for f in failed:
+        print(f"  failed: {f['curve']} {f['setting']} ({f['folder']}): {f['error']}", file=sys.stderr)
+    sys.stderr.flush()
+    return cli.EXIT_FAILED
+
+
+def interrupted_line(err: BaseException) -> str:
+    """'interrupted during comparison 'cmp' (<folder>) in dpo beta=0.1; re-run ...' for an interrupt of execute."""
+    root = getattr(err, "compare_run", None)
+    setting = getattr(err, "compare_setting", None)
+    return (
+        "interrupted during comparison"
+        + (f" {Path(root).name!r} ({root})" if root else "")
+        + (f" in {setting}" if setting else "")
+        + "; re-run the same command to finish (finished trainings and evaluations are reused)"
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0 done, 1 a method setting or the comparison failed, 2 bad input or a busy run,
+    130 / 143 interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params/compare/default.yaml", help="comparison profile (YAML)")
     parser.add_argument("--base-run", default=None, help="run whose data and reward model are used (name or folder)")
@@ -727,11 +875,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-notebook", action="store_true", help="run in-process, without the notebook")
     args = parser.parse_args(argv)
     try:
-        out = execute(
-            args.params, args.base_run, args.run, args.outputs_dir, notebook=not args.no_notebook, threads=args.threads
+        with cli.interrupts_raise():
+            out = execute(
+                args.params,
+                args.base_run,
+                args.run,
+                args.outputs_dir,
+                notebook=not args.no_notebook,
+                threads=args.threads,
+            )
+    except KeyboardInterrupt as err:
+        print(interrupted_line(err), file=sys.stderr, flush=True)
+        return cli.interrupt_status(err)
+    except (ConfigError, runlock.RunBusyError, cli.OutputsError) as err:
+        return cli.error(str(err))
+    except OSError as err:  # the run's lock or a folder could not be written
+        if err.errno == errno.ENOSPC:
+            return cli.error(cli.os_error_line(err))
+        return cli.error(
+            f"cannot write {err.filename or 'the comparison run'}: {err.strerror or err}; choose a writable outputs "
+            "folder (--outputs-dir DIR)"
         )
-    except (ConfigError, runlock.RunBusyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except CompareFailed as err:
+        cli.error(str(err))
+        return cli.EXIT_FAILED
     print(f"[compare] outputs in {out}")
-    return 0
+    return report_failures(out)

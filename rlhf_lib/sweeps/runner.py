@@ -25,11 +25,21 @@ over-optimisation form to the KL-gold frontier. ``--merge <summary.json>`` adds 
 summary of the same sweep that have no folder here (points run on other machines, or a committed
 ``docs/sweeps/<name>/summary.json`` whose run folders are gone): each keeps its recorded commit and run folder and
 says where it was merged from.
+
+A point that fails (a stage raised, or the pipeline refused it: bad params, a run another process writes, a folder
+it cannot write) is reported at once on stderr with its run folder and the sweep goes on; points that read a built
+base that failed are skipped. At the end the failed and skipped points are listed, what finished is aggregated (the
+notebook waits for a sweep with no failure) and the exit status is 1; a re-run redoes only the unfinished points.
+One process runs a whole sweep at a time (it holds the lock of the sweep folder; ``--point N`` takes only the
+point's own run lock, so a job array runs points side by side). Ctrl-C / SIGTERM stop the sweep with one line
+naming the point it was in (exit 130 / 143).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import itertools
 import json
 import math
@@ -39,14 +49,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import yaml
 
+from rlhf_lib.core import cli, runlock
 from rlhf_lib.core.config import STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
 from rlhf_lib.core.io import repo_root, write_json_atomic
-from rlhf_lib.core.runs import SHARED_STAGES, Run, outputs_root, read_json
+from rlhf_lib.core.runs import SHARED_STAGES, Run, StageError, first_line, outputs_root, read_json
+from rlhf_lib.pipeline import NO_SPACE, StageFailed
 from rlhf_lib.sweeps.stats import finite, fit_frontier, frontier_rows, group_points, select_default
 
 SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key", "reuse")
@@ -372,32 +384,117 @@ def _clock(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: str = "python3") -> None:
-    """Run points in order (a built base first), one progress line per point: index/total, name, elapsed, ETA."""
+@dataclass(frozen=True)
+class PointFailure:
+    """A point that did not finish in this invocation: its run folder, the first line of why, and the exit status
+    it gives on its own (``--point N``): 1 a stage failed, 2 the point was refused or its folder is unusable."""
+
+    point: Point
+    folder: Path
+    line: str
+    status: int = cli.EXIT_FAILED
+    skipped: bool = False  # not run: it reads a built base that failed
+
+
+# what a point's run raises for that point alone; the sweep reports it and goes on with the other points
+POINT_ERRORS = (StageFailed, ConfigError, StageError, runlock.RunBusyError, OSError)
+
+
+def point_failure(sweep: Sweep, point: Point, err: Exception) -> PointFailure:
+    """The failure record of ``point`` for ``err`` (one of POINT_ERRORS), reported at once on stderr."""
+    folder = point_run(sweep, point).root
+    if isinstance(err, OSError) and not isinstance(err, cli.OutputsError):
+        line = cli.os_error_line(err, folder)
+    else:
+        line = first_line(str(err)) or type(err).__name__
+    stage_failed = isinstance(err, StageFailed) and NO_SPACE not in line  # a full disk is no fault of the stage
+    failure = PointFailure(point, folder, line, cli.EXIT_FAILED if stage_failed else cli.EXIT_ERROR)
+    print(f"error: sweep point {point.name!r} ({folder}): {line}", file=sys.stderr, flush=True)
+    return failure
+
+
+def run_sweep(sweep: Sweep, points: Sequence[Point] | None = None, kernel_name: str = "python3") -> list[PointFailure]:
+    """Run points in order (a built base first), one progress line per point: index/total, name, elapsed, ETA.
+
+    A point that fails is reported at once and the others go on; the points that read a built base that failed
+    are skipped. Returns the failed and skipped points. An interrupt (KeyboardInterrupt, cli.Interrupted) stops
+    the sweep; it propagates with ``sweep_point`` set to the point it stopped and that point's run folder.
+    """
     points = list(sweep.points() if points is None else points)
-    total, start, durations = len(sweep.points()), time.time(), []
+    total, start, durations, failures = len(sweep.points()), time.time(), [], []
+
+    def eta(rest: Sequence[Point]) -> str:
+        left = sum(1 for p in rest if not p.is_base and point_status(sweep, p) != "done")
+        return f"elapsed {_clock(time.time() - start)}, ETA {_clock(np.mean(durations) * left if durations else None)}"
+
     for k, point in enumerate(points):
-        left = sum(1 for p in points[k:] if not p.is_base and point_status(sweep, p) != "done")
-        eta = np.mean(durations) * left if durations else None
         label = f"[sweep] {point.index + 1}/{total} {point.name}"
         status = point_status(sweep, point)
         if status == "done":
             reused = reused_from(sweep, point)
             print(f"{label}: already done{f' (in {reused})' if reused else ''}, skipped", flush=True)
             continue
-        print(
-            f"{label}: running {','.join(point.stages)} ({status}; elapsed {_clock(time.time() - start)}, "
-            f"ETA {_clock(eta)})",
-            flush=True,
-        )
-        seconds = run_point(sweep, point, kernel_name)
+        base = next((f.point.name for f in failures if f.point.is_base), None)
+        if base is not None:  # every other point of a sweep that builds its base reads that base
+            line = f"not run: it reads the base point {base!r}, which failed"
+            print(f"{label}: {line}", flush=True)
+            failures.append(PointFailure(point, point_run(sweep, point).root, line, skipped=True))
+            continue
+        print(f"{label}: running {','.join(point.stages)} ({status}; {eta(points[k:])})", flush=True)
+        try:
+            seconds = run_point(sweep, point, kernel_name)
+        except POINT_ERRORS as err:
+            failures.append(point_failure(sweep, point, err))
+            print(f"{label}: failed ({eta(points[k + 1 :])})", flush=True)
+            continue
+        except KeyboardInterrupt as err:  # stop the whole sweep; main says which point it stopped
+            err.sweep_point = (point.name, point_run(sweep, point).root)
+            raise
         if seconds is not None and not point.is_base:
             durations.append(seconds)
-        left = sum(1 for p in points[k + 1 :] if not p.is_base and point_status(sweep, p) != "done")
-        eta = np.mean(durations) * left if durations else None
-        print(
-            f"{label}: done in {_clock(seconds)} (elapsed {_clock(time.time() - start)}, ETA {_clock(eta)})", flush=True
-        )
+        print(f"{label}: done in {_clock(seconds)} ({eta(points[k + 1 :])})", flush=True)
+    return failures
+
+
+def report_failures(sweep: Sweep, failures: Sequence[PointFailure], total: int) -> None:
+    """One ``error:`` line counting the points that did not finish, then one line each: name, folder, why."""
+    failed = [f for f in failures if not f.skipped]
+    skipped = len(failures) - len(failed)
+    cli.error(
+        f"sweep {sweep.name!r}: {len(failed)} of {total} points failed"
+        + (f", {skipped} not run" if skipped else "")
+        + "; fix the cause and re-run the same command (it runs only the unfinished points)"
+    )
+    for f in failures:
+        print(f"  {'skipped' if f.skipped else 'failed'}: {f.point.name} ({f.folder}): {f.line}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep: Sweep) -> Iterator[None]:
+    """Hold the lock of the sweep folder while a whole sweep runs: a second sweep of it is refused at once."""
+    try:
+        lock = runlock.acquire(sweep.root, "sweep", what=f"sweep {sweep.name}")
+    except runlock.RunBusyError:
+        try:
+            info = json.loads((sweep.root / runlock.LOCK_NAME).read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        who = runlock.describe_holder(info) if isinstance(info, dict) and info.get("pid") else "another process"
+        raise runlock.RunBusyError(
+            f"sweep {sweep.name!r} ({sweep.root}) is being run by {who}; wait for it to finish or stop it"
+        ) from None
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise cli.OutputsError(cli.os_error_line(err, sweep.root)) from err
+        raise cli.OutputsError(
+            f"cannot write the sweep folder {sweep.root}: {err.strerror or err}; give a writable folder with "
+            "--outputs-dir DIR"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release("sweep")
 
 
 def point_seconds(sweep: Sweep, point: Point) -> float | None:
@@ -562,7 +659,7 @@ def print_commands(sweep: Sweep, file=None) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", help="sweep file (params/sweeps/<name>.yaml)")
     parser.add_argument(
@@ -588,38 +685,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an earlier summary.json of this sweep: its finished points that have no folder here are aggregated "
         "too (repeatable; e.g. docs/sweeps/<name>/summary.json, or points run on other machines)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0 done, 1 a point failed, 2 bad input or a busy sweep or run, 130 / 143 interrupted."""
+    args = _parser().parse_args(argv)
     try:
-        sweep = load_sweep(args.sweep, args.outputs_dir)
-        if args.threads is not None:
-            if args.threads < 1:
-                raise SweepError(f"--threads {args.threads}: give a positive number of threads per point")
-            sweep.threads = args.threads
-        if args.print_commands:
-            print_commands(sweep)
-            return 0
-        earlier = [merged_points(sweep, path) for path in args.merge]
-        points = sweep.points()
-        if args.point is not None and not 0 <= args.point < len(points):
-            raise SweepError(f"--point {args.point}: {args.sweep} has points 0-{len(points) - 1}")
-        chosen = [points[args.point]] if args.point is not None else points
-        # a point with nothing here that a merged summary has finished is not run again; a built base always is (the
-        # points run here read its files)
-        todo = [p for p in chosen if p.is_base or not merged_entry(sweep, earlier, p)]
-        for point in chosen:
-            if point not in todo:
-                print(f"[sweep] {point.index + 1}/{len(points)} {point.name}: done in a merged summary, skipped")
-        if args.point is not None or not args.aggregate:
-            run_sweep(sweep, todo)
-        if args.point is not None:
-            return 0
+        with cli.interrupts_raise():
+            return _run(args)
+    except KeyboardInterrupt as err:
+        print(interrupted_line(err, args.sweep), file=sys.stderr, flush=True)
+        return cli.interrupt_status(err)
+    except (SweepError, ConfigError, StageError, runlock.RunBusyError, cli.OutputsError) as err:
+        return cli.error(str(err))
+    except OSError as err:  # a write outside any point: summary.json, timings, the notebook copy
+        return cli.error(cli.os_error_line(err))
+
+
+def interrupted_line(err: BaseException, sweep_file: str) -> str:
+    """'interrupted during sweep point 'seed0' (<folder>); re-run ...', naming the stage the pipeline was in."""
+    name, folder = getattr(err, "sweep_point", (None, None))
+    if name is None:
+        where = f"during sweep {sweep_file}"
+    else:
+        stage = getattr(err, "stage", None)  # set by pipeline.execute
+        point = f"sweep point {name!r} ({folder})"
+        where = f"during {point}" if not stage else f"during stage {stage!r} of {point}"
+        if stage and getattr(err, "stage_done", False):  # the stage finished as the signal came
+            where = f"after stage {stage!r} of {point} finished"
+    return f"interrupted {where}; re-run the same command to finish the remaining points"
+
+
+def _run(args: argparse.Namespace) -> int:
+    sweep = load_sweep(args.sweep, args.outputs_dir)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SweepError(f"--threads {args.threads}: give a positive number of threads per point")
+        sweep.threads = args.threads
+    if args.print_commands:
+        print_commands(sweep)
+        return 0
+    earlier = [merged_points(sweep, path) for path in args.merge]
+    points = sweep.points()
+    if args.point is not None and not 0 <= args.point < len(points):
+        raise SweepError(f"--point {args.point}: {args.sweep} has points 0-{len(points) - 1}")
+    chosen = [points[args.point]] if args.point is not None else points
+    # a point with nothing here that a merged summary has finished is not run again; a built base always is (the
+    # points run here read its files)
+    todo = [p for p in chosen if p.is_base or not merged_entry(sweep, earlier, p)]
+    for point in chosen:
+        if point not in todo:
+            print(f"[sweep] {point.index + 1}/{len(points)} {point.name}: done in a merged summary, skipped")
+    if args.point is not None:  # one run, as the pipeline command of the point: its error line was printed
+        failures = run_sweep(sweep, todo)
+        return failures[0].status if failures else 0
+    if args.aggregate:
+        return _finish(sweep, args, [])
+    with sweep_lock(sweep):
+        return _finish(sweep, args, run_sweep(sweep, todo))
+
+
+def _finish(sweep: Sweep, args: argparse.Namespace, failures: Sequence[PointFailure]) -> int:
+    """Aggregate what finished (nothing when no point did), run the notebook on a sweep with no failure, list the
+    failures last; 1 when a point failed."""
+    if failures and not args.merge and all(point_status(sweep, p) != "done" for p in sweep.grid_points()):
+        print("[sweep] no point finished: nothing aggregated", flush=True)
+    else:
         summary = aggregate(sweep, merge=args.merge)
         print(
             f"[sweep] {len(summary['points'])} points, {len(summary['groups'])} groups -> {sweep.root / 'summary.json'}"
         )
+    if failures:
         if not args.no_notebook:
+            print(f"[sweep] notebook {NOTEBOOK} not run: not every point finished", flush=True)
+        report_failures(sweep, failures, len(sweep.points()))
+        return cli.EXIT_FAILED
+    if not args.no_notebook:
+        from papermill.exceptions import PapermillExecutionError
+
+        try:
             run_notebook(sweep)
-    except (SweepError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        except PapermillExecutionError as err:  # the executed copy holds the traceback
+            cli.error(f"notebook {sweep.root / 'notebooks' / NOTEBOOK} failed: {err.ename}: {err.evalue}")
+            return cli.EXIT_FAILED
     return 0
