@@ -392,24 +392,11 @@ def samples_from_record(rec: dict[str, Any]) -> list[Sample]:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: regenerate the shipped responses, or print their statistics
 # ----------------------------------------------------------------------------------------------------------------
-def _regenerate(args: argparse.Namespace) -> None:
+def _regenerate_header(args: argparse.Namespace, dtype) -> dict[str, Any]:
+    """Header of a regenerated responses file: the generation settings, dtype, threads, torch and the command."""
     import torch
 
-    from rlhf_lib.core import runtime
-    from rlhf_lib.lm import models
-
-    runtime.set_threads(args.threads)
-    device = runtime.pick_device(args.device)
-    dtype = runtime.pick_dtype(args.dtype, device)
-    out = Path(args.out)
-    partial = out.with_name(out.name + ".partial.jsonl")
-    prompts = select_prompts(load_prompt_set(), "rm", args.n_prompts)
-    tokenizer = models.load_tokenizer(args.model)
-    model = models.load_causal_lm(args.model, tokenizer, device).eval()
-    texts = [
-        tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
-    header = {
+    return {
         "prompt_set": PROMPT_SET_VERSION,
         "model": args.model,
         "n_prompts": args.n_prompts,
@@ -423,8 +410,15 @@ def _regenerate(args: argparse.Namespace) -> None:
         "torch": torch.__version__,
         "command": "python -m rlhf_lib.data.annotator " + " ".join(sys.argv[1:]),
     }
-    # Resume: the partial file holds the header and one line per finished batch.
-    done: dict[int, list[Sample]] = {}
+
+
+def _resume_partial(partial: Path, header: dict[str, Any]) -> dict[int, list[list[Sample]]]:
+    """Batches already in the ``.partial`` file, by batch index, if it was written with the same settings.
+
+    The partial file holds the header and one line per finished batch. One written with other settings (threads and
+    command aside) is discarded; a new one is started with ``header``.
+    """
+    done: dict[int, list[list[Sample]]] = {}
     if partial.exists():
         with open(partial, encoding="utf-8") as f:
             lines = [json.loads(x) for x in f if x.strip()]
@@ -437,8 +431,11 @@ def _regenerate(args: argparse.Namespace) -> None:
             partial.unlink()
     if not partial.exists():
         partial.write_text(json.dumps(header) + "\n", encoding="utf-8")
-    t0 = time.time()
-    n_batches = math.ceil(len(texts) / args.batch_size)
+    return done
+
+
+def _partial_writer(partial: Path, t0: float, n_batches: int):
+    """on_batch callback of generate_responses: append the batch to the partial file, print its progress."""
 
     def on_batch(b: int, start: int, samples: list[list[Sample]]) -> None:
         with open(partial, "a", encoding="utf-8") as f:
@@ -446,6 +443,31 @@ def _regenerate(args: argparse.Namespace) -> None:
         fin = np.mean([s.finished for row in samples for s in row])
         print(f"[{time.time() - t0:7.1f}s] batch {b + 1}/{n_batches} done (EOS {fin:.2f})", flush=True)
 
+    return on_batch
+
+
+def _regenerate(args: argparse.Namespace) -> None:
+    """Sample the responses file again (resuming from its partial file), write it with its checksum, print stats."""
+    from rlhf_lib.core import runtime
+    from rlhf_lib.lm import models
+
+    # 1. device, prompts, policy model, and the prompts as the chat template renders them
+    runtime.set_threads(args.threads)
+    device = runtime.pick_device(args.device)
+    dtype = runtime.pick_dtype(args.dtype, device)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial.jsonl")
+    prompts = select_prompts(load_prompt_set(), "rm", args.n_prompts)
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_causal_lm(args.model, tokenizer, device).eval()
+    texts = [
+        tokenizer.apply_chat_template(prompt_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    # 2. resume the batches a previous run with the same settings finished
+    header = _regenerate_header(args, dtype)
+    done = _resume_partial(partial, header)
+    # 3. sample the remaining batches, each appended to the partial file as it finishes
+    t0 = time.time()
     samples = generate_responses(
         model,
         tokenizer,
@@ -458,10 +480,11 @@ def _regenerate(args: argparse.Namespace) -> None:
         device=device,
         dtype=dtype,
         done=done,
-        on_batch=on_batch,
+        on_batch=_partial_writer(partial, t0, math.ceil(len(texts) / args.batch_size)),
         progress=False,
     )
     header["generation_seconds_this_run"] = round(time.time() - t0, 1)
+    # 4. write the file and its checksum, drop the partial file, print the statistics
     records = [
         {"prompt_id": p["id"], "prompt_text": t, "responses": [s.__dict__ for s in row]}
         for p, t, row in zip(prompts, texts, samples)

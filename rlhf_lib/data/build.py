@@ -23,7 +23,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -142,141 +142,216 @@ class Built:
     info: dict[str, Any]
 
 
-def build_real(cfg: DataConfig, tokenizer) -> Built:
-    """Load, normalise, split by prompt and tokenise a real preference dataset."""
-    from tqdm.auto import tqdm
+class PromptSplit(NamedTuple):
+    """Distinct prompts of a real dataset, split by prompt (keys are the prompts' JSON)."""
 
+    eval_prompts: list[dict[str, Any]]  # prompt records for the evaluation stage
+    ppo_prompts: list[dict[str, Any]]  # prompt records for PPO
+    rm_keys: list[str]  # prompts whose pairs go to the reward model, in seeded order
+    prompt_only_keys: list[str]  # prompts used as eval/PPO prompts (their pairs are not used)
+
+
+def _load_examples(cfg: DataConfig) -> tuple[Any, str, list[Example], Counter]:
+    """Read the dataset, pick its format, normalise its rows to examples; (raw, format, examples, dropped)."""
     raw = load_raw(cfg.dataset, cfg.dataset_split, cfg.on_bad_row)
     fmt_name = detect_format(raw) if cfg.dataset_format == "auto" else cfg.dataset_format
     _say(f"loaded {len(raw.rows):,} rows from {raw.source}; format {fmt_name}")
     examples, dropped = normalise(raw, fmt_name, cfg.on_bad_row)
     if not examples:
         raise DataError(f"{raw.source}: no usable pairs left after filtering (dropped: {dict(dropped)})")
-    fmt = ChatFormatter(tokenizer)
+    return raw, fmt_name, examples, dropped
+
+
+def _group_by_prompt(examples: Sequence[Example]) -> tuple[dict[str, list[Example]], dict[str, list[dict]]]:
+    """Examples grouped by prompt (key: the prompt's JSON), and each key's messages (as its last example has them)."""
     groups: dict[str, list[Example]] = {}
     messages_of: dict[str, list[dict]] = {}
     for ex in examples:
         key = json.dumps(ex.prompt, sort_keys=True)
         groups.setdefault(key, []).append(ex)
         messages_of[key] = ex.prompt
-    # Split by prompt in a seeded order: evaluation prompts first, then PPO prompts, the rest make RM pairs. A prompt
-    # over max_prompt_length is never a PPO/eval prompt; it falls to the RM side, where its pairs are dropped (counted).
-    n_eval, n_ppo = prompt_split_sizes(len(groups), cfg.n_eval_prompts, cfg.n_ppo_prompts)
-    eval_prompts, ppo_prompts, rm_keys, prompt_only_keys = [], [], [], []
-    for key in seeded_order(list(groups), cfg.seed):
-        if len(eval_prompts) < n_eval or len(ppo_prompts) < n_ppo:
+    return groups, messages_of
+
+
+def _split_prompts(cfg: DataConfig, fmt: ChatFormatter, messages_of: dict[str, list[dict]]) -> PromptSplit:
+    """Split the distinct prompts in a seeded order: evaluation prompts first, then PPO prompts, the rest make RM pairs.
+
+    A prompt over max_prompt_length is never a PPO/eval prompt; it falls to the RM side, where its pairs are dropped
+    (counted).
+    """
+    n_eval, n_ppo = prompt_split_sizes(len(messages_of), cfg.n_eval_prompts, cfg.n_ppo_prompts)
+    split = PromptSplit([], [], [], [])
+    for key in seeded_order(list(messages_of), cfg.seed):
+        if len(split.eval_prompts) < n_eval or len(split.ppo_prompts) < n_ppo:
             rec = prompt_record(prompt_id(messages_of[key]), messages_of[key], fmt)
             if len(rec["prompt_ids"]) <= cfg.max_prompt_length:
-                (eval_prompts if len(eval_prompts) < n_eval else ppo_prompts).append(rec)
-                prompt_only_keys.append(key)
+                (split.eval_prompts if len(split.eval_prompts) < n_eval else split.ppo_prompts).append(rec)
+                split.prompt_only_keys.append(key)
                 continue
-        rm_keys.append(key)
+        split.rm_keys.append(key)
+    return split
 
+
+def _fit_pair(cfg: DataConfig, fmt: ChatFormatter, sides: Sequence[tuple[list[int], str]]) -> list[tuple] | None:
+    """Both responses of a pair fitted to max_response_length, [(ids, text, was_cut)] * 2; None if one is too long."""
+    fitted = [fit_response(fmt, ids, text, cfg.max_response_length, cfg.truncate_responses) for ids, text in sides]
+    return None if any(f is None for f in fitted) else fitted
+
+
+def _rm_rows(rm_keys: Sequence[str], groups: dict[str, list[Example]]) -> Iterator[tuple[str, int, Example]]:
+    """(key, index within its prompt, example) of every RM-side row, prompt by prompt in the split's order."""
+    from tqdm.auto import tqdm
+
+    for key in tqdm(rm_keys, desc="tokenising pairs", disable=len(rm_keys) < 2000):
+        for j, ex in enumerate(groups[key]):
+            yield key, j, ex
+
+
+def _real_pairs(
+    cfg: DataConfig,
+    fmt: ChatFormatter,
+    split: PromptSplit,
+    groups: dict[str, list[Example]],
+    messages_of: dict[str, list[dict]],
+    dropped: Counter,
+) -> tuple[dict[str, list[dict]], Counter, int]:
+    """Tokenise the RM-side rows into pair records, up to max_pairs; (pairs by prompt key, truncated, rows unused).
+
+    Rows are taken in order until max_pairs pairs are kept; every row after that is unused (not tokenised, not
+    counted as dropped). Drops are counted in ``dropped`` by reason.
+    """
     truncated: Counter = Counter()
     pairs_by_key: dict[str, list[dict]] = {}
-    n_pairs = 0
-    rows_unused = sum(len(groups[k]) for k in prompt_only_keys)
-    for key in tqdm(rm_keys, desc="tokenising pairs", disable=len(rm_keys) < 2000):
+    prompts: dict[str, dict] = {}  # prompt record of each RM key, tokenised at its first row
+    n_pairs, rows_unused = 0, 0
+    for key, j, ex in _rm_rows(split.rm_keys, groups):
+        # The one max_pairs check: once the cap is reached, every remaining row is unused.
         if cfg.max_pairs and n_pairs >= cfg.max_pairs:
-            rows_unused += len(groups[key])
+            rows_unused += 1
             continue
-        prompt = prompt_record(prompt_id(messages_of[key]), messages_of[key], fmt)
+        if key not in prompts:
+            prompts[key] = prompt_record(prompt_id(messages_of[key]), messages_of[key], fmt)
+        prompt = prompts[key]
         if len(prompt["prompt_ids"]) > cfg.max_prompt_length:
-            dropped["prompt_too_long"] += len(groups[key])
+            dropped["prompt_too_long"] += 1
             continue
-        for j, ex in enumerate(groups[key]):
-            if cfg.max_pairs and n_pairs >= cfg.max_pairs:
-                rows_unused += 1
-                continue
-            sides = []
-            for side, text in (("chosen", ex.chosen), ("rejected", ex.rejected)):
-                ids = fmt.response_ids(text, cfg.max_response_length)
-                fitted = fit_response(fmt, ids, text, cfg.max_response_length, cfg.truncate_responses)
-                sides.append(fitted)
-            if any(s is None for s in sides):
-                dropped["response_too_long"] += 1
-                continue
-            (c_ids, c_txt, c_cut), (r_ids, r_txt, r_cut) = sides
-            if c_ids == r_ids:
-                dropped["identical_after_truncation"] += 1
-                continue
-            truncated.update({"chosen": int(c_cut), "rejected": int(r_cut)})
-            rec = pair_record(
-                f"{prompt['id']}-{j}", prompt, (c_ids, c_txt), (r_ids, r_txt), ex.score_chosen, ex.score_rejected
-            )
-            pairs_by_key.setdefault(key, []).append(rec)
-            n_pairs += 1
-    held_out = split_eval_prompts(list(pairs_by_key), cfg.eval_fraction, cfg.seed)
+        sides = [(fmt.response_ids(text, cfg.max_response_length), text) for text in (ex.chosen, ex.rejected)]
+        fitted = _fit_pair(cfg, fmt, sides)
+        if fitted is None:
+            dropped["response_too_long"] += 1
+            continue
+        (c_ids, c_txt, c_cut), (r_ids, r_txt, r_cut) = fitted
+        if c_ids == r_ids:
+            dropped["identical_after_truncation"] += 1
+            continue
+        truncated.update({"chosen": int(c_cut), "rejected": int(r_cut)})
+        rec = pair_record(
+            f"{prompt['id']}-{j}", prompt, (c_ids, c_txt), (r_ids, r_txt), ex.score_chosen, ex.score_rejected
+        )
+        pairs_by_key.setdefault(key, []).append(rec)
+        n_pairs += 1
+    return pairs_by_key, truncated, rows_unused
+
+
+def _split_real_pairs(
+    rm_keys: Sequence[str], pairs_by_key: dict[str, list[dict]], eval_fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """(train, eval) pairs: the pairs of a seeded share of the prompts are held out, in the RM prompts' order."""
+    held_out = split_eval_prompts(list(pairs_by_key), eval_fraction, seed)
     train = [p for k in rm_keys if k in pairs_by_key and k not in held_out for p in pairs_by_key[k]]
     evals = [p for k in rm_keys if k in pairs_by_key and k in held_out for p in pairs_by_key[k]]
-    # Too few distinct prompts for disjoint PPO prompts: top up from RM *train* prompts, and say so.
+    return train, evals
+
+
+def _top_up_ppo_prompts(ppo_prompts: list[dict], train: Sequence[dict], n_wanted: int) -> tuple[list[dict], int]:
+    """PPO prompts topped up to ``n_wanted`` from RM *train* prompts (in pair order); (prompts, how many added)."""
+    ppo_prompts = list(ppo_prompts)
+    if len(ppo_prompts) >= n_wanted:
+        return ppo_prompts, 0
+    seen = {p["id"] for p in ppo_prompts}
     shared = 0
-    if len(ppo_prompts) < cfg.n_ppo_prompts:
-        seen = {p["id"] for p in ppo_prompts}
-        for p in train:
-            if len(ppo_prompts) >= cfg.n_ppo_prompts:
-                break
-            if p["prompt_id"] not in seen:
-                seen.add(p["prompt_id"])
-                ppo_prompts.append(
-                    {
-                        "id": p["prompt_id"],
-                        "prompt": p["prompt"],
-                        "prompt_text": p["prompt_text"],
-                        "prompt_ids": p["prompt_ids"],
-                    }
-                )
-                shared += 1
+    for p in train:
+        if len(ppo_prompts) >= n_wanted:
+            break
+        if p["prompt_id"] not in seen:
+            seen.add(p["prompt_id"])
+            ppo_prompts.append(
+                {
+                    "id": p["prompt_id"],
+                    "prompt": p["prompt"],
+                    "prompt_text": p["prompt_text"],
+                    "prompt_ids": p["prompt_ids"],
+                }
+            )
+            shared += 1
+    return ppo_prompts, shared
+
+
+def build_real(cfg: DataConfig, tokenizer) -> Built:
+    """Load, normalise, split by prompt and tokenise a real preference dataset."""
+    # 1. rows -> examples (malformed rows and empty/identical responses counted in `dropped`)
+    raw, fmt_name, examples, dropped = _load_examples(cfg)
+    fmt = ChatFormatter(tokenizer)
+    # 2. group by prompt, and split the prompts: eval, PPO, RM
+    groups, messages_of = _group_by_prompt(examples)
+    split = _split_prompts(cfg, fmt, messages_of)
+    # 3. RM-side rows -> tokenised pairs (up to max_pairs), then their prompts split into RM train / RM eval
+    pairs_by_key, truncated, rm_rows_unused = _real_pairs(cfg, fmt, split, groups, messages_of, dropped)
+    train, evals = _split_real_pairs(split.rm_keys, pairs_by_key, cfg.eval_fraction, cfg.seed)
+    # 4. too few distinct prompts for disjoint PPO prompts: top up from RM train prompts, and say so
+    ppo_prompts, shared = _top_up_ppo_prompts(split.ppo_prompts, train, cfg.n_ppo_prompts)
     info = {
         "source": raw.source,
         "format": fmt_name,
         "rows": len(raw.rows),
         "distinct_prompts": len(groups),
-        "rows_not_used_for_pairs": rows_unused,
+        "rows_not_used_for_pairs": sum(len(groups[k]) for k in split.prompt_only_keys) + rm_rows_unused,
         "ppo_prompts_shared_with_rm_train": shared,
     }
     if shared:
         _say(f"note: only {len(groups)} distinct prompts; {shared} PPO prompts are also RM training prompts")
-    return Built(train, evals, ppo_prompts, eval_prompts, dropped, +truncated, Counter(), info)
+    return Built(train, evals, ppo_prompts, split.eval_prompts, dropped, +truncated, Counter(), info)
 
 
-def _simulated_samples(
-    cfg: DataConfig, tokenizer, fmt: ChatFormatter, prompts: list[dict]
+def _shipped_samples(
+    cfg: DataConfig, prompts: list[dict], texts: list[str]
 ) -> tuple[list[list[annotator.Sample]], dict[str, Any]]:
-    """Responses for the RM prompts: from the shipped file, or sampled now with the policy model."""
-    texts = [fmt.prompt_text(annotator.prompt_messages(p)) for p in prompts]
-    if cfg.use_shipped_responses:
-        path = annotator.SHIPPED_RESPONSES_PATH
-        header, records = annotator.load_responses_file(path)
-        wanted = {
-            "prompt_set": annotator.PROMPT_SET_VERSION,
-            "model": cfg.model,
-            "max_new_tokens": cfg.generation_max_new_tokens,
-            "temperature": cfg.generation_temperature,
-            "samples_per_prompt": cfg.samples_per_prompt,
-        }
-        annotator.check_shipped_compatible(header, wanted, path)
-        out = []
-        for p, text in zip(prompts, texts):
-            rec = records.get(p["id"])
-            if rec is None:
-                raise DataError(
-                    f"{path.name} has no responses for prompt {p['id']} (it covers {len(records)} prompts); "
-                    "lower n_rm_prompts or regenerate"
-                )
-            if rec["prompt_text"] != text:
-                raise DataError(
-                    f"{path.name}: prompt {p['id']} was rendered differently when generated "
-                    "(tokenizer/chat template changed?); regenerate the file"
-                )
-            out.append(annotator.samples_from_record(rec)[: cfg.samples_per_prompt])
-        _say(f"read {len(out) * cfg.samples_per_prompt:,} shipped responses ({path.name}, sha256 verified)")
-        return out, {
-            "responses": "shipped",
-            "responses_file": path.name,
-            "responses_sha256": annotator.sha256_file(path),
-            "generation_header": header,
-        }
+    """Responses for the RM prompts read from the shipped file (checked against the config and the prompt texts)."""
+    path = annotator.SHIPPED_RESPONSES_PATH
+    header, records = annotator.load_responses_file(path)
+    wanted = {
+        "prompt_set": annotator.PROMPT_SET_VERSION,
+        "model": cfg.model,
+        "max_new_tokens": cfg.generation_max_new_tokens,
+        "temperature": cfg.generation_temperature,
+        "samples_per_prompt": cfg.samples_per_prompt,
+    }
+    annotator.check_shipped_compatible(header, wanted, path)
+    out = []
+    for p, text in zip(prompts, texts):
+        rec = records.get(p["id"])
+        if rec is None:
+            raise DataError(
+                f"{path.name} has no responses for prompt {p['id']} (it covers {len(records)} prompts); "
+                "lower n_rm_prompts or regenerate"
+            )
+        if rec["prompt_text"] != text:
+            raise DataError(
+                f"{path.name}: prompt {p['id']} was rendered differently when generated "
+                "(tokenizer/chat template changed?); regenerate the file"
+            )
+        out.append(annotator.samples_from_record(rec)[: cfg.samples_per_prompt])
+    _say(f"read {len(out) * cfg.samples_per_prompt:,} shipped responses ({path.name}, sha256 verified)")
+    return out, {
+        "responses": "shipped",
+        "responses_file": path.name,
+        "responses_sha256": annotator.sha256_file(path),
+        "generation_header": header,
+    }
+
+
+def _sampled_samples(cfg: DataConfig, tokenizer, texts: list[str]) -> tuple[list[list[annotator.Sample]], dict]:
+    """Responses for the RM prompts sampled now with the policy model (seeded per batch)."""
     import time
 
     from rlhf_lib.core import runtime
@@ -310,39 +385,64 @@ def _simulated_samples(
     }
 
 
-def build_simulated(cfg: DataConfig, tokenizer) -> Built:
-    """Prompt set -> responses -> gold scores -> Bradley–Terry labels -> pairs split by prompt."""
-    fmt = ChatFormatter(tokenizer)
-    prompt_set = annotator.load_prompt_set()
-    rm_prompts = annotator.select_prompts(prompt_set, "rm", cfg.n_rm_prompts)
-    prompts_dropped: Counter = Counter()
+def _simulated_samples(
+    cfg: DataConfig, tokenizer, fmt: ChatFormatter, prompts: list[dict]
+) -> tuple[list[list[annotator.Sample]], dict[str, Any]]:
+    """Responses for the RM prompts: from the shipped file, or sampled now with the policy model."""
+    texts = [fmt.prompt_text(annotator.prompt_messages(p)) for p in prompts]
+    if cfg.use_shipped_responses:
+        return _shipped_samples(cfg, prompts, texts)
+    return _sampled_samples(cfg, tokenizer, texts)
 
-    def prompt_recs(split: str, n: int) -> list[dict]:
-        recs = []
-        for p in annotator.select_prompts(prompt_set, split, n):
-            rec = prompt_record(p["id"], annotator.prompt_messages(p), fmt)
-            if len(rec["prompt_ids"]) > cfg.max_prompt_length:
-                prompts_dropped["prompt_too_long"] += 1
-                continue
-            recs.append(rec)
-        return recs
 
-    ppo_prompts, eval_prompts = prompt_recs("ppo", cfg.n_ppo_prompts), prompt_recs("eval", cfg.n_eval_prompts)
-    samples, info = _simulated_samples(cfg, tokenizer, fmt, rm_prompts)
+class Response(NamedTuple):
+    """A response fitted to max_response_length: its token ids and text."""
 
-    dropped, truncated = Counter(), Counter()
-    candidates = []  # (prompt record, pair index, sample a, sample b)
+    ids: list[int]
+    text: str
+
+
+class Candidate(NamedTuple):
+    """A pair of two samples of one prompt, before the annotator orders it."""
+
+    prompt: dict[str, Any]  # prompt record
+    index: int  # pair index within the prompt (samples 2*index and 2*index + 1)
+    a: Response
+    b: Response
+
+
+def _simulated_prompt_records(
+    cfg: DataConfig, fmt: ChatFormatter, prompt_set: list[dict], split: str, n: int, prompts_dropped: Counter
+) -> list[dict]:
+    """Prompt records of the first ``n`` prompts of a split; those over max_prompt_length are skipped (counted)."""
+    recs = []
+    for p in annotator.select_prompts(prompt_set, split, n):
+        rec = prompt_record(p["id"], annotator.prompt_messages(p), fmt)
+        if len(rec["prompt_ids"]) > cfg.max_prompt_length:
+            prompts_dropped["prompt_too_long"] += 1
+            continue
+        recs.append(rec)
+    return recs
+
+
+def _simulated_candidates(
+    cfg: DataConfig,
+    fmt: ChatFormatter,
+    rm_prompts: list[dict],
+    samples: list[list[annotator.Sample]],
+    dropped: Counter,
+    truncated: Counter,
+) -> list[Candidate]:
+    """Samples (0,1), (2,3), ... of each RM prompt as candidate pairs, fitted to the limits, up to max_pairs."""
+    candidates: list[Candidate] = []
     for p, row in zip(rm_prompts, samples):
         prompt = prompt_record(p["id"], annotator.prompt_messages(p), fmt)
         if len(prompt["prompt_ids"]) > cfg.max_prompt_length:
             dropped["prompt_too_long"] += len(row) // 2
             continue
         for k in range(0, len(row) - 1, 2):
-            fitted = [
-                fit_response(fmt, s.ids, s.text, cfg.max_response_length, cfg.truncate_responses)
-                for s in row[k : k + 2]
-            ]
-            if any(f is None for f in fitted):
+            fitted = _fit_pair(cfg, fmt, [(s.ids, s.text) for s in row[k : k + 2]])
+            if fitted is None:
                 dropped["response_too_long"] += 1
                 continue
             (a_ids, a_txt, a_cut), (b_ids, b_txt, b_cut) = fitted
@@ -350,22 +450,47 @@ def build_simulated(cfg: DataConfig, tokenizer) -> Built:
                 dropped["identical_responses"] += 1
                 continue
             truncated.update({"responses": int(a_cut) + int(b_cut)})
-            candidates.append((prompt, k // 2, (a_ids, a_txt), (b_ids, b_txt)))
+            candidates.append(Candidate(prompt, k // 2, Response(a_ids, a_txt), Response(b_ids, b_txt)))
+            # The one max_pairs check: stop at the cap (later prompts are neither read nor counted).
             if cfg.max_pairs and len(candidates) >= cfg.max_pairs:
-                break
-        if cfg.max_pairs and len(candidates) >= cfg.max_pairs:
-            break
-    gold = annotator.gold_scores([t for c in candidates for t in (c[2][1], c[3][1])])
-    gold_a, gold_b = np.array(gold[0::2]), np.array(gold[1::2])
-    first = annotator.bt_labels(gold_a, gold_b, cfg.annotator_beta, cfg.seed)
-    held_out = split_eval_prompts([c[0]["id"] for c in candidates], cfg.eval_fraction, cfg.seed)
+                return candidates
+    return candidates
+
+
+def _labelled_pairs(
+    candidates: Sequence[Candidate], gold_a: np.ndarray, gold_b: np.ndarray, a_first: np.ndarray, held_out: set[str]
+) -> tuple[list[dict], list[dict]]:
+    """(train, eval) pair records: each candidate ordered by its annotator label, held-out prompts' pairs to eval."""
     train, evals = [], []
-    for (prompt, k, a, b), ga, gb, a_first in zip(candidates, gold_a, gold_b, first):
-        chosen, rejected, gc, gr = (a, b, ga, gb) if a_first else (b, a, gb, ga)
+    for c, ga, gb, first in zip(candidates, gold_a, gold_b, a_first):
+        chosen, rejected, gc, gr = (c.a, c.b, ga, gb) if first else (c.b, c.a, gb, ga)
         rec = pair_record(
-            f"{prompt['id']}-{k}", prompt, chosen, rejected, gold_chosen=float(gc), gold_rejected=float(gr)
+            f"{c.prompt['id']}-{c.index}", c.prompt, chosen, rejected, gold_chosen=float(gc), gold_rejected=float(gr)
         )
-        (evals if prompt["id"] in held_out else train).append(rec)
+        (evals if c.prompt["id"] in held_out else train).append(rec)
+    return train, evals
+
+
+def build_simulated(cfg: DataConfig, tokenizer) -> Built:
+    """Prompt set -> responses -> gold scores -> Bradley–Terry labels -> pairs split by prompt."""
+    fmt = ChatFormatter(tokenizer)
+    prompt_set = annotator.load_prompt_set()
+    rm_prompts = annotator.select_prompts(prompt_set, "rm", cfg.n_rm_prompts)
+    # 1. PPO and evaluation prompts (their own splits of the prompt set), then responses for the RM prompts
+    prompts_dropped: Counter = Counter()
+    ppo_prompts = _simulated_prompt_records(cfg, fmt, prompt_set, "ppo", cfg.n_ppo_prompts, prompts_dropped)
+    eval_prompts = _simulated_prompt_records(cfg, fmt, prompt_set, "eval", cfg.n_eval_prompts, prompts_dropped)
+    samples, info = _simulated_samples(cfg, tokenizer, fmt, rm_prompts)
+    # 2. candidate pairs within the length limits
+    dropped, truncated = Counter(), Counter()
+    candidates = _simulated_candidates(cfg, fmt, rm_prompts, samples, dropped, truncated)
+    # 3. hidden gold score of each response, Bradley–Terry label of each pair (True: a is chosen)
+    gold = annotator.gold_scores([t for c in candidates for t in (c.a.text, c.b.text)])
+    gold_a, gold_b = np.array(gold[0::2]), np.array(gold[1::2])
+    a_first = annotator.bt_labels(gold_a, gold_b, cfg.annotator_beta, cfg.seed)
+    # 4. labelled pairs, split by prompt into RM train / RM eval
+    held_out = split_eval_prompts([c.prompt["id"] for c in candidates], cfg.eval_fraction, cfg.seed)
+    train, evals = _labelled_pairs(candidates, gold_a, gold_b, a_first, held_out)
     finished = [s.finished for row in samples for s in row]
     info.update(
         {
@@ -487,13 +612,8 @@ def _length_stats(values: Sequence[int]) -> dict[str, float]:
     }
 
 
-def prepare_data(cfg: DataConfig, run) -> DataReport:
-    """Build and write the stage's four jsonl files and report.json; return what a notebook shows."""
-    from rlhf_lib.lm import models
-
-    tokenizer = models.load_tokenizer(cfg.model)
-    simulated = cfg.dataset == "simulated"
-    built = build_simulated(cfg, tokenizer) if simulated else build_real(cfg, tokenizer)
+def _check_built(cfg: DataConfig, built: Built) -> None:
+    """Refuse a build with no training pairs, or no PPO / evaluation prompts where some were asked for."""
     where = built.info.get("source", cfg.dataset)
     if not built.train:
         raise DataError(
@@ -507,9 +627,11 @@ def prepare_data(cfg: DataConfig, run) -> DataReport:
             f"{where}: no evaluation prompts left (the dataset has too few distinct prompts or they are too long: "
             f"{dict(built.prompts_dropped)})"
         )
-    held = pair_metrics(built.eval, simulated)
-    every = pair_metrics(built.train + built.eval, simulated)
-    summary = {
+
+
+def _summary(built: Built, held: dict[str, float | None]) -> dict[str, Any]:
+    """The stage's summary.json numbers (``held``: the metrics of the RM eval pairs)."""
+    return {
         "n_train_pairs": len(built.train),
         "n_eval_pairs": len(built.eval),
         "n_ppo_prompts": len(built.ppo_prompts),
@@ -518,10 +640,19 @@ def prepare_data(cfg: DataConfig, run) -> DataReport:
         "label_gold_agreement": held["label_gold_agreement"],
         "length_baseline_accuracy": held["length_baseline_accuracy"],
     }
+
+
+def _report(
+    cfg: DataConfig, tokenizer, built: Built, summary: dict[str, Any], held: dict, every: dict
+) -> dict[str, Any]:
+    """report.json: source, tokenizer and template, counts, drop/truncation reasons, limits, metrics, lengths."""
+    from rlhf_lib.lm import models
+
+    simulated = cfg.dataset == "simulated"
     all_pairs = built.train + built.eval
     fmt = ChatFormatter(tokenizer)
     responses = [p[k] for p in all_pairs for k in ("chosen_ids", "rejected_ids")]
-    report = {
+    return {
         "dataset": cfg.dataset,
         "dataset_split": None if simulated else cfg.dataset_split,
         **built.info,
@@ -553,10 +684,33 @@ def prepare_data(cfg: DataConfig, run) -> DataReport:
         "response_tokens": _length_stats([len(r) for r in responses]),
         "overlap": _overlap(built),
     }
+
+
+def _write_outputs(run, built: Built, report: dict[str, Any]) -> Path:
+    """The four jsonl files and report.json in the run's data folder; returns the folder."""
     data_dir = Path(run.data_dir)
     for name, rows in zip(OUTPUT_FILES, (built.train, built.eval, built.ppo_prompts, built.eval_prompts)):
         io.write_jsonl(data_dir / name, rows)
     io.write_json_atomic(data_dir / "report.json", report)
+    return data_dir
+
+
+def prepare_data(cfg: DataConfig, run) -> DataReport:
+    """Build and write the stage's four jsonl files and report.json; return what a notebook shows."""
+    from rlhf_lib.lm import models
+
+    # 1. build the pairs and prompts in memory, refuse an unusable result before writing anything
+    tokenizer = models.load_tokenizer(cfg.model)
+    simulated = cfg.dataset == "simulated"
+    built = build_simulated(cfg, tokenizer) if simulated else build_real(cfg, tokenizer)
+    _check_built(cfg, built)
+    # 2. metrics of the RM eval pairs (the summary's) and of all pairs, the summary and the report
+    held = pair_metrics(built.eval, simulated)
+    every = pair_metrics(built.train + built.eval, simulated)
+    summary = _summary(built, held)
+    report = _report(cfg, tokenizer, built, summary, held, every)
+    # 3. write, say what was written
+    data_dir = _write_outputs(run, built, report)
     _say(
         f"wrote {summary['n_train_pairs']} train / {summary['n_eval_pairs']} eval pairs, "
         f"{summary['n_ppo_prompts']} PPO / "
