@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -203,66 +201,6 @@ def _failure_line(message: str, target: Run) -> str:
     return line
 
 
-class _Kernels:
-    """The stage kernel's pid and the signal that asked this process to stop, for :func:`_forward_interrupts`."""
-
-    pid: int | None = None
-    signum: int | None = None
-
-
-def _kernel_manager_class():
-    """nbclient's kernel manager, remembering the kernel's pid (it runs in its own session: Ctrl-C misses it)."""
-    from jupyter_client.manager import AsyncKernelManager
-
-    class StageKernelManager(AsyncKernelManager):
-        async def _async_post_start_kernel(self, **kw: Any) -> None:
-            await super()._async_post_start_kernel(**kw)
-            _Kernels.pid = getattr(self.provisioner, "pid", None)
-
-    return StageKernelManager
-
-
-@contextlib.contextmanager
-def _forward_interrupts() -> Iterator[None]:
-    """SIGINT / SIGTERM while a stage notebook runs interrupt its kernel, as Jupyter's interrupt button does.
-
-    The running cell then raises KeyboardInterrupt, the kernel records the stage as interrupted and papermill
-    returns normally, so the kernel's sockets are closed in order (killing the client mid-call is what prints
-    ZMQ tracebacks). The interrupt is re-sent until the notebook returns (a kernel between cells ignores it); a
-    second signal stops at once.
-    """
-    stop = threading.Event()
-
-    def handler(signum: int, frame) -> None:
-        if _Kernels.signum is not None or _Kernels.pid is None:
-            raise cli.Interrupted(signum)
-        _Kernels.signum = signum
-        threading.Thread(target=resend, daemon=True).start()
-
-    def resend() -> None:
-        while not stop.is_set() and _Kernels.pid is not None:
-            with contextlib.suppress(OSError):
-                os.kill(_Kernels.pid, signal.SIGINT)
-            stop.wait(2.0)
-
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    _Kernels.pid = _Kernels.signum = None
-    for s in old:
-        signal.signal(s, handler)
-    try:
-        yield
-    except Exception as err:  # the cell raised KeyboardInterrupt (papermill reports it as a failed cell)
-        if _Kernels.signum is not None:
-            raise cli.Interrupted(_Kernels.signum) from err
-        raise
-    finally:
-        stop.set()
-        for s, h in old.items():
-            signal.signal(s, h)
-    if _Kernels.signum is not None:  # the notebook returned (or failed on the interrupt): stop as asked
-        raise cli.Interrupted(_Kernels.signum)
-
-
 def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_name: str) -> None:
     """Execute one stage notebook into a temp file; keep it as the run's copy only when the stage finished."""
     import papermill
@@ -275,7 +213,7 @@ def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_na
     print(f"[pipeline] {stage}: running notebooks/{notebook} -> {final}", flush=True)
     start = time.time()
     try:
-        with _forward_interrupts():
+        with cli.forward_interrupts():
             _execute(papermill, notebook, tmp, parameters, kernel_name)
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) and target.stage_status(stage) == "done" and tmp.exists():
@@ -304,8 +242,7 @@ def _execute(papermill, notebook: str, out: Path, parameters: dict[str, Any], ke
     papermill.execute_notebook(
         str(root / "notebooks" / notebook),
         str(out),
-        kernel_manager_class=_kernel_manager_class(),
-        extra_arguments=["--IPKernelApp.log_level=CRITICAL"],  # not the kernel's own transport notices
+        **cli.kernel_options(),
         parameters=parameters,
         kernel_name=kernel_name,
         cwd=str(root / "notebooks"),

@@ -804,25 +804,10 @@ def _execute_notebook(params: str, profile: Profile, out_root: Path, kernel_name
     from papermill.exceptions import PapermillExecutionError
 
     (out_root / "notebooks").mkdir(parents=True, exist_ok=True)
-    root = repo_root()
     executed = out_root / "notebooks" / NOTEBOOK
     try:
-        papermill.execute_notebook(
-            str(root / "notebooks" / NOTEBOOK),
-            str(executed),
-            parameters={
-                "params": str(Path(params).resolve()),
-                "base_run": profile.compare.base_run,
-                "run": profile.compare.run,
-                "outputs_dir": str(outputs_root(profile.compare)),
-                "threads": profile.compare.threads,
-            },
-            kernel_name=kernel_name,
-            cwd=str(root / "notebooks"),
-            stdout_file=sys.stdout,
-            stderr_file=sys.stderr,
-            progress_bar=False,
-        )
+        with cli.forward_interrupts():  # Ctrl-C / SIGTERM interrupt the kernel's cell, then stop here
+            _papermill(papermill, params, profile, executed, kernel_name)
     except PapermillExecutionError as err:
         message = first_line(str(err.evalue)) or err.ename
         if err.ename in REFUSALS:
@@ -832,6 +817,28 @@ def _execute_notebook(params: str, profile: Profile, out_root: Path, kernel_name
         raise CompareFailed(
             f"comparison failed: {err.ename}: {message} (executed notebook with the traceback: {executed})"
         ) from None
+
+
+def _papermill(papermill, params: str, profile: Profile, executed: Path, kernel_name: str) -> None:
+    """papermill on the comparison notebook, its output live on this console, its kernel's pid kept for interrupts."""
+    root = repo_root()
+    papermill.execute_notebook(
+        str(root / "notebooks" / NOTEBOOK),
+        str(executed),
+        parameters={
+            "params": str(Path(params).resolve()),
+            "base_run": profile.compare.base_run,
+            "run": profile.compare.run,
+            "outputs_dir": str(outputs_root(profile.compare)),
+            "threads": profile.compare.threads,
+        },
+        kernel_name=kernel_name,
+        cwd=str(root / "notebooks"),
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
+        progress_bar=False,
+        **cli.kernel_options(),
+    )
 
 
 def report_failures(out: Path) -> int:

@@ -18,8 +18,9 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 EXIT_FAILED, EXIT_ERROR = 1, 2
 
@@ -111,3 +112,72 @@ def check_writable(folder: str | Path, what: str = "common.outputs_dir") -> Path
             raise OutputsError(os_error_line(err, folder)) from err
         raise OutputsError(f"{what} {folder} is not writable ({err.strerror or err}); {fix}") from err
     return folder
+
+
+# -- notebooks run by papermill: interrupts reach the kernel ------------------------------------------------------
+
+
+class _Kernels:
+    """The stage kernel's pid and the signal that asked this process to stop, for :func:`_forward_interrupts`."""
+
+    pid: int | None = None
+    signum: int | None = None
+
+
+def _kernel_manager_class():
+    """nbclient's kernel manager, remembering the kernel's pid (it runs in its own session: Ctrl-C misses it)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class StageKernelManager(AsyncKernelManager):
+        async def _async_post_start_kernel(self, **kw: Any) -> None:
+            await super()._async_post_start_kernel(**kw)
+            _Kernels.pid = getattr(self.provisioner, "pid", None)
+
+    return StageKernelManager
+
+
+@contextlib.contextmanager
+def forward_interrupts() -> Iterator[None]:
+    """SIGINT / SIGTERM while a stage notebook runs interrupt its kernel, as Jupyter's interrupt button does.
+
+    The running cell then raises KeyboardInterrupt, the kernel records the stage as interrupted and papermill
+    returns normally, so the kernel's sockets are closed in order (killing the client mid-call is what prints
+    ZMQ tracebacks). The interrupt is re-sent until the notebook returns (a kernel between cells ignores it); a
+    second signal stops at once.
+    """
+    stop = threading.Event()
+
+    def handler(signum: int, frame) -> None:
+        if _Kernels.signum is not None or _Kernels.pid is None:
+            raise Interrupted(signum)
+        _Kernels.signum = signum
+        threading.Thread(target=resend, daemon=True).start()
+
+    def resend() -> None:
+        while not stop.is_set() and _Kernels.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(_Kernels.pid, signal.SIGINT)
+            stop.wait(2.0)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _Kernels.pid = _Kernels.signum = None
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    except Exception as err:  # the cell raised KeyboardInterrupt (papermill reports it as a failed cell)
+        if _Kernels.signum is not None:
+            raise Interrupted(_Kernels.signum) from err
+        raise
+    finally:
+        stop.set()
+        for s, h in old.items():
+            signal.signal(s, h)
+    if _Kernels.signum is not None:  # the notebook returned (or failed on the interrupt): stop as asked
+        raise Interrupted(_Kernels.signum)
+
+
+def kernel_options() -> dict[str, Any]:
+    """``papermill.execute_notebook`` options for :func:`forward_interrupts`: the kernel manager that keeps the
+    kernel's pid, and the kernel's own log kept to critical messages (not its transport notices)."""
+    return {"kernel_manager_class": _kernel_manager_class(), "extra_arguments": ["--IPKernelApp.log_level=CRITICAL"]}
