@@ -62,8 +62,8 @@ from rlhf_lib.evaluate import sampling as eval_sampling
 from rlhf_lib.evaluate import stage as evaluate
 from rlhf_lib.evaluate import stats as eval_stats
 from rlhf_lib.evaluate.stage import EvalConfig
-from rlhf_lib.lm import models
 from rlhf_lib.ppo import checkpoints
+from rlhf_lib.ppo import metrics as ppo_metrics
 
 NOTEBOOK = "06_compare_methods.ipynb"
 SECTIONS = {
@@ -220,21 +220,28 @@ class Context:
 
 
 def make_context(ev: EvalConfig, base: Run, rm_scorer=None, gold_scorer=None) -> Context:
-    """Held-out prompts, sampling settings (PPO's response length and temperature unless set), the reference and
-    its samples at the evaluation seed, and the scorers (the base run's reward model and gold by default)."""
-    settings = evaluate.generation_settings(ev, base)
-    rows = evaluate.load_eval_prompts(base, ev.n_eval_prompts)
-    tokenizer = models.load_tokenizer(ev.model)
-    reference = models.load_causal_lm(ev.model, tokenizer, settings.device).eval()
-    rm_scorer = rm_scorer or eval_sampling.reward_model_scorer(
-        base.upstream("reward_model").reward_model_dir, settings, tokenizer
+    """The evaluation stage's context (:func:`rlhf_lib.evaluate.stage.eval_context`: held-out prompts, sampling
+    settings, reference, scorers) plus the reference's samples at the evaluation seed and their scores."""
+    shared = evaluate.eval_context(ev, base, rm_scorer, gold_scorer)
+    ref = eval_sampling.sample_policy(
+        shared.reference, shared.tokenizer, shared.prompts, shared.settings, desc="reference"
     )
-    gold_scorer = gold_scorer if gold_scorer is not None else evaluate.default_gold_scorer(base)
-    ref = eval_sampling.sample_policy(reference, tokenizer, [r["prompt_ids"] for r in rows], settings, desc="reference")
-    rm, gold = eval_sampling.score_samples(ref, rm_scorer, gold_scorer)
-    judge = evaluate.judge_name(ev, gold_scorer is not None)
-    key = eval_key(ev, base, settings, judge, rm_scorer, gold_scorer)
-    return Context(settings, tokenizer, rows, reference, ref, rm, gold, rm_scorer, gold_scorer, judge, ev, key)
+    rm, gold = eval_sampling.score_samples(ref, shared.rm_scorer, shared.gold_scorer)
+    key = eval_key(ev, base, shared.settings, shared.judge, shared.rm_scorer, shared.gold_scorer)
+    return Context(
+        shared.settings,
+        shared.tokenizer,
+        shared.rows,
+        shared.reference,
+        ref,
+        rm,
+        gold,
+        shared.rm_scorer,
+        shared.gold_scorer,
+        shared.judge,
+        ev,
+        key,
+    )
 
 
 def folder_fingerprint(path: Path) -> str:
@@ -433,31 +440,24 @@ def _collect(entries: list[dict[str, Any]], texts: dict, got) -> None:
 
 
 def ppo_points(run: Run, max_checkpoints: int) -> list[tuple[str, int | None, Path]]:
-    """(setting, update, folder) of a PPO run: evenly spaced checkpoints, then the final policy."""
-    last = evaluate.final_update(run)
-    chosen = evaluate.select_evenly(checkpoints.list_checkpoints(run.checkpoints_dir), max_checkpoints)
-    points = [
-        (f"update {checkpoints.checkpoint_update(p)}", checkpoints.checkpoint_update(p), p)
-        for p in chosen
-        if last is None or checkpoints.checkpoint_update(p) != last
-    ]
+    """(setting, update, folder) of a PPO run: the evaluation stage's evenly spaced checkpoints
+    (:func:`rlhf_lib.evaluate.stage.curve_checkpoints`), then the final policy when the run saved one."""
+    chosen = evaluate.curve_checkpoints(run, max_checkpoints)[1:-1]  # without the reference and the final policy
+    points = [(label, checkpoints.checkpoint_update(path), path) for label, _, path in chosen]
     if (run.policy_dir / "config.json").exists():
-        points.append(("final", last, run.policy_dir))
+        points.append(("final", evaluate.final_update(run), run.policy_dir))
     return points
 
 
 def ppo_cost(run: Run, update: int | None) -> tuple[float, int]:
     """(training seconds, generated tokens) of a PPO run up to `update` (None: all), from ppo/metrics.jsonl."""
-    path = run.ppo_dir / "metrics.jsonl"
     seconds, tokens, episodes = 0.0, 0.0, 0
-    if path.exists():
-        for line in path.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            if not row or (update is not None and row.get("update", 0) > update):
-                continue
-            seconds += float(row.get("time/update", 0.0))
-            tokens += float(row.get("objective/response_length", 0.0)) * (row.get("episode", 0) - episodes)
-            episodes = row.get("episode", episodes)
+    for row in ppo_metrics.read_jsonl(run.ppo_dir / "metrics.jsonl"):  # missing: no rows; a torn last line: skipped
+        if update is not None and row.get("update", 0) > update:
+            continue
+        seconds += float(row.get("time/update", 0.0))
+        tokens += float(row.get("objective/response_length", 0.0)) * (row.get("episode", 0) - episodes)
+        episodes = row.get("episode", episodes)
     return seconds, int(round(tokens))
 
 
