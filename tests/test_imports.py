@@ -189,3 +189,29 @@ def test_no_private_name_is_used_across_packages():
     library = {n: p for n, p in files.items() if n.startswith(PACKAGE)}
     found = [use for name, path in library.items() for use in private_uses(name, path, set(files))]
     assert found == []
+
+
+MAX_FUNCTION_LINES = 60  # def line to last line, docstring included: a function a reader holds in their head
+
+
+def long_functions(source: str, where: str, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'<where>:<line> <name> (<n> lines)' for each function or method of `source` longer than `limit` lines."""
+    return [
+        f"{where}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_the_length_check_catches_a_long_function():
+    body = "".join(f"    x{i} = {i}\n" for i in range(60))
+    assert long_functions(f"def short():\n    return 1\n\n\ndef long():\n{body}", "m.py") == ["m.py:5 long (61 lines)"]
+
+
+def test_no_library_function_is_over_60_lines():
+    found = [
+        hit
+        for path in sorted((ROOT / "rlhf_lib").rglob("*.py"))
+        for hit in long_functions(path.read_text(), str(path.relative_to(ROOT)))
+    ]
+    assert found == []
