@@ -512,6 +512,28 @@ def _group_numbers(group: dict) -> dict[str, float]:
     }
 
 
+def test_a_cell_whose_points_read_different_bases_is_marked(tmp_path, capsys):
+    sweep = Sweep(
+        "s",
+        "params/smoke.yaml",
+        tmp_path / "s",
+        base_run="",
+        stages=("ppo", "eval"),
+        grid={"common.seed": [0, 1], "ppo.kl_coef": [0.1, 0.2]},
+    )
+    for point in sweep.grid_points():
+        _fake_point(sweep.root, point.name, _eval_summary(1.0))
+        rm = "rm-b" if point.overrides == {"common.seed": 1, "ppo.kl_coef": 0.2} else "rm-a"  # one rebuilt base
+        record = {"name": "base", "root": "/b", "stages": {"data": {"sha256": "d"}, "reward_model": {"sha256": rm}}}
+        manifest = sweep.root / point.name / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "base_run": record}))
+    summary = experiments.aggregate(sweep)
+    marks = {g["overrides"]["ppo.kl_coef"]: (g["bases"], g["mixed_bases"]) for g in summary["groups"]}
+    assert marks == {0.1: (1, False), 0.2: (2, True)}
+    assert "cell {'ppo.kl_coef': 0.2} mixes 2 bases" in capsys.readouterr().out
+    assert summary["points"][0]["base_stages"] == {"data": "d", "reward_model": "rm-a"}
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweeps")
@@ -535,6 +557,9 @@ def test_smoke_sweep_end_to_end_through_papermill(smoke_sweep, capsys):
             s: runs.stage_hash(base, s) for s in ("data", "reward_model")
         }
         assert entry["summary"]["eval"]["n_eval_prompts"] > 0
+        assert entry["base_stages"] == {s: runs.stage_hash(base, s) for s in ("data", "reward_model")}
+    assert summary["base"]["base_stages"] == summary["points"][0]["base_stages"]  # the built base hashes its own
+    assert all(g["bases"] == 1 and not g["mixed_bases"] for g in summary["groups"])
     for group in summary["groups"]:  # a group's mean is the mean of its points' values
         members = [p for p in summary["points"] if p["name"] in group["points"]]
         kl = [p["summary"]["eval"]["after"]["kl"] for p in members]

@@ -57,9 +57,16 @@ import yaml
 from rlhf_lib.core import cli, runlock
 from rlhf_lib.core.config import STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
 from rlhf_lib.core.io import repo_root, write_json_atomic
-from rlhf_lib.core.runs import SHARED_STAGES, Run, StageError, first_line, outputs_root, read_json
+from rlhf_lib.core.runs import SHARED_STAGES, Run, StageError, first_line, outputs_root, read_json, stage_hash
 from rlhf_lib.pipeline import NO_SPACE, StageFailed
-from rlhf_lib.sweeps.stats import finite, fit_frontier, frontier_rows, group_points, select_default
+from rlhf_lib.sweeps.stats import (
+    finite,
+    fit_frontier,
+    frontier_rows,
+    group_points,
+    mark_mixed_bases,
+    select_default,
+)
 
 SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key", "reuse")
 MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.overwrite")  # set per point
@@ -520,10 +527,21 @@ def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
         "overrides": point.overrides,
         "run_dir": str(run.root),
         "git": run.manifest().get("git"),  # the commit (and dirty flag) the point's stages ran
+        "base_stages": base_stage_hashes(run),  # which data and reward model it read, by content
         "status": status,
         "wall_seconds": point_seconds(sweep, point),
         "summary": run.summary(),
     }
+
+
+def base_stage_hashes(run: Run) -> dict[str, str] | None:
+    """sha256 of the data and reward-model stages a point read: its base run's, as its manifest recorded them when
+    the point started, or its own finished ones (a built base); None when it has neither."""
+    recorded = (run.manifest().get("base_run") or {}).get("stages") or {}
+    if recorded:
+        return {stage: info.get("sha256") for stage, info in sorted(recorded.items())}
+    own = {stage: stage_hash(run, stage) for stage in SHARED_STAGES if run.stage_status(stage) == "done"}
+    return own or None
 
 
 def _base_label(base_run: str | None) -> str | None:
@@ -590,6 +608,12 @@ def aggregate(sweep: Sweep, write: bool = True, merge: Sequence[str | Path] = ()
     rows = frontier_rows([e for e in entries if e["status"] == "done"], sweep.seed_key)
     gains = [(r["kl"], r["gold_gain"]) for r in rows if r.get("gold_gain") is not None and r.get("kl") is not None]
     groups = group_points(entries, sweep.seed_key)
+    for group in mark_mixed_bases(groups, entries):
+        print(
+            f"[sweep] warning: cell {group['overrides']} mixes {group['bases']} bases (data / reward model by "
+            "content): its spread is not seed noise alone; compare it by paired gains",
+            flush=True,
+        )
     seconds = [e["wall_seconds"] for e in entries + base if e["status"] == "done" and e["wall_seconds"] is not None]
     n_seeds = len(sweep.grid.get(sweep.seed_key, [None]))
     summary = {

@@ -96,6 +96,21 @@ def group_points(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[
     return groups
 
 
+def mark_mixed_bases(groups: Sequence[dict[str, Any]], entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set each group's ``bases`` (distinct base-stage hash sets its finished points read; points that recorded none
+    are not counted) and ``mixed_bases`` (more than one: its spread mixes two reward models or data sets, so compare
+    the cell by gains paired within a point). Returns the mixed groups."""
+    by_name = {e["name"]: e for e in entries}
+    mixed = []
+    for group in groups:
+        hashes = [by_name[name].get("base_stages") for name in group["points"] if name in by_name]
+        group["bases"] = len({json.dumps(h, sort_keys=True) for h in hashes if h})
+        group["mixed_bases"] = group["bases"] > 1
+        if group["mixed_bases"]:
+            mixed.append(group)
+    return mixed
+
+
 def frontier_rows(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[str, Any]]:
     """KL, RM and gold (and their gains over the reference) per point and checkpoint, from eval.overoptimisation
     (the reference row of the same run is the zero of the gains); the final before/after when a run has no curve."""
