@@ -37,7 +37,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv pipeline sweep compare test test-fast lint format nbval-record bench help
+.PHONY: venv pipeline sweep compare test test-fast lint format nbval-record bench docs help
 
 help:
 	@echo "make pipeline [PARAMS=params/default.yaml] [RUN=name]   run all stages with papermill"
@@ -46,6 +46,7 @@ help:
 	@echo "make test                                               lint + unit + tiny-model + papermill smoke + nbval"
 	@echo "make lint / make format                                 ruff check + format check / apply the formatter"
 	@echo "make bench                                              PPO / reward-model throughput benchmark"
+	@echo "make docs                                               regenerate the docs' tables and sweep figures from JSON"
 
 venv: $(STAMP)
 
@@ -86,6 +87,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PYTHON) -m rlhf_lib.bench $(ARGS)
+
+# regenerate the docs' generated tables and sweep figures from the committed JSON
+docs: $(STAMP)
+	$(PYTHON) scripts/make_docs.py
 
 # re-record the summary outputs nbval compares (after an intended change)
 nbval-record: $(STAMP)

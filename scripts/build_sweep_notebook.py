@@ -53,9 +53,9 @@ CELLS = [
     (
         "md",
         "## KL–gold frontier: proxy (RM) beside gold\nOne line per grid cell through its evaluated checkpoints "
-        "(star: final policy), seed means with ±1 sd over seeds. Where the RM gain keeps rising while gold bends "
-        "down, the policy over-optimises the reward model. Dashed: gold(d) = d (α − β log d), d = √KL, fitted "
-        "by least squares to every point's gold gain over its reference.",
+        "(star: final policy), seed means with 95 % Student-t intervals over seeds (as the tables). Where the RM "
+        "gain keeps rising while gold bends down, the policy over-optimises the reward model. Dashed: gold(d) = "
+        "d (α − β log d), d = √KL, fitted by least squares to every point's gold gain over its reference.",
     ),
     ("code", "sweeps.plot_sweep_frontier(summary, folder)"),
     ("code", "sweeps.frontier_table(summary)"),

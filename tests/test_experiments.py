@@ -20,6 +20,7 @@ import yaml
 from rlhf_lib import pipeline
 from rlhf_lib.core import runs
 from rlhf_lib.core.config import CommonConfig, ConfigError
+from rlhf_lib.sweeps import plots as sweeps_plots
 from rlhf_lib.sweeps import runner as experiments
 from rlhf_lib.sweeps import stats as sweep_stats
 from rlhf_lib.sweeps.runner import Sweep, SweepError
@@ -654,3 +655,17 @@ def test_every_shipped_sweep_file_validates_every_point(path, tmp_path):
     assert points and len({p.name for p in points}) == len(points)
     seeds = {p.overrides.get(sweep.seed_key) for p in points}
     assert len(seeds) >= 3 or path.stem == "smoke", f"{path.name}: fewer than 3 seeds, so no interval over seeds"
+
+
+def test_frontier_table_error_bars_are_the_tables_95_percent_t_interval():
+    gains = [0.1, 0.3, 0.8]
+    frontier = [
+        {"cell": {"ppo.kl_coef": 0.1}, "label": "final", "step": 4.0, "kl": 1.0 + s, "gold_gain": g, "rm_gain": g}
+        for s, g in enumerate(gains)
+    ]
+    row = sweeps_plots.frontier_table({"frontier": frontier}).iloc[0]
+    std = float(np.std(gains, ddof=1))
+    assert row["gold_gain_ci95"] == pytest.approx(4.302652729911275 * std / math.sqrt(3))  # t(0.975, 2)
+    assert row["kl_ci95"] == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # KL 1, 2, 3: sd 1
+    single = sweeps_plots.frontier_table({"frontier": frontier[:1]}).iloc[0]
+    assert single["n_seeds"] == 1 and math.isnan(single["gold_gain_ci95"])  # one seed: no interval

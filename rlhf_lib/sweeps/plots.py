@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from rlhf_lib.core.figures import no_data, save_figure_in
-from rlhf_lib.sweeps.stats import gao_gold, numeric_leaves
+from rlhf_lib.sweeps.stats import gao_gold, mean_ci, numeric_leaves
 
 
 def cell_label(overrides: dict[str, Any]) -> str:
@@ -24,7 +24,8 @@ def cell_label(overrides: dict[str, Any]) -> str:
 
 
 def frontier_table(summary: dict[str, Any]) -> pd.DataFrame:
-    """Per grid cell and checkpoint: mean and sd over seeds of KL, RM gain and gold gain (gains over the reference)."""
+    """Per grid cell and checkpoint: mean, sd and 95 % Student-t half-width (``_ci95``, the summary tables' interval;
+    NaN for one seed) over seeds of KL, RM gain and gold gain (gains over the reference)."""
     rows = pd.DataFrame(summary.get("frontier") or [])
     if rows.empty:
         return pd.DataFrame(columns=["cell", "label", "step", "n_seeds"])
@@ -36,6 +37,11 @@ def frontier_table(summary: dict[str, Any]) -> pd.DataFrame:
     table.columns = [f"{name}_{stat}" for name, stat in table.columns]
     table["step"] = grouped["step"].mean()
     table["n_seeds"] = grouped.size()
+    for name in values:
+        table[f"{name}_ci95"] = [
+            (m["ci95_high"] - m["mean"]) if m["ci95_high"] is not None else math.nan
+            for m in (mean_ci(v) for v in grouped[name].apply(list))
+        ]
     return table.reset_index().sort_values(["cell", "step"], kind="stable").reset_index(drop=True)
 
 
@@ -49,8 +55,8 @@ def _frontier_panel(ax, table: pd.DataFrame, column: str, title: str) -> None:
         ax.errorbar(
             part["kl_mean"],
             part[f"{column}_mean"],
-            xerr=part["kl_std"].fillna(0),
-            yerr=part[f"{column}_std"].fillna(0),
+            xerr=part["kl_ci95"].fillna(0),
+            yerr=part[f"{column}_ci95"].fillna(0),
             marker="o",
             ms=4,
             capsize=2,
@@ -69,7 +75,8 @@ def _frontier_panel(ax, table: pd.DataFrame, column: str, title: str) -> None:
 
 def plot_sweep_frontier(summary: dict[str, Any], folder: str | Path | None = None) -> Figure:
     """Gold (left) and proxy RM (right) gain vs KL: one line per grid cell through its checkpoints (star = final),
-    seed means with +-1 sd error bars over seeds; the fitted gold(d) = d (alpha - beta ln d), d = sqrt(KL), dashed."""
+    seed means with 95 % Student-t error bars over seeds (the tables' interval); the fitted gold(d) =
+    d (alpha - beta ln d), d = sqrt(KL), dashed."""
     table = frontier_table(summary)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     _frontier_panel(axes[0], table, "gold_gain", "gold (hidden objective)")
@@ -92,7 +99,7 @@ def plot_sweep_frontier(summary: dict[str, Any], folder: str | Path | None = Non
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(f"sweep {summary.get('sweep', '')}: KL-reward frontier, error bars +-1 sd over seeds")
+    fig.suptitle(f"sweep {summary.get('sweep', '')}: KL-reward frontier, error bars 95 % t-interval over seeds")
     fig.tight_layout()
     if folder is not None:
         save_figure_in(fig, Path(folder) / "plots", "sweep_frontier")
