@@ -474,7 +474,7 @@ def test_lora_in_the_top_block_only_still_learns(tokenizer, prompts, target_toke
 
 @pytest.mark.slow
 def test_bf16_reward_curve_agrees_with_fp32_within_seed_noise(learning_runs):
-    """Issue 6's quality bar for the speed levers: with bf16 autocast, compiled blocks and log-prob kernels and the
+    """The quality bar for the speed levers: with bf16 autocast, compiled blocks and log-prob kernels and the
     shared prompt prefix the tiny task's reward curve stays within seed-to-seed noise of fp32's (3 seeds each:
     sampling, shuffles, value-head init)."""
     seeds = (0, 1, 2)
