@@ -3,7 +3,8 @@
 - every generated table of README.md and docs/ (the blocks between ``<!-- name:start -->`` and ``<!-- name:end -->``,
   written by ``tests/test_readme.py --write``, whose test fails when one is stale);
 - each shipped sweep's frontier figure, ``docs/sweeps/<sweep>/sweep_frontier.png``, from the ``summary.json`` beside it
-  (the same 95 % interval over seeds as the tables).
+  (the same 95 % interval over seeds as the tables), stamped with a digest of the plotted data so a test can tell a
+  stale figure.
 
 Figures of single runs (``docs/ppo_curves.png``, ``docs/compare/frontier.png``, ``docs/bench.png``) are copied from
 the run folders that made them; their data is not committed yet.
@@ -33,8 +34,11 @@ def sweep_figures() -> list[Path]:
         figure = summary_path.with_name("sweep_frontier.png")
         if not figure.exists():
             continue  # a sweep without a frontier figure in the docs (e.g. the reward-model seeds)
-        fig = plots.plot_sweep_frontier(json.loads(summary_path.read_text()))
-        fig.savefig(figure, dpi=110, bbox_inches="tight")
+        summary = json.loads(summary_path.read_text())
+        fig = plots.plot_sweep_frontier(summary)
+        # the digest of the plotted data, read back by tests/test_readme.py to catch a stale figure
+        stamp = {"Description": f"{plots.DIGEST_PREFIX}{plots.frontier_digest(summary)}"}
+        fig.savefig(figure, dpi=110, bbox_inches="tight", metadata=stamp)
         written.append(figure)
         print(f"wrote {figure.relative_to(ROOT)}")
     return written

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import glob
 import importlib
+import json
 import os
 import re
 import sys
@@ -310,6 +311,34 @@ def test_generated_tables_are_current(path, marker):
     assert generated_block(path, marker) in path.read_text(encoding="utf-8"), (
         f"{path.relative_to(ROOT)}: the {marker} table is stale; regenerate with `python tests/test_readme.py --write`"
     )
+
+
+SWEEP_FIGURES = sorted((ROOT / "docs" / "sweeps").glob("*/sweep_frontier.png"))
+
+
+@pytest.mark.parametrize("figure", SWEEP_FIGURES, ids=[f.parent.name for f in SWEEP_FIGURES])
+def test_sweep_figures_are_current(figure):
+    """Each shipped sweep figure carries the digest of the data it plots (make docs stamps it): it must match what
+    its committed summary.json gives now, or the figure shows numbers the tables no longer hold."""
+    from PIL import Image
+
+    from rlhf_lib.sweeps import plots as sweep_plots
+
+    summary = json.loads((figure.parent / "summary.json").read_text())
+    stamp = Image.open(figure).text.get("Description", "")
+    assert stamp == sweep_plots.DIGEST_PREFIX + sweep_plots.frontier_digest(summary), (
+        f"{figure.relative_to(ROOT)} is stale (or not drawn by make docs); regenerate with `make docs`"
+    )
+
+
+def test_the_frontier_digest_changes_with_the_plotted_data():
+    from rlhf_lib.sweeps import plots as sweep_plots
+
+    summary = json.loads((SWEEP_FIGURES[0].parent / "summary.json").read_text())
+    changed = json.loads(json.dumps(summary))
+    changed["frontier"][0]["gold_gain"] += 0.01
+    assert sweep_plots.frontier_digest(changed) != sweep_plots.frontier_digest(summary)
+    assert sweep_plots.frontier_digest(json.loads(json.dumps(summary))) == sweep_plots.frontier_digest(summary)
 
 
 def test_the_default_profile_takes_the_headline_sweeps_selection():

@@ -5,6 +5,8 @@ saves a PNG under ``<sweep>/plots/`` (closed in pyplot, as in rlhf_lib.evaluate.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,6 +45,18 @@ def frontier_table(summary: dict[str, Any]) -> pd.DataFrame:
             for m in (mean_ci(v) for v in grouped[name].apply(list))
         ]
     return table.reset_index().sort_values(["cell", "step"], kind="stable").reset_index(drop=True)
+
+
+DIGEST_PREFIX = "rlhf-lab frontier sha256 "  # how make docs stamps the digest into a committed figure's PNG text
+
+
+def frontier_digest(summary: dict[str, Any]) -> str:
+    """sha256 of what :func:`plot_sweep_frontier` draws (the frontier table, rounded, and the fit): ``make docs``
+    stamps it into the PNG, so a test can tell a committed figure from a stale one without comparing pixels."""
+    table = frontier_table(summary).round(6)
+    fit = {k: v for k, v in (summary.get("frontier_fit") or {}).items() if isinstance(v, (int, float)) or v is None}
+    text = table.to_csv(index=False) + json.dumps(fit, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _frontier_panel(ax, table: pd.DataFrame, column: str, title: str) -> None:
