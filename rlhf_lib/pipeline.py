@@ -222,12 +222,12 @@ def _run_notebook(target: Run, stage: str, parameters: dict[str, Any], kernel_na
             raise
         if tmp.exists():
             os.replace(tmp, failed)
-        message = f"{err.ename}: {err.evalue}" if isinstance(err, PapermillExecutionError) else runs.first_line(err)
-        if target.stage_state(stage) == "interrupted":  # the kernel ended before recording its failure
-            runs.fail_stage(target, stage, message)
         if not isinstance(err, Exception):  # Ctrl-C / SIGTERM: stop as the user asked, the stage resumable
             runs.fail_stage(target, stage, err if isinstance(err, KeyboardInterrupt) else KeyboardInterrupt())
             raise
+        message = f"{err.ename}: {err.evalue}" if isinstance(err, PapermillExecutionError) else runs.first_line(err)
+        if target.stage_state(stage) == "interrupted":  # the kernel ended before recording its failure
+            runs.fail_stage(target, stage, message)
         raise StageFailed(
             f"stage {stage!r} failed: {_failure_line(message, target)} (executed notebook with the traceback: {failed})"
         ) from err
