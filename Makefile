@@ -46,7 +46,7 @@ help:
 	@echo "make test                                               lint + unit + tiny-model + papermill smoke + nbval"
 	@echo "make lint / make format                                 ruff check + format check / apply the formatter"
 	@echo "make bench                                              PPO / reward-model throughput benchmark"
-	@echo "make docs                                               regenerate the docs' tables and sweep figures from JSON"
+	@echo "make docs                                               regenerate the docs' tables and figures from committed JSON"
 
 venv: $(STAMP)
 
@@ -88,7 +88,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PYTHON) -m rlhf_lib.bench $(ARGS)
 
-# regenerate the docs' generated tables and sweep figures from the committed JSON
+# regenerate the docs' generated tables and every figure they show from the committed JSON (scripts/make_docs.py)
 docs: $(STAMP)
 	$(PYTHON) scripts/make_docs.py
 

@@ -495,6 +495,30 @@ def test_plot_ppo_curves(tmp_path):
         ppo_plots.plot_ppo_curves(Run(tmp_path / "empty"))
 
 
+def test_draw_ppo_curves_from_rows_and_from_a_jsonl_file(tmp_path):
+    """The docs' figure draws metric rows (or a metrics.jsonl) without a run; plot_ppo_curves draws the same lines."""
+    rows = [{"episode": 16 * i, "objective/scores": 0.2 * i, "objective/kl": 0.1 * i} for i in range(1, 5)]
+    fig = ppo_plots.draw_ppo_curves(rows, "PPO training (test)")
+    assert fig._suptitle.get_text() == "PPO training (test)"
+    assert axes_with_data(fig) == 2  # scores and KL; the other four panels say "not logged"
+    assert list(fig.axes[1].lines[0].get_xdata()) == [16, 32, 48, 64]
+    assert list(fig.axes[1].lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    path = tmp_path / "ppo_metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_file = ppo_plots.draw_ppo_curves(path)
+    assert list(from_file.axes[0].lines[0].get_ydata()) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    run = Run(tmp_path / "r")
+    run.ppo_dir.mkdir(parents=True)
+    shutil.copy(path, run.ppo_dir / "metrics.jsonl")
+    from_run = ppo_plots.plot_ppo_curves(run)
+    assert from_run._suptitle.get_text() == "PPO training (r)"
+    assert [list(ax.lines[0].get_ydata()) for ax in from_run.axes if ax.lines] == [
+        list(ax.lines[0].get_ydata()) for ax in from_file.axes if ax.lines
+    ]
+    with pytest.raises(FileNotFoundError, match="ppo stage"):
+        ppo_plots.draw_ppo_curves(tmp_path / "missing.jsonl")
+
+
 def test_plot_reward_distributions(same_policy, tmp_path):
     _, _, result = same_policy
     run = Run(tmp_path / "r")

@@ -2,12 +2,18 @@
 
 Figures are closed in pyplot after saving, so a notebook shows each one once (as the cell's value), and tests and
 papermill runs never accumulate open figures.
+
+A figure the docs ship is drawn from committed JSON by ``make docs`` and stamped with :func:`data_digest` of that
+data (:func:`save_stamped`, read back by :func:`read_stamp`), so a test can tell a stale figure without comparing
+pixels.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
@@ -27,11 +33,39 @@ def save_figure(fig: Figure, run: "Run", name: str) -> Path:
 
 def save_figure_in(fig: Figure, directory: Path, name: str) -> Path:
     """Save fig as <directory>/<name>.png (atomically, so no half-written PNG) and close it; returns the path."""
-    path = Path(directory) / f"{name}.png"
+    return _write_png(fig, Path(directory) / f"{name}.png")
+
+
+def _write_png(fig: Figure, path: Path, metadata: dict[str, str] | None = None) -> Path:
     with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return path
+
+
+# The PNG text key and prefix under which save_stamped writes the digest (read_stamp reads them).
+STAMP_KEY, STAMP_PREFIX = "Description", "rlhf-lab data sha256 "
+
+
+def data_digest(obj: Any) -> str:
+    """sha256 of ``obj`` as canonical JSON (sorted keys, no whitespace): equal for equal data, whatever the key order
+    or the file's layout; anything JSON cannot hold is written as its str()."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_stamped(fig: Figure, path: str | Path, digest: str) -> Path:
+    """Save fig as the PNG ``path`` (atomically) with ``digest`` of the data it draws in its text, and close it."""
+    return _write_png(fig, Path(path), {STAMP_KEY: STAMP_PREFIX + digest})
+
+
+def read_stamp(path: str | Path) -> str | None:
+    """The digest :func:`save_stamped` wrote into the PNG ``path``, or None when it carries none."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(STAMP_KEY, "")
+    return text[len(STAMP_PREFIX) :] if text.startswith(STAMP_PREFIX) else None
 
 
 def no_data(ax, text: str) -> None:

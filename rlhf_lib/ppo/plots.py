@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -40,8 +40,27 @@ def _smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_ppo_curves(run: Run, metrics: Sequence[str] = tuple(PPO_CURVES), smooth: int = 0) -> Figure:
-    """PPO training curves from ppo/metrics.jsonl vs episode: scores, KL, entropy, value loss, clip fractions."""
+    """PPO training curves from ppo/metrics.jsonl vs episode (:func:`draw_ppo_curves`), saved as the run's
+    plots/ppo_curves.png."""
     df = read_metrics(run.ppo_dir / "metrics.jsonl")
+    fig = draw_ppo_curves(df, f"PPO training ({run.name})", metrics, smooth)
+    save_figure(fig, run, "ppo_curves")
+    return fig
+
+
+def draw_ppo_curves(
+    rows: str | Path | pd.DataFrame | Sequence[dict[str, Any]],
+    title: str = "PPO training",
+    metrics: Sequence[str] = tuple(PPO_CURVES),
+    smooth: int = 0,
+) -> Figure:
+    """PPO training curves vs episode (scores, KL, entropy, value loss, clip fractions) from metric rows: a
+    metrics.jsonl path, its rows as dicts, or their DataFrame. A metric the rows lack is a "not logged" panel; smooth
+    is the moving-mean window (0: a twentieth of the updates). Returns the figure, unsaved."""
+    if isinstance(rows, (str, Path)):
+        df = read_metrics(Path(rows))
+    else:
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     x_name = "episode" if "episode" in df.columns else None
     x = df[x_name].to_numpy(dtype=float) if x_name else np.arange(1, len(df) + 1, dtype=float)
     window = smooth or max(1, len(df) // 20)
@@ -64,7 +83,6 @@ def plot_ppo_curves(run: Run, metrics: Sequence[str] = tuple(PPO_CURVES), smooth
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.set_visible(False)
-    fig.suptitle(f"PPO training ({run.name})")
+    fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, run, "ppo_curves")
     return fig

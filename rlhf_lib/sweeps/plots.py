@@ -5,8 +5,6 @@ saves a PNG under ``<sweep>/plots/`` (closed in pyplot, as in rlhf_lib.evaluate.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from rlhf_lib.core.figures import no_data, save_figure_in
+from rlhf_lib.core.figures import data_digest, no_data, save_figure_in
 from rlhf_lib.sweeps.stats import gao_gold, mean_ci, numeric_leaves
 
 
@@ -47,16 +45,13 @@ def frontier_table(summary: dict[str, Any]) -> pd.DataFrame:
     return table.reset_index().sort_values(["cell", "step"], kind="stable").reset_index(drop=True)
 
 
-DIGEST_PREFIX = "rlhf-lab frontier sha256 "  # how make docs stamps the digest into a committed figure's PNG text
-
-
 def frontier_digest(summary: dict[str, Any]) -> str:
-    """sha256 of what :func:`plot_sweep_frontier` draws (the frontier table, rounded, and the fit): ``make docs``
-    stamps it into the PNG, so a test can tell a committed figure from a stale one without comparing pixels."""
+    """:func:`rlhf_lib.core.figures.data_digest` of what :func:`plot_sweep_frontier` draws (the frontier table,
+    rounded, and the fit): ``make docs`` stamps it into the PNG, so a test can tell a committed figure from a stale
+    one, and a change elsewhere in the summary leaves the figure current."""
     table = frontier_table(summary).round(6)
     fit = {k: v for k, v in (summary.get("frontier_fit") or {}).items() if isinstance(v, (int, float)) or v is None}
-    text = table.to_csv(index=False) + json.dumps(fit, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return data_digest({"frontier_table": table.to_csv(index=False), "frontier_fit": fit})
 
 
 def _frontier_panel(ax, table: pd.DataFrame, column: str, title: str) -> None:
