@@ -493,6 +493,36 @@ def test_a_failed_setting_is_left_out_and_listed_and_a_rerun_trains_only_it(tmp_
     assert summary["failed"] == [] and ("dpo", "beta=0.2") in {(e["method"], e["setting"]) for e in summary["methods"]}
 
 
+def test_the_summary_records_the_sha256_of_the_base_stages_it_read(tmp_path, capsys, monkeypatch):
+    """summary.json's base_stages, as a sweep point's: a base run that built its data and reward model gives their
+    content hashes (a rewritten data file another); a run on another base (a sweep point) the hashes its manifest
+    recorded for that base."""
+    from rlhf_lib.core import runs
+
+    args = _no_model_comparison(tmp_path, monkeypatch, [], {})
+    base = Run(tmp_path / "base")
+    for folder, name, text in ((base.data_dir, "rm_train.jsonl", '{"a": 1}\n'), (base.reward_model_dir, "x", "{}")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text(text)
+    assert compare.main(args) == 0
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    built = {stage: runs.stage_hash(base, stage) for stage in ("data", "reward_model")}
+    assert summary["base_stages"] == built
+    (base.data_dir / "rm_train.jsonl").write_text('{"a": 2}\n')
+    assert compare.main(args) == 0
+    rewritten = json.loads((tmp_path / "cmp" / "summary.json").read_text())["base_stages"]
+    assert rewritten["data"] != built["data"] and rewritten["reward_model"] == built["reward_model"]
+
+    args = _no_model_comparison(tmp_path / "on_a_point", monkeypatch, [], {})
+    point = fake_run(tmp_path / "on_a_point" / "point", {"ppo": "done", "eval": "done"})
+    recorded = {"data": {"ended": "t", "sha256": "d"}, "reward_model": {"ended": "t", "sha256": "rm"}}
+    record = {"name": "base", "root": str(tmp_path / "on_a_point" / "base"), "stages": recorded}
+    write_json_atomic(point.manifest_path, {**point.manifest(), "base_run": record})
+    assert compare.main([*args[:-2], "point", args[-1]]) == 0
+    summary = json.loads((tmp_path / "on_a_point" / "cmp" / "summary.json").read_text())
+    assert summary["base_run"] == str(point.root) and summary["base_stages"] == {"data": "d", "reward_model": "rm"}
+
+
 def test_an_interrupted_comparison_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
     import signal
 

@@ -4,9 +4,10 @@
 profile's methods on top of a finished run (its data/ and reward_model/ are read, never written) and executes
 ``notebooks/06_compare_methods.ipynb`` through papermill; everything goes to ``outputs/<common.run>/``:
 ``<method>/<setting>/policy`` + ``train.json`` per trained setting and ``evals/<curve>/<setting>.json`` per finished
-evaluation (a re-run on the same inputs reuses both), ``summary.json`` (with the resolved profile, git commit, versions
-and device), ``samples.jsonl``, ``plots/``. One writer per comparison run: it holds the run's lock
-(:mod:`rlhf_lib.core.runlock`), so a second ``make compare`` on the same run is refused at once.
+evaluation (a re-run on the same inputs reuses both), ``summary.json`` (with the resolved profile, git commit, versions,
+device, and ``base_stages``: the sha256 of the data and reward-model stages it read), ``samples.jsonl``, ``plots/``.
+One writer per comparison run: it holds the run's lock (:mod:`rlhf_lib.core.runlock`), so a second ``make compare``
+on the same run is refused at once.
 
 One evaluation path for every policy: the evaluation stage's own functions
 (:func:`rlhf_lib.evaluate.sampling.sample_policy`, ``eval_sampling.score_samples``, ``eval_stats.win_rate``,
@@ -57,7 +58,15 @@ from rlhf_lib.compare.online import GRPOMethodConfig, RLOOMethodConfig, train_on
 from rlhf_lib.core import cli, runlock, runtime
 from rlhf_lib.core.config import CommonConfig, ConfigError, validate
 from rlhf_lib.core.io import repo_root, write_json_atomic
-from rlhf_lib.core.runs import Run, first_line, git_state, outputs_root, package_versions, read_json
+from rlhf_lib.core.runs import (
+    Run,
+    base_stage_hashes,
+    first_line,
+    git_state,
+    outputs_root,
+    package_versions,
+    read_json,
+)
 from rlhf_lib.evaluate import sampling as eval_sampling
 from rlhf_lib.evaluate import stage as evaluate
 from rlhf_lib.evaluate import stats as eval_stats
@@ -691,6 +700,8 @@ def _compare(
     anchor = reference if cfg.anchor_reference else None
     summary = {
         "base_run": str(base.root),
+        # the data and reward model the comparison read, by content, as a sweep point records them (None: unknown)
+        "base_stages": base_stage_hashes(base),
         "profile": profile.source,
         "params": {name: dataclasses.asdict(getattr(profile, name)) for name in PROFILE_SECTIONS},
         "git": git_state(),

@@ -362,6 +362,18 @@ def stage_hash(run: Run, stage: str) -> str:
     return digest.hexdigest()
 
 
+def base_stage_hashes(run: Run) -> dict[str, str] | None:
+    """sha256 of the data and reward-model stages a run read: its base run's, as its manifest recorded them when
+    it started (:func:`upstream_record`), or its own finished ones (a run that built them); None when it has
+    neither. Sweep points and comparisons record it as ``base_stages``, so two results can be told apart by the
+    data and reward model they rest on."""
+    recorded = (run.manifest().get("base_run") or {}).get("stages") or {}
+    if recorded:
+        return {stage: info.get("sha256") for stage, info in sorted(recorded.items())}
+    own = {stage: stage_hash(run, stage) for stage in SHARED_STAGES if run.stage_status(stage) == "done"}
+    return own or None
+
+
 def upstream_record(run: Run, base: Run | None, stage: str) -> dict[str, Any] | None:
     """manifest["base_run"]: the base run's name, folder, and a content hash of each shared stage used (hashed
     once per finished base stage); refuses a base stage redone after this run used it."""

@@ -57,7 +57,15 @@ import yaml
 from rlhf_lib.core import cli, runlock
 from rlhf_lib.core.config import STAGES, CommonConfig, ConfigError, load_params_file, stage_parameters, validate
 from rlhf_lib.core.io import repo_root, write_json_atomic
-from rlhf_lib.core.runs import SHARED_STAGES, Run, StageError, first_line, outputs_root, read_json, stage_hash
+from rlhf_lib.core.runs import (
+    SHARED_STAGES,
+    Run,
+    StageError,
+    base_stage_hashes,
+    first_line,
+    outputs_root,
+    read_json,
+)
 from rlhf_lib.pipeline import NO_SPACE, StageFailed
 from rlhf_lib.sweeps.stats import (
     finite,
@@ -532,16 +540,6 @@ def point_entry(sweep: Sweep, point: Point) -> dict[str, Any]:
         "wall_seconds": point_seconds(sweep, point),
         "summary": run.summary(),
     }
-
-
-def base_stage_hashes(run: Run) -> dict[str, str] | None:
-    """sha256 of the data and reward-model stages a point read: its base run's, as its manifest recorded them when
-    the point started, or its own finished ones (a built base); None when it has neither."""
-    recorded = (run.manifest().get("base_run") or {}).get("stages") or {}
-    if recorded:
-        return {stage: info.get("sha256") for stage, info in sorted(recorded.items())}
-    own = {stage: stage_hash(run, stage) for stage in SHARED_STAGES if run.stage_status(stage) == "done"}
-    return own or None
 
 
 def _base_label(base_run: str | None) -> str | None:
