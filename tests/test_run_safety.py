@@ -371,12 +371,23 @@ def test_skip_done_resumes_a_killed_ppo_stage_from_its_checkpoint(tmp_path, outp
 
 @pytest.mark.slow
 def test_ppo_stage_with_two_processes(tmp_path, outputs):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU: a 2-process gloo group (`--cpu` alone runs one)."""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: a 2-process gloo group (`--cpu` alone runs one).
+
+    tests/ppo_replica_probe.py runs the pipeline and has each process record its own trainable weights and prompts:
+    the processes train on different prompts yet end with bit-identical policy and value weights (their gradients
+    are all-reduced; unsynchronised, each would step on its own prompts' gradient and the replicas would part), the
+    ones the main process saved."""
     import math
+
+    from ppo_replica_probe import tensor_sha256
+    from safetensors.torch import load_file
+
+    from rlhf_lib.ppo import checkpoints
 
     run = _ppo_ready_run(outputs)
     profile = _profile(tmp_path, outputs)
     launcher = Path(sys.executable).with_name("accelerate")
+    replicas = tmp_path / "replicas"
     proc = subprocess.run(
         [
             str(launcher),
@@ -390,13 +401,12 @@ def test_ppo_stage_with_two_processes(tmp_path, outputs):
             "no",
             "--dynamo_backend",
             "no",
-            "-m",
-            "rlhf_lib.pipeline",
+            str(ROOT / "tests" / "ppo_replica_probe.py"),
             "--params",
             str(profile),
             *PPO_ARGS,
         ],
-        env=ENV,
+        env={**ENV, "PPO_REPLICA_DIR": str(replicas)},
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -412,3 +422,9 @@ def test_ppo_stage_with_two_processes(tmp_path, outputs):
         math.isfinite(r["objective/kl"]) and math.isfinite(r["loss/policy_avg"]) for r in rows
     )
     assert (run.policy_dir / "config.json").exists() and proc.stdout.count("[pipeline] outputs in") == 1
+    rank0, rank1 = (json.loads((replicas / f"rank_{i}.json").read_text()) for i in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2 and rank0["updates"] == rank1["updates"] == 2
+    assert len(rank0["queries"]) == 2 and all(a != b for a, b in zip(rank0["queries"], rank1["queries"]))
+    assert rank0["start"] == rank1["start"] and rank0["end"]["policy"] != rank0["start"]["policy"]
+    assert rank0["end"] == rank1["end"], "the two processes' replicas diverged: their gradients were not all-reduced"
+    assert tensor_sha256(load_file(str(last / checkpoints.POLICY_FILE))) == rank0["end"]["policy"]
