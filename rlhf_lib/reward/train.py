@@ -1,19 +1,23 @@
-"""Stage 2: train a Bradley–Terry reward model with TRL's RewardTrainer, evaluate it honestly, hand it on to PPO.
+"""Stage 2: train a Bradley–Terry reward model, evaluate it honestly, hand it on to PPO.
 
 Notebook flow (02_reward_model)::
 
     cfg = config.from_namespace("reward_model", globals())
     run = runs.start_stage(cfg, "reward_model")
-    trained = reward.train_reward_model(cfg, run)          # RewardTrainer; saves the trained model (merged LoRA)
+    trained = reward.train_reward_model(cfg, run)          # saves the trained model (merged LoRA)
     reward.plot_training_curve(trained.log_history, run)
     result = reward.evaluate_reward_model(cfg, run)        # reloads the SAVED model, scores held-out pairs
     reward.plot_calibration(result, run)                   # also plot_margins, plot_accuracy_by_strength
     runs.finish_stage(run, "reward_model", result.summary)
 
 Design notes:
-- Pairs go to RewardTrainer pre-tokenized (``chosen_ids``/``rejected_ids`` = prompt_ids + response ids) so the RM
-  scores exactly the token sequences PPO will score: EOS only where the response finished. TRL's text formats
-  append EOS to every response, which would make a truncated response look finished.
+- The training loop (:mod:`rlhf_lib.reward.fit`) optimises TRL RewardTrainer's objective with its optimiser settings,
+  on pairs packed one per row (the prompt runs once for chosen and rejected) and, when only the top blocks train,
+  with the frozen blocks run once per training run instead of once per epoch. :func:`reward_trainer` builds TRL's
+  RewardTrainer with the same settings: the reference that tests and ``make bench`` compare the loop with.
+- Pairs are pre-tokenized (``prompt_ids`` + response ids), so the RM scores exactly the token sequences PPO will
+  score: EOS only where the response finished. TRL's text formats append EOS to every response, which would make a
+  truncated response look finished.
 - The score head starts at zero and has its own, larger learning rate: TRL's fresh N(0, 0.02²) head on hidden states
   of norm ~45 gives noisy initial rewards, and at lr 1e-5 the RM stayed at chance.
 - Evaluation reloads the saved folder, so what is evaluated is what PPO gets (the original notebook saved an
@@ -45,6 +49,7 @@ from rlhf_lib.core.config import CommonConfig
 from rlhf_lib.core.io import JSONLError, iter_jsonl, write_json_atomic
 from rlhf_lib.core.runs import Run, read_json
 from rlhf_lib.lm import models
+from rlhf_lib.reward.fit import fit_reward_model
 from rlhf_lib.reward.metrics import (
     DegenerateRewardsError,
     baseline_accuracy,
@@ -367,18 +372,6 @@ def _reward_config(cfg: RewardModelConfig, device: torch.device, dtype: torch.dt
 # training
 
 
-def _text_progress_in_headless_runs(trainer) -> None:
-    """In a `make pipeline` kernel, swap Trainer's HTML notebook progress table for a text bar the console shows."""
-    from transformers.trainer_callback import ProgressCallback
-    from transformers.utils.notebook import NotebookProgressCallback
-
-    from rlhf_lib import text_progress
-
-    if text_progress() and any(isinstance(cb, NotebookProgressCallback) for cb in trainer.callback_handler.callbacks):
-        trainer.remove_callback(NotebookProgressCallback)
-        trainer.add_callback(ProgressCallback)
-
-
 def reward_trainer(
     cfg: RewardModelConfig,
     model: PreTrainedModel,
@@ -413,23 +406,18 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     if cfg.rm_base != cfg.model:
         check_same_tokenizer(models.load_tokenizer(cfg.rm_base), tokenizer, f"reward model base {cfg.rm_base!r}")
 
-    train_rows, train_ds, eval_ds = _stage_datasets(cfg, run, tokenizer)
+    train_rows, margins, eval_rows = _stage_pairs(cfg, run, tokenizer)
     model = build_reward_model(cfg, tokenizer, device)
     _announce(cfg, model, len(train_rows), device, dtype)
-
-    with tempfile.TemporaryDirectory(prefix="rm-trainer-") as scratch:
-        trainer = reward_trainer(cfg, model, tokenizer, device, dtype, train_ds, scratch, eval_ds)
-        _text_progress_in_headless_runs(trainer)
-        n_used = len(trainer.train_dataset)
-        if n_used == 0:
-            raise ValueError(f"every training pair is longer than max_length={cfg.max_length}; raise max_length")
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-        log_history = list(trainer.state.log_history)
+    fit = fit_reward_model(
+        cfg, model, _optimizer(cfg, model), train_rows, tokenizer.pad_token_id, device, dtype, margins, eval_rows
+    )
+    if fit.n_pairs == 0:
+        raise ValueError(f"every training pair is longer than max_length={cfg.max_length}; raise max_length")
+    n_used, seconds, log_history = fit.n_pairs, fit.seconds, fit.log_history
     _check_training_log(log_history)
 
-    trained = trainer.model
+    trained = model
     models.uncompile_blocks(trained)  # evaluation is a few no-grad batches: not worth another compile
     if cfg.use_lora:
         trained = trained.merge_and_unload()  # a plain HF classifier: PPO and evaluation need no peft
@@ -460,17 +448,15 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     return result
 
 
-def _stage_datasets(cfg: RewardModelConfig, run: Run, tokenizer) -> tuple[list[dict[str, Any]], Any, Any]:
-    """The data stage's training pairs (rows and dataset) and, when ``eval_steps`` is set, its held-out dataset."""
+def _stage_pairs(cfg: RewardModelConfig, run: Run, tokenizer):
+    """The data stage's training pairs, their margins when the loss uses them, and the held-out pairs when
+    ``eval_steps`` asks for mid-training evaluations."""
     train_path, eval_path = run.data_dir / "train_pairs.jsonl", run.data_dir / "eval_pairs.jsonl"
     train_rows = read_pairs(train_path)
     _check_pad_free(train_rows, tokenizer.pad_token_id, train_path)
-    train_ds = pairs_dataset(train_rows, _margins(train_rows, train_path) if cfg.use_margin else None)
-    eval_ds = None
-    if cfg.eval_steps:
-        eval_rows = read_pairs(eval_path)
-        eval_ds = pairs_dataset(eval_rows, _margins(eval_rows, eval_path) if cfg.use_margin else None)
-    return train_rows, train_ds, eval_ds
+    margins = _margins(train_rows, train_path) if cfg.use_margin else None
+    eval_rows = read_pairs(eval_path) if cfg.eval_steps else None
+    return train_rows, margins, eval_rows
 
 
 def _announce(cfg: RewardModelConfig, model, n_pairs: int, device, dtype) -> None:
