@@ -20,7 +20,7 @@ import torch
 from rlhf_lib.core import config
 from rlhf_lib.core.io import write_json_atomic
 from rlhf_lib.core.runs import Run, run_for
-from rlhf_lib.evaluate import plots
+from rlhf_lib.evaluate import plots, reference_cache
 from rlhf_lib.evaluate.sampling import GenerationSettings, pad_batch, response_logprobs, sample_policy
 from rlhf_lib.evaluate.stage import (
     EvalConfig,
@@ -391,6 +391,168 @@ def test_overoptimisation_curve_over_checkpoints(tmp_path, tokenizer):
     only = overoptimisation_curve(cfg, run, rm_scorer=rm_scorer, gold_scorer=gold_scorer)
     assert only["label"].tolist() == ["reference", "final"]
     assert overoptimisation_curve(make_cfg(str(tmp_path), max_checkpoints=0), run).empty
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reference cache
+
+
+def save_reward_model(path: Path, tokenizer) -> None:
+    """A tiny:llama sequence classifier (num_labels=1) as the reward_model stage saves one."""
+    model = models.load_sequence_classifier(TINY, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    write_json_atomic(path / "reward_stats.json", {"mean": 0.0, "std": 1.0})
+
+
+def run_with_reward_model(outputs: str, tokenizer) -> tuple[EvalConfig, Run]:
+    """A run with a 'trained' policy, a saved reward model and the vader gold: the stage's own scorers, no stand-ins."""
+    cfg, run = make_run(outputs, tokenizer, policy_noise=0.05)
+    save_reward_model(run.reward_model_dir, tokenizer)
+    return cfg, run
+
+
+def eval_outputs(run: Run) -> dict[str, object]:
+    """What an evaluation leaves: results.json without the cache flag, and the bytes of its tables."""
+    results = json.loads((run.eval_dir / "results.json").read_text())
+    results.pop("reference_cached")
+    names = ("samples.csv", "samples.jsonl", "overoptimisation.csv", "overoptimisation.jsonl")
+    return {"results": results, **{n: (run.eval_dir / n).read_bytes() for n in names}}
+
+
+def count_reference_sampling(monkeypatch) -> list[int]:
+    """Count the reference cache's calls of the sampler (each a reference sampled afresh)."""
+    calls: list[int] = []
+    real = reference_cache.sample_policy
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference_cache, "sample_policy", counted)
+    return calls
+
+
+def test_cached_reference_gives_exactly_the_sampled_evaluation_and_is_shared_by_runs_on_the_base(
+    tmp_path, tokenizer, monkeypatch
+):
+    cfg, run = run_with_reward_model(str(tmp_path), tokenizer)
+    calls = count_reference_sampling(monkeypatch)
+    sampled = evaluate_policies(cfg, run)
+    sampled_curve = overoptimisation_curve(cfg, run)
+    assert calls == [len(USER_PROMPTS), cfg.overopt_prompts]  # the curve's prefix is its own entry, sampled itself
+    assert not sampled.reference_cached
+    assert json.loads((run.eval_dir / "results.json").read_text())["reference_cached"] is False
+    assert len(list((run.root / reference_cache.CACHE_DIR).glob("*.json"))) == 2
+    first = eval_outputs(run)
+    assert first["results"]["summary"]["win_rate_judge"] == "gold"  # the data's vader gold, not a stand-in
+    assert 0 < first["results"]["summary"]["after"]["kl"]  # a policy unlike the reference: the pairs differ
+
+    again = evaluate_policies(cfg, run)
+    again_curve = overoptimisation_curve(cfg, run)
+    assert calls == [len(USER_PROMPTS), cfg.overopt_prompts]  # both read from the cache, nothing sampled
+    assert again.reference_cached
+    assert json.loads((run.eval_dir / "results.json").read_text())["reference_cached"] is True
+    assert eval_outputs(run) == first  # the same bytes of every table, the same numbers
+    assert again.summary == sampled.summary
+    pd.testing.assert_frame_equal(again.samples, sampled.samples)
+    pd.testing.assert_frame_equal(again_curve, sampled_curve)
+
+    # a run on this base (common.base_run) reads the base's reward model, so it reads the base's cache
+    other = Run(tmp_path / "on-base")
+    save_policy(other.policy_dir, tokenizer, noise=0.05, seed=1)
+    manifest = run.manifest()
+    manifest["base_run"] = {"name": run.name, "root": str(run.root.resolve()), "stages": {}}
+    write_json_atomic(other.manifest_path, manifest)
+    on_base = evaluate_policies(make_cfg(str(tmp_path), run="on-base"), other)
+    assert on_base.reference_cached and calls == [len(USER_PROMPTS), cfg.overopt_prompts]
+    assert not (other.root / reference_cache.CACHE_DIR).exists()
+    assert on_base.samples["reference_response"].tolist() == sampled.samples["reference_response"].tolist()
+
+    # other sampling settings are other entries; given scorers are not known by content, so never cached
+    evaluate_policies(make_cfg(str(tmp_path), batch_size=3), run)
+    assert calls[-1] == len(USER_PROMPTS) and len(calls) == 3
+    given = evaluate_policies(cfg, run, rm_scorer=rm_scorer, gold_scorer=gold_scorer)
+    assert not given.reference_cached and len(calls) == 4
+    assert len(list((run.root / reference_cache.CACHE_DIR).glob("*.json"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_json", "short"])
+def test_a_damaged_cache_file_is_resampled_and_replaced(tmp_path, tokenizer, monkeypatch, capsys, damage):
+    cfg, run = run_with_reward_model(str(tmp_path), tokenizer)
+    sampled = evaluate_policies(cfg, run)
+    (path,) = (run.root / reference_cache.CACHE_DIR).glob("*.json")
+    good = path.read_text()
+    if damage == "truncated":
+        path.write_text(good[: len(good) // 2])  # a write cut short
+    elif damage == "not_json":
+        path.write_bytes(b"\xff\x00 not json")
+    else:  # whole JSON under the right key, but one response short
+        record = json.loads(good)
+        record["texts"] = record["texts"][:-1]
+        path.write_text(json.dumps(record))
+    calls = count_reference_sampling(monkeypatch)
+    capsys.readouterr()
+    again = evaluate_policies(cfg, run)
+    logged = [line for line in capsys.readouterr().out.splitlines() if "ignoring unreadable cache file" in line]
+    assert len(logged) == 1 and str(path) in logged[0]
+    assert calls == [len(USER_PROMPTS)] and not again.reference_cached
+    assert again.summary == sampled.summary
+    assert path.read_text() == good  # replaced by the whole entry
+    assert evaluate_policies(cfg, run).reference_cached and len(calls) == 1
+
+
+def test_the_cache_key_changes_with_every_input(tmp_path, tokenizer):
+    base = dict(
+        reference={"model": TINY, "sha256": "a" * 64},
+        prompt_ids=[[1, 2, 3], [4, 5]],
+        generation=settings().to_dict(),
+        reward_model="b" * 64,
+        gold_scorer="vader",
+        environment={"torch": "2.0", "transformers": "4.0", "tokenizers": "0.1", "cpu": "x", "threads": 1},
+        version=reference_cache.CACHE_FORMAT,
+    )
+    changed = {
+        "reference": [{"model": "tiny:gpt2", "sha256": "a" * 64}, {"model": TINY, "sha256": "c" * 64}],
+        "prompt_ids": [[[1, 2, 3]], [[1, 2, 3], [4, 6]], [[4, 5], [1, 2, 3]]],
+        "generation": [
+            settings(**{k: v}).to_dict()
+            for k, v in (
+                ("response_length", 6),
+                ("temperature", 0.7),
+                ("batch_size", 2),
+                ("seed", 1),
+                ("device", torch.device("cuda")),
+                ("dtype", torch.bfloat16),
+            )
+        ],
+        "reward_model": ["c" * 64],
+        "gold_scorer": [None, "other"],
+        "environment": [{**base["environment"], "torch": "2.1"}, {**base["environment"], "threads": 2}],
+        "version": [reference_cache.CACHE_FORMAT + 1],
+    }
+    assert set(changed) == set(base)
+    keys = [reference_cache.cache_key(**base)]
+    for name, values in changed.items():
+        for value in values:
+            keys.append(reference_cache.cache_key(**{**base, name: value}))
+    assert len(set(keys)) == len(keys) == 1 + sum(len(v) for v in changed.values())
+    assert reference_cache.cache_key(**base) == keys[0]  # and it is a function of its inputs only
+
+    # the folder hashes behind the reference and reward_model inputs follow the files' bytes
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    before = reference_cache.folder_sha256(folder)
+    (folder / "model.safetensors").write_bytes(b"weightz")
+    assert reference_cache.folder_sha256(folder) != before
+    owner = Run(tmp_path / "owner")
+    owner.reward_model_dir.mkdir(parents=True)
+    (owner.reward_model_dir / "model.safetensors").write_bytes(b"rm")
+    rm_before = reference_cache.reward_model_sha256(owner)
+    (owner.reward_model_dir / "model.safetensors").write_bytes(b"rn")
+    assert reference_cache.reward_model_sha256(owner) != rm_before
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ from rlhf_lib.core.runs import (
 from rlhf_lib.evaluate import sampling as eval_sampling
 from rlhf_lib.evaluate import stage as evaluate
 from rlhf_lib.evaluate import stats as eval_stats
+from rlhf_lib.evaluate.reference_cache import cached_reference_samples
 from rlhf_lib.evaluate.stage import EvalConfig
 from rlhf_lib.ppo import checkpoints
 from rlhf_lib.ppo import metrics as ppo_metrics
@@ -230,12 +231,10 @@ class Context:
 
 def make_context(ev: EvalConfig, base: Run, rm_scorer=None, gold_scorer=None) -> Context:
     """The evaluation stage's context (:func:`rlhf_lib.evaluate.stage.eval_context`: held-out prompts, sampling
-    settings, reference, scorers) plus the reference's samples at the evaluation seed and their scores."""
+    settings, reference, scorers) plus the reference's samples at the evaluation seed and their scores (the evaluation
+    stage's reference cache: the same entry as the base run's own evaluation on the same prompts and settings)."""
     shared = evaluate.eval_context(ev, base, rm_scorer, gold_scorer)
-    ref = eval_sampling.sample_policy(
-        shared.reference, shared.tokenizer, shared.prompts, shared.settings, desc="reference"
-    )
-    rm, gold = eval_sampling.score_samples(ref, shared.rm_scorer, shared.gold_scorer)
+    ref, rm, gold, _ = cached_reference_samples(shared, shared.prompts, desc="reference")
     key = eval_key(ev, base, shared.settings, shared.judge, shared.rm_scorer, shared.gold_scorer)
     return Context(
         shared.settings,

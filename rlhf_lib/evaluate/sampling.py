@@ -1,7 +1,8 @@
 """Sampling and scoring a policy, the one evaluation path of every policy (the evaluation stage, the methods
 comparison, best-of-N): one response per prompt with the seed reset first (so policies are paired), truncated after
 the first EOS, the per-sequence KL against a reference measured on those samples, and the reward-model and gold
-scores of the samples.
+scores of the samples. The reference's own samples and scores are drawn once per exact inputs and then read back
+(:mod:`rlhf_lib.evaluate.reference_cache`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,10 @@ Public steps (notebook 04_evaluate calls them in this order):
     compare_runs(run_dirs)           -> DataFrame   headline numbers of several runs, one row each
     stage_summary(result, curve)     -> dict        what goes into summary.json["eval"]
 Sampling and scoring are in rlhf_lib.evaluate.sampling, the statistics (KL estimate, win rate and its interval) in
-rlhf_lib.evaluate.stats, figures in rlhf_lib.evaluate.plots.
+rlhf_lib.evaluate.stats, figures in rlhf_lib.evaluate.plots. The reference's samples and scores are computed once per
+exact inputs (reference model, prompts, sampling settings, reward model, gold scorer) and read back by every later
+evaluation on them, e.g. the other runs of a sweep on one base run: rlhf_lib.evaluate.reference_cache; results.json
+says whether this evaluation's came from there (``reference_cached``).
 
 Metric definitions (also the README glossary):
 - kl: KL(policy || reference) per sequence, estimated on responses sampled from the policy as the sum over the
@@ -37,6 +40,7 @@ from rlhf_lib.core import io, runtime
 from rlhf_lib.core.config import CommonConfig, ConfigError, validate
 from rlhf_lib.core.io import JSONLError, iter_jsonl, read_jsonl, write_json_atomic
 from rlhf_lib.core.runs import Run, read_json
+from rlhf_lib.evaluate.reference_cache import ReferenceCache, cached_reference_samples, reference_cache_for
 from rlhf_lib.evaluate.sampling import (
     GenerationSettings,
     GoldScorer,
@@ -238,6 +242,7 @@ class EvalResult:
     win: WinRate
     generation: dict[str, Any]
     n_table_rows: int = 8
+    reference_cached: bool = False  # the reference's samples and scores were read from the reference cache
 
 
 def judge_name(cfg: EvalConfig, has_gold: bool) -> str:
@@ -265,6 +270,8 @@ class EvalContext:
     rm_scorer: RMScorer
     gold_scorer: GoldScorer | None  # None: the data has no gold scorer
     judge: str  # "gold" or "rm": who decides the win rate
+    # where the reference's samples and scores are kept (reference_cache); None: the scorers were given, not the run's
+    reference_cache: ReferenceCache | None = None
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -282,6 +289,9 @@ def eval_context(
     """Settings, the first ``n_prompts`` held-out prompts (default ``cfg.n_eval_prompts``; 0 = all), tokenizer,
     reference and scorers (the run's reward model -- the base run's with ``common.base_run`` -- and gold by default).
 
+    With the run's own scorers the context also names the reference cache (in the run holding the reward model), so
+    :func:`rlhf_lib.evaluate.reference_cache.cached_reference_samples` samples the reference once per prompts and
+    settings; given scorers are not known by content, so the reference is then sampled afresh.
     ``needs_policy`` checks that the run has a trained policy before any model is loaded.
     """
     settings = generation_settings(cfg, run)
@@ -290,12 +300,16 @@ def eval_context(
         _check_policy_dir(run)
     tokenizer = models.load_tokenizer(cfg.model)
     reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
+    own_scorers = rm_scorer is None and gold_scorer is None
     if rm_scorer is None:
         rm_scorer = reward_model_scorer(run.upstream("reward_model").reward_model_dir, settings, tokenizer)
     if gold_scorer is None:
         gold_scorer = default_gold_scorer(run)
     judge = judge_name(cfg, gold_scorer is not None)
-    return EvalContext(cfg, settings, rows, tokenizer, reference, rm_scorer, gold_scorer, judge)
+    cache = None
+    if own_scorers:
+        cache = reference_cache_for(cfg.model, run.upstream("reward_model"), gold_scorer_name(run))
+    return EvalContext(cfg, settings, rows, tokenizer, reference, rm_scorer, gold_scorer, judge, cache)
 
 
 def save_table(df: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
@@ -314,19 +328,21 @@ def evaluate_policies(
     rm_scorer: RMScorer | None = None,
     gold_scorer: GoldScorer | None = None,
 ) -> EvalResult:
-    """Sample reference and trained policy on the eval prompts (paired seeds), score them, measure KL, win rate."""
+    """Sample reference and trained policy on the eval prompts (paired seeds), score them, measure KL, win rate.
+
+    The reference's samples and scores come from the reference cache when an earlier evaluation on the same inputs
+    left them there (results.json ``reference_cached``)."""
     ctx = eval_context(cfg, run, rm_scorer, gold_scorer, needs_policy=True)
     settings = ctx.settings
     print(
         f"[eval] {len(ctx.rows)} eval prompts, response_length={settings.response_length}, "
         f"temperature={settings.temperature}, seed={settings.seed}, device={settings.device}, dtype={settings.dtype}"
     )
-    before = sample_policy(ctx.reference, ctx.tokenizer, ctx.prompts, settings, desc="reference")
+    before, rm_before, gold_before, reference_cached = cached_reference_samples(ctx, ctx.prompts, desc="reference")
     policy = default_policy_loader(cfg, run, ctx.tokenizer, settings.device)(run.policy_dir)
     after = sample_policy(policy, ctx.tokenizer, ctx.prompts, settings, reference=ctx.reference, desc="trained policy")
     del policy
     gc.collect()
-    rm_before, gold_before = score_samples(before, ctx.rm_scorer, ctx.gold_scorer)
     rm_after, gold_after = score_samples(after, ctx.rm_scorer, ctx.gold_scorer)
 
     judged_after, judged_before = (gold_after, gold_before) if ctx.judge == "gold" else (rm_after, rm_before)
@@ -344,7 +360,7 @@ def evaluate_policies(
     }
     outcome = pair_outcomes(judged_after, judged_before, cfg.tie_tolerance)
     samples = _samples_frame(ctx.rows, before, after, (rm_before, rm_after), (gold_before, gold_after), outcome)
-    result = EvalResult(summary, samples, win, settings.to_dict(), cfg.n_table_rows)
+    result = EvalResult(summary, samples, win, settings.to_dict(), cfg.n_table_rows, reference_cached)
     save_table(samples, run.eval_dir, "samples")
     write_json_atomic(
         run.eval_dir / "results.json",
@@ -352,6 +368,7 @@ def evaluate_policies(
             "summary": summary,
             "generation": result.generation,
             "win": {**dataclasses.asdict(win), "tie_fraction": win.tie_fraction},
+            "reference_cached": reference_cached,
         },
     )
     _print_summary(summary)
@@ -485,7 +502,10 @@ def overoptimisation_curve(
     gold_scorer: GoldScorer | None = None,
     policy_loader: PolicyLoader | None = None,
 ) -> pd.DataFrame:
-    """RM and gold score vs KL: reference, evenly spaced PPO checkpoints, final policy (Gao et al. 2022)."""
+    """RM and gold score vs KL: reference, evenly spaced PPO checkpoints, final policy (Gao et al. 2022).
+
+    The reference point's samples are the reference cache's entry for the curve's prompts (their own entry: see
+    rlhf_lib.evaluate.reference_cache)."""
     if cfg.max_checkpoints == 0:
         print("[eval] max_checkpoints=0: over-optimisation curve skipped")
         return pd.DataFrame(columns=CURVE_COLUMNS)
@@ -499,9 +519,15 @@ def overoptimisation_curve(
 
     records = []
     for label, step, path in points:
-        model = ctx.reference if path is None else load(path)
-        samples = sample_policy(model, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference, desc=label)
-        rm, gold = score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
+        if path is None:
+            model = ctx.reference
+            samples, rm, gold, _ = cached_reference_samples(ctx, ctx.prompts, desc=label)
+        else:
+            model = load(path)
+            samples = sample_policy(
+                model, ctx.tokenizer, ctx.prompts, ctx.settings, reference=ctx.reference, desc=label
+            )
+            rm, gold = score_samples(samples, ctx.rm_scorer, ctx.gold_scorer)
         records.append(curve_point(label, step, samples, rm, gold))
         gold_text = f", gold {records[-1]['gold_score']:+.3f}" if gold is not None else ""
         print(f"[eval]   {label:>12}: KL {records[-1]['kl']:.3f}, RM {records[-1]['rm_score']:+.3f}{gold_text}")
