@@ -422,3 +422,44 @@ def test_reward_model_learns_synthetic_task(tmp_path, tok, use_lora, top):
     ):
         assert fig.axes
     assert len(list(run.plots_dir.glob("reward_*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_ensemble_trains_members_on_one_trunk_and_saves_their_weight_average(tmp_path, tok):
+    """k = 3 members on the cached trunk: a report of each, the combinations and WARM; the saved model is WARM, and
+    member 0 is the single reward model of the same seed."""
+
+    def noisy_gold(run):  # gold disagrees with the labels on every third held-out pair, so accuracies can differ
+        path = run.data_dir / "eval_pairs.jsonl"
+        rows = read_pairs(path)
+        for i, r in enumerate(rows):
+            if i % 3 == 0:
+                r["gold_chosen"], r["gold_rejected"] = r["gold_rejected"], r["gold_chosen"]
+        write_jsonl(path, rows)
+
+    settings = dict(n_train=48, n_eval=30, use_lora=True, learning_rate=5e-3, lora_r=4, trainable_top_layers=1)
+    settings.update(num_train_epochs=1.0, per_device_train_batch_size=4)
+    cfg, run = make_run(tmp_path / "ensemble", tok, ensemble=3, **settings)
+    noisy_gold(run)
+    trained = train_reward_model(cfg, run)
+    summary = evaluate_reward_model(cfg, run).summary
+    report = json.loads((run.reward_model_dir / "ensemble.json").read_text())
+    assert report["members"] == 3 and len(report["member"]) == 3 and len(report["standardisation"]) == 3
+    for key in ("mean", "min", "uwo", "warm", "lmc_midpoint"):
+        acc = report[key]["accuracy_vs_gold"]
+        assert 0 <= report[key]["ci"][0] <= acc <= report[key]["ci"][1] <= 1
+        assert summary[f"ensemble_{key}_accuracy_vs_gold"] == acc
+    # the saved model is WARM: reloaded and scored sequence by sequence, it orders the pairs as the report's WARM
+    assert summary["eval_accuracy_vs_gold"] == pytest.approx(report["warm"]["accuracy_vs_gold"], abs=1e-9)
+    logs = json.loads((run.reward_model_dir / "training.json").read_text())
+    assert logs["cached_trunk_blocks"] == 1 and len(logs["member_log_histories"]) == 3
+    first_losses = [[e["loss"] for e in h if "loss" in e] for h in logs["member_log_histories"]]
+    assert first_losses[0] != first_losses[1] != first_losses[2]  # each member its own seed
+    assert trained.n_train_pairs == 48
+
+    cfg1, run1 = make_run(tmp_path / "single", tok, ensemble=1, **settings)
+    noisy_gold(run1)
+    train_reward_model(cfg1, run1)
+    single = evaluate_reward_model(cfg1, run1).summary
+    assert single["eval_accuracy_vs_gold"] == pytest.approx(report["member"][0]["accuracy_vs_gold"], abs=1e-9)
+    assert "ensemble_members" not in single and not (run1.reward_model_dir / "ensemble.json").exists()

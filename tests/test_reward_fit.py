@@ -164,16 +164,10 @@ def test_fit_drops_overlong_pairs_and_logs_trl_keys():
         eval_steps=2,
     )
     model = build_reward_model(cfg, tok, torch.device("cpu"))
-    result = fit.fit_reward_model(
-        cfg,
-        model,
-        _optimizer(cfg, model),
-        rows,
-        tok.pad_token_id,
-        torch.device("cpu"),
-        torch.float32,
-        eval_rows=random_rows(6, seed=5),
+    score, held = fit.training_scorers(
+        cfg, model, rows, tok.pad_token_id, torch.device("cpu"), torch.float32, eval_rows=random_rows(6, seed=5)
     )
+    result = fit.fit_reward_model(cfg, model, _optimizer(cfg, model), score, held)
     assert result.n_pairs == 19  # the 60-token response is over max_length
     train = [e for e in result.log_history if "loss" in e]
     assert len(train) == 5 and {"accuracy", "margin", "grad_norm", "learning_rate", "mean_reward"} <= set(train[0])

@@ -5,13 +5,16 @@ deviation, and the paired win rate (ties as half) with a Wilson or percentile-bo
 from __future__ import annotations
 
 import math
-import statistics
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from rlhf_lib.core.intervals import wilson_interval
+
+__all__ = ["bootstrap_interval", "mean_std", "sequence_kl", "wilson_interval", "win_rate"]
 
 
 def sequence_kl(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
@@ -28,19 +31,6 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
         return math.nan, math.nan
     std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
     return float(arr.mean()), std
-
-
-def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a proportion (successes may be fractional: ties as half)."""
-    # Wilson 1927; Agresti & Coull 1998 recommend it over the normal interval for small n or extreme p
-    if n <= 0:
-        return 0.0, 1.0
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p) / n + z * z / (4 * n * n), 0.0)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def bootstrap_interval(

@@ -2,8 +2,9 @@
 
 One loop, numbered as it runs::
 
-    1. drop pairs longer than max_length; length-grouped batches (transformers' LengthGroupedSampler, per epoch)
-    2. the frozen trunk once (trainable_top_layers > 0, a Llama-family body): TrunkCache
+    1. drop pairs longer than max_length (training_scorers); length-grouped batches (transformers'
+       LengthGroupedSampler, a new order each epoch)
+    2. the frozen trunk once (trainable_top_layers > 0, a Llama-family body): TrunkCache, shared by ensemble members
     3. per optimiser step, per micro-batch: rewards of the packed pairs (the top blocks on the cached trunk, or the
        whole model), loss = -log sigmoid(r_chosen - r_rejected [- margin]) [+ c * mean((r_chosen + r_rejected)^2)]
     4. clip the gradient norm, AdamW step (two groups: body, score head), scheduler step
@@ -40,6 +41,10 @@ class FitResult:
     seconds: float
     n_pairs: int
     cached_trunk_blocks: int  # frozen blocks run once instead of every step (0: the whole model every step)
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.n_pairs / max(self.seconds, 1e-9)
 
 
 def pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None, center: float | None):
@@ -99,41 +104,61 @@ def first_trained_block(model: nn.Module, trainable_top_layers: int) -> int:
     return top[0] if top and can_split(model) else 0
 
 
-def fit_reward_model(
+def training_scorers(
     cfg: Any,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
     rows: Sequence[dict[str, Any]],
     pad_id: int,
     device: torch.device,
     dtype: torch.dtype,
     margins: Sequence[float] | None = None,
     eval_rows: Sequence[dict[str, Any]] | None = None,
+) -> tuple[PairScorer | None, PairScorer | None]:
+    """Step 1 and 2: the training pairs within max_length and the held-out pairs, each with its trunk computed once
+    (shared by every ensemble member: the trunk is frozen). (None, ...) when no pair fits."""
+    keep = [i for i, r in enumerate(rows) if fits(r, cfg.max_length)]  # RewardTrainer's filter
+    if not keep:
+        return None, None
+    rows = [rows[i] for i in keep]
+    margins = None if margins is None else [margins[i] for i in keep]
+    first = first_trained_block(model, cfg.trainable_top_layers)
+    score = PairScorer(model, rows, pad_id, first, device, dtype, margins)
+    held = PairScorer(model, eval_rows, pad_id, first, device, dtype) if eval_rows else None
+    return score, held
+
+
+def fit_reward_model(
+    cfg: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    score: PairScorer,
+    held: PairScorer | None = None,
+    seed: int | None = None,
+    sample: Sequence[int] | None = None,
+    desc: str = "reward model",
 ) -> FitResult:
-    """Train ``model`` on the pairs ``rows`` with the settings of a RewardModelConfig (module docstring's steps)."""
+    """Train ``model`` on the pairs of ``score`` with the settings of a RewardModelConfig (module docstring's steps).
+
+    ``seed`` orders the data (default cfg.seed); ``sample`` trains on these pair indices instead of all (a bootstrap
+    resample); ``held`` is evaluated every ``eval_steps`` steps.
+    """
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    keep = [i for i, r in enumerate(rows) if fits(r, cfg.max_length)]  # 1. RewardTrainer's filter
-    rows = [rows[i] for i in keep]
-    margins = None if margins is None else [margins[i] for i in keep]
-    if not rows:
-        return FitResult([], 0.0, 0, 0)
-    first = first_trained_block(model, cfg.trainable_top_layers)
-    score = PairScorer(model, rows, pad_id, first, device, dtype, margins)  # 2. the trunk, once
-    held = None if not (eval_rows and cfg.eval_steps) else PairScorer(model, eval_rows, pad_id, first, device, dtype)
-    plan = StepPlan.build(cfg, [sum(len(r[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for r in rows])
+    sample = list(range(len(score.rows))) if sample is None else list(sample)
+    lengths = [sum(len(score.rows[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")) for i in sample]
+    plan = StepPlan.build(cfg, lengths, cfg.seed if seed is None else seed)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, warmup_steps(cfg.warmup_steps, plan.total), plan.total)
     log = TrainLog(cfg.logging_steps)
     model.train()
-    bar = tqdm(total=plan.total, desc="reward model")
+    bar = tqdm(total=plan.total, desc=desc)
     for step, micro_batches in enumerate(plan.steps(), 1):
-        stats = train_step(cfg, model, optimizer, score, micro_batches)  # 3. + 4.
+        stats = train_step(cfg, model, optimizer, score, [[sample[j] for j in mb] for mb in micro_batches])  # 3, 4
         scheduler.step()
         log.add(stats, step, plan.epoch_at(step), optimizer)  # 5.
-        if held is not None and step % cfg.eval_steps == 0:
+        if held is not None and cfg.eval_steps and step % cfg.eval_steps == 0:
             log.history.append({**evaluate_pairs(model, held, cfg.per_device_eval_batch_size), **log.where(step)})
             model.train()
         bar.update(1)
@@ -142,7 +167,7 @@ def fit_reward_model(
     seconds = time.perf_counter() - start
     log.finish(seconds, plan.total, plan.epoch_at(plan.total))
     model.eval()
-    return FitResult(log.history, seconds, len(rows), first)
+    return FitResult(log.history, seconds, len(sample), score.first_block)
 
 
 def train_step(cfg, model, optimizer, score: PairScorer, micro_batches: list[list[int]]) -> dict[str, Any]:
@@ -196,8 +221,9 @@ class StepPlan:
     steps_per_epoch: int
 
     @classmethod
-    def build(cls, cfg: Any, lengths: Sequence[int]) -> StepPlan:
-        generator = torch.Generator().manual_seed(cfg.seed)  # the data order: seeded, different every epoch
+    def build(cls, cfg: Any, lengths: Sequence[int], seed: int | None = None) -> StepPlan:
+        # the data order: seeded, different every epoch
+        generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
         accum = cfg.gradient_accumulation_steps
         n_batches = math.ceil(len(lengths) / cfg.per_device_train_batch_size)
         steps_per_epoch = max(math.ceil(n_batches / accum), 1)

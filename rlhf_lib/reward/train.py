@@ -49,7 +49,9 @@ from rlhf_lib.core.config import CommonConfig
 from rlhf_lib.core.io import JSONLError, iter_jsonl, write_json_atomic
 from rlhf_lib.core.runs import Run, read_json
 from rlhf_lib.lm import models
-from rlhf_lib.reward.fit import fit_reward_model
+from rlhf_lib.reward import ensemble as ens
+from rlhf_lib.reward.ensemble import check_ensemble
+from rlhf_lib.reward.fit import FitResult, fit_reward_model, training_scorers
 from rlhf_lib.reward.metrics import (
     DegenerateRewardsError,
     baseline_accuracy,
@@ -83,6 +85,7 @@ __all__ = [
 ]
 
 TRAINING_FILE = "training.json"
+ENSEMBLE_FILE = "ensemble.json"  # an ensemble's held-out report (reward.ensemble.ensemble_report)
 EVAL_SCORES_FILE = "eval_scores.csv"
 PAIR_FIELDS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -129,6 +132,10 @@ class RewardModelConfig(CommonConfig):
     calibration_bins: int = 10  # bins of predicted P(chosen) in the calibration plot
     strength_bins: int = 4  # quantile bins of preference strength (gold gap, else score gap) for accuracy-by-strength
     min_reward_std: float = 1e-4  # evaluation fails when the std of rewards is below this (degenerate reward model)
+    ensemble: int = 1  # k reward models on one shared frozen trunk, each with its own seed; k > 1 saves their
+    #   weight average (WARM) as the reward model and reports members, mean / min / uwo and WARM (reward.ensemble)
+    ensemble_bootstrap: bool = False  # each member trains on a bootstrap resample of the pairs instead of all
+    ensemble_uwo_coef: float = 0.5  # lambda of the uwo combination, mean - lambda * variance across members
 
     def check(self) -> None:
         """Cross-field checks."""
@@ -148,6 +155,7 @@ class RewardModelConfig(CommonConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.use_lora and (self.lora_r < 1 or not self.lora_target_modules):
             raise ValueError("use_lora needs lora_r >= 1 and at least one entry in lora_target_modules")
+        check_ensemble(self.ensemble, self.use_lora)
         if self.warmup_steps < 0 or self.eval_steps < 0 or self.trainable_top_layers < 0:
             raise ValueError("warmup_steps, eval_steps and trainable_top_layers must be >= 0")
 
@@ -399,7 +407,8 @@ def reward_trainer(
 
 
 def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
-    """Train the RM on run.data_dir/train_pairs.jsonl with TRL's RewardTrainer and save it to run.reward_model_dir."""
+    """Train the RM (an ensemble: its members, saved as their weight average) on run.data_dir/train_pairs.jsonl and
+    save it to run.reward_model_dir."""
     device = runtime.pick_device(cfg.device)
     dtype = runtime.pick_dtype(cfg.dtype, device)
     tokenizer = models.load_tokenizer(cfg.model)
@@ -409,43 +418,60 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     train_rows, margins, eval_rows = _stage_pairs(cfg, run, tokenizer)
     model = build_reward_model(cfg, tokenizer, device)
     _announce(cfg, model, len(train_rows), device, dtype)
-    fit = fit_reward_model(
-        cfg, model, _optimizer(cfg, model), train_rows, tokenizer.pad_token_id, device, dtype, margins, eval_rows
-    )
-    if fit.n_pairs == 0:
+    start = time.perf_counter()
+    score, held = training_scorers(cfg, model, train_rows, tokenizer.pad_token_id, device, dtype, margins, eval_rows)
+    if score is None:
         raise ValueError(f"every training pair is longer than max_length={cfg.max_length}; raise max_length")
-    n_used, seconds, log_history = fit.n_pairs, fit.seconds, fit.log_history
-    _check_training_log(log_history)
-
-    trained = model
-    models.uncompile_blocks(trained)  # evaluation is a few no-grad batches: not worth another compile
-    if cfg.use_lora:
-        trained = trained.merge_and_unload()  # a plain HF classifier: PPO and evaluation need no peft
+    if cfg.ensemble > 1:
+        trained, fits, report = _train_ensemble(cfg, model, score, held)
+    else:
+        fits, report = [fit_reward_model(cfg, model, _optimizer(cfg, model), score, held)], None
+        models.uncompile_blocks(model)  # evaluation is a few no-grad batches: not worth another compile
+        trained = model.merge_and_unload() if cfg.use_lora else model  # a plain HF classifier for every consumer
+    seconds = time.perf_counter() - start
+    for fitted in fits:
+        _check_training_log(fitted.log_history)
     trained.eval()
     path = _save_model(trained, tokenizer, run.reward_model_dir)
-    pairs_per_s = n_used * cfg.num_train_epochs / max(seconds, 1e-9)
+    if report is not None:
+        write_json_atomic(path / ENSEMBLE_FILE, report)
+    n_used = len(score.rows)
     result = TrainResult(
         model=trained,
         tokenizer=tokenizer,
         path=path,
-        log_history=log_history,
+        log_history=fits[0].log_history,
         seconds=seconds,
-        pairs_per_s=pairs_per_s,
+        pairs_per_s=n_used * cfg.num_train_epochs * len(fits) / max(seconds, 1e-9),
         n_train_pairs=n_used,
         n_dropped_too_long=len(train_rows) - n_used,
     )
-    write_json_atomic(
-        path / TRAINING_FILE,
-        {
-            **result.summary,
-            "rm_base": cfg.rm_base,
-            "device": str(device),
-            "dtype": str(dtype),
-            "log_history": log_history,
-        },
-    )
-    print(f"trained in {seconds:.0f} s ({pairs_per_s:.2f} pairs/s); saved to {path}")
+    training = {**result.summary, "rm_base": cfg.rm_base, "device": str(device), "dtype": str(dtype)}
+    training["cached_trunk_blocks"] = fits[0].cached_trunk_blocks
+    training["log_history"] = result.log_history
+    if len(fits) > 1:
+        training["member_log_histories"] = [f.log_history for f in fits]
+    write_json_atomic(path / TRAINING_FILE, training)
+    print(f"trained in {seconds:.0f} s ({result.pairs_per_s:.2f} pairs/s); saved to {path}")
     return result
+
+
+def _train_ensemble(cfg: RewardModelConfig, model, score, held) -> tuple[PreTrainedModel, list[FitResult], dict]:
+    """k members on the shared trunk (reward.ensemble), each reset to fresh adapters and head with its own seed;
+    returns their weight average (WARM) as a plain classifier, each member's fit, and the held-out report."""
+    members, fits = [], []
+    for m, seed in enumerate(ens.member_seeds(cfg.seed, cfg.ensemble)):
+        if m:  # member 0 is the model as built: the single reward model of this seed
+            ens.reset_member(model, seed, cfg.zero_init_head)
+        sample = ens.bootstrap_sample(len(score.rows), seed) if cfg.ensemble_bootstrap else None
+        desc = f"reward model {m + 1}/{cfg.ensemble}"
+        fits.append(fit_reward_model(cfg, model, _optimizer(cfg, model), score, held, seed, sample, desc))
+        members.append(ens.member_weights(model))
+    models.uncompile_blocks(model)
+    setter = ens.WeightSetter(model)
+    report = ens.ensemble_report(setter, members, score, held, cfg.ensemble_uwo_coef, cfg.per_device_eval_batch_size)
+    print(json.dumps(ens.summary_keys(report)))
+    return setter.load(ens.average(members)), fits, report
 
 
 def _stage_pairs(cfg: RewardModelConfig, run: Run, tokenizer):
@@ -455,7 +481,7 @@ def _stage_pairs(cfg: RewardModelConfig, run: Run, tokenizer):
     train_rows = read_pairs(train_path)
     _check_pad_free(train_rows, tokenizer.pad_token_id, train_path)
     margins = _margins(train_rows, train_path) if cfg.use_margin else None
-    eval_rows = read_pairs(eval_path) if cfg.eval_steps else None
+    eval_rows = read_pairs(eval_path) if cfg.eval_steps or cfg.ensemble > 1 else None
     return train_rows, margins, eval_rows
 
 
@@ -503,6 +529,16 @@ def _mean_or_none(x: pd.Series) -> float | None:
     return round(float(x.mean()), 4) if len(x) else None
 
 
+def _training_keys(folder: Path) -> dict[str, Any]:
+    """What training recorded beside the saved model, for the stage summary (an ensemble's report included)."""
+    training = read_json(folder / TRAINING_FILE, {})
+    keys = {k: training.get(k) for k in ("train_seconds", "train_pairs_per_s", "n_train_pairs")}
+    ensemble = read_json(folder / ENSEMBLE_FILE, None)
+    if ensemble is not None:  # the saved model is the members' weight average; the members' report beside it
+        keys.update(ens.summary_keys(ensemble))
+    return keys
+
+
 def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
     """Reload the saved RM, score the held-out pairs, compute every metric, save reward_stats.json beside the model."""
     start = time.perf_counter()
@@ -541,7 +577,6 @@ def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
     write_json_atomic(run.reward_model_dir / STATS_FILE, stats)
     pairs.to_csv(run.reward_model_dir / EVAL_SCORES_FILE, index=False)
 
-    training = read_json(run.reward_model_dir / TRAINING_FILE, {})
     summary = {
         "eval_accuracy": round(pairwise_accuracy(reward_chosen, reward_rejected), 4),
         "eval_accuracy_vs_gold": _mean_or_none(pairs["correct_vs_gold"].astype(float)),
@@ -556,9 +591,7 @@ def evaluate_reward_model(cfg: RewardModelConfig, run: Run) -> EvalResult:
         "reward_std": round(stats["std"], 4),
         "n_eval_pairs": len(pairs),
         "n_eval_pairs_gold_tied": int((pairs["gold_gap"] == 0).sum()),
-        "train_seconds": training.get("train_seconds"),
-        "train_pairs_per_s": training.get("train_pairs_per_s"),
-        "n_train_pairs": training.get("n_train_pairs"),
+        **_training_keys(run.reward_model_dir),
         "eval_seconds": round(time.perf_counter() - start, 2),
     }
     print(json.dumps(summary, indent=1))
