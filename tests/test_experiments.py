@@ -565,7 +565,10 @@ def test_smoke_sweep_end_to_end_through_papermill(smoke_sweep, capsys):
         members = [p for p in summary["points"] if p["name"] in group["points"]]
         kl = [p["summary"]["eval"]["after"]["kl"] for p in members]
         assert group["metrics"]["eval.after.kl"]["mean"] == pytest.approx(float(np.mean(kl)))
-    assert summary["frontier"] and summary["frontier_fit"]["n_points"] >= 1
+    # the fit reads exactly the frontier's points with a positive measured KL (on the tiny smoke model the sign of a
+    # KL near 0 is sampling noise, so how many there are is not asserted; fit_frontier's own tests hold its maths)
+    positive = [f for f in summary["frontier"] if f["kl"] is not None and f["kl"] > 0 and f["gold_gain"] is not None]
+    assert summary["frontier"] and summary["frontier_fit"]["n_points"] == len(positive)
     nb = json.loads((smoke_sweep / "notebooks" / experiments.NOTEBOOK).read_text())
     outputs = [o for c in nb["cells"] for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
