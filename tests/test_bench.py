@@ -109,15 +109,17 @@ def test_merge_rounds_pools_timed_updates_and_keeps_each_round():
     ]
     trl = bench_report.merge_rounds([{"updates": trl_rows, "peak_rss_gib": 7.0}] * 2, warmup=1, batch_size=8)
     assert trl["s_per_update"] == pytest.approx(8.0) and trl["tokens_per_s"] == pytest.approx(192.0)
-    rm = bench_report.merge_rounds(
+    rm = bench_report.merge_rounds(  # whole trainings: 16 pairs x 2 epochs in 4 s (8 steps), then in 12 s
         [
-            {"pairs_per_step": 8, "s_per_step": 2.0, "pairs_per_s": 4.0, "peak_rss_gib": 1.0},
-            {"pairs_per_step": 8, "s_per_step": 6.0, "pairs_per_s": 8 / 6, "peak_rss_gib": 1.5},
+            {"pairs_per_s": 8.0, "seconds": 4.0, "steps": 8, "s_per_step": 0.5, "peak_rss_gib": 1.0},
+            {"pairs_per_s": 32 / 12, "seconds": 12.0, "steps": 8, "s_per_step": 1.5, "peak_rss_gib": 1.5},
         ],
         1,
         8,
     )
-    assert rm["pairs_per_s"] == pytest.approx(2.0) and rm["peak_rss_gib"] == 1.5
+    assert rm["pairs_per_s"] == pytest.approx(64 / 16)  # pairs trained over seconds taken, not a mean of rates
+    assert rm["s_per_step"] == pytest.approx(16 / 16) and rm["seconds"] == pytest.approx(8.0)  # of one training
+    assert rm["peak_rss_gib"] == 1.5 and [r["seconds"] for r in rm["rounds"]] == [4.0, 12.0]
     failed = bench_report.merge_rounds([ours[0], {"error": "exit status 1"}], warmup=1, batch_size=8)
     assert failed["error"] == "exit status 1"
     assert bench_report.merge_rounds(ours[:1], warmup=1, batch_size=8)["episodes_per_s"] == ours[0]["episodes_per_s"]
@@ -258,24 +260,44 @@ def test_format_table_lists_configs_trl_rm_and_labels_published_ratios():
             "peak_rss_gib": 2.5,
         },
         "ours-full-fp32": {"name": "ours-full-fp32", "kind": "ppo", "error": "exit status 1"},
-        "rm": {
-            "name": "rm",
-            "kind": "reward_model",
-            "pairs_per_s": 3.21,
-            "s_per_step": 2.5,
-            "pairs_per_step": 8,
-            "mean_sequence_tokens": 150,
-            "peak_rss_gib": 1.5,
-            "setup": "default",
-        },
+        "rm": _rm("rm", "our loop", 3.2, cached=12),
+        "rm-trl": _rm("rm-trl", "TRL RewardTrainer", 0.8),
+        # an entry of a bench.json written before rm-trl existed: RewardTrainer steps, compiled
+        "rm-compile": {"name": "rm-compile", "kind": "reward_model", "pairs_per_s": 2.5, "s_per_step": 3.2},
     }
     table = bench_report.format_table(bench_report.add_ratios(_report(configs)))
     lines = table.splitlines()
     assert lines[0].startswith("| config | ep/s |")
     assert any(ln.startswith(f"| {bench_configs.REFERENCE_CONFIG} | 1.234 | 6.5 |") for ln in lines)
     assert any("ours-full-fp32" in ln and "failed" in ln for ln in lines)
-    assert "3.21 pairs/s" in table
+    assert any(ln.startswith("rm (our loop, default profile") and "3.20 pairs/s" in ln for ln in lines)
+    assert any(ln.startswith("rm-trl (TRL RewardTrainer, default profile") and "0.80 pairs/s" in ln for ln in lines)
+    assert "trunk cached: 12 blocks" in table and "96 pairs x 2.0 epochs" in table
+    assert "rm vs rm-trl (the same RewardModelConfig on the same pairs): pairs/s x4.00" in table
+    assert any(ln.startswith("rm-compile (RewardTrainer") and "2.50 pairs/s" in ln for ln in lines)
     assert "not measured in this run" in table and "PUBLISHED" in table
+    alone = bench_report.add_ratios(_report({"rm": configs["rm"], "rm-trl": {"name": "rm-trl", "error": "exit 1"}}))
+    assert alone["rm_pairs_per_s_ratio_vs_trl"] is None and "pairs/s x" not in bench_report.format_table(alone)
+
+
+def _rm(name, trainer, pairs_per_s, cached=0):
+    seconds = 96 * 2 / pairs_per_s
+    return {
+        "name": name,
+        "kind": "reward_model",
+        "trainer": trainer,
+        "setup": "default profile: LoRA r16 all-linear, top 2 of 14 blocks trained, bfloat16, batch 8, 2 epochs",
+        "pairs": 96,
+        "num_train_epochs": 2.0,
+        "seconds": seconds,
+        "steps": 24,
+        "s_per_step": seconds / 24,
+        "pairs_per_step": 8,
+        "pairs_per_s": pairs_per_s,
+        "cached_trunk_blocks": cached,
+        "mean_sequence_tokens": 150,
+        "peak_rss_gib": 1.5,
+    }
 
 
 def _ppo(name, ep_s, s_update, gen, fwd, opt, rss, **extra):
@@ -309,7 +331,8 @@ def test_plot_bench_draws_phases_memory_target_and_ratio_by_round():
         8.0,
         rounds=[{"episodes_per_s": 0.3}, {"episodes_per_s": 0.3}],
     )
-    fig = plots.plot_bench(bench_report.add_ratios(_report({REF: ours}, trl=trl)))
+    rms = {"rm": _rm("rm", "our loop", 3.2), "rm-compile": {"name": "rm-compile", "kind": "reward_model"}}
+    fig = plots.plot_bench(bench_report.add_ratios(_report({REF: ours, **rms}, trl=trl)))
     phases, memory, by_round = fig.axes[:3]
 
     def segments(row):  # (start, width) of each bar segment of one row, left to right
@@ -364,6 +387,104 @@ def test_synthetic_pairs_have_realistic_length_and_no_pad():
         assert tok.pad_token_id not in r["chosen_ids"] + r["rejected_ids"]
 
 
+def _profile_reward_model() -> dict:
+    """params/default.yaml's reward_model section and common.model, read as plain YAML."""
+    import yaml
+
+    params = yaml.safe_load((repo_root() / "params" / "default.yaml").read_text())
+    return {"model": params["common"]["model"], **params["reward_model"]}
+
+
+def test_reward_config_is_the_default_profiles_reward_model_on_the_workload():
+    """Both RM configurations train with what `make pipeline`'s reward-model stage trains with: every field the
+    default profile sets, apart from the workload's (model, seed, threads, device, pairs per step)."""
+    profile = _profile_reward_model()
+    spec = bench_configs.BenchSpec(rm_pairs_per_step=6, seed=3, threads=1)
+    cfg, changed = bench_configs.reward_config(spec, model_layers=30)  # SmolLM2-135M's blocks: nothing to fit
+    assert changed == {}
+    used = dataclasses.asdict(cfg)
+    workload = {"model": spec.model, "seed": 3, "threads": 1, "device": "auto", "per_device_train_batch_size": 6}
+    assert {k: used[k] for k in workload} == workload
+    assert {k: used[k] for k in profile if k not in workload} == {k: v for k, v in profile.items() if k not in workload}
+    assert cfg.trainable_top_layers == profile["trainable_top_layers"] > 0 and cfg.torch_compile is True
+    assert cfg.rm_base == spec.model  # the workload's model is the base, whatever base_model the profile names
+    # a model with fewer blocks than the profile keeps keeps all of them; the top blocks trained stay the profile's
+    tiny, changed = bench_configs.reward_config(spec, model_layers=2)
+    assert changed == {"num_hidden_layers": [profile["num_hidden_layers"], 0]}
+    assert tiny.trainable_top_layers == profile["trainable_top_layers"] == 2
+    one, changed = bench_configs.reward_config(spec, model_layers=1)  # fewer blocks than the profile trains: all
+    assert (one.num_hidden_layers, one.trainable_top_layers) == (0, 0) and changed["trainable_top_layers"] == [2, 0]
+    fields = {"num_hidden_layers": 4, "trainable_top_layers": 2, "ensemble": 3}
+    assert bench_configs.fit_to_model(fields, 8) == {"ensemble": [3, 1]} and fields["ensemble"] == 1  # one model timed
+    compiled = bench_configs.reward_config(dataclasses.replace(spec, compile=True), 30)[0]
+    assert compiled.torch_compile is True
+    assert {"rm", "rm-trl"} <= set(bench_configs.DEFAULT_CONFIGS) and "rm-compile" not in bench_configs.KNOWN_CONFIGS
+    assert all(name in bench_configs.DIFFERENCES for name in bench_configs.RM_CONFIGS)
+
+
+def test_stage_optimizer_is_the_reward_stages():
+    """Our loop's optimiser in the bench is the one the stage builds (and hands to RewardTrainer): same groups, same
+    parameters, same learning rates and weight decay."""
+    from rlhf_lib.reward import train as reward_train
+
+    cfg, _ = bench_configs.reward_config(bench_configs.BenchSpec(model="tiny:llama"), model_layers=2)
+    cfg = dataclasses.replace(cfg, torch_compile=False, trainable_top_layers=1, weight_decay=0.01)
+    model = reward_train.build_reward_model(cfg, models.load_tokenizer("tiny:llama"), "cpu")
+    ours, stage = bench_workers.stage_optimizer(cfg, model), reward_train._optimizer(cfg, model)
+    assert len(ours.param_groups) == len(stage.param_groups) == 2
+    for a, b in zip(ours.param_groups, stage.param_groups):
+        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
+        assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
+
+
+def test_train_ours_times_the_cached_trunk_and_every_epoch():
+    """With fewer trainable top blocks than the model has, the timed training caches the trunk below them (reported)
+    and runs every epoch's steps."""
+    import torch
+
+    tok = models.load_tokenizer("tiny:llama")
+    cfg, _ = bench_configs.reward_config(bench_configs.BenchSpec(model="tiny:llama", rm_pairs_per_step=4), 2)
+    cfg = dataclasses.replace(cfg, torch_compile=False, trainable_top_layers=1)
+    rows = bench_workers.synthetic_pairs(tok, n=10, length=40, seed=0)
+    out = bench_workers.train_ours(cfg, tok, rows, torch.device("cpu"), torch.float32)
+    assert out["cached_trunk_blocks"] == 1 and out["blocks"] == 2
+    assert out["pairs"] == 10 and out["steps"] == math.ceil(10 / 4) * cfg.num_train_epochs == 6
+    assert out["seconds"] > 0
+
+
+@pytest.mark.slow
+def test_rm_and_rm_trl_train_the_profiles_reward_model_on_the_same_pairs(tmp_path, capsys, monkeypatch):
+    """`rm` (our loop) and `rm-trl` (RewardTrainer), each in its own worker process: the default profile's settings,
+    the identical pairs, whole trainings timed, and their pairs/s ratio in bench.json and the table."""
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")  # eager in the workers: compiling would dominate this test
+    argv = ["--model", "tiny:llama", "--configs", "rm,rm-trl", "--rm-pairs", "16", "--rm-pairs-per-step", "4"]
+    bench.main([*argv, "--warmup", "1", "--threads", "1", "--probe-repeats", "0", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    ours, trl = saved["configs"]["rm"], saved["configs"]["rm-trl"]
+    assert "error" not in ours and "error" not in trl, (ours.get("error"), trl.get("error"))
+    for key in ("pairs", "pairs_digest", "mean_sequence_tokens", "steps", "warmup_pairs", "reward_model_config"):
+        assert ours[key] == trl[key], key  # the same pairs, the same RewardModelConfig, as many steps
+    assert ours["pairs"] == 16 and ours["warmup_pairs"] == 4 and ours["steps"] == 16 // 4 * 2
+    profile, used = _profile_reward_model(), ours["reward_model_config"]
+    changed = ours["changed_for_model"]  # tiny:llama has 2 blocks, fewer than the profile keeps
+    assert changed == {"num_hidden_layers": [profile["num_hidden_layers"], 0]}
+    for key, value in profile.items():
+        expected = {"model": "tiny:llama", "per_device_train_batch_size": 4}.get(key, value)
+        assert (changed[key][0] if key in changed else used[key]) == expected, key
+    assert ours["trainable_top_layers"] == profile["trainable_top_layers"] and used["torch_compile"] is True
+    assert ours["num_train_epochs"] == profile["num_train_epochs"]
+    assert "top 2 of 2 blocks trained" in ours["setup"] and ours["setup"].endswith("eager") and not ours["compile"]
+    assert ours["cached_trunk_blocks"] == trl["cached_trunk_blocks"] == 0  # every block of tiny:llama trains
+    for r in (ours, trl):
+        assert r["kind"] == "reward_model" and r["seconds"] > 0 and r["peak_rss_gib"] > 0
+        assert r["pairs_per_s"] == pytest.approx(r["pairs"] * r["num_train_epochs"] / r["seconds"])
+        assert r["s_per_step"] == pytest.approx(r["seconds"] / r["steps"])
+    assert saved["rm_pairs_per_s_ratio_vs_trl"] == pytest.approx(ours["pairs_per_s"] / trl["pairs_per_s"])
+    out = capsys.readouterr().out
+    assert "\nrm (our loop, default profile" in out and "\nrm-trl (TRL RewardTrainer, default profile" in out
+    assert f"pairs/s x{saved['rm_pairs_per_s_ratio_vs_trl']:.2f}" in out
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
     report = bench.main(
@@ -371,7 +492,7 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
             "--model",
             "tiny:llama",
             "--configs",
-            "ours-lora-bf16,rm",
+            "ours-lora-bf16",
             "--updates",
             "1",
             "--warmup",
@@ -389,7 +510,7 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
         ]
     )
     saved = json.loads((tmp_path / "bench.json").read_text())
-    assert saved["configs"].keys() == report["configs"].keys() == {"ours-lora-bf16", "rm"}
+    assert saved["configs"].keys() == report["configs"].keys() == {"ours-lora-bf16"}
     ours = saved["configs"]["ours-lora-bf16"]
     assert "error" not in ours, ours.get("error")
     for key in (
@@ -417,7 +538,6 @@ def test_tiny_end_to_end_writes_json_with_every_key(tmp_path, capsys):
         assert 0 < probe[f"{dtype}_matmul"]["ms_min"] <= probe[f"{dtype}_matmul"]["ms_median"]
         assert probe[f"{dtype}_matmul"]["repeats"] == 3
     assert probe["read_gb_s_best"] > 0
-    assert saved["configs"]["rm"]["pairs_per_s"] > 0
     for key in ("episodes_per_s_ratio_vs_trl", "peak_rss_ratio_vs_trl"):
         assert key in saved and saved[key] is None  # TRL not run
     assert saved["device"]["type"] in ("cpu", "cuda") and saved["threads"] == 1

@@ -17,11 +17,14 @@ Configurations (``--configs``): every ``ours-*`` one is the default profile's PP
 LoRA on policy and value, reference and reward = the adapter-off bases, dtype auto, compiled transformer blocks) on
 this workload, with the changes :data:`rlhf_lib.bench.configs.PPO_CONFIGS` lists. ``ours-default`` changes nothing:
 it is the reference configuration of the ``*_ratio_vs_trl`` keys. ``ours-full-fp32`` has TRL's algorithmic content
-(four full models, full fine-tuning, fp32); ``rm`` / ``rm-compile`` time the reward-model stage (RewardTrainer steps
-per second with the default RewardModelConfig on synthetic ~150-token pairs). Every process, TRL's too, runs with
-the same ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured process a host
-probe times fixed bf16 and fp32 matmuls (``--probe-repeats``; :func:`rlhf_lib.bench.workers.run_host_probe`): their
-median times say how contended the host was for that run, which the load average does not show on a shared machine.
+(four full models, full fine-tuning, fp32). ``rm`` times the default profile's reward-model stage (its
+``reward_model`` settings, :func:`rlhf_lib.bench.configs.reward_config`) trained by our loop, ``rm-trl`` the same
+RewardModelConfig trained by TRL's RewardTrainer, both on the same synthetic ~150-token pairs: a whole training of
+``--rm-pairs`` pairs each (the trunk cache of our loop included), after a one-epoch warm-up. Every process, TRL's
+too, runs with the same ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured
+process a host probe times fixed bf16 and fp32 matmuls (``--probe-repeats``;
+:func:`rlhf_lib.bench.workers.run_host_probe`): their median times say how contended the host was for that run,
+which the load average does not show on a shared machine.
 Shapes (``--shape``; :mod:`rlhf_lib.bench.shapes`): ``default`` is the workload above, ``seed`` the seed profile's
 (GPT-2 124M sizes, random weights, batch 64, 4 minibatches, 64-token responses; reference configuration
 ``ours-seed``); bench.json's ``gpu`` section holds the figures a GPU run is read for.
@@ -306,6 +309,8 @@ def run_benchmark(
             result = run_subprocess(cmd, spec, logs / f"{name}.log", timeout)
             result.setdefault("name", name)
             result.setdefault("kind", "reward_model" if name in RM_CONFIGS else "ppo")
+            if name in RM_CONFIGS:  # a failed worker's result names its trainer too
+                result.setdefault("trainer", RM_CONFIGS[name])
             per_round.setdefault(name, []).append(result)
         if with_trl:
             per_round.setdefault(TRL_CONFIG_NAME, []).append(run_trl(spec, out_dir, trl_env, timeout, logs))
@@ -322,10 +327,47 @@ def run_benchmark(
     return report
 
 
+def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that change the workload (BenchSpec fields over the shape's)."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model reference (all four roles; default: the shape's, e.g. "
+        "tiny:gpt2 for a CPU dry run of the seed shape)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA + bf16 when present), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--response-length", type=int, default=None)
+    p.add_argument("--num-ppo-epochs", type=int, default=None)
+    p.add_argument("--num-mini-batches", type=int, default=None)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each transformer block (ppo.torch_compile / reward_model.torch_compile)",
+    )
+    p.add_argument(
+        "--rm-pairs",
+        type=int,
+        default=None,
+        help=f"pairs of each RM configuration's timed training (default {BenchSpec.rm_pairs})",
+    )
+    p.add_argument(
+        "--rm-pairs-per-step",
+        type=int,
+        default=None,
+        help=f"pairs per RM optimiser step, the workload's batch (default {BenchSpec.rm_pairs_per_step})",
+    )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rlhf_lib.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--updates", type=int, default=3, help="timed PPO updates (and timed RM steps) per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up updates run first and excluded from the figures")
+    p.add_argument("--updates", type=int, default=3, help="timed PPO updates per configuration")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="warm-up updates run first and excluded from the figures (RM: the warm-up training's steps)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads of every measured process")
     p.add_argument(
         "--omp-wait-policy",
@@ -349,22 +391,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl", action="store_true", help=f"also run TRL 1.12's PPOTrainer in {TRL_ENV} (created once)")
     p.add_argument("--trl-env", default=TRL_ENV, help="folder of the TRL 1.12 virtualenv")
     p.add_argument("--out", default="outputs/bench", help="folder for bench.json and the worker logs")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="model reference (all four roles; default: the shape's, e.g. "
-        "tiny:gpt2 for a CPU dry run of the seed shape)",
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA + bf16 when present), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--response-length", type=int, default=None)
-    p.add_argument("--num-ppo-epochs", type=int, default=None)
-    p.add_argument("--num-mini-batches", type=int, default=None)
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile each transformer block (ppo.torch_compile / reward_model.torch_compile)",
-    )
+    _add_workload_arguments(p)
     p.add_argument(
         "--rounds",
         type=int,
@@ -395,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit(str(exc))
     if args.updates < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1 or args.probe_repeats < 0:
         raise SystemExit("--updates and --rounds must be >= 1, --warmup and --probe-repeats >= 0, --threads >= 1")
+    if any(n is not None and n < 1 for n in (args.rm_pairs, args.rm_pairs_per_step)):
+        raise SystemExit("--rm-pairs and --rm-pairs-per-step must be >= 1")
     spec = spec_for_shape(
         args.shape,
         model=args.model,
@@ -409,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         device=args.device,
         compile=args.compile,
         probe_repeats=args.probe_repeats,
+        rm_pairs=args.rm_pairs,
+        rm_pairs_per_step=args.rm_pairs_per_step,
     )
     spec.model = bench_shapes.ensure_seed_model(spec.model)
     root = repo_root()

@@ -1,6 +1,6 @@
 """What `make bench` measures: the workload (:class:`BenchSpec`), the named configurations (:data:`PPO_CONFIGS`,
 :data:`RM_CONFIGS`; :data:`DIFFERENCES` describes each), TRL 1.12's published figures, the prompts, the host probe's
-matmul sizes, and the PPOConfig each configuration runs.
+matmul sizes, and the PPOConfig and RewardModelConfig each configuration runs.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ DEFAULT_CONFIGS = (
     "ours-default-compile-generation",
     "ours-full-fp32",
     "rm",
-    "rm-compile",
+    "rm-trl",
 )
-PROFILE = "params/default.yaml"  # every ours-* configuration starts from this profile's ppo (and common) settings
+PROFILE = "params/default.yaml"  # every ours-* configuration starts from this profile's ppo (and common) settings,
+#   both RM configurations from its reward_model (and common) settings
 REFERENCE_CONFIG = "ours-default"  # the configuration the *_ratio_vs_trl keys compare: exactly the default profile's
 FULL_FT_LR = 1e-5  # full fine-tuning learning rate on both sides (LoRA configs keep the profile's)
 # name -> PPOConfig fields changed from the default profile's (the workload fields come from BenchSpec)
@@ -33,7 +34,11 @@ PPO_CONFIGS: dict[str, dict[str, Any]] = {
     "ours-full-bf16": {"use_lora": False, "dtype": "bfloat16", "torch_compile": False, "learning_rate": FULL_FT_LR},
     "ours-lora-fp32": {"dtype": "float32", "torch_compile": False},
 }
-RM_CONFIGS = {"rm": False, "rm-compile": True}  # name -> torch_compile
+# name -> what trains the default profile's reward model: the stage's own loop (reward.fit) or TRL's RewardTrainer
+# built as reward.train.reward_trainer builds it; both with the same RewardModelConfig on the same pairs
+RM_CONFIGS = {"rm": "our loop", "rm-trl": "TRL RewardTrainer"}
+# rm_pairs_per_s_ratio_vs_trl = the first one's pairs/s over the second one's
+RM_REFERENCE_CONFIG, RM_TRL_CONFIG = "rm", "rm-trl"
 KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
 TRL_CONFIG_NAME = "trl-1.12-full-fp32"
 # TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job, as first measured for this repo: +-30 %
@@ -85,6 +90,13 @@ DIFFERENCES = {
     "ours-full-fp32": "Same algorithmic content as TRL (4 full models, full fine-tuning, fp32), eager.",
     "ours-full-bf16": "Full fine-tuning as TRL, bf16 autocast with fp32 master weights (TRL: fp32), eager.",
     "ours-lora-fp32": "LoRA as ours-default, fp32 as TRL, eager.",
+    "rm": "The default profile's reward-model stage (params/default.yaml reward_model + common: blocks kept, LoRA, "
+    "learning rates, trainable_top_layers, epochs, torch_compile) trained by its own loop (rlhf_lib.reward.fit): "
+    "each pair packed in one row so its prompt runs once, and the frozen blocks below trainable_top_layers run "
+    "once per training (a cache) instead of every epoch; the whole training is timed, the cache included.",
+    "rm-trl": "The same RewardModelConfig on the same synthetic pairs trained by TRL's RewardTrainer "
+    "(rlhf_lib.reward.train.reward_trainer: the stage's optimiser groups, schedule and clipping): chosen and "
+    "rejected as separate sequences, every block run every step.",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
     "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
     "positions; responses trimmed to the longest; fused chunked log-prob/entropy; the prompt tokens all "
@@ -118,7 +130,8 @@ class BenchSpec:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
-    rm_pairs_per_step: int = 8
+    rm_pairs_per_step: int = 8  # reward-model pairs per optimiser step (per_device_train_batch_size)
+    rm_pairs: int = 96  # pairs of the timed reward-model training (the profile's num_train_epochs over them)
     rm_sequence_length: int = 150
     probe_repeats: int = 25  # timed matmuls of the host probe before each measured process (0: no probe)
     shape: str = "default"  # the preset the workload came from (rlhf_lib.bench.shapes.SHAPES)
@@ -166,6 +179,56 @@ def profile_ppo_fields(profile: str | Path = PROFILE) -> dict[str, Any]:
 
     fields = config.stage_parameters(config.load_params_file(repo_root() / profile), "ppo")
     return {k: v for k, v in fields.items() if k not in ("run", "outputs_dir", "overwrite", "resume")}
+
+
+# the fields of a profile that name the run rather than the reward-model training
+RM_RUN_FIELDS = ("run", "outputs_dir", "overwrite", "base_run")
+
+
+def profile_reward_fields(profile: str | Path = PROFILE) -> dict[str, Any]:
+    """The RewardModelConfig fields a params profile gives its reward-model stage (common + reward_model sections,
+    resolved), less the ones that name the run rather than the training (:data:`RM_RUN_FIELDS`)."""
+    from rlhf_lib.core import config
+
+    fields = config.stage_parameters(config.load_params_file(repo_root() / profile), "reward_model")
+    return {k: v for k, v in fields.items() if k not in RM_RUN_FIELDS}
+
+
+def fit_to_model(fields: dict[str, Any], model_layers: int) -> dict[str, list[Any]]:
+    """Change, in place, the reward-model fields a model of `model_layers` blocks cannot take; returns each changed
+    field as [profile's value, value used].
+
+    A model with fewer blocks than the profile keeps (a tiny test model) keeps all of them, and trains all of them
+    when the profile trains more top blocks than it has. A profile's ensemble becomes one model: both trainers time
+    one reward model (TRL trains no ensembles; the stage's members would each repeat the epochs on the shared trunk).
+    """
+    kept = 0 if fields["num_hidden_layers"] > model_layers else fields["num_hidden_layers"]
+    top = 0 if fields["trainable_top_layers"] > (kept or model_layers) else fields["trainable_top_layers"]
+    used = {"num_hidden_layers": kept, "trainable_top_layers": top, "ensemble": 1}
+    changed = {k: [fields[k], v] for k, v in used.items() if fields[k] != v}
+    fields.update(used)
+    return changed
+
+
+def reward_config(spec: BenchSpec, model_layers: int):
+    """The RewardModelConfig both RM configurations train with: the default profile's, on the workload's model (of
+    `model_layers` blocks; :func:`fit_to_model`), seed, threads, device and pairs per step.
+
+    Returns the config and the fields changed from the profile's for the model (field -> [profile's, used])."""
+    from rlhf_lib.reward import train as reward
+
+    fields = profile_reward_fields() | {
+        "model": spec.model,
+        "base_model": "",  # the workload's model is the reward model's base
+        "device": spec.device,
+        "threads": spec.threads,
+        "seed": spec.seed,
+        "per_device_train_batch_size": spec.rm_pairs_per_step,
+    }
+    if spec.compile:
+        fields["torch_compile"] = True
+    changed = fit_to_model(fields, model_layers)
+    return reward.RewardModelConfig(**fields), changed
 
 
 def ppo_config(name: str, spec: BenchSpec):

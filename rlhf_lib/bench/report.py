@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from rlhf_lib.bench.configs import PROBE_MATMULS, PUBLISHED_WORKLOAD, RM_CONFIGS, TRL_CONFIG_NAME
+from rlhf_lib.bench.configs import (
+    PROBE_MATMULS,
+    PUBLISHED_WORKLOAD,
+    RM_REFERENCE_CONFIG,
+    RM_TRL_CONFIG,
+    TRL_CONFIG_NAME,
+)
 
 
 def ratio(ours: float | None, theirs: float | None) -> float | None:
@@ -70,11 +76,11 @@ def summarize_probe(matmul_ms: dict[str, Sequence[float]], read_gib: float, read
 
 
 def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int) -> dict[str, Any]:
-    """One configuration measured in several rounds -> one result over all their timed updates (RM: steps).
+    """One configuration measured in several rounds -> one result over all their timed updates (RM: trainings).
 
-    The figures are recomputed from every round's timed updates pooled (each round drops its own warm-up), the
-    peak RSS is the largest; ``rounds`` keeps each round's own episodes/s (RM: pairs/s), s/update and RSS. A failed
-    round makes the merged result that failure.
+    The figures are recomputed from every round's timed updates pooled (each round drops its own warm-up; RM: every
+    round's timed training pooled), the peak RSS is the largest; ``rounds`` keeps each round's own episodes/s (RM:
+    pairs/s), s/update (RM: s/step and seconds) and RSS. A failed round makes the merged result that failure.
     """
     if len(results) == 1:
         return dict(results[0])
@@ -87,10 +93,15 @@ def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int
         merged.update(summarize_updates(rows, 0, batch_size))
         merged["updates"] = [row for r in results for row in r["updates"]]
         keys = ("episodes_per_s", "s_per_update", "peak_rss_gib", "host_probe_before")
-    else:  # reward-model stage: mean seconds per step over the rounds
-        s_per_step = sum(r["s_per_step"] for r in results) / len(results)
-        merged.update(s_per_step=s_per_step, pairs_per_s=merged["pairs_per_step"] / s_per_step)
-        keys = ("pairs_per_s", "s_per_step", "peak_rss_gib", "host_probe_before")
+    else:  # reward model: the rounds' whole trainings pooled (pairs x epochs trained over seconds taken)
+        seconds = sum(r["seconds"] for r in results)
+        trained = sum(r["pairs_per_s"] * r["seconds"] for r in results)
+        merged.update(
+            seconds=seconds / len(results),  # of one training, as each round's
+            s_per_step=seconds / sum(r["steps"] for r in results),
+            pairs_per_s=trained / seconds,
+        )
+        keys = ("pairs_per_s", "s_per_step", "seconds", "peak_rss_gib", "host_probe_before")
     merged["peak_rss_gib"] = max(r["peak_rss_gib"] for r in results)
     merged["rounds"] = [{k: r.get(k) for k in keys} for r in results]
     return merged
@@ -120,6 +131,10 @@ def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
         [ratio(a.get("episodes_per_s"), b.get("episodes_per_s")) for a, b in zip(ref_rounds, trl_rounds)]
         if trl_ok and len(ref_rounds) == len(trl_rounds) > 1
         else None
+    )
+    rm, rm_trl = (report["configs"].get(n) or {} for n in (RM_REFERENCE_CONFIG, RM_TRL_CONFIG))
+    report["rm_pairs_per_s_ratio_vs_trl"] = (
+        ratio(rm.get("pairs_per_s"), rm_trl.get("pairs_per_s")) if "error" not in rm and "error" not in rm_trl else None
     )
     for res in report["configs"].values():
         if "episodes_per_s" in res:
@@ -175,18 +190,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             "| " + " | ".join(_fmt(r.get(k), d) if k != "name" else str(r.get(k)) for _, k, d in TABLE_COLUMNS) + " |"
         )
-    for rm_name in RM_CONFIGS:
-        rm = report["configs"].get(rm_name)
-        if not rm:
-            continue
-        if "error" in rm:
-            lines.append(f"\n{rm_name} (RewardTrainer): failed: {rm['error'][:200]}")
-        else:
-            lines.append(
-                f"\n{rm_name} (RewardTrainer, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
-                f"{_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs "
-                f"(~{rm.get('mean_sequence_tokens')} tokens/sequence), peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB"
-            )
+    lines += ["\n" + rm_line(name, r) for name, r in report["configs"].items() if r.get("kind") == "reward_model"]
+    if report.get("rm_pairs_per_s_ratio_vs_trl") is not None:
+        lines.append(
+            f"{RM_REFERENCE_CONFIG} vs {RM_TRL_CONFIG} (the same RewardModelConfig on the same pairs): pairs/s "
+            f"x{_fmt(report['rm_pairs_per_s_ratio_vs_trl'])}"
+        )
     probes = probe_line(report)
     if probes:
         lines.append("\n" + probes)
@@ -218,6 +227,26 @@ def format_table(report: dict[str, Any]) -> str:
         f"x{_fmt(report.get('peak_rss_ratio_vs_published_trl'))}"
     )
     return "\n".join(lines)
+
+
+def rm_line(name: str, rm: dict[str, Any]) -> str:
+    """One reward-model configuration's line: who trained, with what, how fast (a whole training timed)."""
+    trainer = rm.get("trainer", "RewardTrainer")  # results written before the rm-trl configuration: all TRL's
+    if "error" in rm:
+        return f"{name} ({trainer}): failed: {rm['error'][:200]}"
+    if "seconds" not in rm:  # those results timed steps after a warm-up, not a whole training
+        return (
+            f"{name} ({trainer}, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
+            f"{_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs "
+            f"(~{rm.get('mean_sequence_tokens')} tokens/sequence), peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB"
+        )
+    return (
+        f"{name} ({trainer}, {rm.get('setup')}): {_fmt(rm.get('pairs_per_s'), 2)} pairs/s, "
+        f"{rm.get('pairs')} pairs x {_fmt(rm.get('num_train_epochs'), 1)} epochs in {_fmt(rm.get('seconds'), 1)} s "
+        f"({rm.get('steps')} steps, {_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs), "
+        f"trunk cached: {rm.get('cached_trunk_blocks')} blocks, ~{rm.get('mean_sequence_tokens')} tokens/sequence, "
+        f"peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB"
+    )
 
 
 def probe_line(report: dict[str, Any]) -> str:

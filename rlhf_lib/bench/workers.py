@@ -1,10 +1,13 @@
 """What runs inside one measured subprocess of `make bench` (``python -m rlhf_lib.bench --worker NAME``): our
-PPOTrainer on the workload, RewardTrainer steps on synthetic pairs, or the host probe; the result is printed as one
-``BENCH_RESULT`` line for the driver (rlhf_lib.bench.cli) to read.
+PPOTrainer on the workload, the default profile's reward-model training (our loop or TRL's RewardTrainer) on
+synthetic pairs, or the host probe; the result is printed as one ``BENCH_RESULT`` line for the driver
+(rlhf_lib.bench.cli) to read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import resource
 import tempfile
@@ -20,6 +23,7 @@ from rlhf_lib.bench.configs import (
     bench_prompts,
     ppo_config,
     profile_ppo_fields,
+    reward_config,
 )
 from rlhf_lib.bench.report import summarize_probe, summarize_updates
 
@@ -127,60 +131,155 @@ def synthetic_pairs(tokenizer, n: int, length: int, seed: int) -> list[dict[str,
     return rows
 
 
-def run_reward_config(name: str, spec: BenchSpec) -> dict[str, Any]:
-    """RewardTrainer steps with the default RewardModelConfig (as the reward_model stage builds it), synthetic pairs."""
-    from transformers import TrainerCallback
+def model_layers(ref: str) -> int:
+    """The number of transformer blocks of model `ref` (its config's, without loading the weights)."""
+    from transformers import AutoConfig
 
-    from rlhf_lib.core import runtime
     from rlhf_lib.lm import models
+
+    return AutoConfig.from_pretrained(models.resolve_model_ref(ref)).get_text_config().num_hidden_layers
+
+
+def stage_optimizer(cfg, model):
+    """The reward-model stage's optimiser (reward.train's, which reward_trainer also hands to TRL): AdamW, the
+    score head in its own group at head_learning_rate, every other trainable weight at learning_rate."""
+    import torch
+
+    from rlhf_lib.reward.scoring import score_head
+
+    head_ids = {id(p) for p in score_head(model).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.learning_rate},
+        {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_learning_rate},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _clock(device) -> float:
+    """perf_counter once the device's queued work is done (CUDA runs asynchronously)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _trained(model, seconds: float, steps: int, pairs: int, cached_trunk_blocks: int) -> dict[str, Any]:
+    """What a timed training reports, the same keys for both trainers."""
+    from rlhf_lib.lm import models
+
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "pairs": pairs,
+        "cached_trunk_blocks": cached_trunk_blocks,
+        "blocks": len(models.transformer_blocks(model)),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def train_ours(cfg, tokenizer, rows, device, dtype) -> dict[str, Any]:
+    """The stage's loop as train_reward_model runs it on a fresh model (seeded): the pairs' scorer (the frozen trunk
+    run once, where it is cached) and the epochs, timed together."""
+    from rlhf_lib.core import runtime
+    from rlhf_lib.reward import train as reward
+    from rlhf_lib.reward.fit import fit_reward_model, training_scorers
+
+    runtime.seed_everything(cfg.seed)
+    model = reward.build_reward_model(cfg, tokenizer, device)
+    optimizer = stage_optimizer(cfg, model)
+    start = _clock(device)
+    score, _ = training_scorers(cfg, model, rows, tokenizer.pad_token_id, device, dtype)
+    if score is None:
+        raise ValueError(f"every synthetic pair is longer than max_length={cfg.max_length}")
+    fitted = fit_reward_model(cfg, model, optimizer, score, desc="bench reward model")
+    seconds = _clock(device) - start
+    return _trained(model, seconds, fitted.log_history[-1]["step"], fitted.n_pairs, fitted.cached_trunk_blocks)
+
+
+def train_trl(cfg, tokenizer, rows, device, dtype) -> dict[str, Any]:
+    """TRL's RewardTrainer as reward.train.reward_trainer builds it, on a fresh model (seeded): train() timed."""
+    from rlhf_lib.core import runtime
     from rlhf_lib.reward import train as reward
 
-    runtime.set_threads(spec.threads)
-    runtime.seed_everything(spec.seed)
-    cfg = reward.RewardModelConfig(
-        model=spec.model,
-        device=spec.device,
-        seed=spec.seed,
-        threads=spec.threads,
-        per_device_train_batch_size=spec.rm_pairs_per_step,
-        logging_steps=1000,
-        torch_compile=RM_CONFIGS[name] or spec.compile,
-    )
-    device = runtime.pick_device(cfg.device)
-    dtype = runtime.pick_dtype(cfg.dtype, device)
-    tokenizer = models.load_tokenizer(cfg.model)
-    warmup = max(spec.warmup, 1)  # the first step's end is the timing origin
-    steps = warmup + spec.updates
-    rows = synthetic_pairs(tokenizer, steps * cfg.per_device_train_batch_size, spec.rm_sequence_length, spec.seed)
-    ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *args, **kwargs):
-            ends.append(time.perf_counter())
-
+    runtime.seed_everything(cfg.seed)
     model = reward.build_reward_model(cfg, tokenizer, device)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-rm-") as scratch:
-        dataset = reward.pairs_dataset(rows)
-        trainer = reward.reward_trainer(cfg, model, tokenizer, device, dtype, dataset, scratch, callbacks=[Clock()])
+        trainer = reward.reward_trainer(cfg, model, tokenizer, device, dtype, reward.pairs_dataset(rows), scratch)
+        start = _clock(device)
         trainer.train()
-    timed = len(ends) - warmup
-    seconds = ends[-1] - ends[warmup - 1]
+        seconds = _clock(device) - start
+    return _trained(model, seconds, trainer.state.global_step, len(trainer.train_dataset), 0)
+
+
+RM_TRAINERS = {"rm": train_ours, "rm-trl": train_trl}  # RM_CONFIGS' names -> the training each one times
+
+
+def run_reward_config(name: str, spec: BenchSpec) -> dict[str, Any]:
+    """The default profile's reward-model training (RM_CONFIGS) on `spec.rm_pairs` synthetic pairs: one epoch on
+    the first pairs as a warm-up (compiling happens here; not timed), then the whole training timed on a fresh model.
+
+    Whole trainings, not steps, are timed: our loop's trunk cache is paid once per training and repaid each epoch.
+    """
+    from rlhf_lib.core import runtime
+    from rlhf_lib.lm import models
+
+    runtime.set_threads(spec.threads)
+    tokenizer = models.load_tokenizer(spec.model)
+    cfg, changed = reward_config(spec, model_layers(spec.model))
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    rows = synthetic_pairs(tokenizer, spec.rm_pairs, spec.rm_sequence_length, spec.seed)
+    warmup = rows[: spec.rm_pairs_per_step * max(spec.warmup, 1)]
+    RM_TRAINERS[name](dataclasses.replace(cfg, num_train_epochs=1.0), tokenizer, warmup, device, dtype)
+    timed = RM_TRAINERS[name](cfg, tokenizer, rows, device, dtype)
+    return reward_result(name, cfg, changed, rows, len(warmup), timed, device, dtype)
+
+
+def rm_setup(cfg, blocks: int, dtype_name: str, compiled: bool) -> str:
+    """The settings an RM configuration trained with, in words (the table's line)."""
+    lora = f"LoRA r{cfg.lora_r} {','.join(cfg.lora_target_modules)}" if cfg.use_lora else "full fine-tuning"
+    top = f"top {cfg.trainable_top_layers} of {blocks}" if cfg.trainable_top_layers else f"all {blocks}"
+    return (
+        f"default profile: {lora}, {top} blocks trained, {dtype_name}, batch {cfg.per_device_train_batch_size}, "
+        f"{cfg.num_train_epochs:g} epochs, {'compiled' if compiled else 'eager'}"
+    )
+
+
+def reward_result(name, cfg, changed, rows, warmup_pairs, timed, device, dtype) -> dict[str, Any]:
+    """bench.json's entry of an RM configuration: the timed training's figures and the settings it ran with."""
+    import torch
+
+    from rlhf_lib.core import runtime
+    from rlhf_lib.lm.policy_models import should_compile
+
     lengths = [len(r["prompt_ids"]) + len(r[k]) for r in rows for k in ("chosen_ids", "rejected_ids")]
+    dtype_name = str(dtype).replace("torch.", "")
+    # compiled blocks ran unless no compiler was found or TORCH_COMPILE_DISABLE turned torch.compile off
+    compiled = (
+        should_compile(cfg.torch_compile, device, "reward_model.torch_compile") and not torch._dynamo.config.disable
+    )
     return {
         "name": name,
         "kind": "reward_model",
-        "compile": cfg.torch_compile,
-        "setup": "default RewardModelConfig: "
-        f"{'LoRA r%d %s' % (cfg.lora_r, ','.join(cfg.lora_target_modules)) if cfg.use_lora else 'full'}, "
-        f"{str(dtype).replace('torch.', '')}, batch {cfg.per_device_train_batch_size}",
-        "dtype": str(dtype).replace("torch.", ""),
+        "trainer": RM_CONFIGS[name],
+        "setup": rm_setup(cfg, timed["blocks"], dtype_name, compiled),
+        "reward_model_config": dataclasses.asdict(cfg),
+        "changed_for_model": changed,  # profile fields this model cannot take: field -> [profile's, used]
+        "compile": compiled,
+        "dtype": dtype_name,
         "device": runtime.describe_device(device),
+        "use_lora": cfg.use_lora,
+        "trainable_top_layers": cfg.trainable_top_layers,
+        "num_train_epochs": cfg.num_train_epochs,
         "pairs_per_step": cfg.per_device_train_batch_size,
-        "warmup_steps": warmup,
-        "timed_steps": timed,
+        "warmup_pairs": warmup_pairs,
+        "pairs_digest": hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16],
         "mean_sequence_tokens": round(sum(lengths) / len(lengths)),
-        "pairs_per_s": cfg.per_device_train_batch_size * timed / seconds,
-        "s_per_step": seconds / timed,
+        **timed,
+        "pairs_per_s": timed["pairs"] * cfg.num_train_epochs / timed["seconds"],
+        "s_per_step": timed["seconds"] / timed["steps"],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_gpu_gib": _peak_gpu_gib(),
     }
