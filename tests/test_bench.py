@@ -422,21 +422,6 @@ def test_reward_config_is_the_default_profiles_reward_model_on_the_workload():
     assert all(name in bench_configs.DIFFERENCES for name in bench_configs.RM_CONFIGS)
 
 
-def test_stage_optimizer_is_the_reward_stages():
-    """Our loop's optimiser in the bench is the one the stage builds (and hands to RewardTrainer): same groups, same
-    parameters, same learning rates and weight decay."""
-    from rlhf_lib.reward import train as reward_train
-
-    cfg, _ = bench_configs.reward_config(bench_configs.BenchSpec(model="tiny:llama"), model_layers=2)
-    cfg = dataclasses.replace(cfg, torch_compile=False, trainable_top_layers=1, weight_decay=0.01)
-    model = reward_train.build_reward_model(cfg, models.load_tokenizer("tiny:llama"), "cpu")
-    ours, stage = bench_workers.stage_optimizer(cfg, model), reward_train._optimizer(cfg, model)
-    assert len(ours.param_groups) == len(stage.param_groups) == 2
-    for a, b in zip(ours.param_groups, stage.param_groups):
-        assert [id(p) for p in a["params"]] == [id(p) for p in b["params"]]
-        assert {k: v for k, v in a.items() if k != "params"} == {k: v for k, v in b.items() if k != "params"}
-
-
 def test_train_ours_times_the_cached_trunk_and_every_epoch():
     """With fewer trainable top blocks than the model has, the timed training caches the trunk below them (reported)
     and runs every epoch's steps."""

@@ -12,7 +12,7 @@ import torch
 from rlhf_lib.lm import models
 from rlhf_lib.reward import fit, packing, trunk
 from rlhf_lib.reward.scoring import score_head, score_sequences
-from rlhf_lib.reward.train import RewardModelConfig, _optimizer, build_reward_model, pairs_dataset, reward_trainer
+from rlhf_lib.reward.train import RewardModelConfig, build_reward_model, pairs_dataset, reward_optimizer, reward_trainer
 
 
 def random_rows(n: int, seed: int, low: int = 100, high: int = 1000) -> list[dict]:
@@ -167,7 +167,7 @@ def test_fit_drops_overlong_pairs_and_logs_trl_keys():
     score, held = fit.training_scorers(
         cfg, model, rows, tok.pad_token_id, torch.device("cpu"), torch.float32, eval_rows=random_rows(6, seed=5)
     )
-    result = fit.fit_reward_model(cfg, model, _optimizer(cfg, model), score, held)
+    result = fit.fit_reward_model(cfg, model, reward_optimizer(cfg, model), score, held)
     assert result.n_pairs == 19  # the 60-token response is over max_length
     train = [e for e in result.log_history if "loss" in e]
     assert len(train) == 5 and {"accuracy", "margin", "grad_norm", "learning_rate", "mean_reward"} <= set(train[0])

@@ -140,22 +140,6 @@ def model_layers(ref: str) -> int:
     return AutoConfig.from_pretrained(models.resolve_model_ref(ref)).get_text_config().num_hidden_layers
 
 
-def stage_optimizer(cfg, model):
-    """The reward-model stage's optimiser (reward.train's, which reward_trainer also hands to TRL): AdamW, the
-    score head in its own group at head_learning_rate, every other trainable weight at learning_rate."""
-    import torch
-
-    from rlhf_lib.reward.scoring import score_head
-
-    head_ids = {id(p) for p in score_head(model).parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in trainable if id(p) not in head_ids], "lr": cfg.learning_rate},
-        {"params": [p for p in trainable if id(p) in head_ids], "lr": cfg.head_learning_rate},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
 def _clock(device) -> float:
     """perf_counter once the device's queued work is done (CUDA runs asynchronously)."""
     import torch
@@ -188,7 +172,7 @@ def train_ours(cfg, tokenizer, rows, device, dtype) -> dict[str, Any]:
 
     runtime.seed_everything(cfg.seed)
     model = reward.build_reward_model(cfg, tokenizer, device)
-    optimizer = stage_optimizer(cfg, model)
+    optimizer = reward.reward_optimizer(cfg, model)
     start = _clock(device)
     score, _ = training_scorers(cfg, model, rows, tokenizer.pad_token_id, device, dtype)
     if score is None:

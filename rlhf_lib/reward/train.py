@@ -328,7 +328,7 @@ def build_reward_model(
     return model
 
 
-def _optimizer(cfg: RewardModelConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def reward_optimizer(cfg: RewardModelConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW with the score head in its own parameter group (own lr), everything else trainable at learning_rate."""
     head_params = {id(p) for p in score_head(model).parameters()}
     head = [p for p in model.parameters() if p.requires_grad and id(p) in head_params]
@@ -401,7 +401,7 @@ def reward_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        optimizers=(_optimizer(cfg, model), None),  # the scheduler is built by Trainer over both groups
+        optimizers=(reward_optimizer(cfg, model), None),  # the scheduler is built by Trainer over both groups
         callbacks=callbacks,
     )
 
@@ -425,7 +425,7 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     if cfg.ensemble > 1:
         trained, fits, report = _train_ensemble(cfg, model, score, held)
     else:
-        fits, report = [fit_reward_model(cfg, model, _optimizer(cfg, model), score, held)], None
+        fits, report = [fit_reward_model(cfg, model, reward_optimizer(cfg, model), score, held)], None
         models.uncompile_blocks(model)  # evaluation is a few no-grad batches: not worth another compile
         trained = model.merge_and_unload() if cfg.use_lora else model  # a plain HF classifier for every consumer
     seconds = time.perf_counter() - start
@@ -465,7 +465,7 @@ def _train_ensemble(cfg: RewardModelConfig, model, score, held) -> tuple[PreTrai
             ens.reset_member(model, seed, cfg.zero_init_head)
         sample = ens.bootstrap_sample(len(score.rows), seed) if cfg.ensemble_bootstrap else None
         desc = f"reward model {m + 1}/{cfg.ensemble}"
-        fits.append(fit_reward_model(cfg, model, _optimizer(cfg, model), score, held, seed, sample, desc))
+        fits.append(fit_reward_model(cfg, model, reward_optimizer(cfg, model), score, held, seed, sample, desc))
         members.append(ens.member_weights(model))
     models.uncompile_blocks(model)
     setter = ens.WeightSetter(model)
