@@ -45,12 +45,14 @@ def test_warm_averages_the_merged_updates_not_the_factors():
     tok = models.load_tokenizer("tiny:llama")
     cfg = RewardModelConfig(model="tiny:llama", lora_r=2, trainable_top_layers=1)
     base = build_reward_model(cfg, tok, torch.device("cpu"))
-    members, merged = [], []
+    members, merged, factors = [], [], []
     for m in range(3):
         model = copy.deepcopy(base)
         ens.reset_member(model, seed=10 + m, zero_head=True)
         trained_like(model, seed=m)
         members.append(ens.member_weights(model))
+        first = ens.lora_layers(model)[0]  # this member's factors of the first adapted layer
+        factors.append((first.lora_A["default"].weight.clone(), first.lora_B["default"].weight.clone(), first.scaling))
         merged.append(copy.deepcopy(model).merge_and_unload().state_dict())  # peft's own merge of one member
     setter = ens.WeightSetter(copy.deepcopy(base))
     warm = setter.load(ens.average(members)).state_dict()
@@ -59,9 +61,12 @@ def test_warm_averages_the_merged_updates_not_the_factors():
     for key in expected:
         torch.testing.assert_close(warm[key], expected[key], atol=1e-6, rtol=1e-5, msg=key)
     # averaging A and B apart is another model: the point of merging first
-    layer = ens.lora_layers(base)[0]
-    a = torch.stack([m.deltas[0] for m in members]).mean(0)
-    assert layer is not None and float(a.abs().max()) > 0
+    mean_a = torch.stack([a for a, _, _ in factors]).mean(0)
+    mean_b = torch.stack([b for _, b, _ in factors]).mean(0)
+    from_factors = (mean_b @ mean_a) * factors[0][2]["default"]
+    warm_delta = ens.average(members).deltas[0]
+    assert float(warm_delta.abs().max()) > 0
+    assert not torch.allclose(from_factors, warm_delta, atol=1e-4)
     first_key = next(k for k in expected if "layers.1" in k and "proj" in k)
     torch.testing.assert_close(
         setter.load(members[1]).state_dict()[first_key], merged[1][first_key], atol=1e-6, rtol=1e-5
