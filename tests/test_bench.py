@@ -437,6 +437,93 @@ def test_train_ours_times_the_cached_trunk_and_every_epoch():
     assert out["seconds"] > 0
 
 
+def test_ensemble_scorers_score_each_member_as_its_own_merged_model():
+    """The MemberStack rm-ensemble-score times scores every member as that member's own merged model (the single
+    path's model for member 0), with the blocks below the adapted one shared."""
+    import torch
+
+    from rlhf_lib.reward.scoring import score_sequences
+
+    tok = models.load_tokenizer("tiny:llama")
+    cfg, _ = bench_configs.reward_config(bench_configs.BenchSpec(model="tiny:llama"), 2)
+    cfg = dataclasses.replace(cfg, torch_compile=False, trainable_top_layers=1)
+    merged, stack = bench_workers.ensemble_scorers(cfg, tok, members=3, seed=5, merged=3)
+    assert stack.k == 3 and stack.first_block == 1 and len(merged) == 3
+    rows = bench_workers.synthetic_pairs(tok, n=5, length=30, seed=0)
+    batches = bench_workers.scoring_batches(rows, tok.pad_token_id, batch_pairs=2, device="cpu")
+    assert [int(ids.shape[0]) for ids, _ in batches] == [4, 4, 2]
+    assert all(int(m[:, 0].min()) == 1 for _, m in batches)  # right padding: every row starts with a real token
+    got = torch.cat([stack.member_scores(ids, mask) for ids, mask in batches], dim=1)  # (k, N)
+    expected = torch.stack([torch.cat([score_sequences(m, ids, mask) for ids, mask in batches]) for m in merged])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert float((got[0] - got[1]).abs().min()) > 1e-3  # the members differ on every sequence
+
+
+def test_rm_ensemble_score_worker_times_both_paths_and_reports_the_block_arithmetic():
+    import torch
+
+    spec = bench_configs.BenchSpec(
+        model="tiny:llama", rm_pairs=6, rm_sequence_length=40, rm_ensemble_members=3, threads=torch.get_num_threads()
+    )
+    out = bench_workers.run_scoring_config("rm-ensemble-score", spec)
+    assert out["kind"] == "reward_scoring" and out["members"] == 3 and out["sequences"] == 12
+    blocks, first = out["blocks"], out["first_member_block"]
+    assert blocks == bench_workers.model_layers("tiny:llama") == 2 and first == 0  # the profile adapts both blocks
+    assert out["expected_block_ratio"] == pytest.approx((first + 3 * (blocks - first)) / blocks) == 3.0
+    for which in ("single", "ensemble"):
+        repeats = out[f"{which}_s_repeats"]
+        assert len(repeats) == bench_workers.SCORING_REPEATS and all(t > 0 for t in repeats)
+        assert out[f"{which}_s"] == pytest.approx(sorted(repeats)[len(repeats) // 2])
+        assert out[f"sequences_per_s_{which}"] == pytest.approx(12 / out[f"{which}_s"])
+    assert (
+        out["ensemble_cost_ratio"] == pytest.approx(out["ensemble_s"] / out["single_s"])
+        and out["ensemble_cost_ratio"] > 0
+    )
+    assert out["member0_max_abs_diff"] < 0.02 * out["member_spread"]  # both timed paths score member 0 alike
+    for key in ("dtype", "device", "peak_rss_gib", "setup", "changed_for_model"):
+        assert key in out, key
+    assert out["peak_rss_gib"] > 0 and "3 members" in out["setup"]
+
+
+def test_rm_ensemble_cost_ratio_is_the_median_of_the_rounds_ratios():
+    def scoring(single, ensemble):
+        return {
+            "name": "rm-ensemble-score",
+            "kind": "reward_scoring",
+            "setup": "default profile: LoRA r16 all-linear, top 2 of 14 blocks adapted, 4 members",
+            "members": 4,
+            "sequences": 192,
+            "mean_sequence_tokens": 150,
+            "single_s_repeats": single,
+            "ensemble_s_repeats": ensemble,
+            "single_s": sorted(single)[1],
+            "ensemble_s": sorted(ensemble)[1],
+            "ensemble_cost_ratio": sorted(ensemble)[1] / sorted(single)[1],
+            "expected_block_ratio": 20 / 14,
+            "peak_rss_gib": 1.0 + len(single) * 0.1 * (ensemble[0] > 3),
+        }
+
+    rounds = [scoring([2.0, 2.0, 2.2], [3.0, 3.0, 3.1]), scoring([1.0, 1.1, 1.0], [1.2, 1.2, 1.3])]
+    rounds.append(scoring([4.0, 4.0, 4.0], [5.6, 5.6, 5.6]))  # ratios 1.5, 1.2, 1.4
+    merged = bench_report.merge_rounds(rounds, warmup=2, batch_size=8)
+    assert merged["ensemble_cost_ratio"] == pytest.approx(1.4)  # the rounds' own ratios, not pooled seconds'
+    assert len(merged["single_s_repeats"]) == 9 and merged["single_s"] == pytest.approx(2.0)
+    assert merged["sequences_per_s_ensemble"] == pytest.approx(192 / 3.0)
+    assert [r["ensemble_cost_ratio"] for r in merged["rounds"]] == pytest.approx([1.5, 1.2, 1.4])
+    report = bench_report.add_ratios(_report({"rm-ensemble-score": merged}))
+    assert report["rm_ensemble_cost_ratio"] == pytest.approx(1.4)
+    table = bench_report.format_table(report)
+    assert any(ln.startswith("rm-ensemble-score (default profile") and "cost x1.40" in ln for ln in table.splitlines())
+    assert "(block forwards x1.43)" in table
+    assert "rm_ensemble_cost_ratio" not in bench_report.add_ratios(_report({}))  # only when the config ran
+    failed = bench_report.add_ratios(_report({"rm-ensemble-score": {"kind": "reward_scoring", "error": "exit 1"}}))
+    assert failed["rm_ensemble_cost_ratio"] is None and "rm-ensemble-score (" in bench_report.format_table(failed)
+    assert bench_configs.parse_configs("rm-ensemble-score") == ["rm-ensemble-score"]
+    assert "rm-ensemble-score" in bench_configs.DIFFERENCES and "rm-ensemble-score" not in bench_configs.DEFAULT_CONFIGS
+    assert bench.parse_args(["--rm-ensemble-members", "3"]).rm_ensemble_members == 3
+    assert bench_configs.BenchSpec().rm_ensemble_members == 4
+
+
 @pytest.mark.slow
 def test_rm_and_rm_trl_train_the_profiles_reward_model_on_the_same_pairs(tmp_path, capsys, monkeypatch):
     """`rm` (our loop) and `rm-trl` (RewardTrainer), each in its own worker process: the default profile's settings,

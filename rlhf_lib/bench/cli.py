@@ -20,7 +20,10 @@ it is the reference configuration of the ``*_ratio_vs_trl`` keys. ``ours-full-fp
 (four full models, full fine-tuning, fp32). ``rm`` times the default profile's reward-model stage (its
 ``reward_model`` settings, :func:`rlhf_lib.bench.configs.reward_config`) trained by our loop, ``rm-trl`` the same
 RewardModelConfig trained by TRL's RewardTrainer, both on the same synthetic ~150-token pairs: a whole training of
-``--rm-pairs`` pairs each (the trunk cache of our loop included), after a one-epoch warm-up. Every process, TRL's
+``--rm-pairs`` pairs each (the trunk cache of our loop included), after a one-epoch warm-up. ``rm-ensemble-score``
+(not in the default list) times scoring those pairs' sequences with that reward model as an ensemble of
+``--rm-ensemble-members`` members combined (:class:`rlhf_lib.reward.combined.MemberStack`) against one member alone,
+the two alternating in one process (``rm_ensemble_cost_ratio``). Every process, TRL's
 too, runs with the same ``OMP_WAIT_POLICY`` (``--omp-wait-policy``; see :func:`child_env`). Before each measured
 process a host probe times fixed bf16 and fp32 matmuls (``--probe-repeats``;
 :func:`rlhf_lib.bench.workers.run_host_probe`): their median times say how contended the host was for that run,
@@ -59,6 +62,7 @@ from rlhf_lib.bench.configs import (
     PUBLISHED_TRL,
     REFERENCE_CONFIG,
     RM_CONFIGS,
+    SCORING_CONFIGS,
     TRL_CONFIG_NAME,
     BenchSpec,
     bench_prompts,
@@ -308,9 +312,12 @@ def run_benchmark(
             cmd = [sys.executable, "-m", "rlhf_lib.bench", "--worker", name, "--spec", spec_json]
             result = run_subprocess(cmd, spec, logs / f"{name}.log", timeout)
             result.setdefault("name", name)
-            result.setdefault("kind", "reward_model" if name in RM_CONFIGS else "ppo")
-            if name in RM_CONFIGS:  # a failed worker's result names its trainer too
+            kind = "reward_model" if name in RM_CONFIGS else "reward_scoring" if name in SCORING_CONFIGS else "ppo"
+            result.setdefault("kind", kind)
+            if name in RM_CONFIGS:  # a failed worker's result names its trainer (scorer) too
                 result.setdefault("trainer", RM_CONFIGS[name])
+            if name in SCORING_CONFIGS:
+                result.setdefault("scorer", SCORING_CONFIGS[name])
             per_round.setdefault(name, []).append(result)
         if with_trl:
             per_round.setdefault(TRL_CONFIG_NAME, []).append(run_trl(spec, out_dir, trl_env, timeout, logs))
@@ -356,6 +363,12 @@ def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"pairs per RM optimiser step, the workload's batch (default {BenchSpec.rm_pairs_per_step})",
+    )
+    p.add_argument(
+        "--rm-ensemble-members",
+        type=int,
+        default=None,
+        help=f"members of the ensemble rm-ensemble-score scores with (default {BenchSpec.rm_ensemble_members})",
     )
 
 
@@ -422,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         raise SystemExit(str(exc))
     if args.updates < 1 or args.warmup < 0 or args.threads < 1 or args.rounds < 1 or args.probe_repeats < 0:
         raise SystemExit("--updates and --rounds must be >= 1, --warmup and --probe-repeats >= 0, --threads >= 1")
-    if any(n is not None and n < 1 for n in (args.rm_pairs, args.rm_pairs_per_step)):
-        raise SystemExit("--rm-pairs and --rm-pairs-per-step must be >= 1")
+    if any(n is not None and n < 1 for n in (args.rm_pairs, args.rm_pairs_per_step, args.rm_ensemble_members)):
+        raise SystemExit("--rm-pairs, --rm-pairs-per-step and --rm-ensemble-members must be >= 1")
     spec = spec_for_shape(
         args.shape,
         model=args.model,
@@ -440,6 +453,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         probe_repeats=args.probe_repeats,
         rm_pairs=args.rm_pairs,
         rm_pairs_per_step=args.rm_pairs_per_step,
+        rm_ensemble_members=args.rm_ensemble_members,
     )
     spec.model = bench_shapes.ensure_seed_model(spec.model)
     root = repo_root()

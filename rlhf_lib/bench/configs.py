@@ -1,6 +1,6 @@
 """What `make bench` measures: the workload (:class:`BenchSpec`), the named configurations (:data:`PPO_CONFIGS`,
-:data:`RM_CONFIGS`; :data:`DIFFERENCES` describes each), TRL 1.12's published figures, the prompts, the host probe's
-matmul sizes, and the PPOConfig and RewardModelConfig each configuration runs.
+:data:`RM_CONFIGS`, :data:`SCORING_CONFIGS`; :data:`DIFFERENCES` describes each), TRL 1.12's published figures, the
+prompts, the host probe's matmul sizes, and the PPOConfig and RewardModelConfig each configuration runs.
 """
 
 from __future__ import annotations
@@ -39,7 +39,11 @@ PPO_CONFIGS: dict[str, dict[str, Any]] = {
 RM_CONFIGS = {"rm": "our loop", "rm-trl": "TRL RewardTrainer"}
 # rm_pairs_per_s_ratio_vs_trl = the first one's pairs/s over the second one's
 RM_REFERENCE_CONFIG, RM_TRL_CONFIG = "rm", "rm-trl"
-KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
+# name -> what scores with the default profile's reward model: a k-member ensemble combined (MemberStack) against one
+# member, alternating in one process; rm_ensemble_cost_ratio = the ensemble's seconds over the single member's
+SCORING_CONFIGS = {"rm-ensemble-score": "MemberStack vs one member"}
+RM_ENSEMBLE_SCORE_CONFIG = "rm-ensemble-score"
+KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS, *SCORING_CONFIGS)
 TRL_CONFIG_NAME = "trl-1.12-full-fp32"
 # TRL 1.12 on this workload, 2 threads, fp32, CPU shared with another job, as first measured for this repo: +-30 %
 PUBLISHED_TRL = {
@@ -97,6 +101,13 @@ DIFFERENCES = {
     "rm-trl": "The same RewardModelConfig on the same synthetic pairs trained by TRL's RewardTrainer "
     "(rlhf_lib.reward.train.reward_trainer: the stage's optimiser groups, schedule and clipping): chosen and "
     "rejected as separate sequences, every block run every step.",
+    "rm-ensemble-score": "Scoring cost of a reward-model ensemble combined (rlhf_lib.reward.combined.MemberStack: "
+    "the blocks below the lowest adapted one run once, then each of the --rm-ensemble-members members its own "
+    "adapted top blocks, final norm and head) against scoring with one member's merged model (score_sequences); the "
+    "default profile's reward model (trainable_top_layers, LoRA), members with random non-zero adapters and heads "
+    "(no training), eager on both sides, the same right-padded batches of synthetic prompt+chosen and "
+    "prompt+rejected sequences under the profile's dtype; the two timed alternately in one process. Not a comparison "
+    "with TRL: TRL scores no ensembles.",
     "all-ours": "Exact speed-ups present in every config of ours: the rollout policy/value forward (with grad) "
     "doubles as the first PPO step's forward (TRL recomputes it); the LM head runs only on response "
     "positions; responses trimmed to the longest; fused chunked log-prob/entropy; the prompt tokens all "
@@ -109,7 +120,7 @@ DIFFERENCES = {
 # the seed shape's configurations beside the table above (rlhf_lib.bench.shapes; `--shape seed`)
 PPO_CONFIGS.update(bench_shapes.SEED_PPO_CONFIGS)
 DIFFERENCES.update(bench_shapes.SEED_DIFFERENCES)
-KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS)
+KNOWN_CONFIGS = (*PPO_CONFIGS, *RM_CONFIGS, *SCORING_CONFIGS)
 
 
 @dataclass
@@ -133,6 +144,7 @@ class BenchSpec:
     rm_pairs_per_step: int = 8  # reward-model pairs per optimiser step (per_device_train_batch_size)
     rm_pairs: int = 96  # pairs of the timed reward-model training (the profile's num_train_epochs over them)
     rm_sequence_length: int = 150
+    rm_ensemble_members: int = 4  # k of the ensemble rm-ensemble-score scores with
     probe_repeats: int = 25  # timed matmuls of the host probe before each measured process (0: no probe)
     shape: str = "default"  # the preset the workload came from (rlhf_lib.bench.shapes.SHAPES)
     extra: dict[str, Any] = field(default_factory=dict)

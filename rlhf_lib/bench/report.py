@@ -1,15 +1,18 @@
 """The figures of `make bench` from raw results, and how they are shown: steady-state figures from per-update rows,
-the host probe's summary, rounds merged, the ratios against TRL (measured and published), the Markdown table and
-the host-probe line. Pure and tested; the figure is :func:`rlhf_lib.bench.plots.plot_bench`.
+the host probe's summary, rounds merged, the ratios against TRL (measured and published) and of ensemble scoring
+against one member, the Markdown table and the host-probe line. Pure and tested; the figure is
+:func:`rlhf_lib.bench.plots.plot_bench`.
 """
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, Sequence
 
 from rlhf_lib.bench.configs import (
     PROBE_MATMULS,
     PUBLISHED_WORKLOAD,
+    RM_ENSEMBLE_SCORE_CONFIG,
     RM_REFERENCE_CONFIG,
     RM_TRL_CONFIG,
     TRL_CONFIG_NAME,
@@ -80,13 +83,16 @@ def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int
 
     The figures are recomputed from every round's timed updates pooled (each round drops its own warm-up; RM: every
     round's timed training pooled), the peak RSS is the largest; ``rounds`` keeps each round's own episodes/s (RM:
-    pairs/s), s/update (RM: s/step and seconds) and RSS. A failed round makes the merged result that failure.
+    pairs/s), s/update (RM: s/step and seconds) and RSS; ensemble scoring: :func:`merge_scoring_rounds`. A failed
+    round makes the merged result that failure.
     """
     if len(results) == 1:
         return dict(results[0])
     failed = [r for r in results if "error" in r]
     if failed:
         return {**failed[0], "rounds": [{"error": r["error"]} if "error" in r else {} for r in results]}
+    if results[-1].get("kind") == "reward_scoring":
+        return merge_scoring_rounds(results)
     merged = dict(results[-1])
     if "updates" in merged:  # PPO, ours or TRL
         rows = [row for r in results for row in r["updates"][warmup:]]
@@ -105,6 +111,34 @@ def merge_rounds(results: Sequence[dict[str, Any]], warmup: int, batch_size: int
     merged["peak_rss_gib"] = max(r["peak_rss_gib"] for r in results)
     merged["rounds"] = [{k: r.get(k) for k in keys} for r in results]
     return merged
+
+
+SCORING_ROUND_KEYS = ("ensemble_cost_ratio", "single_s", "ensemble_s", "peak_rss_gib", "host_probe_before")
+
+
+def merge_scoring_rounds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Ensemble scoring measured in several rounds -> one result: every round's timed passes pooled (medians of the
+    pooled lists, rates from them), the cost ratio the median of the rounds' own ratios (each taken between passes
+    that alternated in one process, so a slow spell of the host falls on both), the largest peak RSS."""
+    merged = dict(results[-1])
+    for which in ("single", "ensemble"):
+        merged[f"{which}_s_repeats"] = [t for r in results for t in r[f"{which}_s_repeats"]]
+        merged[f"{which}_s"] = statistics.median(merged[f"{which}_s_repeats"])
+        merged[f"sequences_per_s_{which}"] = merged["sequences"] / merged[f"{which}_s"]
+    merged["ensemble_cost_ratio"] = statistics.median(r["ensemble_cost_ratio"] for r in results)
+    merged["member0_max_abs_diff"] = max(r.get("member0_max_abs_diff", 0.0) for r in results)
+    merged["peak_rss_gib"] = max(r["peak_rss_gib"] for r in results)
+    merged["rounds"] = [{k: r.get(k) for k in SCORING_ROUND_KEYS} for r in results]
+    return merged
+
+
+def ensemble_cost_ratio(result: dict[str, Any] | None) -> float | None:
+    """The ensemble's scoring seconds over one member's, pooled over rounds (median of the rounds' ratios); None when
+    the configuration did not run or failed."""
+    if not result or "error" in result:
+        return None
+    rounds = [r for r in result.get("rounds") or [] if r.get("ensemble_cost_ratio") is not None]
+    return statistics.median(r["ensemble_cost_ratio"] for r in rounds) if rounds else result.get("ensemble_cost_ratio")
 
 
 def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +170,8 @@ def add_ratios(report: dict[str, Any]) -> dict[str, Any]:
     report["rm_pairs_per_s_ratio_vs_trl"] = (
         ratio(rm.get("pairs_per_s"), rm_trl.get("pairs_per_s")) if "error" not in rm and "error" not in rm_trl else None
     )
+    if RM_ENSEMBLE_SCORE_CONFIG in report["configs"]:
+        report["rm_ensemble_cost_ratio"] = ensemble_cost_ratio(report["configs"][RM_ENSEMBLE_SCORE_CONFIG])
     for res in report["configs"].values():
         if "episodes_per_s" in res:
             res["episodes_per_s_vs_trl"] = (
@@ -196,6 +232,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"{RM_REFERENCE_CONFIG} vs {RM_TRL_CONFIG} (the same RewardModelConfig on the same pairs): pairs/s "
             f"x{_fmt(report['rm_pairs_per_s_ratio_vs_trl'])}"
         )
+    lines += [
+        "\n" + scoring_line(name, r) for name, r in report["configs"].items() if r.get("kind") == "reward_scoring"
+    ]
     probes = probe_line(report)
     if probes:
         lines.append("\n" + probes)
@@ -246,6 +285,20 @@ def rm_line(name: str, rm: dict[str, Any]) -> str:
         f"({rm.get('steps')} steps, {_fmt(rm.get('s_per_step'), 2)} s/step of {rm.get('pairs_per_step')} pairs), "
         f"trunk cached: {rm.get('cached_trunk_blocks')} blocks, ~{rm.get('mean_sequence_tokens')} tokens/sequence, "
         f"peak RSS {_fmt(rm.get('peak_rss_gib'))} GiB"
+    )
+
+
+def scoring_line(name: str, result: dict[str, Any]) -> str:
+    """The ensemble-scoring configuration's line: seconds of one member and of the ensemble, their ratio (pooled
+    over rounds) and the ratio the block count predicts."""
+    if "error" in result:
+        return f"{name} ({result.get('scorer', 'scoring')}): failed: {result['error'][:200]}"
+    return (
+        f"{name} ({result.get('setup')}): {result.get('sequences')} sequences (~{result.get('mean_sequence_tokens')} "
+        f"tokens) in {_fmt(result.get('single_s'), 2)} s by one member ({_fmt(result.get('sequences_per_s_single'), 1)}"
+        f" seq/s), {_fmt(result.get('ensemble_s'), 2)} s by {result.get('members')} combined "
+        f"({_fmt(result.get('sequences_per_s_ensemble'), 1)} seq/s): cost x{_fmt(ensemble_cost_ratio(result))} "
+        f"(block forwards x{_fmt(result.get('expected_block_ratio'))}), peak RSS {_fmt(result.get('peak_rss_gib'))} GiB"
     )
 
 

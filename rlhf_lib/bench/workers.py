@@ -1,7 +1,8 @@
 """What runs inside one measured subprocess of `make bench` (``python -m rlhf_lib.bench --worker NAME``): our
 PPOTrainer on the workload, the default profile's reward-model training (our loop or TRL's RewardTrainer) on
-synthetic pairs, or the host probe; the result is printed as one ``BENCH_RESULT`` line for the driver
-(rlhf_lib.bench.cli) to read.
+synthetic pairs, scoring those pairs with the default profile's reward model as a combined ensemble against one
+member, or the host probe; the result is printed as one ``BENCH_RESULT`` line for the driver (rlhf_lib.bench.cli) to
+read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rlhf_lib.bench.configs import (
     PPO_CONFIGS,
     PROBE_MATMULS,
     RM_CONFIGS,
+    SCORING_CONFIGS,
     BenchSpec,
     bench_prompts,
     ppo_config,
@@ -269,6 +271,163 @@ def reward_result(name, cfg, changed, rows, warmup_pairs, timed, device, dtype) 
     }
 
 
+SCORING_REPEATS = 3  # timed passes of each scoring path (after one untimed warm-up of each)
+
+
+def draw_member(model, seed: int, std: float = 0.02) -> None:
+    """Give a peft reward model a member's non-zero adapters and head, reproducibly: peft's initialisation under
+    ``seed`` (A random), then B and the head drawn (training leaves both non-zero; their values do not change the
+    cost)."""
+    import torch
+
+    from rlhf_lib.reward import ensemble
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in ensemble.lora_layers(model):
+            layer.reset_lora_parameters(ensemble.ADAPTER, True)
+            for b in layer.lora_B.values():
+                b.weight.normal_(std=std)
+        ensemble.score_head(model).weight.normal_()
+
+
+def ensemble_scorers(cfg, tokenizer, members: int, seed: int, merged: int = 1):
+    """``members`` drawn members of the reward model ``cfg`` builds (:func:`draw_member`, seeds seed, seed + 1, ...):
+    the first ``merged`` members' own merged plain models and the MemberStack of all of them on their weight average
+    (WARM, as the reward-model stage saves it), built on the CPU as load_member_stack builds it."""
+    import copy
+
+    import torch
+
+    from rlhf_lib.reward import combined, ensemble
+    from rlhf_lib.reward import train as reward
+
+    base = reward.build_reward_model(cfg, tokenizer, torch.device("cpu"))
+    names = combined.adapted_layer_names(base)
+    factors, weights, plain = [], [], []
+    for m in range(members):
+        draw_member(base, seed + m)
+        factors.append(combined.member_factors(base))
+        weights.append(ensemble.member_weights(base))
+        if m < merged:
+            plain.append(copy.deepcopy(base).merge_and_unload().eval())
+    warm = ensemble.WeightSetter(base).load(ensemble.average(weights)).eval()
+    stats = [{"mean": 0.0, "std": 1.0}] * members  # standardisation does not change the cost
+    stack = combined.MemberStack(warm, factors, names, stats, "mean", cfg.ensemble_uwo_coef)
+    return plain, stack
+
+
+def scoring_batches(rows, pad_id: int, batch_pairs: int, device) -> list[tuple[Any, Any]]:
+    """prompt+chosen and prompt+rejected of every row, by length, ``2 * batch_pairs`` sequences a batch (as the
+    stage's score_pairs batches them), right-padded on ``device`` once, so padding is not timed."""
+    from rlhf_lib.core.io import pad
+
+    seqs = [r["prompt_ids"] + r["chosen_ids"] for r in rows] + [r["prompt_ids"] + r["rejected_ids"] for r in rows]
+    seqs.sort(key=len)
+    step = 2 * batch_pairs
+    return [pad(seqs[i : i + step], pad_id, side="right", device=device) for i in range(0, len(seqs), step)]
+
+
+def time_scoring(single, stack, batches, device, dtype, repeats: int) -> dict[str, Any]:
+    """Seconds of scoring every batch with one member's merged model and with the MemberStack, ``repeats`` times
+    each, taking turns (which goes first alternates); after one untimed warm-up of each, which also checks that
+    both paths score member 0 alike."""
+    import torch
+
+    from rlhf_lib.core import runtime
+    from rlhf_lib.reward.scoring import score_sequences
+
+    def single_pass():
+        return torch.cat([score_sequences(single, ids, mask) for ids, mask in batches])  # (N,)
+
+    def ensemble_pass():
+        return torch.cat([stack(ids, mask) for ids, mask in batches])  # (N,)
+
+    def timed(fn) -> float:
+        start = _clock(device)
+        fn()
+        return _clock(device) - start
+
+    with runtime.autocast(device, dtype):
+        alone = single_pass()
+        each = torch.cat([stack.member_scores(ids, mask) for ids, mask in batches], dim=1)  # (k, N)
+        ensemble_pass()
+        seconds: dict[str, list[float]] = {"single": [], "ensemble": []}
+        for i in range(repeats):
+            order = ("single", "ensemble") if i % 2 == 0 else ("ensemble", "single")
+            for which in order:
+                seconds[which].append(timed(single_pass if which == "single" else ensemble_pass))
+    return {
+        "single_s_repeats": seconds["single"],
+        "ensemble_s_repeats": seconds["ensemble"],
+        "member0_max_abs_diff": float((each[0] - alone).abs().max()),  # the same member by both paths: ~0
+        "member_spread": float((each - each[0]).abs().max()),  # how far the members' scores differ
+    }
+
+
+def run_scoring_config(name: str, spec: BenchSpec) -> dict[str, Any]:
+    """Scoring `spec.rm_pairs` synthetic pairs with the default profile's reward model: one member alone against a
+    `spec.rm_ensemble_members`-member ensemble combined (SCORING_CONFIGS), eager, under the profile's dtype."""
+    from rlhf_lib.core import runtime
+    from rlhf_lib.lm import models
+
+    runtime.set_threads(spec.threads)
+    tokenizer = models.load_tokenizer(spec.model)
+    cfg, changed = reward_config(spec, model_layers(spec.model))
+    cfg = dataclasses.replace(cfg, torch_compile=False)  # the MemberStack runs its blocks eager: both sides alike
+    device = runtime.pick_device(cfg.device)
+    dtype = runtime.pick_dtype(cfg.dtype, device)
+    rows = synthetic_pairs(tokenizer, spec.rm_pairs, spec.rm_sequence_length, spec.seed)
+    (single,), stack = ensemble_scorers(cfg, tokenizer, spec.rm_ensemble_members, spec.seed)
+    single, stack = single.to(device), stack.to(device)
+    batches = scoring_batches(rows, tokenizer.pad_token_id, cfg.per_device_eval_batch_size, device)
+    timed = time_scoring(single, stack, batches, device, dtype, SCORING_REPEATS)
+    return scoring_result(name, cfg, changed, stack, batches, timed, device, dtype)
+
+
+def scoring_result(name, cfg, changed, stack, batches, timed, device, dtype) -> dict[str, Any]:
+    """bench.json's entry of the scoring configuration: medians of the timed passes, their ratio, the block
+    arithmetic it is expected to follow, and the settings."""
+    import statistics
+
+    from rlhf_lib.core import runtime
+    from rlhf_lib.lm import models
+
+    blocks, first, k = len(models.transformer_blocks(stack.model)), stack.first_block, stack.k
+    sequences = sum(int(ids.shape[0]) for ids, _ in batches)
+    tokens = sum(int(mask.sum()) for _, mask in batches)
+    single_s, ensemble_s = (statistics.median(timed[f"{w}_s_repeats"]) for w in ("single", "ensemble"))
+    lora = f"LoRA r{cfg.lora_r} {','.join(cfg.lora_target_modules)}" if cfg.use_lora else "full fine-tuning"
+    top = f"top {blocks - first} of {blocks}" if first else f"all {blocks}"
+    dtype_name = str(dtype).replace("torch.", "")
+    return {
+        "name": name,
+        "kind": "reward_scoring",
+        "scorer": SCORING_CONFIGS[name],
+        "setup": f"default profile: {lora}, {top} blocks adapted, {k} members, {dtype_name}, "
+        f"batches of {2 * cfg.per_device_eval_batch_size} sequences, eager",
+        "changed_for_model": changed,  # profile fields this model cannot take: field -> [profile's, used]
+        "members": k,
+        "first_member_block": first,  # blocks below it run once for all members; from it up, once per member
+        "blocks": blocks,
+        "sequences": sequences,
+        "mean_sequence_tokens": round(tokens / sequences),
+        "batch_sequences": 2 * cfg.per_device_eval_batch_size,
+        "repeats": len(timed["single_s_repeats"]),
+        **timed,
+        "single_s": single_s,
+        "ensemble_s": ensemble_s,
+        "sequences_per_s_single": sequences / single_s,
+        "sequences_per_s_ensemble": sequences / ensemble_s,
+        "ensemble_cost_ratio": ensemble_s / single_s,
+        "expected_block_ratio": (first + k * (blocks - first)) / blocks,  # block forwards, ensemble over one member
+        "dtype": dtype_name,
+        "device": runtime.describe_device(device),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_gpu_gib": _peak_gpu_gib(),
+    }
+
+
 PROBE_WORKER = "host-probe"
 
 
@@ -309,6 +468,8 @@ def worker_main(name: str, spec: BenchSpec) -> None:
     """Entry point of a worker subprocess: run one configuration (or the host probe), print its result line."""
     if name == PROBE_WORKER:
         result = run_host_probe(spec)
+    elif name in SCORING_CONFIGS:
+        result = run_scoring_config(name, spec)
     else:
         result = run_reward_config(name, spec) if name in RM_CONFIGS else run_ppo_config(name, spec)
     print(RESULT_MARKER + json.dumps(result, default=str), flush=True)
