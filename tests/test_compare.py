@@ -187,6 +187,30 @@ def test_frontier_markdown_ranks_curves_by_gold_at_matched_kl_with_each_best_poi
     assert rows[0][3] == "0.620 ± 0.020 (N=4, 0.60)"
 
 
+def test_a_ppo_run_on_another_base_is_marked_in_the_summary_and_both_tables(tmp_path, monkeypatch, capsys):
+    hashes = {"base": {"data": "d", "reward_model": "rm-a"}, "same": {"data": "d", "reward_model": "rm-a"},
+              "other": {"data": "d", "reward_model": "rm-b"}, "unknown": None}  # fmt: skip
+    monkeypatch.setattr(compare, "base_stage_hashes", lambda run: hashes[run.root.name])
+    base = Run(tmp_path / "base")
+    assert not compare.other_base(base, base) and not compare.other_base(Run(tmp_path / "same"), base)
+    assert compare.other_base(Run(tmp_path / "other"), base) and compare.other_base(Run(tmp_path / "unknown"), base)
+    assert "other: its data / reward-model stages differ" in capsys.readouterr().out
+
+    def entry(curve, gold, other=False):
+        e = {"method": "ppo", "curve": curve, "setting": "final", "kl": 2.0, "gold_score": gold, "gold_score_se": 0.02}
+        return {**e, "other_base": True} if other else e
+
+    summary = {"methods": [entry("ppo", 0.6), entry("ppo:other", 0.7, other=True)], "mixed_bases": ["ppo:other"]}
+    summary["gold_at_kl"] = compare.gold_at_kl(summary["methods"], [1.0], None)
+    for table in (report.methods_markdown(summary), report.frontier_markdown(summary)):
+        rows = [line for line in table.splitlines() if line.startswith("| ppo")]
+        assert [r.split(" | ")[0] for r in rows] in (["| ppo", "| ppo:other (other base)"],
+                                                      ["| ppo:other (other base)", "| ppo"])  # fmt: skip
+        assert table.endswith("compare it by its own base.") and "ppo:other: trained on other data" in table
+    summary["mixed_bases"] = []
+    assert "other base" not in report.methods_markdown(summary) + report.frontier_markdown(summary)
+
+
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):
     run = Run(tmp_path)
     run.ppo_dir.mkdir()

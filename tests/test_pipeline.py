@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from rlhf_lib import pipeline
@@ -93,3 +95,27 @@ def test_injected_parameters_are_complete_so_notebook_smoke_defaults_never_leak(
     ((_, injected),) = pipeline.plan(str(profile), None, ["data"], [], False, False)
     assert injected["generation_max_new_tokens"] == DataConfig().generation_max_new_tokens
     assert set(injected) == set(DataConfig.__dataclass_fields__)
+
+
+@pytest.mark.slow
+def test_an_ensemble_reward_reaches_ppo_and_the_evaluation(tmp_path, outputs):
+    """reward_model.ensemble = 2 with ppo.ensemble_reward = min: PPO records it, and the evaluation (which follows
+    PPO's choice) scores the reference with the members combined -- its cached scores equal the combined scorer's."""
+    from rlhf_lib.reward.combined import MEMBERS_FILE, sequence_scorer
+
+    profile = _profile(tmp_path, outputs)
+    overrides = ["common.model=tiny:llama", "reward_model.ensemble=2", "ppo.ensemble_reward=min"]
+    root = pipeline.execute(str(profile), run="smoke-ensemble", overrides=overrides)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["stages"]["ppo"]["params"]["ensemble_reward"] == "min"
+    assert (root / "reward_model" / MEMBERS_FILE).exists()
+    results = json.loads((root / "eval" / "results.json").read_text())
+    assert results["reward"] == "min"
+    score = sequence_scorer(root / "reward_model", "min", torch.device("cpu"), torch.float32, batch_size=8)
+    mean = sequence_scorer(root / "reward_model", "mean", torch.device("cpu"), torch.float32, batch_size=8)
+    records = [json.loads(p.read_text()) for p in (root / "eval_cache").glob("*.json")]
+    assert records
+    for record in records:
+        sequences = [p + r for p, r in zip(record["prompt_ids"], record["response_ids"])]
+        np.testing.assert_allclose(record["rm"], score(sequences), atol=1e-4)
+        assert not np.allclose(record["rm"], mean(sequences), atol=1e-4)  # the combination is the one asked for

@@ -15,6 +15,7 @@ import torch
 
 from rlhf_lib.core import config, runs
 from rlhf_lib.lm import models
+from rlhf_lib.reward import ensemble as ens
 from rlhf_lib.reward.metrics import (
     DegenerateRewardsError,
     baseline_accuracy,
@@ -451,6 +452,15 @@ def test_ensemble_trains_members_on_one_trunk_and_saves_their_weight_average(tmp
         assert summary[f"ensemble_{key}_accuracy_vs_gold"] == acc
     # the saved model is WARM: reloaded and scored sequence by sequence, it orders the pairs as the report's WARM
     assert summary["eval_accuracy_vs_gold"] == pytest.approx(report["warm"]["accuracy_vs_gold"], abs=1e-9)
+    # the saved members, combined on one shared trunk, order the pairs as the report's combinations
+    from rlhf_lib.reward.combined import sequence_scorer
+
+    rows = read_pairs(run.data_dir / "eval_pairs.jsonl")
+    for how in ("mean", "min", "uwo"):
+        score = sequence_scorer(run.reward_model_dir, how, torch.device("cpu"), torch.float32, batch_size=8)
+        chosen = score([r["prompt_ids"] + r["chosen_ids"] for r in rows])
+        rejected = score([r["prompt_ids"] + r["rejected_ids"] for r in rows])
+        assert ens.accuracy_vs_gold(rows, chosen, rejected) == report[how], how
     logs = json.loads((run.reward_model_dir / "training.json").read_text())
     assert logs["cached_trunk_blocks"] == 1 and len(logs["member_log_histories"]) == 3
     first_losses = [[e["loss"] for e in h if "loss" in e] for h in logs["member_log_histories"]]

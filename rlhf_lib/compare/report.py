@@ -131,10 +131,28 @@ def methods_markdown(summary: dict[str, Any]) -> str:
             "–" if e.get("win_rate_vs_ref") is None else f"{_num(e['win_rate_vs_ref'])} [{_num(ci[0])}, {_num(ci[1])}]"
         )
         gold = f"{_num(e.get('gold_score'))} ± {_num(e.get('gold_score_se'))}"
-        cells = [e.get("curve") or e["method"], e.get("setting") or "", kl, gold, _num(e.get("rm_score")), win]
-        cells += [_num(e.get("eos_fraction")), _num(e.get("train_seconds"), 0)]
+        cells = [curve_label(summary, e.get("curve") or e["method"]), e.get("setting") or "", kl, gold]
+        cells += [_num(e.get("rm_score")), win, _num(e.get("eos_fraction")), _num(e.get("train_seconds"), 0)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + mixed_note(summary)
+
+
+OTHER_BASE = " (other base)"  # marks a curve trained on other data / another reward model than the comparison's
+
+
+def curve_label(summary: dict[str, Any], curve: str) -> str:
+    return curve + OTHER_BASE if curve in summary.get("mixed_bases", []) else curve
+
+
+def mixed_note(summary: dict[str, Any]) -> str:
+    """A line under a table naming the curves whose runs rest on another base, or nothing."""
+    if not summary.get("mixed_bases"):
+        return ""
+    names = ", ".join(summary["mixed_bases"])
+    return (
+        f"\n\n{names}: trained on other data or another reward model than this comparison's base run, so its gold "
+        "differences mix two setups; compare it by its own base."
+    )
 
 
 def best_points(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -172,10 +190,10 @@ def frontier_markdown(summary: dict[str, Any], rank_at: str | None = None) -> st
         gold = (
             f"{_num(e['gold_score'])} ± {_num(e.get('gold_score_se'))} ({e.get('setting') or ''}, {_num(e['kl'], 2)})"
         )
-        cells = [curve, *(_num(at.get(curve, {}).get(k)) for k in points), gold]
+        cells = [curve_label(summary, curve), *(_num(at.get(curve, {}).get(k)) for k in points), gold]
         cells += [_num(e.get("train_seconds"), 0), f"{int(e.get('generated_tokens') or 0):,}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + mixed_note(summary)
 
 
 def samples_table(samples_path: str | Path, n_prompts: int = 2) -> pd.DataFrame:

@@ -480,10 +480,30 @@ def ppo_entries(
         curve = "ppo" if run.root == base.root else f"ppo:{run.name}"
         kl_coef = run.manifest().get("stages", {}).get("ppo", {}).get("params", {}).get("kl_coef")
         load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
+        other = other_base(run, base)
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
             work = functools.partial(_ppo_setting, ctx, load, out, run, curve, kl_coef, setting, update, folder)
-            _collect(entries, texts, attempt(failures, out, curve, setting, folder, work))
+            got = attempt(failures, out, curve, setting, folder, work)
+            for entry in got[0] if got is not None and other else []:
+                entry["other_base"] = True
+            _collect(entries, texts, got)
     return entries
+
+
+def other_base(run: Run, base: Run) -> bool:
+    """Whether a PPO run read other data or another reward model than the comparison's base (by content); its
+    points are then marked ``other_base``: its policy optimised another reward, and beside this base's methods it
+    compares two setups, not two methods."""
+    if run.root == base.root:
+        return False
+    theirs, ours = base_stage_hashes(run), base_stage_hashes(base)
+    if theirs == ours and ours is not None:
+        return False
+    print(
+        f"[compare] {run.name}: its data / reward-model stages differ from base run {base.name}'s (or are unknown); "
+        "its points are marked other_base"
+    )
+    return True
 
 
 def _ppo_setting(ctx: Context, load, out: Run, run: Run, curve: str, kl_coef, setting: str, update, folder: Path):
@@ -710,6 +730,8 @@ def _compare(
         "generation": ctx.settings.to_dict(),
         "n_eval_prompts": len(ctx.rows),
         "methods": entries,
+        # curves trained on other data / another reward model than base_stages (their points: other_base)
+        "mixed_bases": sorted({e["curve"] for e in entries if e.get("other_base")}),
         "gold_at_kl": gold_at_kl(entries, cfg.kl_points, anchor),
         "failed": failures,  # method settings left out: curve, setting, folder, error line
         "wall_seconds": time.perf_counter() - start,

@@ -185,7 +185,7 @@ class ReferenceCache:
 
     folder: Path  # <owner run>/eval_cache
     reference: dict[str, Any]  # {"model": reference string, "sha256": of the files of its folder}
-    reward_model: str  # sha256 of the owner run's reward_model stage
+    reward_model: str  # sha256 of the owner run's reward_model stage (":<combination>" for an ensemble combined)
     gold_scorer: str | None  # the data stage's gold scorer name; None: no gold
     environment: dict[str, Any]
 
@@ -197,9 +197,12 @@ class ReferenceCache:
         return self.folder / f"{key}.json"
 
 
-def reference_cache_for(model_ref: str, owner: Run, gold_scorer: str | None) -> ReferenceCache | None:
-    """The cache of evaluations of ``model_ref`` scored by ``owner``'s reward model and the ``gold_scorer`` named by
-    the data; None (with one line saying why) when the reference has no local folder to hash."""
+def reference_cache_for(
+    model_ref: str, owner: Run, gold_scorer: str | None, reward: str = "model"
+) -> ReferenceCache | None:
+    """The cache of evaluations of ``model_ref`` scored by ``owner``'s reward model (as ``reward``: the saved model,
+    or its ensemble combined) and the ``gold_scorer`` named by the data; None (with one line saying why) when the
+    reference has no local folder to hash."""
     folder = model_folder(model_ref)
     if folder is None:
         print(f"[eval] reference samples not cached: {model_ref!r} has no local folder to hash")
@@ -214,7 +217,7 @@ def reference_cache_for(model_ref: str, owner: Run, gold_scorer: str | None) -> 
     return ReferenceCache(
         folder=owner.root / CACHE_DIR,
         reference={"model": model_ref, "sha256": folder_sha256(folder)},
-        reward_model=reward_model_sha256(owner),
+        reward_model=reward_model_sha256(owner) + ("" if reward == "model" else f":{reward}"),
         gold_scorer=gold_scorer,
         environment=env,
     )

@@ -161,12 +161,21 @@ def sample_policy(
     )
 
 
-def reward_model_scorer(path: Path, settings: GenerationSettings, policy_tokenizer=None) -> RMScorer:
-    """Score prompt + response token ids with the stage-2 reward model (right padding, batched)."""
+def reward_model_scorer(
+    path: Path, settings: GenerationSettings, policy_tokenizer=None, reward: str = "model"
+) -> RMScorer:
+    """Score prompt + response token ids with the stage-2 reward model (right padding, batched).
+
+    ``reward``: "model" scores with the saved model (a single reward model, or an ensemble's WARM); mean / min /
+    uwo with the ensemble's members combined (:mod:`rlhf_lib.reward.combined`)."""
     from rlhf_lib.reward.scoring import load_reward_model, score_sequences
 
     if not Path(path).exists():
         raise FileNotFoundError(f"reward model folder {path} does not exist: run the reward_model stage first")
+    if reward != "model":
+        from rlhf_lib.reward.combined import sequence_scorer
+
+        return sequence_scorer(path, reward, settings.device, settings.dtype, settings.batch_size, policy_tokenizer)
     # the RM reads the policy's token ids directly, so their tokenizers must agree (checked by reward_scoring.py)
     model, tokenizer, _stats = load_reward_model(path, settings.device, policy_tokenizer=policy_tokenizer)
     model.eval()

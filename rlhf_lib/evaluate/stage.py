@@ -53,6 +53,7 @@ from rlhf_lib.evaluate.sampling import (
 from rlhf_lib.evaluate.stats import WinRate, mean_std, pair_outcomes, win_rate
 from rlhf_lib.lm import models
 from rlhf_lib.ppo.checkpoints import checkpoint_update, list_checkpoints, load_policy_checkpoint
+from rlhf_lib.reward.combined import check_reward
 
 PolicyLoader = Callable[[Path], torch.nn.Module]  # checkpoint folder -> causal LM (on the eval device)
 
@@ -77,6 +78,8 @@ class EvalConfig(CommonConfig):
     overopt_prompts: int = 64  # eval prompts per point of the over-optimisation curve (first N); 0: all evaluated
     n_table_rows: int = 8  # rows of the side-by-side sample table in the notebook (samples.csv/.jsonl hold all)
     compare_runs: list[str] = field(default_factory=list)  # other runs to compare: names under outputs_dir, or folders
+    ensemble_reward: str | None = None  # the reward-model score reported: "model" (the saved model), or an
+    #   ensemble's members combined (mean, min, uwo); None: what the PPO stage optimised
 
     def check(self) -> None:
         """Cross-field checks (ValueError names the field and the fix)."""
@@ -101,10 +104,20 @@ class EvalConfig(CommonConfig):
         for name in ("max_checkpoints", "overopt_prompts", "n_table_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.ensemble_reward is not None:
+            check_reward(self.ensemble_reward, "evaluation.ensemble_reward")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # inputs: sampling settings, prompts, models, scorers
+
+
+def scoring_reward(cfg: EvalConfig, run: Run) -> str:
+    """The reward the evaluation scores with: ``ensemble_reward``, else what the PPO stage recorded, else "model"."""
+    if cfg.ensemble_reward is not None:
+        return cfg.ensemble_reward
+    ppo_params = run.manifest().get("stages", {}).get("ppo", {}).get("params", {})
+    return ppo_params.get("ensemble_reward") or "model"
 
 
 def generation_settings(cfg: EvalConfig, run: Run) -> GenerationSettings:
@@ -272,6 +285,7 @@ class EvalContext:
     judge: str  # "gold" or "rm": who decides the win rate
     # where the reference's samples and scores are kept (reference_cache); None: the scorers were given, not the run's
     reference_cache: ReferenceCache | None = None
+    reward: str = "model"  # what rm_scorer scores with when it is the run's: the saved model, or a combination
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -301,15 +315,16 @@ def eval_context(
     tokenizer = models.load_tokenizer(cfg.model)
     reference = models.load_causal_lm(cfg.model, tokenizer, settings.device).eval()
     own_scorers = rm_scorer is None and gold_scorer is None
+    reward = scoring_reward(cfg, run)
     if rm_scorer is None:
-        rm_scorer = reward_model_scorer(run.upstream("reward_model").reward_model_dir, settings, tokenizer)
+        rm_scorer = reward_model_scorer(run.upstream("reward_model").reward_model_dir, settings, tokenizer, reward)
     if gold_scorer is None:
         gold_scorer = default_gold_scorer(run)
     judge = judge_name(cfg, gold_scorer is not None)
     cache = None
     if own_scorers:
-        cache = reference_cache_for(cfg.model, run.upstream("reward_model"), gold_scorer_name(run))
-    return EvalContext(cfg, settings, rows, tokenizer, reference, rm_scorer, gold_scorer, judge, cache)
+        cache = reference_cache_for(cfg.model, run.upstream("reward_model"), gold_scorer_name(run), reward)
+    return EvalContext(cfg, settings, rows, tokenizer, reference, rm_scorer, gold_scorer, judge, cache, reward)
 
 
 def save_table(df: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
@@ -333,6 +348,7 @@ def evaluate_policies(
     The reference's samples and scores come from the reference cache when an earlier evaluation on the same inputs
     left them there (results.json ``reference_cached``)."""
     ctx = eval_context(cfg, run, rm_scorer, gold_scorer, needs_policy=True)
+    own_rm = rm_scorer is None
     settings = ctx.settings
     print(
         f"[eval] {len(ctx.rows)} eval prompts, response_length={settings.response_length}, "
@@ -369,6 +385,7 @@ def evaluate_policies(
             "generation": result.generation,
             "win": {**dataclasses.asdict(win), "tie_fraction": win.tie_fraction},
             "reference_cached": reference_cached,
+            "reward": ctx.reward if own_rm else "given",
         },
     )
     _print_summary(summary)

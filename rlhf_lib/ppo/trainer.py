@@ -65,6 +65,7 @@ from rlhf_lib.ppo import checkpoints
 from rlhf_lib.ppo import core as ppo_core
 from rlhf_lib.ppo.metrics import METRIC_GLOSSARY, JSONLWriter, MetricAccumulator, Reporter, read_jsonl
 from rlhf_lib.ppo.rollout import PromptStream, Rollout, left_pad, load_prompts, sample_rows
+from rlhf_lib.reward.combined import CombinedReward, check_reward, load_member_stack
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class PPOConfig(CommonConfig):
     missing_eos_penalty: float | None = None  # subtracted from the score of responses cut at response_length without
     #   EOS (TRL name); None: no penalty
     reward_normalization: bool = True  # standardise RM scores with the RM's reward_stats.json (mean / std) when present
+    ensemble_reward: str = "model"  # the reward optimised: "model" (the saved reward model; an ensemble's WARM), or an
+    #   ensemble's members combined, each standardised: mean, min (worst case) or uwo (mean - lambda * variance)
     # reward shaping and advantages
     kl_coef: float = 0.05  # KL penalty coefficient beta (initial value when adap_kl_ctrl is on)
     kl_estimator: str = "k1"  # per-token KL estimator: k1: log p - log q (unbiased), k3: low-variance, non-negative
@@ -149,6 +152,7 @@ class PPOConfig(CommonConfig):
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_reward(self.ensemble_reward, "ppo.ensemble_reward")
         if self.trainable_top_layers < 0:
             raise ValueError(f"trainable_top_layers must be >= 0 (0: every block), got {self.trainable_top_layers}")
         if self.trainable_top_layers and not self.use_lora:
@@ -762,6 +766,10 @@ def train_ppo(cfg: PPOConfig, run) -> PPOResult:
     tokenizer = models.load_tokenizer(cfg.model)
     reward_ref, stats = reward_model_source(cfg, run)
     built = build_models(cfg, tokenizer, reward_ref, stats)
+    if cfg.ensemble_reward != "model":  # the ensemble's members combined, already in standard units
+        stack, _ = load_member_stack(reward_ref, cfg.ensemble_reward, "cpu", tokenizer)
+        built.reward_fn = CombinedReward(stack)
+        print(f"[ppo] reward: {stack.k} reward models combined by {cfg.ensemble_reward} ({reward_ref})")
     trainer = PPOTrainer(
         cfg,
         tokenizer,

@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,6 +50,7 @@ from rlhf_lib.core.io import JSONLError, iter_jsonl, write_json_atomic
 from rlhf_lib.core.runs import Run, read_json
 from rlhf_lib.lm import models
 from rlhf_lib.reward import ensemble as ens
+from rlhf_lib.reward.combined import ENSEMBLE_FILE, adapted_layer_names, member_factors, save_members
 from rlhf_lib.reward.ensemble import check_ensemble
 from rlhf_lib.reward.fit import FitResult, fit_reward_model, training_scorers
 from rlhf_lib.reward.metrics import (
@@ -85,7 +86,7 @@ __all__ = [
 ]
 
 TRAINING_FILE = "training.json"
-ENSEMBLE_FILE = "ensemble.json"  # an ensemble's held-out report (reward.ensemble.ensemble_report)
+
 EVAL_SCORES_FILE = "eval_scores.csv"
 PAIR_FIELDS = ("id", "prompt_ids", "chosen_ids", "rejected_ids")
 
@@ -432,9 +433,13 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     for fitted in fits:
         _check_training_log(fitted.log_history)
     trained.eval()
-    path = _save_model(trained, tokenizer, run.reward_model_dir)
-    if report is not None:
-        write_json_atomic(path / ENSEMBLE_FILE, report)
+
+    def beside_model(folder: Path) -> None:  # an ensemble's report and members, saved with the model in one rename
+        if report is not None:
+            save_members(folder, report.pop("_factors"), report.pop("_layers"))
+            write_json_atomic(folder / ENSEMBLE_FILE, report)
+
+    path = _save_model(trained, tokenizer, run.reward_model_dir, beside_model)
     n_used = len(score.rows)
     result = TrainResult(
         model=trained,
@@ -459,7 +464,7 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
 def _train_ensemble(cfg: RewardModelConfig, model, score, held) -> tuple[PreTrainedModel, list[FitResult], dict]:
     """k members on the shared trunk (reward.ensemble), each reset to fresh adapters and head with its own seed;
     returns their weight average (WARM) as a plain classifier, each member's fit, and the held-out report."""
-    members, fits = [], []
+    members, factors, fits = [], [], []
     for m, seed in enumerate(ens.member_seeds(cfg.seed, cfg.ensemble)):
         if m:  # member 0 is the model as built: the single reward model of this seed
             ens.reset_member(model, seed, cfg.zero_init_head)
@@ -467,10 +472,13 @@ def _train_ensemble(cfg: RewardModelConfig, model, score, held) -> tuple[PreTrai
         desc = f"reward model {m + 1}/{cfg.ensemble}"
         fits.append(fit_reward_model(cfg, model, reward_optimizer(cfg, model), score, held, seed, sample, desc))
         members.append(ens.member_weights(model))
+        factors.append(member_factors(model))
     models.uncompile_blocks(model)
+    layers = adapted_layer_names(model)
     setter = ens.WeightSetter(model)
     report = ens.ensemble_report(setter, members, score, held, cfg.ensemble_uwo_coef, cfg.per_device_eval_batch_size)
     print(json.dumps(ens.summary_keys(report)))
+    report.update(_factors=factors, _layers=layers)  # saved beside the model (reward.combined.MEMBERS_FILE)
     return setter.load(ens.average(members)), fits, report
 
 
@@ -504,13 +512,21 @@ def _check_training_log(log_history: list[dict[str, Any]]) -> None:
         raise DegenerateRewardsError(f"training loss became NaN/inf ({losses}); lower learning_rate/head_learning_rate")
 
 
-def _save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
-    """save_pretrained into a temporary sibling, then rename, so a crash never leaves a half-saved model."""
+def _save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """save_pretrained (and ``extra`` files) into a temporary sibling, then rename, so a crash never leaves a
+    half-saved model."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
