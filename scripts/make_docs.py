@@ -11,8 +11,7 @@
   - ``docs/compare/**/frontier.png`` from the comparison ``summary.json`` beside it;
   - ``docs/bench.png`` from ``docs/bench-cpu-r3l.json``, and each ``docs/gpu/<name>.png`` from ``<name>.json`` beside
     it (``make bench``'s figure);
-  - ``docs/ppo_curves.png`` from ``docs/pipeline/ppo_metrics.jsonl`` (a PPO run's ``ppo/metrics.jsonl``) once that
-    file is committed; until then the figure is left as it is.
+  - ``docs/ppo_curves.png`` from ``docs/pipeline/ppo_metrics.jsonl`` (the default profile run's ``ppo/metrics.jsonl``).
 """
 
 from __future__ import annotations
