@@ -65,3 +65,38 @@ def test_ab_prefix_packed_row_agrees_with_the_padded_batch():
     assert logprob < 1e-4 and reward < 1e-4, out
     assert shared_ref < 1e-6 and padded_ref < 1e-6, out
     assert "padded batch   policy+value forward" in out and "shared prefix  policy+value forward" in out
+
+
+def test_pipeline_costs_adds_up_what_the_run_recorded(tmp_path):
+    import json
+
+    run = tmp_path / "r"
+    for folder in ("reward_model", "ppo", "eval"):
+        (run / folder).mkdir(parents=True)
+    stages = {
+        "data": {"status": "done", "started": "2026-01-01T00:00:00+00:00", "ended": "2026-01-01T00:00:09+00:00"},
+        "ppo": {"status": "done", "started": "2026-01-01T00:01:00+00:00", "ended": "2026-01-01T00:03:30+00:00"},
+        "eval": {"status": "running", "started": "2026-01-01T00:04:00+00:00"},
+    }
+    (run / "manifest.json").write_text(json.dumps({"stages": stages, "git": {"commit": "abc"}}))
+    (run / "summary.json").write_text(json.dumps({"reward_model": {"eval_seconds": 7.5}}))
+    training = {"trunk_seconds": 40.0, "train_seconds": 100.0, "n_train_pairs": 12, "cached_trunk_blocks": 3}
+    (run / "reward_model" / "training.json").write_text(json.dumps(training))
+    rows = [
+        {"time/generation": 2.0, "time/forward": 9.0, "time/optimization": 3.0, "time/update": 14.0,
+         "memory/peak_rss_gib": 1.5},
+        {"time/generation": 1.0, "time/forward": 1.0, "time/optimization": 2.0, "time/update": 4.0,
+         "memory/peak_rss_gib": 1.75},
+    ]  # fmt: skip
+    (run / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "eval" / "results.json").write_text(json.dumps({"seconds": {"reference": 3.0}, "reference_cached": True}))
+    out = json.loads(run_script("pipeline_costs.py", str(run), "--peak-rss-gib", "2.5"))
+    assert out["stages_s"] == {"data": 9.0, "ppo": 150.0}  # an unfinished stage has no wall time
+    assert out["reward_model"]["epochs_s"] == 60.0 and out["reward_model"]["heldout_eval_s"] == 7.5
+    ppo = out["ppo"]
+    assert (ppo["generation_s"], ppo["forward_s"], ppo["optimization_s"], ppo["update_s"]) == (3.0, 10.0, 5.0, 18.0)
+    assert ppo["first_update_forward_s"] == 9.0 and ppo["peak_rss_gib"] == 1.75 and ppo["updates"] == 2
+    assert out["eval"] == {"reference": 3.0, "reference_cached": True} and out["peak_rss_gib"] == 2.5
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pipeline_costs.py"), str(tmp_path)],
+                          env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "no manifest.json" in proc.stderr

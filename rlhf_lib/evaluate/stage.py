@@ -28,6 +28,7 @@ import dataclasses
 import gc
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -354,12 +355,18 @@ def evaluate_policies(
         f"[eval] {len(ctx.rows)} eval prompts, response_length={settings.response_length}, "
         f"temperature={settings.temperature}, seed={settings.seed}, device={settings.device}, dtype={settings.dtype}"
     )
+    clock = time.perf_counter()
     before, rm_before, gold_before, reference_cached = cached_reference_samples(ctx, ctx.prompts, desc="reference")
+    seconds = {"reference": time.perf_counter() - clock}  # sampled + scored, or read from the cache
     policy = default_policy_loader(cfg, run, ctx.tokenizer, settings.device)(run.policy_dir)
+    clock = time.perf_counter()
     after = sample_policy(policy, ctx.tokenizer, ctx.prompts, settings, reference=ctx.reference, desc="trained policy")
+    seconds["policy_sampling"] = time.perf_counter() - clock  # generation and the KL's log-probs
     del policy
     gc.collect()
+    clock = time.perf_counter()
     rm_after, gold_after = score_samples(after, ctx.rm_scorer, ctx.gold_scorer)
+    seconds["policy_scoring"] = time.perf_counter() - clock  # reward model and gold
 
     judged_after, judged_before = (gold_after, gold_before) if ctx.judge == "gold" else (rm_after, rm_before)
     win = win_rate(
@@ -386,6 +393,7 @@ def evaluate_policies(
             "win": {**dataclasses.asdict(win), "tie_fraction": win.tie_fraction},
             "reference_cached": reference_cached,
             "reward": ctx.reward if own_rm else "given",
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
         },
     )
     _print_summary(summary)

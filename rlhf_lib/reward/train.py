@@ -421,6 +421,7 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     _announce(cfg, model, len(train_rows), device, dtype)
     start = time.perf_counter()
     score, held = training_scorers(cfg, model, train_rows, tokenizer.pad_token_id, device, dtype, margins, eval_rows)
+    trunk_seconds = time.perf_counter() - start  # the frozen trunk run once over the pairs (0 without a cache)
     if score is None:
         raise ValueError(f"every training pair is longer than max_length={cfg.max_length}; raise max_length")
     if cfg.ensemble > 1:
@@ -453,6 +454,7 @@ def train_reward_model(cfg: RewardModelConfig, run: Run) -> TrainResult:
     )
     training = {**result.summary, "rm_base": cfg.rm_base, "device": str(device), "dtype": str(dtype)}
     training["cached_trunk_blocks"] = fits[0].cached_trunk_blocks
+    training["trunk_seconds"] = round(trunk_seconds, 2)  # part of train_seconds
     training["log_history"] = result.log_history
     if len(fits) > 1:
         training["member_log_histories"] = [f.log_history for f in fits]
