@@ -238,6 +238,8 @@ def test_aggregation_mean_std_and_t_interval_match_a_hand_computation(tmp_path):
     half = 4.302652729911275 * std / math.sqrt(3)  # Student t quantile t(0.975, 2), from a t table
     assert m["mean"] == pytest.approx(mean) and m["std"] == pytest.approx(std) and m["n"] == 3
     assert (m["ci95_low"], m["ci95_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    new = 4.302652729911275 * std * math.sqrt(1 + 1 / 3)  # one new seed: the mean's spread plus a draw's own
+    assert (m["pi95_low"], m["pi95_high"]) == (pytest.approx(mean - new), pytest.approx(mean + new))
     assert group["metrics"]["derived.gold_gain"]["mean"] == pytest.approx(mean - 0.1)
     assert group["metrics"]["ppo.final_kl"]["mean"] == 2.0  # the killed point's 99 is not in it
     assert group["metrics"]["eval.win_rate_ci.1"]["std"] == pytest.approx(0.0)
@@ -461,7 +463,8 @@ def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
     text = (sweep.root / "summary.json").read_text()
     assert "NaN" not in text
     (group,) = json.loads(text)["groups"]
-    assert group["metrics"]["eval.y"] == {"mean": 1.5, "std": None, "ci95_low": None, "ci95_high": None, "n": 1}
+    assert group["metrics"]["eval.y"] == {"mean": 1.5, "std": None, "ci95_low": None, "ci95_high": None,
+                                            "pi95_low": None, "pi95_high": None, "n": 1}  # fmt: skip
     assert group["metrics"]["eval.x"]["n"] == 0
 
 

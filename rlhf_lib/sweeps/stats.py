@@ -53,19 +53,31 @@ def numeric_leaves(summary: dict[str, Any]) -> dict[str, float]:
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float | int | None]:
-    """mean, sample std (ddof 1), n and the Student-t interval mean +- t_{n-1} std / sqrt(n); None where undefined."""
+    """mean, sample std (ddof 1), n, the Student-t interval of the mean, mean +- t_{n-1} std / sqrt(n), and the
+    prediction interval of one new draw, mean +- t_{n-1} std sqrt(1 + 1/n) (``pi95_*``: where the next seed's value
+    falls, e.g. a fresh run's gain); None where undefined."""
     from scipy import stats
 
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(x.size)
+    empty = {"ci95_low": None, "ci95_high": None, "pi95_low": None, "pi95_high": None}
     if n == 0:
-        return {"mean": None, "std": None, "ci95_low": None, "ci95_high": None, "n": 0}
+        return {"mean": None, "std": None, **empty, "n": 0}
     mean = float(x.mean())
     if n == 1:
-        return {"mean": mean, "std": None, "ci95_low": None, "ci95_high": None, "n": 1}
+        return {"mean": mean, "std": None, **empty, "n": 1}
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
-    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
+    t = float(stats.t.ppf(0.5 + level / 2, n - 1))
+    half, new = t * std / math.sqrt(n), t * std * math.sqrt(1 + 1 / n)
+    return {
+        "mean": mean,
+        "std": std,
+        "ci95_low": mean - half,
+        "ci95_high": mean + half,
+        "pi95_low": mean - new,
+        "pi95_high": mean + new,
+        "n": n,
+    }
 
 
 def cell_of(entry: dict[str, Any], seed_key: str) -> tuple:
