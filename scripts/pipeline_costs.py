@@ -1,4 +1,5 @@
-"""Where a finished pipeline run's time went, phase by phase, as JSON (what docs/performance.md's cost table reads).
+"""Where a finished pipeline run's time went, phase by phase, and what it achieved, as JSON (what docs/performance.md's
+cost table reads).
 
     python scripts/pipeline_costs.py outputs/<run> [--peak-rss-gib X] > docs/pipeline/costs.json
 
@@ -76,6 +77,23 @@ def costs(run: Path, peak_rss_gib: float | None = None) -> dict[str, Any]:
         "ppo": ppo_phases(read_jsonl(run / "ppo" / "metrics.jsonl")),
         "eval": {**results.get("seconds", {}), "reference_cached": results.get("reference_cached")},
         "peak_rss_gib": peak_rss_gib,
+        "outcome": outcome(summary),
+    }
+
+
+def outcome(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the run achieved: reward-model accuracy vs gold, gold before / after PPO, the gain, KL and win rate."""
+    ev = summary.get("eval", {})
+    before, after = ev.get("before", {}), ev.get("after", {})
+    gold = (before.get("gold_score"), after.get("gold_score"))
+    return {
+        "rm_accuracy_vs_gold": summary.get("reward_model", {}).get("eval_accuracy_vs_gold"),
+        "gold_reference": gold[0],
+        "gold_policy": gold[1],
+        "gold_gain": None if None in gold else gold[1] - gold[0],
+        "kl": after.get("kl"),
+        "win_rate_vs_ref": ev.get("win_rate_vs_ref"),
+        "win_rate_ci": ev.get("win_rate_ci"),
     }
 
 

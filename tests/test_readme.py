@@ -101,6 +101,59 @@ def frontier_table() -> str:
     return report.frontier_markdown(compare_summary(COMPARE))
 
 
+def pipeline_costs_table() -> str:
+    """docs/pipeline/run-seed1.json (scripts/pipeline_costs.py of a fresh `make pipeline`) as one row per phase."""
+    import json
+
+    c = json.loads((ROOT / "docs" / "pipeline" / "run-seed1.json").read_text(encoding="utf-8"))
+    rm, ppo, ev, st = c["reward_model"], c["ppo"], c["eval"], c["stages_s"]
+
+    def s(x) -> str:
+        return "–" if x is None else f"{x:,.0f}"
+
+    curve = None if not ev.get("reference") else st["eval"] - ev["reference"] - ev["policy_sampling"]
+    rows = [
+        ("data", "whole stage", st.get("data")),
+        ("reward model", f"frozen trunk once ({rm['cached_trunk_blocks']} blocks, {rm['n_train_pairs']} pairs)",
+         rm["trunk_s"]),
+        ("reward model", "epochs (top blocks, forward + backward)", rm["epochs_s"]),
+        ("reward model", "held-out evaluation", rm["heldout_eval_s"]),
+        ("reward model", "whole stage (loading and saving included)", st.get("reward_model")),
+        ("PPO", f"generation ({ppo['updates']} updates)", ppo["generation_s"]),
+        ("PPO", "no-grad forwards: log-probs, values, rewards", ppo["forward_s"]),
+        ("PPO", "optimisation (forward + backward, epochs)", ppo["optimization_s"]),
+        ("PPO", f"whole stage (its first update, which compiles: {s(ppo['first_update_update_s'])} s)", st.get("ppo")),
+        ("evaluation", "reference: sampling and scoring" + (" (cached)" if ev.get("reference_cached") else ""),
+         ev.get("reference")),
+        ("evaluation", "trained policy: sampling and KL log-probs", ev.get("policy_sampling")),
+        ("evaluation", "trained policy: reward model and gold", ev.get("policy_scoring")),
+        ("evaluation", "over-optimisation curve (rest of the stage)", curve),
+        ("evaluation", "whole stage", st.get("eval")),
+        ("all", f"sum of stages; peak RSS {c['peak_rss_gib']} GiB", sum(st.values())),
+    ]  # fmt: skip
+    lines = ["| stage | phase | seconds |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {s(x)} |" for a, b, x in rows]
+    return "\n".join(lines)
+
+
+def fresh_runs_table() -> str:
+    """One row per docs/pipeline/run-seed<k>.json: what a fresh `make pipeline` of the default profile achieved."""
+    import json
+
+    lines = [
+        "| seed | RM accuracy vs gold | gold: reference → PPO | gain | KL (nats) | win rate vs reference [95 % CI] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path in sorted((ROOT / "docs" / "pipeline").glob("run-seed*.json")):
+        o = json.loads(path.read_text(encoding="utf-8"))["outcome"]
+        low, high = o["win_rate_ci"]
+        cells = [path.stem.removeprefix("run-seed"), f"{o['rm_accuracy_vs_gold']:.3f}"]
+        cells += [f"{o['gold_reference']:.3f} → {o['gold_policy']:.3f}", f"{o['gold_gain']:+.3f}", f"{o['kl']:.2f}"]
+        cells.append(f"{o['win_rate_vs_ref']:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> and <!-- marker:end --> holds
     (README, "key-metrics"): lambda: metric_table(KEY_METRICS),
     (README, "headline"): headline_table,
@@ -113,6 +166,8 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (EXPERIMENTS, "compare-methods"): lambda: compare_table(COMPARE),
     (README, "compare-frontier"): frontier_table,
     (ROOT / "docs" / "metrics.md", "metrics"): lambda: metric_table(None),
+    (ROOT / "docs" / "performance.md", "pipeline-costs"): pipeline_costs_table,
+    (EXPERIMENTS, "fresh-runs"): fresh_runs_table,
 }
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
 # test_pending_items_have_not_landed fails and the entry must be removed here (empty this set once all are merged).

@@ -79,7 +79,8 @@ def test_pipeline_costs_adds_up_what_the_run_recorded(tmp_path):
         "eval": {"status": "running", "started": "2026-01-01T00:04:00+00:00"},
     }
     (run / "manifest.json").write_text(json.dumps({"stages": stages, "git": {"commit": "abc"}}))
-    (run / "summary.json").write_text(json.dumps({"reward_model": {"eval_seconds": 7.5}}))
+    ev = {"before": {"gold_score": 0.5, "kl": 0.0}, "after": {"gold_score": 0.625, "kl": 2.5}, "win_rate_vs_ref": 0.6}
+    (run / "summary.json").write_text(json.dumps({"reward_model": {"eval_seconds": 7.5}, "eval": ev}))
     training = {"trunk_seconds": 40.0, "train_seconds": 100.0, "n_train_pairs": 12, "cached_trunk_blocks": 3}
     (run / "reward_model" / "training.json").write_text(json.dumps(training))
     rows = [
@@ -97,6 +98,7 @@ def test_pipeline_costs_adds_up_what_the_run_recorded(tmp_path):
     assert (ppo["generation_s"], ppo["forward_s"], ppo["optimization_s"], ppo["update_s"]) == (3.0, 10.0, 5.0, 18.0)
     assert ppo["first_update_forward_s"] == 9.0 and ppo["peak_rss_gib"] == 1.75 and ppo["updates"] == 2
     assert out["eval"] == {"reference": 3.0, "reference_cached": True} and out["peak_rss_gib"] == 2.5
+    assert out["outcome"]["gold_gain"] == 0.125 and out["outcome"]["kl"] == 2.5
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pipeline_costs.py"), str(tmp_path)],
                           env=ENV, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode != 0 and "no manifest.json" in proc.stderr
