@@ -9,23 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_reward_ensemble import trained_like
 
 from rlhf_lib.lm import models
 from rlhf_lib.reward import combined
 from rlhf_lib.reward import ensemble as ens
 from rlhf_lib.reward.scoring import score_sequences
 from rlhf_lib.reward.train import RewardModelConfig, build_reward_model
-
-
-def trained_like(model, seed: int):
-    """Non-zero adapters (B drawn, as training would leave them) and a drawn head, reproducibly."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in ens.lora_layers(model):
-            for b in layer.lora_B.values():
-                b.weight.normal_(std=0.3)
-        ens.score_head(model).weight.normal_()
-    return model
 
 
 def build_members(top: int, k: int = 3):
