@@ -414,9 +414,10 @@ def run_with_reward_model(outputs: str, tokenizer) -> tuple[EvalConfig, Run]:
 
 
 def eval_outputs(run: Run) -> dict[str, object]:
-    """What an evaluation leaves: results.json without the cache flag, and the bytes of its tables."""
+    """What an evaluation leaves: results.json without the cache flag and wall-clock phases, and its tables' bytes."""
     results = json.loads((run.eval_dir / "results.json").read_text())
     results.pop("reference_cached")
+    assert set(results.pop("seconds")) == {"reference", "policy_sampling", "policy_scoring"}
     names = ("samples.csv", "samples.jsonl", "overoptimisation.csv", "overoptimisation.jsonl")
     return {"results": results, **{n: (run.eval_dir / n).read_bytes() for n in names}}
 
