@@ -238,8 +238,9 @@ def test_notebook_is_in_step_with_its_generator():
 
 
 @pytest.mark.slow
-def test_whole_comparison_on_the_toy_task(tmp_path):
-    """Reference, a 'PPO' run, best-of-N and one beta of DPO / RLOO / GRPO through one evaluation path."""
+def test_whole_comparison_on_the_toy_task(tmp_path, monkeypatch):
+    """Reference, a 'PPO' run, best-of-N (ranked by the reward model and by a second reward) and one beta of DPO /
+    RLOO / GRPO through one evaluation path."""
     outputs = tmp_path / "outputs"
     model = toy_task.build_model(tmp_path / "model")
     tokenizer = models.load_tokenizer(str(model))
@@ -262,7 +263,7 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
         tmp_path,
         common={"run": "cmp", "outputs_dir": str(outputs), "device": "cpu", "dtype": "float32"},
         eval={"response_length": 4, "temperature": 1.0, "batch_size": 16},
-        best_of_n={"ns": [1, 2, 4], "n_samples": 4},
+        best_of_n={"ns": [1, 2, 4], "n_samples": 4, "rewards": ["model", "min"]},
         dpo={"betas": [0.1], "max_steps": 2, "lora_r": 2, "lora_alpha": 4},
         rloo=small,
         grpo=small,
@@ -275,7 +276,15 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
     def gold(texts):
         return [t.count("k") / 4 for t in texts]
 
+    loaded = []
+
+    def other_reward(path, settings, tokenizer=None, reward="model"):  # an ensemble's "min", read from the RM folder
+        loaded.append((Path(path), reward))
+        return lambda seqs: -np.asarray(score(seqs))  # ranks the pool the other way round
+
+    monkeypatch.setattr(compare.eval_sampling, "reward_model_scorer", other_reward)
     summary = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold, train_scorer=score)
+    assert loaded == [(base.reward_model_dir, "min")]
     keys = {
         "method",
         "setting",
@@ -311,6 +320,18 @@ def test_whole_comparison_on_the_toy_task(tmp_path):
     assert by[("rloo", "beta=0.05")]["generated_tokens"] > 0 and by[("dpo", "beta=0.1")]["generated_tokens"] == 0
     assert by[("best_of_n", "N=4")]["kl_analytic"] == pytest.approx(np.log(4) - 0.75)
     assert by[("best_of_n_oracle", "N=4")]["gold_score"] >= by[("best_of_n", "N=1")]["gold_score"]
+    by_curve = {(e["curve"], e["setting"]): e for e in summary["methods"]}
+    ranked_min, ranked_rm = by_curve[("best_of_n:min", "N=4")], by_curve[("best_of_n", "N=4")]
+    assert ranked_min["reward"] == "min" and ranked_rm["reward"] == "model"
+    assert ranked_min["rm_score"] <= by_curve[("best_of_n", "N=1")]["rm_score"] <= ranked_rm["rm_score"]
+    assert ranked_min["reward_score"] == pytest.approx(-ranked_min["rm_score"])  # ranked by its own reward
+    assert [by[(m, s)]["reward"] for m, s in (("ppo", "final"), ("rloo", "beta=0.05"), ("dpo", "beta=0.1"))] == [
+        "model",
+        "model",
+        None,
+    ]
+    assert set(summary["best_of_n_fit"]) == {"best_of_n", "best_of_n:min", "best_of_n_oracle"}
+    assert summary["best_of_n_fit"]["best_of_n"]["n_points"] == 2  # N = 2 and 4 (N = 1 is the reference)
     assert set(summary["gold_at_kl"]) >= {"ppo", "best_of_n", "dpo", "rloo", "grpo"}
     out = outputs / "cmp"
     assert json.loads((out / "summary.json").read_text())["methods"] == json.loads(json.dumps(summary["methods"]))

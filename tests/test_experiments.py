@@ -135,6 +135,7 @@ def _sweep_file(tmp_path: Path, **changes) -> Path:
         ({"grid": {"data.n_rm_prompts": [8, 16]}}, "varies a stage read from the base run"),
         ({"stages": ["data", "ppo"]}, "include a stage read from the base run"),
         ({"grid": {"common.seed": []}}, "non-empty list"),
+        ({"headline": "yes"}, "headline is 'yes'; write headline: true or headline: false"),
     ],
 )
 def test_sweep_file_errors_name_the_key(tmp_path, changes, match):
@@ -240,6 +241,8 @@ def test_aggregation_mean_std_and_t_interval_match_a_hand_computation(tmp_path):
     assert (m["ci95_low"], m["ci95_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
     new = 4.302652729911275 * std * math.sqrt(1 + 1 / 3)  # one new seed: the mean's spread plus a draw's own
     assert (m["pi95_low"], m["pi95_high"]) == (pytest.approx(mean - new), pytest.approx(mean + new))
+    assert group["prediction_interval"]["eval.after.gold_score"] == [pytest.approx(mean - new), pytest.approx(mean + new)]
+    assert written["headline"] is False  # only a sweep file that says headline: true is the README's source
     assert group["metrics"]["derived.gold_gain"]["mean"] == pytest.approx(mean - 0.1)
     assert group["metrics"]["ppo.final_kl"]["mean"] == 2.0  # the killed point's 99 is not in it
     assert group["metrics"]["eval.win_rate_ci.1"]["std"] == pytest.approx(0.0)
@@ -284,8 +287,13 @@ def test_headline_table_reports_reference_policy_and_paired_gain_as_mean_and_t_h
     table = sweep_stats.headline_markdown(experiments.aggregate(sweep, write=False), {})
     half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n), std of (0.5, 0.6, 0.7) = 0.1
     row = next(line for line in table.splitlines() if line.startswith("| gold score"))
-    assert row.split(" | ")[1:] == ["0.200 ± 0.000", f"0.600 ± {half:.3f}", f"0.400 ± {half:.3f} |"]
-    assert "3 seeds, mean ± 95 % CI" in table.splitlines()[0]
+    new = 4.302652729911275 * 0.1 * math.sqrt(1 + 1 / 3)  # where a fourth seed's gain falls
+    pi = f"[{0.4 - new:.3f}, {0.4 + new:.3f}] |"
+    assert row.split(" | ")[1:] == ["0.200 ± 0.000", f"0.600 ± {half:.3f}", f"0.400 ± {half:.3f}", pi]
+    assert table.splitlines()[0].startswith("| the default profile; 3 seeds, mean ± 95 % CI |")
+    assert table.splitlines()[0].endswith("| gain of one new run (95 % PI) |")
+    kl_row = next(line for line in table.splitlines() if line.startswith("| KL"))
+    assert kl_row.endswith("|  |  |")  # no gain, so no prediction interval
     cells = sweep_stats.cells_markdown(experiments.aggregate(sweep, write=False)).splitlines()
     assert cells[0].startswith("| seeds | gold | gold gain |") and cells[2].startswith(f"| 3 | 0.600 ± {half:.3f} |")
     with pytest.raises(KeyError, match="no cell"):
@@ -465,6 +473,7 @@ def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):
     (group,) = json.loads(text)["groups"]
     assert group["metrics"]["eval.y"] == {"mean": 1.5, "std": None, "ci95_low": None, "ci95_high": None,
                                             "pi95_low": None, "pi95_high": None, "n": 1}  # fmt: skip
+    assert group["prediction_interval"]["eval.y"] is None  # one seed says nothing about where the next falls
     assert group["metrics"]["eval.x"]["n"] == 0
 
 

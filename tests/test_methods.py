@@ -111,6 +111,51 @@ def test_pool_entries_n1_is_the_pool_mean_and_the_oracle_dominates():
         bon.BestOfNConfig(ns=[1, 64], n_samples=32).check()
 
 
+def test_a_pool_ranked_by_another_reward_picks_that_rewards_argmax_and_reports_the_models_score():
+    rng = np.random.default_rng(3)
+    rm, gold, other = rng.normal(size=(4, 6)), rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    pool = make_pool(rm, gold)
+    pool.rewards["min"] = other
+    ref = np.zeros(4)
+    for n in (1, 3, 6):
+        by_min = bon.pool_entry(pool, n, ref, "gold", reward="min")
+        want_gold = np.mean([brute_force_best_of_n(other[p], gold[p], n) for p in range(4)])
+        want_rm = np.mean([brute_force_best_of_n(other[p], rm[p], n) for p in range(4)])
+        assert by_min["gold_score"] == pytest.approx(want_gold) and by_min["rm_score"] == pytest.approx(want_rm)
+        assert by_min["reward_score"] == pytest.approx(np.mean([brute_force_best_of_n(o, o, n) for o in other]))
+        assert (by_min["curve"], by_min["reward"], by_min["method"]) == ("best_of_n:min", "min", bon.METHOD)
+    assert bon.pool_entry(pool, 6, ref, "gold")["curve"] == "best_of_n"
+    assert bon.chosen_texts(pool, 6, 2, "min") == [f"p{p}s{int(np.argmax(other[p]))}" for p in range(2)]
+    cfg = bon.BestOfNConfig(ns=[1, 6], n_samples=6, rewards=["model", "min"], oracle=False)
+    assert [e["curve"] for e in bon.best_of_n_entries(cfg, pool, ref, "gold")] == ["best_of_n"] * 2 + [
+        "best_of_n:min"
+    ] * 2
+    with pytest.raises(ValueError, match="not scored by reward 'uwo'"):
+        bon.pool_entry(pool, 2, ref, "gold", reward="uwo")
+    for bad in (["model", "model"], ["median"], []):
+        with pytest.raises(ValueError, match="best_of_n.rewards"):
+            bon.BestOfNConfig(rewards=bad).check()
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.3, 0.05), (0.5, 0.2)])
+def test_best_of_n_fit_recovers_gaos_coefficients_and_peak(alpha, beta):
+    kl = np.array([bon.analytic_kl(n) for n in (1, 2, 4, 8, 16, 32, 64)])
+    d = np.sqrt(kl)
+    fit = bon.fit_best_of_n(kl, d * (alpha - beta * d))
+    assert (fit["alpha"], fit["beta"]) == (pytest.approx(alpha), pytest.approx(beta))
+    assert fit["n_points"] == 6 and fit["r2"] == pytest.approx(1.0)  # N = 1 (KL 0) is the reference, left out
+    assert fit["kl_at_peak"] == pytest.approx((alpha / (2 * beta)) ** 2)
+    assert fit["gain_at_peak"] == pytest.approx(alpha**2 / (4 * beta))
+    rising = bon.fit_best_of_n(kl, 0.2 * d + 0.01 * d**2)  # still rising: no peak to report
+    assert rising["beta"] < 0 and rising["kl_at_peak"] is None
+    assert bon.fit_best_of_n([0.0, 1.0], [0.0, 0.3])["alpha"] is None  # one informative point fits nothing
+    entries = [{"method": bon.METHOD, "curve": "best_of_n", "kl_analytic": k, "gold_score": 0.5 + g}
+               for k, g in zip(kl, d * (alpha - beta * d))]  # fmt: skip
+    fits = bon.best_of_n_fits(entries + [{"method": "ppo", "kl_analytic": None, "gold_score": 9.0}], 0.5)
+    assert list(fits) == ["best_of_n"] and fits["best_of_n"]["alpha"] == pytest.approx(alpha)
+    assert bon.best_of_n_fits(entries, None) == {}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # configs, reward, policy folders
 
@@ -130,6 +175,8 @@ def test_config_checks_name_the_field():
         DPOMethodConfig(betas=[]).check()
     with pytest.raises(ValueError, match="num_generations"):
         OnlineMethodConfig(num_generations=1, per_device_train_batch_size=4).check()
+    with pytest.raises(ValueError, match="GRPOMethodConfig.reward = 'median' is not a reward; use one of model"):
+        GRPOMethodConfig(reward="median").check()
 
 
 def test_token_id_reward_scores_prompt_plus_completion_ids_and_counts_them():

@@ -6,6 +6,11 @@ expected gold of the RM-argmax of a uniformly random N-subset. With the pool sor
 i = 1..M, ties broken by pool order), the sample of rank i is the argmax of a random N-subset with probability
 C(i-1, N-1) / C(M, N), so every statistic is a weighted mean of the pool. Oracle best-of-N ranks by gold instead.
 
+Ranked by another reward: ``best_of_n.rewards`` lists the rewards the pool is also ranked by (the ensemble's
+``mean`` / ``min`` / ``uwo``, :mod:`rlhf_lib.reward.combined`), so best-of-N stands beside a policy trained on the same
+reward. Gao et al. (2022)'s best-of-N form gold_gain(d) = d (alpha - beta d), d = sqrt(KL), is fitted per curve
+(:func:`fit_best_of_n`): its peak says how far reward-ranked gold would still rise with more samples.
+
 KL of best-of-N to the reference: the analytic log N - (N-1)/N (Stiennon et al. 2020, App. G; Gao et al. 2022).
 It is an upper bound, reached when rewards are distinct and no single response carries much probability (Beirami
 et al. 2024, "Theoretical guarantees on the best-of-n alignment policy"). Beside it, the measured value: the exact
@@ -26,6 +31,7 @@ import numpy as np
 from rlhf_lib.evaluate import sampling as eval_sampling
 from rlhf_lib.evaluate import stats as eval_stats
 from rlhf_lib.evaluate.sampling import GenerationSettings, Samples
+from rlhf_lib.reward.combined import REWARDS
 
 METHOD = "best_of_n"
 ORACLE = "best_of_n_oracle"
@@ -39,8 +45,14 @@ class BestOfNConfig:
     ns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # N values (each <= n_samples)
     n_samples: int = 32  # M: reference samples per eval prompt, drawn once; every N is estimated exactly over them
     oracle: bool = True  # also oracle best-of-N (ranked by the gold score): the ceiling of reranking
+    rewards: list[str] = field(default_factory=lambda: ["model"])  # rank by: model (saved RM; WARM), mean, min, uwo
 
     def check(self) -> None:
+        unknown = [r for r in self.rewards if r not in REWARDS]
+        if unknown or not self.rewards or len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(
+                f"best_of_n.rewards={self.rewards}: list each of {', '.join(REWARDS)} at most once, at least one"
+            )
         if self.n_samples < 1:
             raise ValueError(f"best_of_n.n_samples={self.n_samples} must be >= 1")
         bad = [n for n in self.ns if n < 1 or n > self.n_samples]
@@ -58,6 +70,57 @@ class BestOfNConfig:
 def analytic_kl(n: int) -> float:
     """KL(best-of-n || reference) = log n - (n - 1) / n nats (Stiennon et al. 2020), an upper bound."""
     return math.log(n) - (n - 1) / n
+
+
+def fit_best_of_n(kl: Sequence[float], gain: Sequence[float]) -> dict[str, Any]:
+    """Least-squares fit of Gao et al. (2022)'s best-of-N form gain(d) = d (alpha - beta d), d = sqrt(KL).
+
+    Linear in (alpha, beta), so closed form. When beta > 0 the fitted gain peaks at d* = alpha / (2 beta), where it is
+    alpha^2 / (4 beta); KL <= 0 points (N = 1) are the reference and carry no information about the shape.
+    """
+    kl_arr, y = np.asarray(kl, dtype=np.float64), np.asarray(gain, dtype=np.float64)
+    keep = np.isfinite(kl_arr) & np.isfinite(y) & (kl_arr > 0)
+    d, y = np.sqrt(kl_arr[keep]), y[keep]
+    out: dict[str, Any] = {
+        "alpha": None,
+        "beta": None,
+        "r2": None,
+        "kl_at_peak": None,
+        "gain_at_peak": None,
+        "n_points": int(d.size),
+        "form": "gold_gain(d) = d (alpha - beta d), d = sqrt(KL)",
+    }
+    if d.size < 2 or np.ptp(d) == 0:
+        return out
+    design = np.stack([d, -(d**2)], axis=1)  # (n, 2)
+    (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ np.array([alpha, beta])
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    out.update(alpha=float(alpha), beta=float(beta), r2=1 - float((resid**2).sum()) / ss_tot if ss_tot else None)
+    if beta > 0 and alpha > 0:
+        d_star = float(alpha) / (2 * float(beta))
+        out.update(kl_at_peak=d_star**2, gain_at_peak=float(alpha) ** 2 / (4 * float(beta)))
+    return out
+
+
+def best_of_n_fits(entries: Sequence[dict[str, Any]], reference_gold: float | None) -> dict[str, dict[str, Any]]:
+    """Per best-of-N curve (reward-ranked, oracle): :func:`fit_best_of_n` over (analytic KL, gold - reference)."""
+    if reference_gold is None:
+        return {}
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for e in entries:
+        if e.get("method") in (METHOD, ORACLE) and e.get("gold_score") is not None:
+            curves.setdefault(e.get("curve") or e["method"], []).append(
+                (e["kl_analytic"], e["gold_score"] - reference_gold)
+            )
+    return {name: fit_best_of_n(*zip(*pts)) for name, pts in curves.items()}
+
+
+def curve_name(oracle: bool, reward: str = "model") -> str:
+    """best_of_n (ranked by the saved reward model), best_of_n:<reward> (by an ensemble combination), or the oracle."""
+    if oracle:
+        return ORACLE
+    return METHOD if reward == "model" else f"{METHOD}:{reward}"
 
 
 def selection_weights(scores: Sequence[float], n: int) -> np.ndarray:
@@ -125,6 +188,8 @@ class Pool:
     eos: np.ndarray
     texts: list[list[str]]
     sample_seconds: float = 0.0
+    # (P, M) scores of each other reward the pool is ranked by (``best_of_n.rewards`` but "model"), by name
+    rewards: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_prompts(self) -> int:
@@ -139,18 +204,23 @@ def sample_pool(
     n_samples: int,
     rm_scorer,
     gold_scorer,
+    reward_scorers: dict[str, Any] | None = None,
 ) -> Pool:
     """Draw n_samples reference responses per prompt with seeds settings.seed + 1 ... + n_samples (seed itself is
-    the reference sample every method's win rate is judged against, so the pool is independent of it)."""
+    the reference sample every method's win rate is judged against, so the pool is independent of it), each scored
+    by the reward model, gold, and every scorer of ``reward_scorers`` (name -> scorer of token-id sequences)."""
     import time
 
     start = time.perf_counter()
     draws: list[Samples] = []
     scores: list[tuple[np.ndarray, np.ndarray | None]] = []
+    others: dict[str, list[np.ndarray]] = {name: [] for name in reward_scorers or {}}
     for k in range(n_samples):
         s = dataclasses.replace(settings, seed=settings.seed + 1 + k)
         draws.append(eval_sampling.sample_policy(reference, tokenizer, prompt_ids, s, desc=f"best-of-N pool {k + 1}"))
         scores.append(eval_sampling.score_samples(draws[-1], rm_scorer, gold_scorer))
+        for name, scorer in (reward_scorers or {}).items():
+            others[name].append(np.asarray(scorer(draws[-1].sequences), dtype=np.float64))
     rm = np.stack([r for r, _ in scores], axis=1)  # (P, M)
     gold = None if gold_scorer is None else np.stack([g for _, g in scores], axis=1)
     return Pool(
@@ -160,12 +230,19 @@ def sample_pool(
         eos=np.stack([d.contains_eos for d in draws], axis=1).astype(np.float64),
         texts=[[d.texts[p] for d in draws] for p in range(rm.shape[0])],
         sample_seconds=time.perf_counter() - start,
+        rewards={name: np.stack(v, axis=1) for name, v in others.items()},  # (P, M) each
     )
 
 
-def _weights(pool: Pool, n: int, by_gold: bool) -> np.ndarray:
-    ranking = pool.gold if by_gold else pool.rm
-    return np.stack([selection_weights(row, n) for row in ranking])  # (P, M)
+def ranking(pool: Pool, oracle: bool, reward: str = "model") -> np.ndarray:
+    """(P, M) the scores best-of-N ranks the pool by: gold (oracle), the reward model, or another reward."""
+    if oracle:
+        return pool.gold
+    if reward == "model":
+        return pool.rm
+    if reward not in pool.rewards:
+        raise ValueError(f"the best-of-N pool was not scored by reward {reward!r}; it has {sorted(pool.rewards)}")
+    return pool.rewards[reward]
 
 
 def pool_entry(
@@ -174,15 +251,19 @@ def pool_entry(
     judged_reference: np.ndarray,
     judge: str,
     oracle: bool = False,
+    reward: str = "model",
     tie_tolerance: float = 0.0,
     ci_method: str = "wilson",
     n_bootstrap: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One comparison entry (summary keys) for best-of-n over the pool; per-prompt values are exact expectations."""
+    """One comparison entry (summary keys) for best-of-n over the pool, ranked by gold (oracle) or by ``reward``;
+    per-prompt values are exact expectations. ``rm_score`` is always the saved reward model's (comparable across
+    methods); ``reward_score`` is the ranking reward's own."""
     if oracle and pool.gold is None:
         raise ValueError("oracle best-of-N ranks by gold, but this run has no gold scorer; set best_of_n.oracle: false")
-    w = _weights(pool, n, by_gold=oracle)  # (P, M)
+    ranked = ranking(pool, oracle, reward)  # (P, M)
+    w = np.stack([selection_weights(row, n) for row in ranked])  # (P, M)
     judged = pool.gold if judge == "gold" else pool.rm
     # expected outcome vs the reference sample of the same prompt: win 1, tie 0.5, loss 0
     diff = judged - np.asarray(judged_reference, dtype=np.float64)[:, None]  # (P, M)
@@ -199,14 +280,17 @@ def pool_entry(
     mean_length = float((w * pool.lengths).sum(1).mean())
     return {
         "method": ORACLE if oracle else METHOD,
+        "curve": curve_name(oracle, reward),
+        "reward": "gold" if oracle else reward,
         "setting": f"N={n}",
         "n": n,
-        "kl": float(np.mean([pool_kl(row, n) for row in (pool.gold if oracle else pool.rm)])),
+        "kl": float(np.mean([pool_kl(row, n) for row in ranked])),
         "kl_analytic": analytic_kl(n),
         "gold_score": float(per_prompt["gold"].mean()) if "gold" in per_prompt else None,
         "gold_score_se": _se(per_prompt["gold"]) if "gold" in per_prompt else None,
         "rm_score": float(per_prompt["rm"].mean()),
         "rm_score_se": _se(per_prompt["rm"]),
+        "reward_score": float((w * ranked).sum(1).mean()),
         "win_rate_vs_ref": rate,
         "win_rate_ci": [float(ci[0]), float(ci[1])],
         "length": mean_length,
@@ -228,13 +312,16 @@ def _se(values: np.ndarray) -> float:
 def best_of_n_entries(
     cfg: BestOfNConfig, pool: Pool, judged_reference: np.ndarray, judge: str, **win_kwargs: Any
 ) -> list[dict[str, Any]]:
-    """Entries for every N (RM-ranked), then every N oracle-ranked when cfg.oracle and gold exists."""
-    out = [pool_entry(pool, n, judged_reference, judge, **win_kwargs) for n in cfg.ns]
+    """Entries for every reward of cfg.rewards and every N (reward-ranked), then every N oracle-ranked when
+    cfg.oracle and gold exists."""
+    out = [pool_entry(pool, n, judged_reference, judge, reward=r, **win_kwargs) for r in cfg.rewards for n in cfg.ns]
     if cfg.oracle and pool.gold is not None:
         out += [pool_entry(pool, n, judged_reference, judge, oracle=True, **win_kwargs) for n in cfg.ns]
     return out
 
 
-def chosen_texts(pool: Pool, n: int, rows: int) -> list[str]:
-    """For the sample table: the RM-argmax of the first n pool samples of each of the first `rows` prompts."""
-    return [pool.texts[p][max(range(n), key=lambda k: (pool.rm[p, k], k))] for p in range(min(rows, pool.n_prompts))]
+def chosen_texts(pool: Pool, n: int, rows: int, reward: str = "model") -> list[str]:
+    """For the sample table: the argmax by ``reward`` of the first n pool samples of each of the first `rows`
+    prompts."""
+    ranked = ranking(pool, False, reward)
+    return [pool.texts[p][max(range(n), key=lambda k: (ranked[p, k], k))] for p in range(min(rows, pool.n_prompts))]

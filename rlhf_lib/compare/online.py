@@ -34,6 +34,7 @@ from rlhf_lib.compare.common import (
     write_train_record,
 )
 from rlhf_lib.lm import models
+from rlhf_lib.reward.combined import check_reward
 
 PROMPT_COLUMN = "query_ids"  # the dataset column holding each prompt's token ids (for the reward function)
 Scorer = Callable[[list[list[int]]], np.ndarray]
@@ -56,6 +57,7 @@ class OnlineMethodConfig(LoraFields):
     response_length: int | None = None  # TRL max_completion_length; None: the base run's PPO response_length
     temperature: float | None = None  # sampling temperature; None: the base run's PPO temperature
     reward_normalization: bool = True  # standardise RM scores with reward_stats.json (as PPO does)
+    reward: str = "model"  # the reward optimised, as ppo.ensemble_reward: model (saved RM; WARM), mean, min or uwo
     lr_scheduler_type: str = "linear"  # transformers scheduler name
     max_prompts: int = 0  # use the first N PPO prompts; 0: all
     logging_steps: int = 1  # log TRL's metrics every N steps (kept in train.json)
@@ -83,6 +85,7 @@ class OnlineMethodConfig(LoraFields):
             )
         if self.learning_rate <= 0 or (self.temperature is not None and self.temperature <= 0):
             raise ValueError(f"{name}.learning_rate and temperature must be > 0")
+        check_reward(self.reward, f"{name}.reward")
 
 
 @dataclass
@@ -118,8 +121,9 @@ def prompts_dataset(data_dir: Path, tokenizer, max_prompts: int = 0):
     )
 
 
-def default_scorer(inputs: MethodInputs, tokenizer, batch_size: int = 16) -> Scorer:
-    """The stage-2 reward model scoring token ids, exactly as the evaluation stage does."""
+def default_scorer(inputs: MethodInputs, tokenizer, batch_size: int = 16, reward: str = "model") -> Scorer:
+    """The stage-2 reward model (or its ensemble's members combined by ``reward``) scoring token ids, exactly as the
+    evaluation stage does."""
     from rlhf_lib.evaluate.sampling import GenerationSettings, reward_model_scorer
 
     settings = GenerationSettings(
@@ -130,7 +134,7 @@ def default_scorer(inputs: MethodInputs, tokenizer, batch_size: int = 16) -> Sco
         device=inputs.torch_device(),
         dtype=inputs.torch_dtype(),
     )
-    return reward_model_scorer(inputs.reward_model_dir, settings, tokenizer)
+    return reward_model_scorer(inputs.reward_model_dir, settings, tokenizer, reward=reward)
 
 
 def train_online(
@@ -150,8 +154,11 @@ def train_online(
     out_dir = Path(out_dir)
     tokenizer = models.load_tokenizer(inputs.model)
     dataset = prompts_dataset(inputs.data_dir, tokenizer, cfg.max_prompts)
-    mean, std = reward_stats(inputs.reward_model_dir) if (scorer is None and cfg.reward_normalization) else (0.0, 1.0)
-    reward = token_id_reward(scorer or default_scorer(inputs, tokenizer), PROMPT_COLUMN, mean, std)
+    # a combined reward is already in standard units (each member standardised on its reference scores)
+    normalise = scorer is None and cfg.reward_normalization and cfg.reward == "model"
+    mean, std = reward_stats(inputs.reward_model_dir) if normalise else (0.0, 1.0)
+    score = scorer or default_scorer(inputs, tokenizer, reward=cfg.reward)
+    reward = token_id_reward(score, PROMPT_COLUMN, mean, std)
     args = _config(kind, cfg, inputs, beta, out_dir / "trainer", response_length, temperature)
     trainer_cls = _trainer(kind)
     model = models.load_causal_lm(inputs.model, tokenizer)
@@ -169,6 +176,7 @@ def train_online(
     record = {
         "method": kind,
         "beta": beta,
+        "reward": cfg.reward,
         "train_seconds": clock.seconds,
         "generated_tokens": reward.generated_tokens,
         "generated_responses": reward.generated_responses,

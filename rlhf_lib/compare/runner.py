@@ -478,11 +478,12 @@ def ppo_entries(
     entries: list[dict[str, Any]] = []
     for run in runs:
         curve = "ppo" if run.root == base.root else f"ppo:{run.name}"
-        kl_coef = run.manifest().get("stages", {}).get("ppo", {}).get("params", {}).get("kl_coef")
+        ppo_params = run.manifest().get("stages", {}).get("ppo", {}).get("params", {})
+        kl_coef, reward = ppo_params.get("kl_coef"), ppo_params.get("ensemble_reward", "model")
         load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
         other = other_base(run, base)
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
-            work = functools.partial(_ppo_setting, ctx, load, out, run, curve, kl_coef, setting, update, folder)
+            work = functools.partial(_ppo_setting, ctx, load, out, run, curve, kl_coef, reward, setting, update, folder)
             got = attempt(failures, out, curve, setting, folder, work)
             for entry in got[0] if got is not None and other else []:
                 entry["other_base"] = True
@@ -506,9 +507,11 @@ def other_base(run: Run, base: Run) -> bool:
     return True
 
 
-def _ppo_setting(ctx: Context, load, out: Run, run: Run, curve: str, kl_coef, setting: str, update, folder: Path):
+def _ppo_setting(
+    ctx: Context, load, out: Run, run: Run, curve: str, kl_coef, reward, setting: str, update, folder: Path
+):
     seconds, tokens = ppo_cost(run, None if setting == "final" else update)
-    extra = dict(run=run.name, step=update, beta=kl_coef, train_seconds=seconds, generated_tokens=tokens)
+    extra = dict(run=run.name, step=update, beta=kl_coef, reward=reward, train_seconds=seconds, generated_tokens=tokens)
     policy_key = {"folder": str(folder.resolve()), "fingerprint": folder_fingerprint(folder)}
     return cached_evaluation(
         ctx, out, curve, setting, policy_key, lambda: _evaluate_saved(ctx, load, folder, "ppo", setting, curve, **extra)
@@ -585,6 +588,7 @@ def _trained_setting(ctx: Context, method: str, cfg, inputs: MethodInputs, out: 
         )
     record = read_train_record(folder)
     extra = dict(beta=beta, train_seconds=record.get("train_seconds"), generated_tokens=record.get("generated_tokens"))
+    extra["reward"] = None if method == "dpo" else cfg.reward  # what it optimised (DPO: the pairs, no reward model)
     load = evaluate.default_policy_loader(ctx.eval_cfg, out, ctx.tokenizer, ctx.settings.device)
     policy_key = {
         "folder": str(folder.resolve()),
@@ -602,23 +606,43 @@ def _trained_setting(ctx: Context, method: str, cfg, inputs: MethodInputs, out: 
 
 
 def best_of_n_entries(
-    ctx: Context, cfg: BestOfNConfig, out: Run, texts: dict, failures: list | None = None
+    ctx: Context, cfg: BestOfNConfig, out: Run, texts: dict, failures: list | None = None, rm_dir: Path | None = None
 ) -> list[dict[str, Any]]:
-    """Best-of-N from one pool of reference samples; left out when it fails (see :func:`attempt`)."""
+    """Best-of-N from one pool of reference samples, ranked by each of ``cfg.rewards`` (the ensemble's
+    combinations are read from the reward model folder ``rm_dir``); left out when it fails (see :func:`attempt`)."""
     if not cfg.enabled:
         return []
     entries: list[dict[str, Any]] = []
     work = functools.partial(
-        cached_evaluation, ctx, out, bon.METHOD, "pool", dataclasses.asdict(cfg), lambda: _best_of_n_now(ctx, cfg)
+        cached_evaluation,
+        ctx,
+        out,
+        bon.METHOD,
+        "pool",
+        dataclasses.asdict(cfg),
+        lambda: _best_of_n_now(ctx, cfg, rm_dir),
     )
     _collect(entries, texts, attempt(failures, out, bon.METHOD, "pool", out.root / EVALS / bon.METHOD, work))
     return entries
 
 
-def _best_of_n_now(ctx: Context, cfg: BestOfNConfig) -> tuple[list[dict[str, Any]], dict]:
+def _best_of_n_now(ctx: Context, cfg: BestOfNConfig, rm_dir: Path | None) -> tuple[list[dict[str, Any]], dict]:
     texts: dict[tuple[str, str], list[str]] = {}
+    others = [r for r in cfg.rewards if r != "model"]
+    if others and rm_dir is None:
+        raise ValueError(f"best_of_n.rewards {others} need the base run's reward model folder")
+    scorers = {
+        r: eval_sampling.reward_model_scorer(rm_dir, ctx.settings, ctx.tokenizer, reward=r) for r in others
+    }  # each loads the ensemble's members; the pool is scored by all of them as it is drawn
     pool = bon.sample_pool(
-        ctx.reference, ctx.tokenizer, ctx.prompts, ctx.settings, cfg.n_samples, ctx.rm_scorer, ctx.gold_scorer
+        ctx.reference,
+        ctx.tokenizer,
+        ctx.prompts,
+        ctx.settings,
+        cfg.n_samples,
+        ctx.rm_scorer,
+        ctx.gold_scorer,
+        scorers,
     )
     ev = ctx.eval_cfg
     entries = bon.best_of_n_entries(
@@ -632,11 +656,10 @@ def _best_of_n_now(ctx: Context, cfg: BestOfNConfig) -> tuple[list[dict[str, Any
         seed=ev.seed,
     )
     for e in entries:
-        e["curve"] = e["method"]
         e["sample_seconds"] = pool.sample_seconds * e["n"] / cfg.n_samples
         _say(e)
         if e["method"] == bon.METHOD:
-            texts[(e["curve"], e["setting"])] = bon.chosen_texts(pool, e["n"], len(ctx.rows))
+            texts[(e["curve"], e["setting"])] = bon.chosen_texts(pool, e["n"], len(ctx.rows), e["reward"])
     return entries, texts
 
 
@@ -714,7 +737,8 @@ def _compare(
     reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
     entries, failures = [reference], []
     entries += ppo_entries(ctx, cfg, base, out, texts, failures)
-    entries += best_of_n_entries(ctx, profile.best_of_n, out, texts, failures)
+    rm_dir = base.upstream("reward_model").reward_model_dir
+    entries += best_of_n_entries(ctx, profile.best_of_n, out, texts, failures, rm_dir)
     entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer, failures)
     anchor = reference if cfg.anchor_reference else None
     summary = {
@@ -733,6 +757,8 @@ def _compare(
         # curves trained on other data / another reward model than base_stages (their points: other_base)
         "mixed_bases": sorted({e["curve"] for e in entries if e.get("other_base")}),
         "gold_at_kl": gold_at_kl(entries, cfg.kl_points, anchor),
+        # Gao et al. (2022)'s best-of-N form per best-of-N curve: where reward-ranked gold would peak
+        "best_of_n_fit": bon.best_of_n_fits(entries, reference.get("gold_score")),
         "failed": failures,  # method settings left out: curve, setting, folder, error line
         "wall_seconds": time.perf_counter() - start,
     }

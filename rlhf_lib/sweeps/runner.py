@@ -11,6 +11,7 @@ A sweep file names a base params profile, a base run and a grid over any params 
     seed_key: common.seed            # the key aggregated over (default common.seed)
     stages: [ppo, eval]              # default: ppo, eval with a base run; all four without
     reuse: [other_sweep]             # sweeps beside this one whose finished points stand in for identical points
+    headline: true                   # this sweep's summary is the README headline's source (one shipped sweep)
 
 Each point is an ordinary run folder ``<outputs>/<sweep>/<point>/`` (``common.outputs_dir`` of the points is the
 sweep folder, and a built base is the run ``base`` there), produced by the pipeline command
@@ -76,7 +77,7 @@ from rlhf_lib.sweeps.stats import (
     select_default,
 )
 
-SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key", "reuse")
+SWEEP_KEYS = ("name", "params", "base_run", "stages", "overrides", "grid", "seed_key", "reuse", "headline")
 MANAGED_KEYS = ("common.run", "common.outputs_dir", "common.base_run", "common.overwrite")  # set per point
 # Parameters a finished point may have run with differently (where it ran, not what it computed; a point reused
 # from another sweep has its name there).
@@ -114,6 +115,7 @@ class Sweep:
     seed_key: str = "common.seed"
     reuse: tuple[str, ...] = ()  # sweeps (folders beside this one) whose finished points stand in for identical ones
     threads: int | None = None  # common.threads of every point, from --threads (where it runs, not what it computes)
+    headline: bool = False  # the summary is marked ``headline: true``: the README headline is read from it
 
     @property
     def params_path(self) -> Path:
@@ -185,6 +187,7 @@ def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
         grid,
         str(raw.get("seed_key", "common.seed")),
         _reuse_names(raw.get("reuse"), path, name),
+        headline=_flag(raw.get("headline", False), path, "headline"),
     )
     params = load_params_file(sweep.params_path)
     common = validate(CommonConfig, params["common"], f"{sweep.params_path} [common]")
@@ -194,6 +197,12 @@ def load_sweep(path: str | Path, outputs_dir: str | None = None) -> Sweep:
     for point in sweep.points():
         point_params(sweep, point)  # raises ConfigError naming the point and key
     return sweep
+
+
+def _flag(value: Any, path: Path, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise SweepError(f"{path}: {key} is {value!r}; write {key}: true or {key}: false")
+    return value
 
 
 def _reuse_names(value: Any, path: Path, name: str) -> tuple[str, ...]:
@@ -621,7 +630,9 @@ def aggregate(sweep: Sweep, write: bool = True, merge: Sequence[str | Path] = ()
         "overrides": sweep.overrides,
         "seed_key": sweep.seed_key,
         "base_run": sweep.base_ref or None,
+        "headline": sweep.headline,
         "interval": "95 % Student t interval over seeds: mean +- t(0.975, n-1) * std / sqrt(n), std with ddof 1",
+        "prediction_interval": "95 % prediction interval of one new seed: mean +- t(0.975, n-1) * std * sqrt(1 + 1/n)",
         "points": entries,
         "base": base[0] if base else None,
         "groups": groups,

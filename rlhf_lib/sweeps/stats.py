@@ -97,12 +97,18 @@ def group_points(entries: Sequence[dict[str, Any]], seed_key: str) -> list[dict[
         for m in done:
             for key, value in numeric_leaves(m["summary"]).items():
                 values.setdefault(key, []).append(value)
+        metrics = {key: mean_ci(v) for key, v in sorted(values.items())}
         groups.append(
             {
                 "overrides": dict(cell),
                 "n_seeds": len(done),
                 "points": [m["name"] for m in done],
-                "metrics": {key: mean_ci(v) for key, v in sorted(values.items())},
+                "metrics": metrics,
+                # where one new seed's value falls, [low, high] per key (None below two seeds)
+                "prediction_interval": {
+                    key: None if m["pi95_low"] is None else [m["pi95_low"], m["pi95_high"]]
+                    for key, m in metrics.items()
+                },
             }
         )
     return groups
@@ -344,17 +350,27 @@ def find_group(summary: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
     raise KeyError(f"sweep {summary.get('sweep')!r} has no cell {overrides}; its cells: {cells}")
 
 
+def format_pi(m: dict[str, Any] | None, digits: int = 3) -> str:
+    """ "[low, high]" of a mean_ci dict's 95 % prediction interval ("" below two seeds)."""
+    if not m or m.get("pi95_low") is None:
+        return ""
+    return f"[{m['pi95_low']:.{digits}f}, {m['pi95_high']:.{digits}f}]"
+
+
 def headline_markdown(summary: dict[str, Any], overrides: dict[str, Any], digits: int = 3) -> str:
-    """A Markdown table of one grid cell: reference, trained policy and paired gain, each mean ± 95 % t half-width."""
+    """A Markdown table of one grid cell: reference, trained policy and paired gain, each mean ± 95 % t half-width,
+    and where one new seed's gain falls (the 95 % prediction interval)."""
     group = find_group(summary, overrides)
     m = group["metrics"]
-    setting = ", ".join(f"`{k}` = {v}" for k, v in overrides.items())
+    setting = ", ".join(f"`{k}` = {v}" for k, v in overrides.items()) or "the default profile"
     lines = [
-        f"| {setting}; {group['n_seeds']} seeds, mean ± 95 % CI | reference policy | PPO policy | gain |",
-        "|---|---|---|---|",
+        f"| {setting}; {group['n_seeds']} seeds, mean ± 95 % CI | reference policy | PPO policy | gain "
+        "| gain of one new run (95 % PI) |",
+        "|---|---|---|---|---|",
     ]
     for label, ref, after, gain in HEADLINE_ROWS:
         cells = [format_ci(m.get(key), digits) if key else "" for key in (ref, after, gain)]
+        cells.append(format_pi(m.get(gain), digits) if gain else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
