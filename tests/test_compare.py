@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import toy_task
 import yaml
 
@@ -209,6 +210,80 @@ def test_a_ppo_run_on_another_base_is_marked_in_the_summary_and_both_tables(tmp_
         assert table.endswith("compare it by its own base.") and "ppo:other: trained on other data" in table
     summary["mixed_bases"] = []
     assert "other base" not in report.methods_markdown(summary) + report.frontier_markdown(summary)
+
+
+def test_policy_averaging_evaluates_the_mean_update_of_the_ppo_runs_on_this_base_towards_the_reference(
+    tmp_path, monkeypatch
+):
+    from rlhf_lib.compare import average
+    from rlhf_lib.compare.common import save_policy
+
+    outputs = tmp_path / "outputs"
+    model = toy_task.build_model(tmp_path / "model")
+    tokenizer = models.load_tokenizer(str(model))
+    base = fake_run(outputs / "base", {"data": "done", "reward_model": "done", "ppo": "done"}, model=str(model))
+    toy_task.write_data(base.data_dir, tokenizer)
+    runs = [base, fake_run(outputs / "seed1", {"ppo": "done"}), fake_run(outputs / "other", {"ppo": "done"})]
+    hashes = {"base": {"data": "d", "reward_model": "a"}, "seed1": {"data": "d", "reward_model": "a"},
+              "other": {"data": "d", "reward_model": "b"}}  # fmt: skip
+    monkeypatch.setattr(compare, "base_stage_hashes", lambda run: hashes.get(run.root.name))
+    for i, run in enumerate(runs):  # three 'PPO' policies: the reference plus a random update each
+        policy = models.load_causal_lm(str(model), tokenizer)
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        save_policy(policy, tokenizer, run.policy_dir)
+    common = {"run": "cmp", "outputs_dir": str(outputs), "device": "cpu", "dtype": "float32"}
+    sections = dict(
+        common=common,
+        eval={"response_length": 4, "temperature": 1.0, "batch_size": 16},
+        best_of_n={"enabled": False},
+        dpo={"enabled": False},
+        rloo={"enabled": False},
+        grpo={"enabled": False},
+    )
+    cmp = {"ppo_runs": ["seed1", "other"], "max_ppo_checkpoints": 0, "average_etas": [0.5, 1.0]}
+    profile = compare.load_profile(write_profile(tmp_path, compare=cmp, **sections), base_run="base")
+
+    def score(seqs):
+        return toy_task.target_fraction(seqs, 4)
+
+    def gold(texts):
+        return [t.count("k") / 4 for t in texts]
+
+    summary = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold)
+    averaged = {e["setting"]: e for e in summary["methods"] if e["method"] == "ppo_average"}
+    assert sorted(averaged) == ["eta=0.5", "eta=1"]
+    assert averaged["eta=1"]["members"] == ["base", "seed1"]  # "other" optimised another reward model
+    assert averaged["eta=0.5"]["curve"] == "ppo_average" and averaged["eta=0.5"]["kl"] is not None
+    reference = models.load_causal_lm(str(model), tokenizer).state_dict()
+    seeds = [models.load_causal_lm(str(r.policy_dir), tokenizer).state_dict() for r in runs[:2]]
+    for eta in (0.5, 1.0):
+        got = models.load_causal_lm(str(outputs / "cmp" / "ppo_average" / f"eta={eta:g}" / "policy"), tokenizer)
+        for name, value in got.state_dict().items():
+            want = reference[name] + eta * ((seeds[0][name] - reference[name]) + (seeds[1][name] - reference[name])) / 2
+            assert torch.allclose(value, want, atol=1e-6), (eta, name)
+
+    def no_average(*args, **kwargs):
+        raise AssertionError("averaged again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(average, "average_policy", no_average)  # a re-run reads the finished evaluations
+        again = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold)
+    assert [e for e in again["methods"] if e["method"] == "ppo_average"] == json.loads(
+        json.dumps(list(averaged.values()))
+    )
+    lone = compare.load_profile(write_profile(tmp_path, compare={**cmp, "ppo_runs": ["other"]}, **sections), "base")
+    with pytest.raises(
+        ConfigError, match=r"averages the final policies of >= 2 PPO runs on base run base, but it has 1"
+    ):
+        compare.run_comparison(lone, rm_scorer=score, gold_scorer=gold)
+    soup = {**cmp, "ppo_runs": ["other"], "average_etas": [1.0], "average_across_bases": True}
+    profile = compare.load_profile(write_profile(tmp_path, compare=soup, **sections), "base")
+    (souped,) = [e for e in compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold)["methods"]
+                 if e["method"] == "ppo_average"]  # fmt: skip
+    assert souped["members"] == ["base", "other"] and souped["across_bases"] is True
 
 
 def test_ppo_cost_sums_time_and_generated_tokens_up_to_an_update(tmp_path):

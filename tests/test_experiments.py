@@ -241,7 +241,10 @@ def test_aggregation_mean_std_and_t_interval_match_a_hand_computation(tmp_path):
     assert (m["ci95_low"], m["ci95_high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
     new = 4.302652729911275 * std * math.sqrt(1 + 1 / 3)  # one new seed: the mean's spread plus a draw's own
     assert (m["pi95_low"], m["pi95_high"]) == (pytest.approx(mean - new), pytest.approx(mean + new))
-    assert group["prediction_interval"]["eval.after.gold_score"] == [pytest.approx(mean - new), pytest.approx(mean + new)]
+    assert group["prediction_interval"]["eval.after.gold_score"] == [
+        pytest.approx(mean - new),
+        pytest.approx(mean + new),
+    ]
     assert written["headline"] is False  # only a sweep file that says headline: true is the README's source
     assert group["metrics"]["derived.gold_gain"]["mean"] == pytest.approx(mean - 0.1)
     assert group["metrics"]["ppo.final_kl"]["mean"] == 2.0  # the killed point's 99 is not in it

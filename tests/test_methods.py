@@ -156,6 +156,30 @@ def test_best_of_n_fit_recovers_gaos_coefficients_and_peak(alpha, beta):
     assert bon.best_of_n_fits(entries, None) == {}
 
 
+def test_policy_interpolation_is_the_mean_update_per_tensor_and_averages_lora_products_not_factors():
+    from rlhf_lib.compare.average import interpolate
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, generator=gen)
+    factors = [(torch.randn(6, 2, generator=gen), torch.randn(2, 5, generator=gen)) for _ in range(3)]
+    members = [{"w": w + b @ a, "bias": torch.full((5,), float(i))} for i, (b, a) in enumerate(factors)]
+    reference = {"w": w, "bias": torch.zeros(5)}
+    for eta in (0.25, 0.5, 1.0):
+        out = interpolate(reference, members, eta)
+        naive = torch.empty(6, 5)
+        for i in range(6):
+            for j in range(5):
+                naive[i, j] = w[i, j] + eta * sum(float(m["w"][i, j] - w[i, j]) for m in members) / 3
+        assert torch.allclose(out["w"], naive, atol=1e-5)
+        assert torch.allclose(out["bias"], torch.full((5,), eta * 1.0))  # the mean of 0, 1, 2, scaled
+    mean_b = sum(b for b, _ in factors) / 3
+    mean_a = sum(a for _, a in factors) / 3
+    assert not torch.allclose(interpolate(reference, members, 1.0)["w"], w + mean_b @ mean_a, atol=1e-3)
+    assert torch.equal(interpolate(reference, members[:1], 1.0)["w"], members[0]["w"])
+    with pytest.raises(ValueError, match="policy 1 has w missing"):
+        interpolate(reference, [members[0], {"bias": torch.zeros(5)}], 0.5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # configs, reward, policy folders
 

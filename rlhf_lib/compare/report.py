@@ -10,6 +10,7 @@ import pandas as pd
 
 STYLE = {  # curve -> (label, marker)
     "ppo": ("PPO (checkpoints)", "o"),
+    "ppo_average": ("PPO, seeds averaged (per eta)", "*"),
     "best_of_n": ("best-of-N (RM)", "s"),
     "best_of_n_oracle": ("best-of-N (oracle, gold)", "^"),
     "dpo": ("DPO (per beta)", "D"),

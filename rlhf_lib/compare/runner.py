@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from rlhf_lib.compare import average as policy_average
 from rlhf_lib.compare import best_of_n as bon
 from rlhf_lib.compare.best_of_n import BestOfNConfig
 from rlhf_lib.compare.common import (
@@ -108,6 +109,10 @@ class CompareConfig(CommonConfig):
     ppo_runs: list[str] = field(default_factory=list)  # more PPO runs on the same data + RM (names or folders), one
     #   curve each
     max_ppo_checkpoints: int = 4  # PPO checkpoints per PPO run (evenly spaced, the final policy always included)
+    average_etas: list[float] = field(default_factory=list)  # policy averaging: W_ref + eta * mean of the PPO runs'
+    #   final updates (base's PPO and ppo_runs on this base, >= 2), one policy per eta; []: off
+    average_across_bases: bool = False  # average the PPO runs on other data / reward models too (a rewarded soup:
+    #   each optimised its own reward model, Rame et al. 2023); False: only runs on this base
     kl_points: list[float] = field(default_factory=lambda: [1.0, 3.0, 6.0])  # KL (nats) at which gold is interpolated
     anchor_reference: bool = True  # every curve starts at the reference (KL 0, its gold) when interpolating
     n_sample_rows: int = 4  # prompts shown side by side per method in the notebook
@@ -115,6 +120,8 @@ class CompareConfig(CommonConfig):
     def check(self) -> None:
         if self.max_ppo_checkpoints < 0 or self.n_sample_rows < 0:
             raise ValueError("compare.max_ppo_checkpoints and compare.n_sample_rows must be >= 0")
+        if any(not 0 < eta <= 1 for eta in self.average_etas):
+            raise ValueError(f"compare.average_etas={self.average_etas}: each eta must lie in (0, 1]")
         if any(k <= 0 for k in self.kl_points):
             raise ValueError(f"compare.kl_points={self.kl_points} must all be > 0 (nats)")
 
@@ -473,10 +480,8 @@ def ppo_entries(
     ctx: Context, cfg: CompareConfig, base: Run, out: Run, texts: dict, failures: list | None = None
 ) -> list[dict[str, Any]]:
     """Evaluate the PPO runs' checkpoints and final policies; a failed one is left out (see :func:`attempt`)."""
-    runs = [base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else []
-    runs += [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
     entries: list[dict[str, Any]] = []
-    for run in runs:
+    for run in ppo_runs(cfg, base):
         curve = "ppo" if run.root == base.root else f"ppo:{run.name}"
         ppo_params = run.manifest().get("stages", {}).get("ppo", {}).get("params", {})
         kl_coef, reward = ppo_params.get("kl_coef"), ppo_params.get("ensemble_reward", "model")
@@ -488,6 +493,74 @@ def ppo_entries(
             for entry in got[0] if got is not None and other else []:
                 entry["other_base"] = True
             _collect(entries, texts, got)
+    return entries
+
+
+def ppo_runs(cfg: CompareConfig, base: Run) -> list[Run]:
+    """The PPO runs on the frontier: the base run's own (when compare.ppo_base and it has a policy), then ppo_runs."""
+    runs = [base] if cfg.ppo_base and (base.policy_dir / "config.json").exists() else []
+    return runs + [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
+
+
+def averaged_runs(cfg: CompareConfig, base: Run) -> list[Run]:
+    """The PPO runs whose final policies compare.average_etas averages: those on this base's data and reward model
+    (a run on another base optimised another reward). Raises ConfigError, before any work, when fewer than two."""
+    if not cfg.average_etas:
+        return []
+    ours = base_stage_hashes(base)
+    runs = [
+        r
+        for r in ppo_runs(cfg, base)
+        if cfg.average_across_bases or r.root == base.root or (ours and base_stage_hashes(r) == ours)
+    ]
+    if len(runs) < 2:
+        raise ConfigError(
+            f"compare.average_etas averages the final policies of >= 2 PPO runs on base run {base.name}, but it has "
+            f"{len(runs)} ({', '.join(r.name for r in runs) or 'none'}): add PPO runs on this base to "
+            "compare.ppo_runs (e.g. a sweep's seeds), set average_across_bases: true, or set average_etas: []"
+        )
+    return runs
+
+
+def _run_label(run: Run, outputs: Path) -> str:
+    """A run as compare.ppo_runs names it: its path under the outputs folder (e.g. a sweep's seed1), else absolute."""
+    root = run.root.resolve()
+    return str(root.relative_to(outputs.resolve())) if root.is_relative_to(outputs.resolve()) else str(root)
+
+
+def average_entries(
+    ctx: Context, cfg: CompareConfig, base: Run, model_ref: str, out: Run, texts: dict, failures: list | None = None
+) -> list[dict[str, Any]]:
+    """One policy per eta of compare.average_etas: the PPO runs' mean final update, interpolated towards the
+    reference (:mod:`rlhf_lib.compare.average`), written to ``ppo_average/eta=<eta>/policy`` and evaluated."""
+    runs = averaged_runs(cfg, base)
+    entries: list[dict[str, Any]] = []
+    if not runs:
+        return entries
+    members = [r.policy_dir for r in runs]
+    costs = [ppo_cost(r, None) for r in runs]
+    params = base.manifest().get("stages", {}).get("ppo", {}).get("params", {})
+    extra = dict(
+        members=[_run_label(r, outputs_root(cfg)) for r in runs],
+        across_bases=cfg.average_across_bases,
+        beta=params.get("kl_coef"),
+        reward=params.get("ensemble_reward", "model"),
+        train_seconds=sum(c[0] for c in costs),  # what the average cost: every seed's PPO run
+        generated_tokens=sum(c[1] for c in costs),
+    )
+    load = evaluate.default_policy_loader(ctx.eval_cfg, base, ctx.tokenizer, ctx.settings.device)
+    key = {"members": [str(m.resolve()) for m in members], "fingerprints": [folder_fingerprint(m) for m in members]}
+    for eta in cfg.average_etas:
+        setting = setting_label("eta", eta)
+        folder = out.root / policy_average.METHOD / setting
+
+        def now(eta=eta, setting=setting, folder=folder):
+            policy_average.average_policy(model_ref, members, eta, ctx.tokenizer, folder / "policy")
+            curve = policy_average.METHOD
+            return _evaluate_saved(ctx, load, folder / "policy", curve, setting, curve, eta=eta, **extra)
+
+        work = functools.partial(cached_evaluation, ctx, out, policy_average.METHOD, setting, {**key, "eta": eta}, now)
+        _collect(entries, texts, attempt(failures, out, policy_average.METHOD, setting, folder, work))
     return entries
 
 
@@ -721,6 +794,7 @@ def run_comparison(profile: Profile, rm_scorer=None, gold_scorer=None, train_sco
         cfg.dtype,
     )
     check_reusable(profile, inputs, out, base)
+    averaged_runs(cfg, base)  # enough PPO runs on this base to average, before any work
     lock = runlock.acquire(out.root, "compare", what=f"compare {profile.source}")  # one writer per run
     try:
         return _compare(profile, base, out, inputs, start, rm_scorer, gold_scorer, train_scorer)
@@ -737,6 +811,7 @@ def _compare(
     reference = entry_from_samples(ctx, ctx.ref_samples, ctx.ref_rm, ctx.ref_gold, "reference", "", curve="reference")
     entries, failures = [reference], []
     entries += ppo_entries(ctx, cfg, base, out, texts, failures)
+    entries += average_entries(ctx, cfg, base, inputs.model, out, texts, failures)
     rm_dir = base.upstream("reward_model").reward_model_dir
     entries += best_of_n_entries(ctx, profile.best_of_n, out, texts, failures, rm_dir)
     entries += trained_entries(ctx, profile, inputs, out, texts, train_scorer, failures)
