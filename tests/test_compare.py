@@ -406,6 +406,10 @@ def test_whole_comparison_on_the_toy_task(tmp_path, monkeypatch):
         None,
     ]
     assert set(summary["best_of_n_fit"]) == {"best_of_n", "best_of_n:min", "best_of_n_oracle"}
+    written = json.loads((outputs / "cmp" / "frontier.json").read_text())  # the frontier view, beside the summary
+    assert [r["name"] for r in written["rewards"]] == ["base:model"]
+    assert {(p["method"], p["setting"]) for p in written["points"]} >= {("best_of_n:min", "N=4"), ("rloo", "beta=0.05")}
+    assert written["best_of_n_fit"] == json.loads(json.dumps(summary["best_of_n_fit"]))
     assert summary["best_of_n_fit"]["best_of_n"]["n_points"] == 2  # N = 2 and 4 (N = 1 is the reference)
     assert set(summary["gold_at_kl"]) >= {"ppo", "best_of_n", "dpo", "rloo", "grpo"}
     out = outputs / "cmp"

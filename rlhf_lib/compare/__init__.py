@@ -5,7 +5,9 @@ Each trained method reads the base run's stage-1 data and stage-2 reward model b
 (:class:`~rlhf_lib.compare.common.MethodInputs`; what every method shares is in :mod:`.common`) and writes
 ``<folder>/policy`` the way the PPO stage writes its final policy, plus ``<folder>/train.json``.
 :mod:`.best_of_n` is inference-time; :mod:`.dpo` and :mod:`.online` (RLOO, GRPO) wrap TRL's trainers;
-:mod:`.runner` evaluates every policy with the evaluation stage's code; :mod:`.report` shows the result.
+:mod:`.average` averages PPO runs' policies towards the reference; :mod:`.runner` evaluates every policy with
+the evaluation stage's code; :mod:`.report` shows the result and :mod:`.frontier` says whether a trained policy beat
+best-of-16 within the KL budget.
 """
 
 from rlhf_lib.compare.best_of_n import BestOfNConfig

@@ -300,6 +300,8 @@ def pool_entry(
         "generated_tokens": int(round(n * float(pool.lengths.mean()) * n_prompts)),
         "n_prompts": n_prompts,
         "n_pool": int(pool.rm.shape[1]),
+        # per prompt, the exact expectation over the pool: what paired differences are computed from
+        "gold_per_prompt": [round(float(g), 6) for g in per_prompt["gold"]] if "gold" in per_prompt else None,
     }
 
 

@@ -44,6 +44,7 @@ import yaml
 
 from rlhf_lib.compare import average as policy_average
 from rlhf_lib.compare import best_of_n as bon
+from rlhf_lib.compare import frontier
 from rlhf_lib.compare.best_of_n import BestOfNConfig
 from rlhf_lib.compare.common import (
     TRAIN_FILE,
@@ -367,6 +368,8 @@ def entry_from_samples(
         "train_seconds": 0.0,
         "generated_tokens": 0,
         "n_prompts": len(samples.texts),
+        # per held-out prompt, in prompt order: what paired differences between methods are computed from
+        "gold_per_prompt": None if gold is None else [round(float(g), 6) for g in gold],
     }
     entry.update(extra)
     return entry
@@ -838,9 +841,22 @@ def _compare(
         "wall_seconds": time.perf_counter() - start,
     }
     write_json_atomic(out.root / "summary.json", summary)
+    write_json_atomic(out.root / "frontier.json", frontier.frontier_summary(summary, frontier_rewards(cfg, base)))
     _write_samples(out, ctx, texts, entries, cfg.n_sample_rows)
     print(f"[compare] wrote {out.root / 'summary.json'} ({summary['wall_seconds']:.0f} s)")
     return summary
+
+
+def frontier_rewards(cfg: CompareConfig, base: Run) -> list[dict[str, Any]]:
+    """The rewards on the frontier: the reward model of the base run and of each PPO run, once each."""
+    rows, seen = [], set()
+    for run in [base, *ppo_runs(cfg, base)]:
+        source = run.upstream("reward_model")
+        if source.root.resolve() in seen:
+            continue
+        seen.add(source.root.resolve())
+        rows += frontier.reward_rows(_run_label(source, outputs_root(cfg)), source.summary(), source.reward_model_dir)
+    return rows
 
 
 def _write_samples(out: Run, ctx: Context, texts: dict, entries: list[dict[str, Any]], n_rows: int) -> None:

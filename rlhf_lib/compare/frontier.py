@@ -1,0 +1,169 @@
+"""The frontier summary: what a comparison says about beating best-of-16 within the KL budget.
+
+From one comparison's summary.json (and the reward-model folders of the runs it read) :func:`frontier_summary` builds
+``docs/frontier/summary.json``:
+
+- ``rewards``: each reward a point optimised or ranked by, ``{name, kind, members, accuracy_vs_gold,
+  accuracy_vs_gold_ci}`` (kind: single, warm, mean, min, uwo; the interval is Wilson's over held-out pairs);
+- ``points``: ``{method, reward, setting, seeds, kl_mean, gold_mean, gold_ci, ci_over}``. The PPO runs' final
+  policies of one setting are one point over seeds (Student-t interval over seeds); a single policy or best-of-N is
+  one point with the interval over prompts (mean +- t s.e.);
+- ``best_trained_vs_bon16``: the trained point of highest gold at KL <= ``KL_BUDGET`` against best-of-16 ranked by
+  the comparison's reward model, ``diff_ci`` the 95 % interval of the gold difference *paired by prompt* (per seed,
+  then over seeds for a point over seeds; over prompts for one policy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlhf_lib.compare import best_of_n as bon
+from rlhf_lib.core.runs import read_json
+from rlhf_lib.evaluate.stats import wilson_interval
+
+KL_BUDGET = 6.0  # nats: the budget the trained point must stay within
+TRAINED = ("ppo", "ppo_average", "dpo", "rloo", "grpo")
+BON_N = 16
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, list[float] | None]:
+    """(mean, [low, high]) of the Student-t interval of the mean; None below two values."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, None
+    half = float(stats.t.ppf(0.5 + level / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, [mean - half, mean + half]
+
+
+def reward_rows(name: str, run_summary: dict[str, Any], reward_model_dir: Path) -> list[dict[str, Any]]:
+    """The rewards one run's reward model offers: the saved model (single, or WARM for an ensemble) and, for an
+    ensemble, its combinations, each with its accuracy vs gold on the held-out pairs. ``run_summary``: the run's
+    summary.json (its ``reward_model`` block holds a single model's held-out numbers)."""
+    report = read_json(Path(reward_model_dir) / "ensemble.json", None)
+    if report and "member" in report:
+        rows = [_reward(f"{name}:model", "warm", report["members"], report["warm"])]
+        return rows + [_reward(f"{name}:{how}", how, report["members"], report[how]) for how in ("mean", "min", "uwo")]
+    held = run_summary.get("reward_model") or {}
+    acc = held.get("eval_accuracy_vs_gold")
+    n = int(held.get("n_eval_pairs", 0)) - int(held.get("n_eval_pairs_gold_tied", 0))
+    ci = [round(x, 4) for x in wilson_interval(acc * n, n)] if acc is not None and n > 0 else None
+    return [
+        {"name": f"{name}:model", "kind": "single", "members": 1, "accuracy_vs_gold": acc, "accuracy_vs_gold_ci": ci}
+    ]
+
+
+def _reward(name: str, kind: str, members: int, acc: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": kind,
+        "members": members,
+        "accuracy_vs_gold": acc["accuracy_vs_gold"],
+        "accuracy_vs_gold_ci": acc["ci"],
+    }
+
+
+def _kl(entry: dict[str, Any]) -> float:
+    return entry["kl_analytic"] if entry.get("kl_analytic") is not None else entry["kl"]
+
+
+def point_groups(methods: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
+    """Entries by (method, reward, setting): the PPO curves' final policies (one per run) form one group, every
+    other entry is a group of its own."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for e in methods:
+        if e["method"] == "reference" or e.get("gold_score") is None:
+            continue
+        reward = "gold" if e["method"] == bon.ORACLE else str(e.get("reward") or "pairs")  # DPO: the pairs
+        method = (e.get("curve") or e["method"]) if e["method"] == bon.METHOD else e["method"]  # best_of_n:<reward>
+        groups.setdefault((method, reward, e["setting"]), []).append(e)
+    return groups
+
+
+def point(key: tuple[str, str, str], entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One frontier point: over seeds when it holds several runs' policies, over prompts otherwise."""
+    method, reward, setting = key
+    if len(entries) > 1:
+        gold_mean, gold_ci = t_interval([e["gold_score"] for e in entries])
+        kl_mean, over, seeds = float(np.mean([_kl(e) for e in entries])), "seeds", len(entries)
+    else:
+        (e,) = entries
+        per_prompt = e.get("gold_per_prompt")
+        gold_mean, gold_ci = t_interval(per_prompt) if per_prompt else (e["gold_score"], None)
+        kl_mean, over, seeds = _kl(e), "prompts", len(e.get("members") or [e])
+    return {
+        "method": method,
+        "reward": reward,
+        "setting": setting,
+        "seeds": seeds,
+        "kl_mean": kl_mean,
+        "gold_mean": gold_mean,
+        "gold_ci": gold_ci,
+        "ci_over": over,
+        "runs": [e.get("run") or e.get("curve") for e in entries],
+    }
+
+
+def paired_difference(entries: Sequence[dict[str, Any]], baseline: Sequence[float]) -> list[float] | None:
+    """95 % interval of mean gold(point) - gold(baseline) paired by prompt: per policy the mean of its per-prompt
+    differences, then a t interval over policies; one policy: the t interval over its prompts."""
+    base = np.asarray(baseline, dtype=np.float64)
+    diffs = []
+    for e in entries:
+        per_prompt = e.get("gold_per_prompt")
+        if per_prompt is None or len(per_prompt) != base.size:
+            return None
+        diffs.append(np.asarray(per_prompt, dtype=np.float64) - base)
+    if len(diffs) > 1:
+        return t_interval([d.mean() for d in diffs])[1]
+    return t_interval(diffs[0])[1]
+
+
+def frontier_summary(compare_summary: dict[str, Any], rewards: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The frontier summary of a comparison (module docstring); ``rewards`` from :func:`reward_rows`."""
+    methods = compare_summary["methods"]
+    groups = point_groups(methods)
+    points = [point(k, v) for k, v in groups.items()]
+    bon16 = next(
+        (e for e in methods if e.get("curve", e["method"]) == bon.METHOD and e.get("n") == BON_N),
+        None,
+    )
+    trained = [
+        (p, groups[(p["method"], p["reward"], p["setting"])])
+        for p in points
+        if p["method"] in TRAINED and p["kl_mean"] is not None and p["kl_mean"] <= KL_BUDGET
+    ]
+    best = None
+    if trained:
+        p, entries = max(trained, key=lambda item: item[0]["gold_mean"])
+        best = {
+            "method": p["method"],
+            "reward": p["reward"],
+            "setting": p["setting"],
+            "seeds": p["seeds"],
+            "kl": p["kl_mean"],
+            "gold": p["gold_mean"],
+            "bon16_gold_same_reward": bon16["gold_score"] if bon16 else None,
+            "bon16_gold_single": bon16["gold_score"] if bon16 else None,
+            "diff_ci": paired_difference(entries, bon16["gold_per_prompt"]) if bon16 else None,
+            "beats_bon16": None,
+        }
+        if best["diff_ci"] is not None:
+            best["beats_bon16"] = bool(best["diff_ci"][0] > 0)
+    return {
+        "source": {"base_run": compare_summary.get("base_run"), "profile": compare_summary.get("profile")},
+        "git": compare_summary.get("git"),
+        "n_eval_prompts": compare_summary.get("n_eval_prompts"),
+        "kl_budget": KL_BUDGET,
+        "rewards": list(rewards),
+        "points": points,
+        "best_trained_vs_bon16": best,
+        "best_of_n_fit": compare_summary.get("best_of_n_fit", {}),
+    }
