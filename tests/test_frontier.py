@@ -83,3 +83,26 @@ def test_reward_rows_give_each_models_accuracy_vs_gold_with_a_wilson_interval(tm
         ("seed0:model", "warm", 4), ("seed0:mean", "mean", 4), ("seed0:min", "min", 4), ("seed0:uwo", "uwo", 4)
     ]  # fmt: skip
     assert json.loads(json.dumps(rows))[1]["accuracy_vs_gold_ci"] == [0.7, 0.8]
+
+
+def test_tables_show_each_point_the_verdict_and_where_the_best_of_n_fit_peaks():
+    base = [0.5, 0.6, 0.4, 0.7]
+    seeds = [ppo("s0", [0.6, 0.7, 0.5, 0.9], 3.0), ppo("s1", [0.5, 0.8, 0.6, 0.7], 5.0)]
+    bons = [bon(n, [0.45 + 0.02 * math.log2(n)] * 4) for n in (1, 2, 4, 8)] + [bon(16, base)]
+    summary = frontier.frontier_summary({"methods": [*seeds, *bons], "best_of_n_fit": {
+        "best_of_n": {"alpha": 0.2, "beta": 0.05, "r2": 0.9, "kl_at_peak": 4.0, "gain_at_peak": 0.2},
+        "best_of_n_oracle": {"alpha": None}}})  # fmt: skip
+    rows = frontier.points_markdown(summary).splitlines()
+    assert rows[0].startswith("| method | reward | setting | seeds |") and len(rows) == 2 + 6
+    assert "| ppo | model | final | 2 | 4.00 | 0.662 |" in "\n".join(rows)
+    best = frontier.best_markdown(summary).splitlines()[2]
+    assert best.startswith("| ppo final (model) | 2 | 4.00 | 0.662 | 0.550 | [") and best.endswith(" |")
+    fit = frontier.fit_markdown(summary).splitlines()
+    assert len(fit) == 3  # the oracle's empty fit is left out
+    n_at_peak = float(fit[2].split(" | ")[5].replace(",", ""))
+    assert math.log(n_at_peak) - (n_at_peak - 1) / n_at_peak == pytest.approx(
+        4.0, abs=0.01
+    )  # the N whose KL is 4 (N shown whole)
+    assert (
+        frontier.best_markdown({"kl_budget": 6.0, "best_trained_vs_bon16": None}) == "No trained point within 6 nats."
+    )

@@ -167,3 +167,70 @@ def frontier_summary(compare_summary: dict[str, Any], rewards: Sequence[dict[str
         "best_trained_vs_bon16": best,
         "best_of_n_fit": compare_summary.get("best_of_n_fit", {}),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generated tables (docs)
+
+
+def _ci(values: Sequence[float] | None, digits: int = 3) -> str:
+    return f"[{values[0]:.{digits}f}, {values[1]:.{digits}f}]" if values else "–"
+
+
+def points_markdown(summary: dict[str, Any], digits: int = 3) -> str:
+    """Every frontier point by KL: method, reward, setting, seeds, KL, gold with its 95 % interval (and over what)."""
+    lines = [
+        "| method | reward | setting | seeds | KL (nats) | gold | 95 % CI | CI over |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for p in sorted(summary["points"], key=lambda p: (p["method"], p["kl_mean"])):
+        lines.append(
+            f"| {p['method']} | {p['reward']} | {p['setting']} | {p['seeds']} | {p['kl_mean']:.2f} | "
+            f"{p['gold_mean']:.{digits}f} | {_ci(p['gold_ci'], digits)} | {p['ci_over']} |"
+        )
+    return "\n".join(lines)
+
+
+def best_markdown(summary: dict[str, Any], digits: int = 3) -> str:
+    """The best trained point within the budget against best-of-16 (paired difference and its 95 % interval)."""
+    b = summary.get("best_trained_vs_bon16")
+    if not b:
+        return f"No trained point within {summary['kl_budget']:g} nats."
+    verdict = "yes" if b["beats_bon16"] else "no"
+    return "\n".join(
+        [
+            f"| best trained point at KL ≤ {summary['kl_budget']:g} | seeds | KL | gold | best-of-16 gold (same "
+            "reward) | gold difference, 95 % CI (paired by prompt) | above best-of-16? |",
+            "|---|---|---|---|---|---|---|",
+            f"| {b['method']} {b['setting']} ({b['reward']}) | {b['seeds']} | {b['kl']:.2f} | {b['gold']:.{digits}f} "
+            f"| {b['bon16_gold_same_reward']:.{digits}f} | {_ci(b['diff_ci'], digits)} | {verdict} |",
+        ]
+    )
+
+
+def fit_markdown(summary: dict[str, Any], digits: int = 3) -> str:
+    """Gao et al.'s best-of-N fit per best-of-N curve: coefficients, R², and where the fitted gold gain peaks."""
+    lines = [
+        "| best-of-N curve | alpha | beta | R² | KL at the fitted peak (nats) | N there | gold gain at the peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, fit in summary.get("best_of_n_fit", {}).items():
+        if fit.get("alpha") is None:
+            continue
+        peak = fit.get("kl_at_peak")
+        n_at = f"{_n_for_kl(peak):,.0f}" if peak is not None else "–"
+        lines.append(
+            f"| {name} | {fit['alpha']:.{digits}f} | {fit['beta']:.{digits}f} | {fit['r2']:.3f} | "
+            + (f"{peak:.2f} | {n_at} | {fit['gain_at_peak']:.{digits}f} |" if peak is not None else "– | – | – |")
+        )
+    return "\n".join(lines)
+
+
+def _n_for_kl(kl: float) -> float:
+    """The N whose analytic best-of-N KL log N - (N-1)/N is ``kl`` (bisection on log N; monotone for N >= 1)."""
+    lo, hi = 0.0, 60.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        n = math.exp(mid)
+        lo, hi = (mid, hi) if math.log(n) - (n - 1) / n < kl else (lo, mid)
+    return math.exp(lo)
