@@ -75,6 +75,23 @@ out_dir = outputs_root(profile.compare) / profile.compare.run""",
         "best-of-N shows the RM's pick among the first N pool samples.",
     ),
     ("code", 'report.samples_table(out_dir / "samples.jsonl", profile.compare.n_sample_rows)'),
+    (
+        "markdown",
+        "## Past best-of-16 within the KL budget?\nEvery point with its 95 % interval (over seeds where a point holds "
+        "several runs' policies, else over prompts); the best trained point at KL ≤ 6 nats against best-of-16 under "
+        "the same reward, the difference paired by prompt; and Gao et al.'s best-of-N fit d(α − βd), d = √KL: "
+        "where reward-ranked gold would stop rising. Saved as `frontier.json` beside `summary.json`.",
+    ),
+    (
+        "code",
+        """\
+import json
+from IPython.display import Markdown
+from rlhf_lib.compare import frontier
+
+view = json.loads((out_dir / "frontier.json").read_text())
+Markdown("\\n\\n".join([frontier.best_markdown(view), frontier.fit_markdown(view), frontier.points_markdown(view)]))""",
+    ),
 ]
 
 
