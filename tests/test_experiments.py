@@ -465,6 +465,9 @@ def test_seed_table_lists_each_finished_seed_then_the_mean_and_t_half_width(tmp_
     table = sweep_stats.seeds_markdown(experiments.aggregate(sweep, write=False)).splitlines()
     assert [row.split(" | ")[1] for row in table[2:]] == ["0.700", "0.740", "0.780", "0.740 ± 0.099"]
     assert table[5].startswith("| mean ± 95 % CI (3 seeds) |") and " | – | " in table[2]  # a missing key: –
+    with_pi = sweep_stats.seeds_markdown(experiments.aggregate(sweep, write=False), prediction=True).splitlines()
+    new = 4.302652729911275 * 0.04 * math.sqrt(1 + 1 / 3)  # t(0.975, 2) * std * sqrt(1 + 1/n), std 0.04
+    assert with_pi[6].split(" | ")[:2] == ["| one new seed, 95 % PI", f"[{0.74 - new:.3f}, {0.74 + new:.3f}]"]
 
 
 def test_single_seed_has_no_interval_and_json_has_no_nan(tmp_path):

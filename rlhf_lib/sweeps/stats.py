@@ -408,8 +408,25 @@ RM_COLUMNS = (  # (header, summary key) of seeds_markdown for a data + reward-mo
 )
 
 
-def seeds_markdown(summary: dict[str, Any], columns: Sequence[tuple[str, str]] = RM_COLUMNS, digits: int = 3) -> str:
-    """A Markdown table of a seeds-only sweep: one row per finished point, then the mean ± 95 % half-width."""
+PIPELINE_COLUMNS = (  # (header, summary key) of seeds_markdown for a whole-pipeline seeds sweep
+    ("RM accuracy vs gold", "reward_model.eval_accuracy_vs_gold"),
+    ("gold, reference", "eval.before.gold_score"),
+    ("gold, PPO", "eval.after.gold_score"),
+    ("gold gain", "derived.gold_gain"),
+    ("KL (nats)", "eval.after.kl"),
+    ("win rate vs reference", "eval.win_rate_vs_ref"),
+    ("EOS rate, PPO", "eval.after.eos_fraction"),
+)
+
+
+def seeds_markdown(
+    summary: dict[str, Any],
+    columns: Sequence[tuple[str, str]] = RM_COLUMNS,
+    digits: int = 3,
+    prediction: bool = False,
+) -> str:
+    """A Markdown table of a seeds-only sweep: one row per finished point, then the mean ± 95 % half-width, and with
+    ``prediction`` the 95 % prediction interval of one new seed."""
     seed_key = summary.get("seed_key", "common.seed")
     lines = ["| seed | " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * (len(columns) + 1)]
     for point in summary["points"]:
@@ -420,6 +437,9 @@ def seeds_markdown(summary: dict[str, Any], columns: Sequence[tuple[str, str]] =
     for group in summary["groups"]:
         values = [format_ci(group["metrics"].get(key), digits) for _, key in columns]
         lines.append(f"| mean ± 95 % CI ({group['n_seeds']} seeds) | " + " | ".join(values) + " |")
+        if prediction:
+            values = [format_pi(group["metrics"].get(key), digits) or "–" for _, key in columns]
+            lines.append("| one new seed, 95 % PI | " + " | ".join(values) + " |")
     return "\n".join(lines)
 
 
