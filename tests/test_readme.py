@@ -36,7 +36,9 @@ KEY_METRICS = (
     "val/num_eos_tokens",
 )
 SWEEPS = ROOT / "docs" / "sweeps"
-HEADLINE_SWEEP = SWEEPS / "eos_beta"  # the README headline's source: the sweep that chose the default profile's beta
+SELECTION_SWEEP = SWEEPS / "eos_beta"  # the sweep that chose the default profile's beta
+FRONTIER = ROOT / "docs" / "frontier" / "summary.json"  # params/compare/frontier.yaml's frontier.json
+PIPELINE_COSTS = ROOT / "docs" / "pipeline" / "run-seed1.json"  # scripts/pipeline_costs.py of a fresh make pipeline
 COMPARE = ROOT / "docs" / "compare"  # summary.json: params/compare/default.yaml; default_beta/: PPO vs best-of-N
 EXPERIMENTS = ROOT / "docs" / "experiments.md"
 
@@ -53,11 +55,20 @@ def default_value(dotted: str):
     return yaml.safe_load((ROOT / "params" / "default.yaml").read_text()).get(section, {}).get(key)
 
 
+def headline_sweep() -> Path:
+    """The README headline's source: the one shipped sweep whose summary says ``headline: true``."""
+    marked = [p.parent for p in sorted(SWEEPS.glob("*/summary.json")) if json.loads(p.read_text()).get("headline")]
+    if len(marked) != 1:
+        raise AssertionError(f"exactly one docs/sweeps/*/summary.json must say headline: true, found {marked}")
+    return marked[0]
+
+
 def headline_table() -> str:
-    """The default profile's cell of the headline sweep, mean ± 95 % CI over seeds; grid keys as in default.yaml."""
+    """The default profile's cell of the headline sweep, mean ± 95 % CI over seeds and the 95 % prediction interval
+    of one new run; grid keys as in default.yaml."""
     from rlhf_lib.sweeps import stats as sweep_stats
 
-    summary = sweep_stats.load_summary(HEADLINE_SWEEP)
+    summary = sweep_stats.load_summary(headline_sweep())
     cell = {k: default_value(k) for k in summary["grid"] if k != summary["seed_key"]}
     return sweep_stats.headline_markdown(summary, cell)
 
@@ -102,10 +113,10 @@ def frontier_table() -> str:
 
 
 def pipeline_costs_table() -> str:
-    """docs/pipeline/run-seed1.json (scripts/pipeline_costs.py of a fresh `make pipeline`) as one row per phase."""
+    """PIPELINE_COSTS (scripts/pipeline_costs.py of a fresh whole-pipeline run) as one row per phase."""
     import json
 
-    c = json.loads((ROOT / "docs" / "pipeline" / "run-seed1.json").read_text(encoding="utf-8"))
+    c = json.loads(PIPELINE_COSTS.read_text(encoding="utf-8"))
     rm, ppo, ev, st = c["reward_model"], c["ppo"], c["eval"], c["stages_s"]
 
     def s(x) -> str:
@@ -137,21 +148,19 @@ def pipeline_costs_table() -> str:
 
 
 def fresh_runs_table() -> str:
-    """One row per docs/pipeline/run-seed<k>.json: what a fresh `make pipeline` of the default profile achieved."""
-    import json
+    """The headline sweep, one row per seed of the whole pipeline, then the mean and where one new run falls."""
+    from rlhf_lib.sweeps import stats as sweep_stats
 
-    lines = [
-        "| seed | RM accuracy vs gold | gold: reference → PPO | gain | KL (nats) | win rate vs reference [95 % CI] |",
-        "|---|---|---|---|---|---|",
-    ]
-    for path in sorted((ROOT / "docs" / "pipeline").glob("run-seed*.json")):
-        o = json.loads(path.read_text(encoding="utf-8"))["outcome"]
-        low, high = o["win_rate_ci"]
-        cells = [path.stem.removeprefix("run-seed"), f"{o['rm_accuracy_vs_gold']:.3f}"]
-        cells += [f"{o['gold_reference']:.3f} → {o['gold_policy']:.3f}", f"{o['gold_gain']:+.3f}", f"{o['kl']:.2f}"]
-        cells.append(f"{o['win_rate_vs_ref']:.3f} [{low:.3f}, {high:.3f}]")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    summary = sweep_stats.load_summary(headline_sweep())
+    return sweep_stats.seeds_markdown(summary, sweep_stats.PIPELINE_COLUMNS, prediction=True)
+
+
+def frontier_view_table(kind: str) -> str:
+    """docs/frontier/summary.json as one of its tables: best (against best-of-16), fit (best-of-N) or points."""
+    from rlhf_lib.compare import frontier
+
+    view = json.loads(FRONTIER.read_text(encoding="utf-8"))
+    return getattr(frontier, f"{kind}_markdown")(view)
 
 
 GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> and <!-- marker:end --> holds
@@ -168,6 +177,9 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (ROOT / "docs" / "metrics.md", "metrics"): lambda: metric_table(None),
     (ROOT / "docs" / "performance.md", "pipeline-costs"): pipeline_costs_table,
     (EXPERIMENTS, "fresh-runs"): fresh_runs_table,
+    (EXPERIMENTS, "frontier-best"): lambda: frontier_view_table("best"),
+    (EXPERIMENTS, "frontier-fit"): lambda: frontier_view_table("fit"),
+    (EXPERIMENTS, "frontier-points"): lambda: frontier_view_table("points"),
 }
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
 # test_pending_items_have_not_landed fails and the entry must be removed here (empty this set once all are merged).
@@ -454,15 +466,15 @@ def test_the_frontier_digest_changes_with_the_plotted_data():
     assert sweep_plots.frontier_digest(unplotted) == sweep_plots.frontier_digest(summary)
 
 
-def test_the_default_profile_takes_the_headline_sweeps_selection():
+def test_the_default_profile_takes_the_selecting_sweeps_choice():
     """The README says the default beta is the sweep's choice: the committed summary's selection is default.yaml's."""
     from rlhf_lib.sweeps import stats as sweep_stats
 
-    summary = sweep_stats.load_summary(HEADLINE_SWEEP)
-    assert summary["complete"] and summary["selection"], f"{HEADLINE_SWEEP.name}: the headline sweep is unfinished"
+    summary = sweep_stats.load_summary(SELECTION_SWEEP)
+    assert summary["complete"] and summary["selection"], f"{SELECTION_SWEEP.name}: the sweep is unfinished"
     chosen = summary["selection"]["overrides"]
     profile = {key: default_value(key) for key in chosen}
-    assert profile == chosen, f"params/default.yaml has {profile} but the {HEADLINE_SWEEP.name} sweep selects {chosen}"
+    assert profile == chosen, f"params/default.yaml has {profile} but the {SELECTION_SWEEP.name} sweep selects {chosen}"
 
 
 def test_pending_items_have_not_landed():
