@@ -155,6 +155,22 @@ def fresh_runs_table() -> str:
     return sweep_stats.seeds_markdown(summary, sweep_stats.PIPELINE_COLUMNS, prediction=True)
 
 
+def rm_center_table() -> str:
+    """rm_center (center_rewards_coefficient 0.01) against pipeline_seeds (off) on the same seeds: accuracy vs gold
+    and calibration per seed, then the paired difference."""
+    from rlhf_lib.sweeps import stats as sweep_stats
+
+    off, on = sweep_stats.load_summary(headline_sweep()), sweep_stats.load_summary(SWEEPS / "rm_center")
+    lines = ["| | seed | off | `center_rewards_coefficient` 0.01 | difference |", "|---|---|---|---|---|"]
+    for label, key in (("accuracy vs gold", "reward_model.eval_accuracy_vs_gold"), ("ECE", "reward_model.eval_ece")):
+        a, b = sweep_stats.seed_values(off, {}, key), sweep_stats.seed_values(on, {}, key)
+        for seed in sorted(set(a) & set(b)):
+            lines.append(f"| {label} | {seed} | {a[seed]:.3f} | {b[seed]:.3f} | {b[seed] - a[seed]:+.3f} |")
+        diff = sweep_stats.paired_difference(off, {}, on, {}, key)
+        lines.append(f"| {label} | mean ± 95 % CI | | | {sweep_stats.format_ci(diff)} |")
+    return "\n".join(lines)
+
+
 def frontier_view_table(kind: str) -> str:
     """docs/frontier/summary.json as one of its tables: best (against best-of-16), fit (best-of-N) or points."""
     from rlhf_lib.compare import frontier
@@ -178,6 +194,7 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (ROOT / "docs" / "performance.md", "pipeline-costs"): pipeline_costs_table,
     (EXPERIMENTS, "fresh-runs"): fresh_runs_table,
     (EXPERIMENTS, "frontier-best"): lambda: frontier_view_table("best"),
+    (EXPERIMENTS, "rm-center"): rm_center_table,
     (EXPERIMENTS, "frontier-fit"): lambda: frontier_view_table("fit"),
     (EXPERIMENTS, "frontier-points"): lambda: frontier_view_table("points"),
 }
