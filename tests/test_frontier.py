@@ -66,6 +66,11 @@ def test_the_best_trained_point_within_the_budget_is_paired_by_prompt_against_be
     half = T3 * d.std(ddof=1) / 2
     assert one["diff_ci"] == pytest.approx([d.mean() - half, d.mean() + half])
     assert frontier.frontier_summary({"methods": [far, bon(16, base)]})["best_trained_vs_bon16"] is None
+    on_min = {**seeds[0], "reward": "min"}  # a policy that optimised the ensemble's min: judged against its best-of-16
+    by_min = {**bon(16, [0.6, 0.7, 0.5, 0.9]), "curve": "best_of_n:min", "reward": "min"}
+    same = frontier.frontier_summary({"methods": [on_min, bon(16, base), by_min]})["best_trained_vs_bon16"]
+    assert same["bon16_gold_same_reward"] == pytest.approx(0.675) and same["bon16_gold_single"] == pytest.approx(0.55)
+    assert same["diff_ci"] == pytest.approx([0.0, 0.0])  # paired with its own reward's best-of-16: equal per prompt
 
 
 def test_reward_rows_give_each_models_accuracy_vs_gold_with_a_wilson_interval(tmp_path):

@@ -9,7 +9,8 @@ From one comparison's summary.json (and the reward-model folders of the runs it 
   policies of one setting are one point over seeds (Student-t interval over seeds); a single policy or best-of-N is
   one point with the interval over prompts (mean +- t s.e.);
 - ``best_trained_vs_bon16``: the trained point of highest gold at KL <= ``KL_BUDGET`` against best-of-16 ranked by
-  the comparison's reward model, ``diff_ci`` the 95 % interval of the gold difference *paired by prompt* (per seed,
+  the reward it optimised (``best_of_n:<reward>`` when the comparison ranked by it, else the saved reward model, which
+  is also ``bon16_gold_single``), ``diff_ci`` the 95 % interval of the gold difference *paired by prompt* (per seed,
   then over seeds for a point over seeds; over prompts for one policy).
 """
 
@@ -131,10 +132,7 @@ def frontier_summary(compare_summary: dict[str, Any], rewards: Sequence[dict[str
     methods = compare_summary["methods"]
     groups = point_groups(methods)
     points = [point(k, v) for k, v in groups.items()]
-    bon16 = next(
-        (e for e in methods if e.get("curve", e["method"]) == bon.METHOD and e.get("n") == BON_N),
-        None,
-    )
+    bon16 = {e.get("curve", e["method"]): e for e in methods if e["method"] == bon.METHOD and e.get("n") == BON_N}
     trained = [
         (p, groups[(p["method"], p["reward"], p["setting"])])
         for p in points
@@ -143,6 +141,8 @@ def frontier_summary(compare_summary: dict[str, Any], rewards: Sequence[dict[str
     best = None
     if trained:
         p, entries = max(trained, key=lambda item: item[0]["gold_mean"])
+        single = bon16.get(bon.METHOD)  # ranked by the saved reward model
+        same = bon16.get(bon.curve_name(False, p["reward"])) or single  # by the reward the point optimised
         best = {
             "method": p["method"],
             "reward": p["reward"],
@@ -150,9 +150,9 @@ def frontier_summary(compare_summary: dict[str, Any], rewards: Sequence[dict[str
             "seeds": p["seeds"],
             "kl": p["kl_mean"],
             "gold": p["gold_mean"],
-            "bon16_gold_same_reward": bon16["gold_score"] if bon16 else None,
-            "bon16_gold_single": bon16["gold_score"] if bon16 else None,
-            "diff_ci": paired_difference(entries, bon16["gold_per_prompt"]) if bon16 else None,
+            "bon16_gold_same_reward": same["gold_score"] if same else None,
+            "bon16_gold_single": single["gold_score"] if single else None,
+            "diff_ci": paired_difference(entries, same["gold_per_prompt"]) if same else None,
             "beats_bon16": None,
         }
         if best["diff_ci"] is not None:

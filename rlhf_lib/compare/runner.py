@@ -510,12 +510,7 @@ def averaged_runs(cfg: CompareConfig, base: Run) -> list[Run]:
     (a run on another base optimised another reward). Raises ConfigError, before any work, when fewer than two."""
     if not cfg.average_etas:
         return []
-    ours = base_stage_hashes(base)
-    runs = [
-        r
-        for r in ppo_runs(cfg, base)
-        if cfg.average_across_bases or r.root == base.root or (ours and base_stage_hashes(r) == ours)
-    ]
+    runs = [r for r in ppo_runs(cfg, base) if cfg.average_across_bases or same_base(r, base)]
     if len(runs) < 2:
         raise ConfigError(
             f"compare.average_etas averages the final policies of >= 2 PPO runs on base run {base.name}, but it has "
@@ -567,14 +562,20 @@ def average_entries(
     return entries
 
 
+def same_base(run: Run, base: Run) -> bool:
+    """Whether a run read the comparison base's data and reward model: it is the base, or their stages' hashes are
+    equal and known."""
+    if run.root == base.root:
+        return True
+    ours = base_stage_hashes(base)
+    return ours is not None and base_stage_hashes(run) == ours
+
+
 def other_base(run: Run, base: Run) -> bool:
     """Whether a PPO run read other data or another reward model than the comparison's base (by content); its
     points are then marked ``other_base``: its policy optimised another reward, and beside this base's methods it
     compares two setups, not two methods."""
-    if run.root == base.root:
-        return False
-    theirs, ours = base_stage_hashes(run), base_stage_hashes(base)
-    if theirs == ours and ours is not None:
+    if same_base(run, base):
         return False
     print(
         f"[compare] {run.name}: its data / reward-model stages differ from base run {base.name}'s (or are unknown); "
