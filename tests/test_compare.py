@@ -224,8 +224,15 @@ def test_policy_averaging_evaluates_the_mean_update_of_the_ppo_runs_on_this_base
     base = fake_run(outputs / "base", {"data": "done", "reward_model": "done", "ppo": "done"}, model=str(model))
     toy_task.write_data(base.data_dir, tokenizer)
     runs = [base, fake_run(outputs / "seed1", {"ppo": "done"}), fake_run(outputs / "other", {"ppo": "done"})]
+    for name in ("uwo1", "uwo2"):  # two more on this base that optimised the ensemble's uwo combination
+        run = fake_run(outputs / name, {"ppo": "done"})
+        manifest = json.loads(run.manifest_path.read_text())
+        manifest["stages"]["ppo"]["params"]["ensemble_reward"] = "uwo"
+        write_json_atomic(run.manifest_path, manifest)
+        runs.append(run)
     hashes = {"base": {"data": "d", "reward_model": "a"}, "seed1": {"data": "d", "reward_model": "a"},
-              "other": {"data": "d", "reward_model": "b"}}  # fmt: skip
+              "other": {"data": "d", "reward_model": "b"}, "uwo1": {"data": "d", "reward_model": "a"},
+              "uwo2": {"data": "d", "reward_model": "a"}}  # fmt: skip
     monkeypatch.setattr(compare, "base_stage_hashes", lambda run: hashes.get(run.root.name))
     for i, run in enumerate(runs):  # three 'PPO' policies: the reference plus a random update each
         policy = models.load_causal_lm(str(model), tokenizer)
@@ -243,7 +250,7 @@ def test_policy_averaging_evaluates_the_mean_update_of_the_ppo_runs_on_this_base
         rloo={"enabled": False},
         grpo={"enabled": False},
     )
-    cmp = {"ppo_runs": ["seed1", "other"], "max_ppo_checkpoints": 0, "average_etas": [0.5, 1.0]}
+    cmp = {"ppo_runs": ["seed1", "other", "uwo1", "uwo2"], "max_ppo_checkpoints": 0, "average_etas": [0.5, 1.0]}
     profile = compare.load_profile(write_profile(tmp_path, compare=cmp, **sections), base_run="base")
 
     def score(seqs):
@@ -253,17 +260,20 @@ def test_policy_averaging_evaluates_the_mean_update_of_the_ppo_runs_on_this_base
         return [t.count("k") / 4 for t in texts]
 
     summary = compare.run_comparison(profile, rm_scorer=score, gold_scorer=gold)
-    averaged = {e["setting"]: e for e in summary["methods"] if e["method"] == "ppo_average"}
-    assert sorted(averaged) == ["eta=0.5", "eta=1"]
-    assert averaged["eta=1"]["members"] == ["base", "seed1"]  # "other" optimised another reward model
-    assert averaged["eta=0.5"]["curve"] == "ppo_average" and averaged["eta=0.5"]["kl"] is not None
+    averaged = {(e["curve"], e["setting"]): e for e in summary["methods"] if e["method"] == "ppo_average"}
+    assert sorted(averaged) == [(c, s) for c in ("ppo_average", "ppo_average:uwo") for s in ("eta=0.5", "eta=1")]
+    assert averaged["ppo_average", "eta=1"]["members"] == ["base", "seed1"]  # "other" optimised another RM
+    assert averaged["ppo_average:uwo", "eta=1"]["members"] == ["uwo1", "uwo2"]  # another reward: not averaged in
+    assert [averaged[c, "eta=1"]["reward"] for c in ("ppo_average", "ppo_average:uwo")] == ["model", "uwo"]
+    assert averaged["ppo_average", "eta=0.5"]["kl"] is not None
     reference = models.load_causal_lm(str(model), tokenizer).state_dict()
-    seeds = [models.load_causal_lm(str(r.policy_dir), tokenizer).state_dict() for r in runs[:2]]
-    for eta in (0.5, 1.0):
-        got = models.load_causal_lm(str(outputs / "cmp" / "ppo_average" / f"eta={eta:g}" / "policy"), tokenizer)
-        for name, value in got.state_dict().items():
-            want = reference[name] + eta * ((seeds[0][name] - reference[name]) + (seeds[1][name] - reference[name])) / 2
-            assert torch.allclose(value, want, atol=1e-6), (eta, name)
+    for members, folder in (([0, 1], "ppo_average"), ([3, 4], "ppo_average/uwo")):
+        seeds = [models.load_causal_lm(str(runs[i].policy_dir), tokenizer).state_dict() for i in members]
+        for eta in (0.5, 1.0):
+            got = models.load_causal_lm(str(outputs / "cmp" / folder / f"eta={eta:g}" / "policy"), tokenizer)
+            for name, value in got.state_dict().items():
+                want = reference[name] + eta * sum(s[name] - reference[name] for s in seeds) / 2
+                assert torch.allclose(value, want, atol=1e-6), (folder, eta, name)
 
     def no_average(*args, **kwargs):
         raise AssertionError("averaged again")
@@ -274,10 +284,10 @@ def test_policy_averaging_evaluates_the_mean_update_of_the_ppo_runs_on_this_base
     assert [e for e in again["methods"] if e["method"] == "ppo_average"] == json.loads(
         json.dumps(list(averaged.values()))
     )
-    lone = compare.load_profile(write_profile(tmp_path, compare={**cmp, "ppo_runs": ["other"]}, **sections), "base")
-    with pytest.raises(
-        ConfigError, match=r"averages the final policies of >= 2 PPO runs on base run base, but it has 1"
-    ):
+    lone = compare.load_profile(
+        write_profile(tmp_path, compare={**cmp, "ppo_runs": ["other", "uwo1"]}, **sections), "base"
+    )
+    with pytest.raises(ConfigError, match=r"optimised one reward, but it has base \(model\), uwo1 \(uwo\):"):
         compare.run_comparison(lone, rm_scorer=score, gold_scorer=gold)
     soup = {**cmp, "ppo_runs": ["other"], "average_etas": [1.0], "average_across_bases": True}
     profile = compare.load_profile(write_profile(tmp_path, compare=soup, **sections), "base")
@@ -710,3 +720,11 @@ def test_a_failed_notebook_cell_is_one_line(tmp_path, capsys, monkeypatch, ename
     nb = out / "notebooks" / compare.NOTEBOOK
     assert _stderr_lines(capsys) == [line.format(nb=nb, out=out)]
     assert runlock.held(out) is None  # the run's lock was released
+
+
+def test_a_curve_variant_takes_its_curve_marker_and_names_the_variant():
+    style = report.curve_style
+    assert style("ppo_average") == report.STYLE["ppo_average"]
+    assert style("ppo_average:uwo") == ("PPO, seeds averaged (per eta), uwo", report.STYLE["ppo_average"][1])
+    assert style("best_of_n:min") == ("best-of-N (RM), min", "s")
+    assert style("mystery") == ("mystery", "o") and style("mystery:x") == ("mystery:x", "o")

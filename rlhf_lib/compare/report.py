@@ -17,6 +17,20 @@ STYLE = {  # curve -> (label, marker)
     "rloo": ("RLOO (per beta)", "v"),
     "grpo": ("GRPO (per beta)", "P"),
 }
+
+
+def curve_style(curve: str) -> tuple[str, str]:
+    """(label, marker) of a curve: STYLE's, and for ``<curve>:<variant>`` (a PPO run, a reward ranked or optimised)
+    its curve's marker with the variant in the label."""
+    if curve in STYLE:
+        return STYLE[curve]
+    head, _, variant = curve.partition(":")
+    if head in STYLE and variant:
+        label, marker = STYLE[head]
+        return f"{label}, {variant}", marker
+    return curve, "o"
+
+
 TABLE_COLUMNS = [
     "method",
     "setting",
@@ -57,7 +71,7 @@ def plot_frontier(summary: dict[str, Any], path: str | Path | None = None):
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     ref = df[df["method"] == "reference"]
     for curve, group in df[df["method"] != "reference"].groupby("curve", sort=False):
-        label, marker = STYLE.get(curve, (curve, "o"))
+        label, marker = curve_style(curve)
         group = group.assign(x=_x(group)).sort_values("x")
         ax.errorbar(
             group["x"],

@@ -505,19 +505,29 @@ def ppo_runs(cfg: CompareConfig, base: Run) -> list[Run]:
     return runs + [resolve_run(name, outputs_root(cfg)) for name in cfg.ppo_runs]
 
 
-def averaged_runs(cfg: CompareConfig, base: Run) -> list[Run]:
-    """The PPO runs whose final policies compare.average_etas averages: those on this base's data and reward model
-    (a run on another base optimised another reward). Raises ConfigError, before any work, when fewer than two."""
+def run_reward(run: Run) -> str:
+    """The reward a PPO run optimised (its recorded ppo.ensemble_reward; "model" when absent)."""
+    return run.manifest().get("stages", {}).get("ppo", {}).get("params", {}).get("ensemble_reward") or "model"
+
+
+def averaged_runs(cfg: CompareConfig, base: Run) -> dict[str, list[Run]]:
+    """The PPO runs whose final policies compare.average_etas averages, by the reward they optimised (runs that
+    optimised different rewards are not averaged together): those on this base's data and reward model (a run on
+    another base optimised another reward model), groups of >= 2. Raises ConfigError, before any work, when none."""
     if not cfg.average_etas:
-        return []
-    runs = [r for r in ppo_runs(cfg, base) if cfg.average_across_bases or same_base(r, base)]
-    if len(runs) < 2:
+        return {}
+    groups: dict[str, list[Run]] = {}
+    for run in ppo_runs(cfg, base):
+        if cfg.average_across_bases or same_base(run, base):
+            groups.setdefault(run_reward(run), []).append(run)
+    if not any(len(runs) >= 2 for runs in groups.values()):
+        found = ", ".join(f"{r.name} ({reward})" for reward, runs in groups.items() for r in runs) or "none"
         raise ConfigError(
-            f"compare.average_etas averages the final policies of >= 2 PPO runs on base run {base.name}, but it has "
-            f"{len(runs)} ({', '.join(r.name for r in runs) or 'none'}): add PPO runs on this base to "
-            "compare.ppo_runs (e.g. a sweep's seeds), set average_across_bases: true, or set average_etas: []"
+            f"compare.average_etas averages the final policies of >= 2 PPO runs on base run {base.name} that "
+            f"optimised one reward, but it has {found}: add PPO runs on this base to compare.ppo_runs (e.g. a "
+            "sweep's seeds), set average_across_bases: true, or set average_etas: []"
         )
-    return runs
+    return {reward: runs for reward, runs in groups.items() if len(runs) >= 2}
 
 
 def _run_label(run: Run, outputs: Path) -> str:
@@ -529,36 +539,45 @@ def _run_label(run: Run, outputs: Path) -> str:
 def average_entries(
     ctx: Context, cfg: CompareConfig, base: Run, model_ref: str, out: Run, texts: dict, failures: list | None = None
 ) -> list[dict[str, Any]]:
-    """One policy per eta of compare.average_etas: the PPO runs' mean final update, interpolated towards the
-    reference (:mod:`rlhf_lib.compare.average`), written to ``ppo_average/eta=<eta>/policy`` and evaluated."""
-    runs = averaged_runs(cfg, base)
+    """One policy per eta of compare.average_etas and per reward the runs optimised: the PPO runs' mean final
+    update, interpolated towards the reference (:mod:`rlhf_lib.compare.average`), written to
+    ``ppo_average/eta=<eta>/policy`` (``ppo_average/<reward>/eta=<eta>/policy`` and curve ``ppo_average:<reward>``
+    for a reward other than the saved model) and evaluated."""
     entries: list[dict[str, Any]] = []
-    if not runs:
-        return entries
+    for reward, runs in averaged_runs(cfg, base).items():
+        entries += _average_group(ctx, cfg, base, model_ref, out, texts, failures, reward, runs)
+    return entries
+
+
+def _average_group(ctx, cfg, base, model_ref, out, texts, failures, reward: str, runs: list[Run]) -> list[dict]:
+    curve = policy_average.METHOD if reward == "model" else f"{policy_average.METHOD}:{reward}"
     members = [r.policy_dir for r in runs]
     costs = [ppo_cost(r, None) for r in runs]
-    params = base.manifest().get("stages", {}).get("ppo", {}).get("params", {})
+    params = runs[0].manifest().get("stages", {}).get("ppo", {}).get("params", {})
     extra = dict(
         members=[_run_label(r, outputs_root(cfg)) for r in runs],
         across_bases=cfg.average_across_bases,
         beta=params.get("kl_coef"),
-        reward=params.get("ensemble_reward", "model"),
+        reward=reward,
         train_seconds=sum(c[0] for c in costs),  # what the average cost: every seed's PPO run
         generated_tokens=sum(c[1] for c in costs),
     )
     load = evaluate.default_policy_loader(ctx.eval_cfg, base, ctx.tokenizer, ctx.settings.device)
     key = {"members": [str(m.resolve()) for m in members], "fingerprints": [folder_fingerprint(m) for m in members]}
+    root = out.root / policy_average.METHOD / ("" if reward == "model" else reward)
+    entries: list[dict[str, Any]] = []
     for eta in cfg.average_etas:
         setting = setting_label("eta", eta)
-        folder = out.root / policy_average.METHOD / setting
+        folder = root / setting
 
         def now(eta=eta, setting=setting, folder=folder):
             policy_average.average_policy(model_ref, members, eta, ctx.tokenizer, folder / "policy")
-            curve = policy_average.METHOD
-            return _evaluate_saved(ctx, load, folder / "policy", curve, setting, curve, eta=eta, **extra)
+            return _evaluate_saved(
+                ctx, load, folder / "policy", policy_average.METHOD, setting, curve, eta=eta, **extra
+            )
 
-        work = functools.partial(cached_evaluation, ctx, out, policy_average.METHOD, setting, {**key, "eta": eta}, now)
-        _collect(entries, texts, attempt(failures, out, policy_average.METHOD, setting, folder, work))
+        work = functools.partial(cached_evaluation, ctx, out, curve, setting, {**key, "eta": eta}, now)
+        _collect(entries, texts, attempt(failures, out, curve, setting, folder, work))
     return entries
 
 
