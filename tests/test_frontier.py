@@ -81,13 +81,20 @@ def test_reward_rows_give_each_models_accuracy_vs_gold_with_a_wilson_interval(tm
     assert (row["name"], row["kind"], row["members"], row["accuracy_vs_gold"]) == ("seed0:model", "single", 1, 0.7)
     assert row["accuracy_vs_gold_ci"] == pytest.approx(list(wilson_interval(70, 100)), abs=1e-4)
     acc = {"accuracy_vs_gold": 0.75, "ci": [0.7, 0.8]}
-    write_json_atomic(tmp_path / "ensemble.json", {"members": 4, "member": [acc] * 4, "warm": acc, "mean": acc,
+    member = [{"accuracy_vs_gold": 0.6 + 0.01 * i, "ci": [0.5, 0.7]} for i in range(2)]
+    write_json_atomic(tmp_path / "ensemble.json", {"members": 2, "member": member, "warm": acc, "mean": acc,
                                                    "min": acc, "uwo": acc})  # fmt: skip
     rows = frontier.reward_rows("seed0", held, tmp_path)
     assert [(r["name"], r["kind"], r["members"]) for r in rows] == [
-        ("seed0:model", "warm", 4), ("seed0:mean", "mean", 4), ("seed0:min", "min", 4), ("seed0:uwo", "uwo", 4)
+        ("seed0:model", "warm", 2), ("seed0:mean", "mean", 2), ("seed0:min", "min", 2), ("seed0:uwo", "uwo", 2),
+        ("seed0:member0", "single", 1), ("seed0:member1", "single", 1),
     ]  # fmt: skip
     assert json.loads(json.dumps(rows))[1]["accuracy_vs_gold_ci"] == [0.7, 0.8]
+    assert [r["accuracy_vs_gold"] for r in rows[4:]] == [0.6, 0.61]
+    table = frontier.rewards_markdown({"rewards": rows + [{**rows[0], "name": "x", "accuracy_vs_gold": None}]})
+    lines = table.splitlines()
+    assert lines[2] == "| seed0:model | warm | 2 | 0.750 | [0.700, 0.800] |" and lines[-1] == "| x | warm | 2 | – | – |"
+    assert lines[-2] == "| seed0:member1 | single | 1 | 0.610 | [0.500, 0.700] |" and len(lines) == 2 + 7
 
 
 def test_tables_show_each_point_the_verdict_and_where_the_best_of_n_fit_peaks():

@@ -4,7 +4,8 @@ From one comparison's summary.json (and the reward-model folders of the runs it 
 ``docs/frontier/summary.json``:
 
 - ``rewards``: each reward a point optimised or ranked by, ``{name, kind, members, accuracy_vs_gold,
-  accuracy_vs_gold_ci}`` (kind: single, warm, mean, min, uwo; the interval is Wilson's over held-out pairs);
+  accuracy_vs_gold_ci}`` (kind: single, warm, mean, min, uwo; the interval is Wilson's over held-out pairs), and an
+  ensemble's members one by one (kind single, name ``<run>:member<i>``);
 - ``points``: ``{method, reward, setting, seeds, kl_mean, gold_mean, gold_ci, ci_over}``. The PPO runs' final
   policies of one setting are one point over seeds (Student-t interval over seeds); a single policy or best-of-N is
   one point with the interval over prompts (mean +- t s.e.);
@@ -46,12 +47,13 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, lis
 
 def reward_rows(name: str, run_summary: dict[str, Any], reward_model_dir: Path) -> list[dict[str, Any]]:
     """The rewards one run's reward model offers: the saved model (single, or WARM for an ensemble) and, for an
-    ensemble, its combinations, each with its accuracy vs gold on the held-out pairs. ``run_summary``: the run's
-    summary.json (its ``reward_model`` block holds a single model's held-out numbers)."""
+    ensemble, its combinations and then each member, each with its accuracy vs gold on the held-out pairs.
+    ``run_summary``: the run's summary.json (its ``reward_model`` block holds a single model's held-out numbers)."""
     report = read_json(Path(reward_model_dir) / "ensemble.json", None)
     if report and "member" in report:
         rows = [_reward(f"{name}:model", "warm", report["members"], report["warm"])]
-        return rows + [_reward(f"{name}:{how}", how, report["members"], report[how]) for how in ("mean", "min", "uwo")]
+        rows += [_reward(f"{name}:{how}", how, report["members"], report[how]) for how in ("mean", "min", "uwo")]
+        return rows + [_reward(f"{name}:member{i}", "single", 1, acc) for i, acc in enumerate(report["member"])]
     held = run_summary.get("reward_model") or {}
     acc = held.get("eval_accuracy_vs_gold")
     n = int(held.get("n_eval_pairs", 0)) - int(held.get("n_eval_pairs_gold_tied", 0))
@@ -175,6 +177,16 @@ def frontier_summary(compare_summary: dict[str, Any], rewards: Sequence[dict[str
 
 def _ci(values: Sequence[float] | None, digits: int = 3) -> str:
     return f"[{values[0]:.{digits}f}, {values[1]:.{digits}f}]" if values else "–"
+
+
+def rewards_markdown(summary: dict[str, Any], digits: int = 3) -> str:
+    """Each reward's accuracy vs gold on the held-out pairs with its 95 % (Wilson) interval."""
+    lines = ["| reward | kind | members | accuracy vs gold | 95 % CI |", "|---|---|---|---|---|"]
+    for r in summary["rewards"]:
+        acc = r["accuracy_vs_gold"]
+        cells = f"{acc:.{digits}f} | {_ci(r['accuracy_vs_gold_ci'], digits)}" if acc is not None else "– | –"
+        lines.append(f"| {r['name']} | {r['kind']} | {r['members']} | {cells} |")
+    return "\n".join(lines)
 
 
 def points_markdown(summary: dict[str, Any], digits: int = 3) -> str:
