@@ -80,7 +80,8 @@ out_dir = outputs_root(profile.compare) / profile.compare.run""",
         "## Past best-of-16 within the KL budget?\nEvery point with its 95 % interval (over seeds where a point holds "
         "several runs' policies, else over prompts); the best trained point at KL ≤ 6 nats against best-of-16 under "
         "the same reward, the difference paired by prompt; and Gao et al.'s best-of-N fit d(α − βd), d = √KL: "
-        "where reward-ranked gold would stop rising. Saved as `frontier.json` beside `summary.json`.",
+        "where reward-ranked gold would stop rising; last, each reward's accuracy vs gold on the held-out pairs "
+        "(an ensemble's combinations, WARM and members). Saved as `frontier.json` beside `summary.json`.",
     ),
     (
         "code",
@@ -90,7 +91,8 @@ from IPython.display import Markdown
 from rlhf_lib.compare import frontier
 
 view = json.loads((out_dir / "frontier.json").read_text())
-Markdown("\\n\\n".join([frontier.best_markdown(view), frontier.fit_markdown(view), frontier.points_markdown(view)]))""",
+tables = [frontier.best_markdown, frontier.fit_markdown, frontier.points_markdown, frontier.rewards_markdown]
+Markdown("\\n\\n".join(table(view) for table in tables))""",
     ),
 ]
 
