@@ -38,6 +38,7 @@ KEY_METRICS = (
 SWEEPS = ROOT / "docs" / "sweeps"
 SELECTION_SWEEP = SWEEPS / "eos_beta"  # the sweep that chose the default profile's beta
 FRONTIER = ROOT / "docs" / "frontier" / "summary.json"  # params/compare/frontier.yaml's frontier.json
+ENSEMBLE_FRONTIER = ROOT / "docs" / "compare" / "ensemble" / "frontier.json"  # params/compare/ensemble.yaml's
 PIPELINE_COSTS = ROOT / "docs" / "pipeline" / "run-seed1.json"  # scripts/pipeline_costs.py of a fresh make pipeline
 COMPARE = ROOT / "docs" / "compare"  # summary.json: params/compare/default.yaml; default_beta/: PPO vs best-of-N
 EXPERIMENTS = ROOT / "docs" / "experiments.md"
@@ -171,11 +172,12 @@ def rm_center_table() -> str:
     return "\n".join(lines)
 
 
-def frontier_view_table(kind: str) -> str:
-    """docs/frontier/summary.json as one of its tables: best (against best-of-16), fit (best-of-N) or points."""
+def frontier_view_table(kind: str, path: Path = FRONTIER) -> str:
+    """A comparison's frontier view (docs/frontier/summary.json unless `path`) as one of its tables: best (against
+    best-of-16), fit (best-of-N), points or rewards (accuracy vs gold)."""
     from rlhf_lib.compare import frontier
 
-    view = json.loads(FRONTIER.read_text(encoding="utf-8"))
+    view = json.loads(path.read_text(encoding="utf-8"))
     return getattr(frontier, f"{kind}_markdown")(view)
 
 
@@ -197,6 +199,10 @@ GENERATED = {  # (file, marker) -> what the block between <!-- marker:start --> 
     (EXPERIMENTS, "rm-center"): rm_center_table,
     (EXPERIMENTS, "frontier-fit"): lambda: frontier_view_table("fit"),
     (EXPERIMENTS, "frontier-points"): lambda: frontier_view_table("points"),
+    (EXPERIMENTS, "ensemble-rewards"): lambda: frontier_view_table("rewards", ENSEMBLE_FRONTIER),
+    (EXPERIMENTS, "ensemble-best"): lambda: frontier_view_table("best", ENSEMBLE_FRONTIER),
+    (EXPERIMENTS, "ensemble-fit"): lambda: frontier_view_table("fit", ENSEMBLE_FRONTIER),
+    (EXPERIMENTS, "ensemble-points"): lambda: frontier_view_table("points", ENSEMBLE_FRONTIER),
 }
 # Paths and `make` targets that land with other branches. Mentioning them is allowed until they exist; then
 # test_pending_items_have_not_landed fails and the entry must be removed here (empty this set once all are merged).
