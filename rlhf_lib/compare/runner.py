@@ -487,7 +487,7 @@ def ppo_entries(
     for run in ppo_runs(cfg, base):
         curve = "ppo" if run.root == base.root else f"ppo:{run.name}"
         ppo_params = run.manifest().get("stages", {}).get("ppo", {}).get("params", {})
-        kl_coef, reward = ppo_params.get("kl_coef"), ppo_params.get("ensemble_reward", "model")
+        kl_coef, reward = ppo_params.get("kl_coef"), run_reward(run)
         load = evaluate.default_policy_loader(ctx.eval_cfg, run, ctx.tokenizer, ctx.settings.device)
         other = other_base(run, base)
         for setting, update, folder in ppo_points(run, cfg.max_ppo_checkpoints):
@@ -549,7 +549,17 @@ def average_entries(
     return entries
 
 
-def _average_group(ctx, cfg, base, model_ref, out, texts, failures, reward: str, runs: list[Run]) -> list[dict]:
+def _average_group(
+    ctx: Context,
+    cfg: CompareConfig,
+    base: Run,
+    model_ref: str,
+    out: Run,
+    texts: dict,
+    failures: list | None,
+    reward: str,
+    runs: list[Run],
+) -> list[dict[str, Any]]:
     curve = policy_average.METHOD if reward == "model" else f"{policy_average.METHOD}:{reward}"
     members = [r.policy_dir for r in runs]
     costs = [ppo_cost(r, None) for r in runs]
